@@ -1,0 +1,5 @@
+import sys
+
+from folovllm.cli import main
+
+sys.exit(main())

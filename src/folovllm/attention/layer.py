@@ -1,0 +1,44 @@
+"""The ``Attention`` module the model calls; the runner binds its cache and backend."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
+from folovllm.attention.backends.naive import NaiveAttentionBackend
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the flattened batch; knows nothing about requests.
+
+    ``kv_cache`` (``[2, num_blocks, block_size, Hkv, D]``) and ``backend`` are set by
+    the model runner (``bind_kv_cache``); until then it runs the naive backend
+    without a cache, which is what the M0 logits tests use.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
+        self.kv_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend = NaiveAttentionBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        out = self.backend.forward(q.view(num_tokens, self.num_heads, self.head_dim),
+                                   k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                                   v.view(num_tokens, self.num_kv_heads, self.head_dim),
+                                   self.kv_cache, attn_metadata, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+
+def prefill_metadata(seq_lens: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
+    """Metadata for full prefills without a KV cache (tests, M0, recompute-only generation)."""
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_table=None, slot_mapping=None,
+        query_lens_cpu=list(seq_lens), seq_lens_cpu=list(seq_lens))

@@ -1,0 +1,300 @@
+"""Triton kernels for the paged KV cache: store the step's K/V, then attend through the block table.
+
+Three kernels, one family:
+
+* ``_store_kv_kernel`` writes each new token's K and V into its cache slot.
+* ``_paged_attention_kernel`` attends every query of a ragged batch (decode rows,
+  prefills, chunked prefills alike) over its sequence's cached context. It reads
+  K/V pages through the block table inside the loop, so no gathered copy of the
+  cache is ever made, and keeps an online softmax (running max and sum in fp32).
+* ``_reduce_splits_kernel`` merges the partial results of split-K
+  ("flash-decoding"): when a few long sequences cannot fill the GPU, each
+  (sequence, KV head) is cut into context slices attended by separate programs.
+
+CPU tensors run the same kernels under Triton's interpreter (numpy, slow), so
+the backend is testable without a GPU. ``TRITON_INTERPRET=1`` would do that
+too, but Triton reads it when ``@triton.jit`` decorates a function, i.e. at its
+first import, which ``transformers`` often does before us; so CPU launches
+switch to the interpreter per call instead (see ``_Interpreted``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from folovllm.attention.backends.abstract import AttentionMetadata
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_MIN_SPLIT_TOKENS = 256
+
+
+@triton.jit
+def _store_kv_kernel(K, V, K_cache, V_cache, slot_mapping,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per token: copy its ``[Hkv, D]`` K and V rows into flat slot ``slot_mapping[t]``."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t)
+    if slot < 0:  # padding token: nothing to store
+        return
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    t64 = t.to(tl.int64)
+    dst = slot * stride_cs + h * stride_ch + d
+    k = tl.load(K + t64 * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(V + t64 * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(K_cache + dst, k.to(K_cache.dtype.element_ty), mask=mask)
+    tl.store(V_cache + dst, v.to(V_cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_attention_kernel(
+        Q, K_cache, V_cache, Out, Acc_part, M_part, L_part,
+        block_table, seq_lens, query_start_loc,
+        scale_log2, num_q_tiles, split_len,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_cb, stride_cs, stride_ch, stride_bt,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Attention of ``Q_TILE`` query tokens x the ``GROUP`` query heads of one KV head.
+
+    Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``. Row ``r`` of the
+    ``[BLOCK_M, D]`` query tile is token ``r // GROUP_PAD``, head ``r % GROUP_PAD``
+    of the group, so each K/V tile is loaded once and shared by all query heads
+    of its KV head (GQA) through ``tl.dot``. A KV tile covers ``BLOCK_N`` context
+    positions; position ``n`` lives in page ``block_table[seq, n // BLOCK_SIZE]``.
+    """
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = pid // num_q_tiles
+    tile = pid % num_q_tiles
+    q_start = tl.load(query_start_loc + seq)
+    q_len = tl.load(query_start_loc + seq + 1) - q_start
+    if tile * Q_TILE >= q_len:  # this sequence has fewer query tiles than the longest one
+        return
+    seq_len = tl.load(seq_lens + seq)
+    first_pos = seq_len - q_len  # context position of the sequence's first query
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * Q_TILE + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = first_pos + tok  # padding rows get positions >= seq_len and stay finite
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    tok64 = (q_start + tok).to(tl.int64)
+    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K_cache.dtype.element_ty)
+
+    # Causality bounds the loop: nothing past the tile's last query position is read.
+    kv_end = first_pos + tl.minimum((tile + 1) * Q_TILE, q_len)
+    lo = split * split_len
+    hi = tl.minimum(kv_end, lo + split_len)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = block_table + seq * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        page = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = page * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_cache + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_cache + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = (tok64 * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+        tl.store(M_part + part, m_i, mask=row_ok)
+        tl.store(L_part + part, l_i, mask=row_ok)
+        tl.store(Acc_part + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _reduce_splits_kernel(Out, Acc_part, M_part, L_part, stride_ot, stride_oh,
+                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per (token, query head): rescale each split to the global max and sum."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    part = (t.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS + s
+    s_ok = s < NUM_SPLITS
+    m = tl.load(M_part + part, mask=s_ok, other=-1.0e30)
+    l = tl.load(L_part + part, mask=s_ok, other=0.0)
+    acc = tl.load(Acc_part + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(Out + t.to(tl.int64) * stride_ot + h * stride_oh + d,
+             out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@cache
+def _interpreted(fn: Callable) -> InterpretedFunction:
+    return InterpretedFunction(fn)
+
+
+@contextmanager
+def _interpreted_language() -> Iterator[None]:
+    """Swap ``tl``'s own jit helpers (``tl.max``, ``tl.sum``, ``tl.zeros``...) for interpreted ones.
+
+    With ``TRITON_INTERPRET`` unset at import they are compiled-only functions
+    the interpreter cannot call. Not thread-safe: CPU launches are for tests.
+    """
+    compiled = {name: obj for name, obj in vars(tl).items() if isinstance(obj, JITFunction)}
+    for name, obj in compiled.items():
+        setattr(tl, name, _interpreted(obj.fn))
+    try:
+        yield
+    finally:
+        for name, obj in compiled.items():
+            setattr(tl, name, obj)
+
+
+class _Interpreted:
+    """``kernel[grid](...)`` for CPU tensors: the same kernel body, run by Triton's interpreter."""
+
+    def __init__(self, kernel: JITFunction) -> None:
+        self.fn = _interpreted(kernel.fn)
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def launch(*args, **kwargs) -> None:
+            with _interpreted_language():
+                self.fn[grid](*args, **kwargs)
+        return launch
+
+
+def _for_device(kernel: JITFunction | InterpretedFunction,
+                device: torch.device) -> JITFunction | InterpretedFunction | _Interpreted:
+    """The compiled kernel on CUDA; the interpreter for CPU tensors (unless already interpreting)."""
+    if device.type == "cpu" and isinstance(kernel, JITFunction):
+        return _Interpreted(kernel)
+    return kernel
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(kv_cache.shape)}")
+    if kv_cache.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"kv_cache dtype must be float32, float16 or bfloat16, got {kv_cache.dtype}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``k, v [T, Hkv, D]`` into flat slots ``slot_mapping [T]`` of ``kv_cache``; slot -1 is skipped."""
+    _check_cache(kv_cache)
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 3 or tuple(x.shape[1:]) != (num_kv_heads, head_dim) or x.stride(-1) != 1:
+            raise ValueError(f"{name} must be [T, {num_kv_heads}, {head_dim}] with a contiguous "
+                             f"last dim, got shape {tuple(x.shape)}")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must have shape ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
+    if k.shape[0] == 0:
+        return
+    cache_k, cache_v = kv_cache[0], kv_cache[1]
+    _for_device(_store_kv_kernel, k.device)[(k.shape[0],)](
+        k, v, cache_k, cache_v, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache_k.stride(1), cache_k.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim))
+
+
+def _auto_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
+                     max_query_len: int, max_seq_len: int) -> int:
+    """Split-K only for decode batches too small to fill the GPU's SMs twice over."""
+    if device.type != "cuda" or max_query_len != 1:
+        return 1
+    programs = num_seqs * num_kv_heads
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    by_occupancy = triton.cdiv(target, programs)
+    by_length = max_seq_len // _MIN_SPLIT_TOKENS
+    return max(1, min(16, triton.next_power_of_2(min(by_occupancy, by_length) + 1) // 2))
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                    scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of ``q [T, Hq, D]`` over the paged cache -> ``[T, Hq, D]`` in q's dtype.
+
+    Expects this step's K/V already stored. ``num_splits`` forces the number of
+    split-K context slices (``None`` picks one: >1 only for small decode batches
+    with long contexts on CUDA).
+    """
+    _check_cache(kv_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    if head_dim != kv_cache.shape[4]:
+        raise ValueError(f"q head_dim {head_dim} does not match kv_cache head_dim {kv_cache.shape[4]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if q.dtype not in _SUPPORTED_DTYPES or q.stride(-1) != 1:
+        raise ValueError(f"q must be float32/float16/bfloat16 with a contiguous last dim, got {q.dtype}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    decode = metadata.max_query_len == 1
+    block_m = max(16 if decode else 64, group_pad)
+    block_n = 64 if block_d <= 64 else 32
+    q_tile = block_m // group_pad
+    num_q_tiles = triton.cdiv(metadata.max_query_len, q_tile)
+    num_seqs = metadata.num_seqs
+    if num_splits is None:
+        num_splits = _auto_num_splits(q.device, num_seqs, num_kv_heads,
+                                      metadata.max_query_len, metadata.max_seq_len)
+    split_len = triton.cdiv(triton.cdiv(metadata.max_seq_len, num_splits), block_n) * block_n
+    parts = num_tokens * num_heads * num_splits if num_splits > 1 else 1
+    acc_part = torch.empty(parts, block_d, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(parts, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(parts, dtype=torch.float32, device=q.device)
+    cache_k, cache_v = kv_cache[0], kv_cache[1]
+    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
+    _for_device(_paged_attention_kernel, q.device)[grid](
+        q, cache_k, cache_v, out, acc_part, m_part, l_part,
+        metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
+        scale * _LOG2E, num_q_tiles, split_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), metadata.block_table.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        num_warps=4 if decode or block_d <= 64 else 8)
+    if num_splits > 1:
+        _for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
+            out, acc_part, m_part, l_part, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_D=block_d, HEAD_DIM=head_dim)
+    return out

@@ -1,0 +1,1 @@
+"""``folovllm bench ...``: measurements that end up in ``milestones/results``."""

@@ -1,0 +1,91 @@
+"""Provenance, workloads and the results-JSON format shared by every benchmark."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def git_commit() -> str:
+    """The commit measured: ``FOLOVLLM_COMMIT`` (set when the tree travels without .git), else git."""
+    if os.environ.get("FOLOVLLM_COMMIT"):
+        return os.environ["FOLOVLLM_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def gpu_slug(device: torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``; CPU -> ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4", "a10g", "t4", "4090", "3090"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "-")
+
+
+def provenance(device: torch.device, model: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Everything needed to tell where a number came from and to rerun it."""
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"command": "folovllm " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else
+            " ".join(sys.argv), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "model": model, "dtype": str(dtype).replace("torch.", "")}
+
+
+def write_results(path: str | None, payload: dict[str, Any]) -> None:
+    """Print the JSON, and save it when ``--out`` is given."""
+    text = json.dumps(payload, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"100:1024"`` -> (100, 1024); ``"128"`` -> (128, 128)."""
+    lo, _, hi = text.partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"expected N or LO:HI, got {text!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise ValueError(f"expected 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def random_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1024),
+                    output_len: tuple[int, int] = (100, 1024), seed: int = 0,
+                    vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's throughput workload: random token prompts, then random output lengths.
+
+    With the defaults it asks for exactly 133,966 output tokens.
+    """
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, vocab) for _ in range(rng.randint(*input_len))] for _ in range(num_prompts)]
+    outputs = [rng.randint(*output_len) for _ in range(num_prompts)]
+    return prompts, outputs

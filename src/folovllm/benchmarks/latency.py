@@ -1,0 +1,121 @@
+"""``folovllm bench latency``: TTFT and TPOT of our engine vs HF ``generate``, same run.
+
+Decode is memory-bound: each step must read every weight once, so
+``weight_bytes / copy_bandwidth`` is the floor of one decode step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from folovllm.benchmarks.common import provenance
+from folovllm.benchmarks.hardware import measure_copy_bandwidth
+from folovllm.entrypoints.llm import LLM
+from folovllm.sampling_params import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    device = llm.llm_engine.config.device
+    _sync(device)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
+    return {"ttft_s": statistics.mean(o.metrics.ttft for o in outs),
+            "tpot_s": statistics.mean(tpots) if tpots else None,
+            "e2e_s": elapsed, "output_tokens_per_s": len(prompts) * output_len / elapsed}
+
+
+def _hf_model(llm: LLM):
+    """HF transformers' model at the same shapes, dtype and device (our weights when from a folder)."""
+    from transformers import AutoModelForCausalLM
+    engine = llm.llm_engine
+    cfg = engine.config.model_config
+    with torch.device(cfg.device):
+        model = AutoModelForCausalLM.from_config(engine.hf_config, dtype=cfg.dtype)
+    ours = engine.model_runner.model.state_dict()
+    hf_state = {}
+    for name, tensor in model.state_dict().items():
+        hf_state[name] = _our_tensor_for(name, ours, engine.hf_config)
+    if all(t is not None for t in hf_state.values()):
+        model.load_state_dict(hf_state)
+    return model.eval()
+
+
+def _our_tensor_for(name: str, ours: dict[str, torch.Tensor], hf_config) -> torch.Tensor | None:
+    """Split our merged qkv / gate_up parameters back into HF's separate ones."""
+    if name in ours:
+        return ours[name]
+    q_heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // q_heads
+    sizes = [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    for part, idx in (("q_proj", 0), ("k_proj", 1), ("v_proj", 2)):
+        merged = name.replace(f"self_attn.{part}", "self_attn.qkv_proj")
+        if part in name and merged in ours:
+            return torch.split(ours[merged], sizes, dim=0)[idx]
+    for part, idx in (("gate_proj", 0), ("up_proj", 1)):
+        merged = name.replace(f"mlp.{part}", "mlp.gate_up_proj")
+        if part in name and merged in ours:
+            return torch.chunk(ours[merged], 2, dim=0)[idx]
+    if name == "lm_head.weight" and "model.embed_tokens.weight" in ours:
+        return ours["model.embed_tokens.weight"]
+    return None
+
+
+@torch.inference_mode()
+def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) -> dict[str, float]:
+    """HF generate (greedy, no EOS stop); TTFT from a 1-token run, TPOT from the difference."""
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+
+    def timed(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, eos_token_id=None, pad_token_id=0)
+        _sync(device)
+        return time.perf_counter() - start
+
+    timed(2)
+    ttft = timed(1)
+    total = timed(output_len)
+    return {"ttft_s": ttft, "tpot_s": (total - ttft) / max(output_len - 1, 1), "e2e_s": total,
+            "output_tokens_per_s": len(prompts) * output_len / total}
+
+
+def bench_latency(model: str, input_len: int, output_len: int, batch_size: int = 1,
+                  device: str | None = None, dtype: str | None = None, milestone: str | None = None,
+                  with_hf: bool = True, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    llm = LLM(model, milestone=milestone, device=device, dtype=dtype, seed=seed,
+              max_model_len=overrides.pop("max_model_len", input_len + output_len), **overrides)
+    engine = llm.llm_engine
+    dev, dt = engine.config.device, engine.config.model_config.dtype
+    vocab = min(engine.vocab_size, 10000)
+    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=gen).tolist()
+    _ours(llm, prompts, min(output_len, 4))  # warm-up
+    ours = _ours(llm, prompts, output_len)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
+    copy_gbps = measure_copy_bandwidth(dev)
+    floor = weight_bytes / (copy_gbps * 1e9)
+    result: dict[str, Any] = {
+        "benchmark": "latency", **provenance(dev, model, dt), "milestone": milestone or "latest",
+        "workload": {"input_len": input_len, "output_len": output_len, "batch_size": batch_size},
+        "weight_bytes": weight_bytes, "copy_GBps": copy_gbps, "decode_floor_s": floor,
+        "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None}}
+    if with_hf:
+        hf_model = _hf_model(llm)
+        hf = _hf(hf_model, prompts, output_len, dev)
+        result["hf_transformers"] = {**hf, "tpot_vs_floor": hf["tpot_s"] / floor}
+        result["speedup_tpot_vs_hf"] = hf["tpot_s"] / ours["tpot_s"] if ours["tpot_s"] else None
+    return result

@@ -1,0 +1,119 @@
+"""``folovllm bench throughput``: one workload, several engine configurations, one run.
+
+Each configuration is a milestone, optionally with another batching mode:
+``M2/sequential``, ``M2/static``, ``M2`` (continuous), ``M3``. Besides
+tokens/s it reports how close the run came to the workload's hardware floor
+and how much of each step was host (Python) time.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import torch
+
+from folovllm.benchmarks.common import provenance, random_workload
+from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
+from folovllm.entrypoints.llm import LLM
+from folovllm.sampling_params import SamplingParams
+
+
+def parse_config(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"M2/static"`` -> ("M2", {"batching": "static"})."""
+    milestone, _, batching = spec.partition("/")
+    return milestone, ({"batching": batching} if batching else {})
+
+
+def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_gbps: float,
+                   matmul_tflops: float) -> dict[str, float]:
+    """The fastest this workload can run on this card, from bytes and FLOPs.
+
+    Decode: every step reads all weights once, and every generated token reads
+    its whole context's K/V once; at best all requests decode together, so
+    there are ``max(outputs)`` decode steps. Prefill: 2 FLOPs per parameter per
+    prompt token plus the causal attention matmuls, at the measured matmul rate.
+    """
+    engine = llm.llm_engine
+    model = engine.model_runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_params = sum(p.numel() for p in model.parameters())
+    kv_per_token = engine.model_runner.kv_bytes_per_token()
+    kv_read = sum(kv_per_token * (len(p) * o + o * (o - 1) // 2) for p, o in zip(prompts, outputs))
+    num_layers, _, head_dim = engine.model_runner.kv_shape
+    num_heads = engine.hf_config.num_attention_heads
+    prefill_flops = sum(2 * num_params * len(p) + 2 * num_layers * num_heads * head_dim * len(p) ** 2
+                        for p in prompts)
+    decode_s = (max(outputs) * weight_bytes + kv_read) / (copy_gbps * 1e9)
+    prefill_s = prefill_flops / (matmul_tflops * 1e12)
+    return {"weight_bytes": weight_bytes, "kv_bytes_read": kv_read, "prefill_flops": prefill_flops,
+            "floor_decode_s": decode_s, "floor_prefill_s": prefill_s, "floor_s": decode_s + prefill_s}
+
+
+def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[int], device: str | None,
+               dtype: str | None, overrides: dict[str, Any]) -> tuple[LLM, dict[str, Any]]:
+    milestone, extra = parse_config(spec)
+    llm = LLM(model, milestone=milestone, device=device, dtype=dtype, **extra, **overrides)
+    engine = llm.llm_engine
+    engine.kv_usage_every = 16
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    llm.generate([{"prompt_token_ids": [1] * 4}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    engine.step_stats.clear()
+    if engine.config.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    if engine.config.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    in_tokens = sum(len(p) for p in prompts)
+    stats = engine.step_stats
+    usage = [s.kv_usage for s in stats if s.kv_usage is not None and s.kv_usage.reserved_slots]
+    return llm, {
+        "config": spec, "milestone": milestone, "batching": engine.config.scheduler_config.batching,
+        "kv_layout": engine.config.cache_config.kv_layout,
+        "attention_backend": engine.config.resolved_attention_backend(),
+        "num_kv_blocks": engine.kv_cache_manager.num_blocks, "block_size": engine.config.cache_config.block_size,
+        "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed, "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (out_tokens + in_tokens) / elapsed,
+        "num_steps": len(stats), "max_concurrent_seqs": max(len(s.scheduled) for s in stats),
+        "mean_batch_size": sum(len(s.scheduled) for s in stats) / len(stats),
+        "num_preemptions": engine.scheduler.num_preemptions,
+        "host_ms_per_step": 1e3 * sum(s.host_time for s in stats) / len(stats),
+        "forward_ms_per_step": 1e3 * sum(s.forward_time for s in stats) / len(stats),
+        "kv_utilization_mean": sum(u.utilization for u in usage) / len(usage) if usage else None,
+    }
+
+
+def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
+                     input_len: tuple[int, int] = (100, 1024), output_len: tuple[int, int] = (100, 1024),
+                     seed: int = 0, subset: int | None = None, device: str | None = None,
+                     dtype: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the workload under each configuration; ``subset`` keeps only the first N prompts."""
+    prompts, outputs = random_workload(num_prompts, input_len, output_len, seed)
+    if subset is not None:
+        prompts, outputs = prompts[:subset], outputs[:subset]
+    results, floor, hardware = [], None, None
+    for spec in configs:
+        llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides)
+        dev = llm.llm_engine.config.device
+        if hardware is None:
+            hardware = {"copy_GBps": measure_copy_bandwidth(dev),
+                        "matmul_TFLOPs": measure_matmul_tflops(dev, llm.llm_engine.config.model_config.dtype)}
+            floor = workload_floor(llm, prompts, outputs, hardware["copy_GBps"], hardware["matmul_TFLOPs"])
+            meta = provenance(dev, model, llm.llm_engine.config.model_config.dtype)
+        row["fraction_of_floor"] = floor["floor_s"] / row["elapsed_s"]
+        results.append(row)
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base = results[0]["output_tokens_per_s"]
+    for row in results:
+        row["speedup_vs_first"] = row["output_tokens_per_s"] / base
+    return {"benchmark": "throughput", **meta,
+            "workload": {"num_prompts": len(prompts), "input_len": list(input_len), "output_len": list(output_len),
+                         "seed": seed, "subset": subset, "prompt_tokens": sum(map(len, prompts)),
+                         "output_tokens": sum(outputs), "overrides": overrides},
+            "hardware": hardware, "floor": floor, "results": results}

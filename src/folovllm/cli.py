@@ -1,0 +1,127 @@
+"""``folovllm`` command line: ``generate`` and ``bench {latency,throughput,attention}``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from folovllm.benchmarks.common import parse_range, write_results
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF folder, 'smollm2-135m' (embedded) or 'random:<preset>'")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="folovllm", description="FoloVLLM: a teaching vLLM-v1-style engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text, streamed as it is produced")
+    _engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--milestone", default=None)
+
+    bench = sub.add_parser("bench", help="benchmarks that write results JSON").add_subparsers(
+        dest="bench", required=True)
+    lat = bench.add_parser("latency", help="TTFT/TPOT vs HF transformers generate")
+    _engine_args(lat)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--milestone", default=None)
+    lat.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    lat.add_argument("--out", default=None)
+
+    thr = bench.add_parser("throughput", help="the nano-vllm workload under several engine configs")
+    _engine_args(thr)
+    thr.add_argument("--num-prompts", type=int, default=256)
+    thr.add_argument("--input-len", default="100:1024")
+    thr.add_argument("--output-len", default="100:1024")
+    thr.add_argument("--seed", type=int, default=0)
+    thr.add_argument("--subset", type=int, default=None, help="keep only the first N prompts of the workload")
+    thr.add_argument("--milestone", nargs="+", default=["M2"],
+                     help="configs to compare, e.g. M2/sequential M2/static M2 M3")
+    thr.add_argument("--out", default=None)
+
+    att = bench.add_parser("attention", help="paged decode kernel: achieved bandwidth")
+    att.add_argument("--device", default=None)
+    att.add_argument("--dtype", default="bfloat16")
+    att.add_argument("--num-seqs", type=int, nargs="+", default=[1, 16, 64, 256])
+    att.add_argument("--context-len", type=int, nargs="+", default=[512, 2048, 8192])
+    att.add_argument("--num-heads", type=int, default=16)
+    att.add_argument("--num-kv-heads", type=int, default=8)
+    att.add_argument("--head-dim", type=int, default=128)
+    att.add_argument("--block-size", type=int, default=16)
+    att.add_argument("--out", default=None)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from folovllm.entrypoints.llm import LLM
+    from folovllm.sampling_params import SamplingParams
+    llm = LLM(args.model, milestone=args.milestone, device=args.device, dtype=args.dtype, **_overrides(args))
+    prompt = args.prompt
+    tok = llm.get_tokenizer()
+    if args.chat:
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("--chat needs a model whose tokenizer has a chat template")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens)
+    engine = llm.llm_engine
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+        elif args.bench == "latency":
+            from folovllm.benchmarks.latency import bench_latency
+            write_results(args.out, bench_latency(
+                args.model, args.input_len, args.output_len, args.batch_size, device=args.device,
+                dtype=args.dtype, milestone=args.milestone, with_hf=not args.no_hf, **_overrides(args)))
+        elif args.bench == "throughput":
+            from folovllm.benchmarks.throughput import bench_throughput
+            write_results(args.out, bench_throughput(
+                args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
+                parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
+                **_overrides(args)))
+        else:
+            from folovllm.benchmarks.attention import bench_attention_sweep
+            write_results(args.out, bench_attention_sweep(
+                args.num_seqs, args.context_len, args.num_heads, args.num_kv_heads, args.head_dim,
+                args.block_size, args.dtype, args.device))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,220 @@
+"""Engine configuration: four small dataclasses and the milestone presets.
+
+Every field is validated in ``__post_init__`` so a bad value fails with a
+``ValueError`` naming the field before any weights are touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3")
+ATTENTION_BACKENDS = ("auto", "naive", "triton")
+BATCHING_MODES = ("sequential", "static", "continuous")
+KV_LAYOUTS = ("none", "contiguous", "paged")
+POLICIES = ("fcfs", "priority")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" picks CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" is fp32 on CPU (exact HF comparison) and bf16 on GPU."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to run and at what precision.
+
+    ``model`` is a local HF folder, ``"smollm2-135m"`` (the embedded model) or
+    ``"random:<preset>"`` (a real architecture with seeded random weights).
+    """
+
+    model: str = "smollm2-135m"
+    dtype: str | torch.dtype | None = "auto"
+    device: str | torch.device | None = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self.device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, self.device)
+
+
+@dataclass
+class CacheConfig:
+    """How KV memory is laid out and how much of it there is.
+
+    ``kv_layout``: "none" recomputes the whole sequence every step (M0),
+    "contiguous" reserves a ``max_model_len`` slab per request (M1/M2),
+    "paged" hands out ``block_size``-token blocks on demand (M3+).
+    ``kv_cache_memory`` (bytes) fixes the budget; otherwise CPU uses
+    ``DEFAULT_CPU_KV_BYTES`` and GPU profiles the card and takes
+    ``gpu_memory_utilization`` of it.
+    """
+
+    kv_layout: str = "paged"
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_cow: bool = True
+
+    DEFAULT_CPU_KV_BYTES = 512 * 1024**2
+
+    def __post_init__(self) -> None:
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        _positive("block_size", self.block_size)
+        _positive("kv_cache_memory", self.kv_cache_memory, allow_none=True)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    """How many requests and tokens one step may carry, and who goes first.
+
+    ``max_num_batched_tokens`` defaults to ``max(8192, max_model_len)`` once the
+    model is known: without chunked prefill a whole prompt must fit one step.
+
+    ``batching``: "sequential" runs one request at a time (M1), "static" starts
+    a new batch only when the previous one has fully finished, "continuous"
+    admits and retires requests between any two steps (M2+).
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    batching: str = "continuous"
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs; ``milestone`` records which preset built it."""
+
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "auto"
+    milestone: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.milestone is not None and self.milestone not in MILESTONES:
+            raise ValueError(f"milestone must be one of {MILESTONES} or None, got {self.milestone!r}")
+        if self.cache_config.enable_cow and self.cache_config.kv_layout != "paged":
+            self.cache_config.enable_cow = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_config.device  # type: ignore[return-value]
+
+    def resolved_attention_backend(self) -> str:
+        """"auto" is the Triton paged kernel on CUDA with a paged cache, else naive."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        if self.device.type == "cuda" and self.cache_config.kv_layout == "paged":
+            return "triton"
+        return "naive"
+
+    @classmethod
+    def from_milestone(cls, milestone: str | None = None, model: str = "smollm2-135m",
+                       **overrides: Any) -> "EngineConfig":
+        """The engine as of chapter ``milestone`` (None = every built feature on).
+
+        ``overrides`` are field names of any of the four configs, e.g.
+        ``max_model_len=512`` or ``kv_cache_memory=2**26``.
+        """
+        if milestone is not None and milestone not in MILESTONES:
+            raise ValueError(f"milestone must be one of {MILESTONES} or None, got {milestone!r}")
+        if milestone is not None and milestone not in BUILT_MILESTONES:
+            raise ValueError(
+                f"milestone {milestone} is not built yet; built milestones are {BUILT_MILESTONES}")
+        preset = _MILESTONE_PRESETS[milestone or BUILT_MILESTONES[-1]]
+        parts: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {}, "scheduler": {},
+                                            "engine": {"milestone": milestone}}
+        for key, value in {**preset, **overrides}.items():
+            parts[_owner_of(key)][key] = value
+        return cls(model_config=ModelConfig(**parts["model"]),
+                   cache_config=CacheConfig(**parts["cache"]),
+                   scheduler_config=SchedulerConfig(**parts["scheduler"]),
+                   **parts["engine"])
+
+    def replace(self, **overrides: Any) -> "EngineConfig":
+        """A copy with some fields changed (same field names as ``from_milestone``)."""
+        parts = {"model": {}, "cache": {}, "scheduler": {}, "engine": {}}
+        for key, value in overrides.items():
+            parts[_owner_of(key)][key] = value
+        return replace(self, model_config=replace(self.model_config, **parts["model"]),
+                       cache_config=replace(self.cache_config, **parts["cache"]),
+                       scheduler_config=replace(self.scheduler_config, **parts["scheduler"]),
+                       **parts["engine"])
+
+
+_OWNERS = {
+    "model": {f.name for f in fields(ModelConfig)},
+    "cache": {f.name for f in fields(CacheConfig)},
+    "scheduler": {f.name for f in fields(SchedulerConfig)},
+    "engine": {"attention_backend", "milestone"},
+}
+
+
+def _owner_of(key: str) -> str:
+    for owner, names in _OWNERS.items():
+        if key in names:
+            return owner
+    known = sorted(set().union(*_OWNERS.values()))
+    raise ValueError(f"unknown engine option {key!r}; known options: {known}")
+
+
+# What each chapter switches on. Later presets extend earlier ones.
+_MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
+    "M0": {"kv_layout": "none", "batching": "sequential", "attention_backend": "naive"},
+    "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive"},
+    "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive"},
+    "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
+           "enable_cow": True},
+}

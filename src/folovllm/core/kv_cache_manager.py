@@ -1,0 +1,190 @@
+"""Who owns which KV slots: one interface, three memory policies.
+
+- ``NoKVCacheManager`` (M0): nothing is cached; every step recomputes the sequence.
+- ``ContiguousKVCacheManager`` (M1/M2): each request reserves a whole
+  ``max_model_len`` slab up front, like a ``malloc`` of the worst case.
+- ``KVCacheManager`` (M3+): ``block_size``-token blocks handed out as tokens
+  arrive, shared by reference count and copied on write.
+
+All three speak in block ids of the same cache tensor, so the model runner
+and every attention kernel work unchanged whichever policy is in charge.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+
+from folovllm.core.block_pool import BlockPool, KVCacheBlock
+from folovllm.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class KVCacheUsage:
+    """A snapshot: slots set aside for requests vs slots holding live tokens."""
+
+    num_blocks: int
+    num_used_blocks: int
+    reserved_slots: int
+    live_token_slots: int
+
+    @property
+    def utilization(self) -> float:
+        """Fraction of reserved slots that hold a token (1.0 when nothing is reserved)."""
+        return self.live_token_slots / self.reserved_slots if self.reserved_slots else 1.0
+
+
+class BaseKVCacheManager(ABC):
+    """What the scheduler may ask of KV memory."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_tokens: dict[str, int] = {}  # tokens each request will have stored after this step
+
+    @abstractmethod
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Make room for ``num_new_tokens`` after the computed ones; False (and no change) if full."""
+
+    @abstractmethod
+    def free(self, request: Request) -> None:
+        """Give back everything ``request`` holds."""
+
+    @abstractmethod
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table: logical block i lives in physical block ids[i]."""
+
+    @abstractmethod
+    def usage(self) -> KVCacheUsage: ...
+
+    def can_fork(self) -> bool:
+        return False
+
+    def fork(self, parent: Request, child: Request) -> None:
+        raise ValueError(f"{type(self).__name__} cannot share blocks between requests")
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write (src, dst) block pairs the runner must copy before this step's forward."""
+        return []
+
+
+class NoKVCacheManager(BaseKVCacheManager):
+    """M0: no cache at all; attention recomputes K/V of the whole sequence each step."""
+
+    def __init__(self) -> None:
+        super().__init__(num_blocks=0, block_size=1)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        return True
+
+    def free(self, request: Request) -> None:
+        self.num_tokens.pop(request.request_id, None)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return []
+
+    def usage(self) -> KVCacheUsage:
+        return KVCacheUsage(0, 0, 0, 0)
+
+
+class ContiguousKVCacheManager(BaseKVCacheManager):
+    """M1/M2: a request reserves ``cdiv(max_model_len, block_size)`` consecutive blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.blocks_per_slab = cdiv(max_model_len, block_size)
+        self.num_slabs = num_blocks // self.blocks_per_slab
+        if self.num_slabs < 1:
+            raise ValueError(
+                f"kv_cache_memory holds {num_blocks} blocks, fewer than one max_model_len slab "
+                f"({self.blocks_per_slab} blocks); raise kv_cache_memory or lower max_model_len")
+        self.free_slabs: deque[int] = deque(range(self.num_slabs))
+        self.slab_of: dict[str, int] = {}
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        rid = request.request_id
+        if rid not in self.slab_of:
+            if not self.free_slabs:
+                return False
+            self.slab_of[rid] = self.free_slabs.popleft()
+        self.num_tokens[rid] = request.num_computed_tokens + num_new_tokens
+        return True
+
+    def free(self, request: Request) -> None:
+        slab = self.slab_of.pop(request.request_id, None)
+        if slab is not None:
+            self.free_slabs.append(slab)
+        self.num_tokens.pop(request.request_id, None)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        first = self.slab_of[request_id] * self.blocks_per_slab
+        return list(range(first, first + cdiv(self.num_tokens[request_id], self.block_size)))
+
+    def usage(self) -> KVCacheUsage:
+        used = len(self.slab_of) * self.blocks_per_slab
+        return KVCacheUsage(self.num_blocks, used, used * self.block_size, sum(self.num_tokens.values()))
+
+
+class KVCacheManager(BaseKVCacheManager):
+    """M3: paged KV memory. Blocks come from a ``BlockPool`` only when tokens need them."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks, block_size)
+        self.block_pool = BlockPool(num_blocks)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid, [])
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+        # Blocks this step writes into that another sequence still reads: copy them first.
+        shared = [i for i in range(start // self.block_size, min(len(blocks), cdiv(end, self.block_size)))
+                  if blocks[i].ref_cnt > 1]
+        num_new_blocks = cdiv(end, self.block_size) - len(blocks)
+        if num_new_blocks + len(shared) > self.block_pool.num_free_blocks:
+            return False
+        for i in shared:
+            fresh = self.block_pool.get_new_blocks(1)[0]
+            self._pending_copies.append((blocks[i].block_id, fresh.block_id))
+            self.block_pool.free_blocks([blocks[i]])
+            blocks[i] = fresh
+        if num_new_blocks > 0:
+            blocks.extend(self.block_pool.get_new_blocks(num_new_blocks))
+        self.req_to_blocks[rid] = blocks
+        self.num_tokens[rid] = end
+        return True
+
+    def free(self, request: Request) -> None:
+        self.block_pool.free_blocks(self.req_to_blocks.pop(request.request_id, []))
+        self.num_tokens.pop(request.request_id, None)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
+
+    def can_fork(self) -> bool:
+        return True
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """``child`` shares the blocks holding its first ``num_computed_tokens`` tokens."""
+        shared = self.req_to_blocks[parent.request_id][:cdiv(child.num_computed_tokens, self.block_size)]
+        self.block_pool.touch(shared)
+        self.req_to_blocks[child.request_id] = list(shared)
+        self.num_tokens[child.request_id] = child.num_computed_tokens
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def usage(self) -> KVCacheUsage:
+        filled: dict[int, int] = {}
+        for rid, blocks in self.req_to_blocks.items():
+            n = self.num_tokens[rid]
+            for i, block in enumerate(blocks):
+                used = min(self.block_size, n - i * self.block_size)
+                filled[block.block_id] = max(filled.get(block.block_id, 0), used)
+        num_used = self.num_blocks - self.block_pool.num_free_blocks
+        return KVCacheUsage(self.num_blocks, num_used, num_used * self.block_size, sum(filled.values()))

@@ -1,0 +1,42 @@
+"""The plain data the scheduler hands the model runner each step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from folovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: feed ``token_ids`` at positions ``start_pos ..``."""
+
+    req_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sampling_params: SamplingParams
+    sample: bool  # True when this step computes the request's last known token
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return len(self.token_ids) > 1 or self.start_pos == 0
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # since the last step
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the forward
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled

@@ -1,0 +1,1 @@
+"""Building blocks of a decoder layer, written for a flattened ``[T, ...]`` token batch."""

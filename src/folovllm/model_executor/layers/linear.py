@@ -1,0 +1,70 @@
+"""Linear layers whose weights arrive from a checkpoint in HF's (unmerged) layout.
+
+Parameters are created with ``torch.empty``: the loader (or the random-preset
+initialiser) always overwrites them, so initialising twice would only cost time.
+Projections that read the same input are stacked along the output dim (vLLM's
+``QKVParallelLinear`` / ``MergedColumnParallelLinear``) so one GEMM computes them
+all; HF's separate tensors are copied into row ranges ("shards") of the stack.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    """Copy a checkpoint tensor into a parameter (or a shard of one), refusing a shape mismatch."""
+    if target.shape != loaded.shape:
+        raise ValueError(f"tensor {name!r} has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(target.shape)}")
+    target.copy_(loaded)
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)`` with ``W [output_size, input_size]``."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of one input stacked along the output dim (``gate_up_proj``)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.output_sizes = list(output_sizes)
+        self.shard_ids: list[int | str] = list(range(len(output_sizes)))
+
+    def shard_rows(self, shard_id: int | str) -> slice:
+        """Rows of the stacked weight (and bias) that hold projection ``shard_id``."""
+        index = self.shard_ids.index(shard_id)
+        start = sum(self.output_sizes[:index])
+        return slice(start, start + self.output_sizes[index])
+
+
+class QKVLinear(MergedLinear):
+    """Q, K and V stacked into one ``qkv_proj``; with GQA the K/V shards are narrower."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias)
+        self.q_size, self.kv_size = q_size, kv_size
+        self.shard_ids = ["q", "k", "v"]
+
+
+class VocabEmbedding(nn.Module):
+    """Token id -> row of ``weight [vocab, hidden]``; a tied LM head multiplies by the same matrix."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

@@ -1,0 +1,227 @@
+"""Llama, Qwen2 and Qwen3: one decoder with per-family switches.
+
+The families differ only in details: Qwen2 puts a bias on q/k/v, Qwen3 RMS-normalises
+each head of q and k before RoPE (and sets ``head_dim`` independently of
+``hidden_size``), Llama may carry ``attention_bias``/``mlp_bias``. Every module works
+on a flattened batch of T tokens from any number of requests; only the
+``Attention`` layer (through ``attn_metadata``) knows where one sequence ends.
+Parameter names follow HF's, except the merged ``qkv_proj`` and ``gate_up_proj``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from folovllm.attention.backends.abstract import AttentionMetadata
+from folovllm.attention.layer import Attention
+from folovllm.model_executor.layers.activation import SiluAndMul
+from folovllm.model_executor.layers.layernorm import RMSNorm
+from folovllm.model_executor.layers.linear import (Linear, MergedLinear, QKVLinear, VocabEmbedding,
+                                                   copy_weight)
+from folovllm.model_executor.layers.rotary_embedding import (RotaryEmbedding, apply_rotary_emb,
+                                                             rope_parameters)
+
+# Merged parameter -> the HF projections stacked into it, with their shard ids.
+_MERGED: dict[str, tuple[tuple[str, int | str], ...]] = {
+    "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
+    "gate_up_proj": (("gate_proj", 0), ("up_proj", 1)),
+}
+
+
+def head_dim_of(hf_config: Any) -> int:
+    """``head_dim`` when the config sets it (Qwen3), else ``hidden_size // num_attention_heads``."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_kv_heads_of(hf_config: Any) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """qkv projection, optional per-head q/k norm, RoPE, then the engine's ``Attention``."""
+
+    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = num_kv_heads_of(hf_config)
+        self.head_dim = head_dim_of(hf_config)
+        self.qkv_proj = QKVLinear(hf_config.hidden_size, self.head_dim, self.num_heads,
+                                  self.num_kv_heads, qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias)
+        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        out = self.attn(q.view(num_tokens, q_size), k.view(num_tokens, kv_size), v, attn_metadata)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; the residual stream is carried separately so each add fuses into a norm."""
+
+    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.self_attn = LlamaAttention(hf_config, qkv_bias, o_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, attn_metadata: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings,
+                                          rope_parameters(hf_config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, qkv_bias, o_bias, mlp_bias, qk_norm)
+            for _ in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """``forward`` maps a flattened token batch to final hidden states; ``compute_logits`` projects rows."""
+
+    qk_norm = False
+
+    def __init__(self, hf_config: Any) -> None:
+        super().__init__()
+        _check_supported(hf_config)
+        self.config = hf_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm)
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def biases(hf_config: Any) -> tuple[bool, bool, bool]:
+        """Which of (q/k/v, o_proj, MLP) projections carry a bias."""
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return attention_bias, attention_bias, bool(getattr(hf_config, "mlp_bias", False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """``input_ids, positions [T]`` -> hidden states ``[T, hidden_size]``."""
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, hidden_size]`` -> fp32 logits ``[N, vocab_size]`` (only for rows that get sampled)."""
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        """One ``Attention`` per decoder layer, in order, for the runner to bind KV caches to."""
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def checkpoint_layout(self) -> dict[str, tuple[str, int | str | None]]:
+        """HF tensor name -> (our parameter name, shard id or None) for every tensor we need."""
+        layout: dict[str, tuple[str, int | str | None]] = {}
+        for name, _ in self.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            parent, _, proj = module_name.rpartition(".")
+            prefix = f"{parent}." if parent else ""
+            for hf_proj, shard in _MERGED.get(proj, ((proj, None),)):
+                layout[f"{prefix}{hf_proj}.{leaf}"] = (name, shard)
+        return layout
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into our (partly merged) parameters; return the parameter names filled.
+
+        Raises ``ValueError`` for an unknown, mis-shaped or missing tensor. ``lm_head.weight``
+        is accepted and ignored when embeddings are tied (some checkpoints store it anyway).
+        """
+        layout = self.checkpoint_layout()
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        seen: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.tie_word_embeddings):
+                continue
+            if name not in layout:
+                raise ValueError(f"unexpected tensor {name!r}: {type(self).__name__} has no parameter for it")
+            param_name, shard = layout[name]
+            target = params[param_name].data
+            if shard is not None:
+                target = target[modules[param_name.rpartition(".")[0]].shard_rows(shard)]
+            with torch.no_grad():
+                copy_weight(target, tensor, name)
+            seen.add(name)
+        missing = sorted(set(layout) - seen)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"checkpoint is missing tensor {missing[0]!r}{more}")
+        return {layout[name][0] for name in seen}
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with a bias on q/k/v (never on o_proj or the MLP)."""
+
+    @staticmethod
+    def biases(hf_config: Any) -> tuple[bool, bool, bool]:
+        return True, False, False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with RMSNorm over each head of q and k, applied before RoPE."""
+
+    qk_norm = True
+
+
+def _check_supported(hf_config: Any) -> None:
+    """Refuse config features this decoder does not implement instead of computing wrong logits."""
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act must be 'silu', got {hf_config.hidden_act!r}")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError("use_sliding_window=True is not supported (every layer attends to the full context)")
+    num_heads, num_kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
+                         f"num_key_value_heads ({num_kv_heads})")
