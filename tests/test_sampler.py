@@ -1,8 +1,6 @@
 """The batched sampler: exact filter supports, sampling frequencies, seeds and logprobs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings

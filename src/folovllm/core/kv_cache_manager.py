@@ -170,6 +170,8 @@ class KVCacheManager(BaseKVCacheManager):
 
     def fork(self, parent: Request, child: Request) -> None:
         """``child`` shares the blocks holding its first ``num_computed_tokens`` tokens."""
+        if child.request_id in self.req_to_blocks:
+            raise ValueError(f"request {child.request_id!r} already holds blocks; cannot fork into it")
         shared = self.req_to_blocks[parent.request_id][:cdiv(child.num_computed_tokens, self.block_size)]
         self.block_pool.touch(shared)
         self.req_to_blocks[child.request_id] = list(shared)

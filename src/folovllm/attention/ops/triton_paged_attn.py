@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -155,49 +157,6 @@ def _reduce_splits_kernel(Out, Acc_part, M_part, L_part, stride_ot, stride_oh,
              out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@cache
-def _interpreted(fn: Callable) -> InterpretedFunction:
-    return InterpretedFunction(fn)
-
-
-@contextmanager
-def _interpreted_language() -> Iterator[None]:
-    """Swap ``tl``'s own jit helpers (``tl.max``, ``tl.sum``, ``tl.zeros``...) for interpreted ones.
-
-    With ``TRITON_INTERPRET`` unset at import they are compiled-only functions
-    the interpreter cannot call. Not thread-safe: CPU launches are for tests.
-    """
-    compiled = {name: obj for name, obj in vars(tl).items() if isinstance(obj, JITFunction)}
-    for name, obj in compiled.items():
-        setattr(tl, name, _interpreted(obj.fn))
-    try:
-        yield
-    finally:
-        for name, obj in compiled.items():
-            setattr(tl, name, obj)
-
-
-class _Interpreted:
-    """``kernel[grid](...)`` for CPU tensors: the same kernel body, run by Triton's interpreter."""
-
-    def __init__(self, kernel: JITFunction) -> None:
-        self.fn = _interpreted(kernel.fn)
-
-    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
-        def launch(*args, **kwargs) -> None:
-            with _interpreted_language():
-                self.fn[grid](*args, **kwargs)
-        return launch
-
-
-def _for_device(kernel: JITFunction | InterpretedFunction,
-                device: torch.device) -> JITFunction | InterpretedFunction | _Interpreted:
-    """The compiled kernel on CUDA; the interpreter for CPU tensors (unless already interpreting)."""
-    if device.type == "cpu" and isinstance(kernel, JITFunction):
-        return _Interpreted(kernel)
-    return kernel
-
-
 def _check_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
@@ -298,3 +257,86 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
             NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_D=block_d, HEAD_DIM=head_dim)
     return out
+
+
+# ---- CPU tensors: the same kernels under Triton's interpreter -------------------------
+
+
+@cache
+def _interpreted(fn: Callable) -> InterpretedFunction:
+    return InterpretedFunction(fn)
+
+
+def _index_via_item(tensor: type, scope: object) -> None:
+    """Triton 3.6 turns interpreter scalars into ints with ``int(array)``, which numpy >= 2.4
+    refuses for its 1-element arrays (triton-lang/triton#9171); loops with runtime bounds need it."""
+    _ORIGINAL_PATCH_TENSOR(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+
+def _bf16_as_fp32(h: interpreter.TensorHandle) -> interpreter.TensorHandle:
+    if h.dtype != tl.bfloat16:
+        return h
+    return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+
+def _dot_bf16_as_fp32(self: interpreter.InterpreterBuilder, a: interpreter.TensorHandle,
+                      b: interpreter.TensorHandle, *args) -> interpreter.TensorHandle:
+    """The interpreter keeps bf16 as raw uint16 bits and its dot would multiply the bits."""
+    return _ORIGINAL_DOT(self, _bf16_as_fp32(a), _bf16_as_fp32(b), *args)
+
+
+_ORIGINAL_PATCH_TENSOR = interpreter._patch_lang_tensor
+_ORIGINAL_DOT = interpreter.InterpreterBuilder.create_dot
+_LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype,
+                        tl.core.tensor_descriptor_base)
+
+
+@contextmanager
+def _interpreting() -> Iterator[None]:
+    """Let the interpreter run a kernel although Triton was imported for compiling.
+
+    ``tl.max``, ``tl.sum``, ``tl.zeros``... are ``@triton.jit`` functions too;
+    compiled ones cannot be called by the interpreter, so interpreted copies
+    stand in. The interpreter also leaves some of its patches on
+    ``triton.language`` behind, which would break later GPU compiles in this
+    process, so every namespace it touches is restored afterwards (names it
+    adds to modules stay: its rewritten functions look them up there).
+    Not thread-safe: CPU launches are for tests and notebooks.
+    """
+    saved = [(ns, dict(vars(ns))) for ns in _LANGUAGE_NAMESPACES]
+    for name, obj in saved[0][1].items():
+        if isinstance(obj, JITFunction):
+            setattr(tl, name, _interpreted(obj.fn))
+    interpreter._patch_lang_tensor = _index_via_item
+    interpreter.InterpreterBuilder.create_dot = _dot_bf16_as_fp32
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = _ORIGINAL_PATCH_TENSOR
+        interpreter.InterpreterBuilder.create_dot = _ORIGINAL_DOT
+        for ns, before in saved:
+            for name in set(vars(ns)) - set(before) if isinstance(ns, type) else ():
+                delattr(ns, name)
+            for name, value in before.items():
+                if vars(ns).get(name) is not value:
+                    setattr(ns, name, value)
+
+
+class _Interpreted:
+    """``kernel[grid](...)`` for CPU tensors: the same kernel body, run by Triton's interpreter."""
+
+    def __init__(self, kernel: JITFunction | InterpretedFunction) -> None:
+        self.fn = kernel if isinstance(kernel, InterpretedFunction) else _interpreted(kernel.fn)
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        def launch(*args, **kwargs) -> None:
+            with _interpreting():
+                self.fn[grid](*args, **kwargs)
+        return launch
+
+
+def _for_device(kernel: JITFunction | InterpretedFunction,
+                device: torch.device) -> JITFunction | InterpretedFunction | _Interpreted:
+    """The kernel as compiled for CUDA tensors; Triton's interpreter for CPU tensors."""
+    return _Interpreted(kernel) if device.type == "cpu" else kernel
