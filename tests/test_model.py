@@ -58,7 +58,7 @@ def test_sharded_checkpoint_is_really_sharded(tiny_checkpoint) -> None:
     assert len(list(folder.glob("*.safetensors"))) > 1
 
 
-def test_positions_not_batch_layout_decide_rope(tiny_checkpoint) -> None:
+def test_logits_do_not_depend_on_batch_neighbours(tiny_checkpoint) -> None:
     """A sequence's logits do not depend on what else shares the flattened batch."""
     loaded = _load_fp32(tiny_checkpoint("qwen3"))
     gen = torch.Generator().manual_seed(1)

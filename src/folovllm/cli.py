@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench", required=True)
     lat = bench.add_parser("latency", help="TTFT/TPOT vs HF transformers generate")
     _engine_args(lat)
-    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--input-len", type=int, nargs="+", default=[128])
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--milestone", default=None)
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--seed", type=int, default=0)
     thr.add_argument("--subset", type=int, default=None, help="keep only the first N prompts of the workload")
     thr.add_argument("--milestone", nargs="+", default=["M2"],
-                     help="configs to compare, e.g. M2/sequential M2/static M2 M3")
+                     help="configs to compare, e.g. M2/sequential@32 M2/static M2 M3 (@N: first N prompts)")
     thr.add_argument("--out", default=None)
 
     att = bench.add_parser("attention", help="paged decode kernel: achieved bandwidth")

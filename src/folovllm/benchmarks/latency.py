@@ -93,29 +93,31 @@ def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) 
             "output_tokens_per_s": len(prompts) * output_len / total}
 
 
-def bench_latency(model: str, input_len: int, output_len: int, batch_size: int = 1,
+def bench_latency(model: str, input_lens: list[int], output_len: int, batch_size: int = 1,
                   device: str | None = None, dtype: str | None = None, milestone: str | None = None,
                   with_hf: bool = True, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+    """One row per prompt length: our TTFT/TPOT, HF's, and the decode floor."""
     gen = torch.Generator().manual_seed(seed)
     llm = LLM(model, milestone=milestone, device=device, dtype=dtype, seed=seed,
-              max_model_len=overrides.pop("max_model_len", input_len + output_len), **overrides)
+              max_model_len=overrides.pop("max_model_len", max(input_lens) + output_len), **overrides)
     engine = llm.llm_engine
     dev, dt = engine.config.device, engine.config.model_config.dtype
-    vocab = min(engine.vocab_size, 10000)
-    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=gen).tolist()
-    _ours(llm, prompts, min(output_len, 4))  # warm-up
-    ours = _ours(llm, prompts, output_len)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
     copy_gbps = measure_copy_bandwidth(dev)
     floor = weight_bytes / (copy_gbps * 1e9)
-    result: dict[str, Any] = {
-        "benchmark": "latency", **provenance(dev, model, dt), "milestone": milestone or "latest",
-        "workload": {"input_len": input_len, "output_len": output_len, "batch_size": batch_size},
-        "weight_bytes": weight_bytes, "copy_GBps": copy_gbps, "decode_floor_s": floor,
-        "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None}}
-    if with_hf:
-        hf_model = _hf_model(llm)
-        hf = _hf(hf_model, prompts, output_len, dev)
-        result["hf_transformers"] = {**hf, "tpot_vs_floor": hf["tpot_s"] / floor}
-        result["speedup_tpot_vs_hf"] = hf["tpot_s"] / ours["tpot_s"] if ours["tpot_s"] else None
-    return result
+    hf_model = _hf_model(llm) if with_hf else None
+    rows = []
+    for input_len in input_lens:
+        prompts = torch.randint(0, min(engine.vocab_size, 10000), (batch_size, input_len), generator=gen).tolist()
+        _ours(llm, prompts, min(output_len, 4))  # warm-up
+        ours = _ours(llm, prompts, output_len)
+        row: dict[str, Any] = {"input_len": input_len, "output_len": output_len, "batch_size": batch_size,
+                               "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None}}
+        if hf_model is not None:
+            hf = _hf(hf_model, prompts, output_len, dev)
+            row["hf_transformers"] = {**hf, "tpot_vs_floor": hf["tpot_s"] / floor}
+            row["speedup_tpot_vs_hf"] = hf["tpot_s"] / ours["tpot_s"] if ours["tpot_s"] else None
+        rows.append(row)
+    return {"benchmark": "latency", **provenance(dev, model, dt), "milestone": milestone or "latest",
+            "workload": {"input_lens": input_lens, "output_len": output_len, "batch_size": batch_size},
+            "weight_bytes": weight_bytes, "copy_GBps": copy_gbps, "decode_floor_s": floor, "results": rows}

@@ -131,7 +131,8 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_table=None if block_table is None else block_table.to(dev, non_blocking=True),
             slot_mapping=None if slot_mapping is None else slot_mapping.to(dev, non_blocking=True),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            block_size=self.block_size if self.kv_caches else 0)
         return input_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), md
 
     def _sampling_metadata(self, sched: SchedulerOutput, rows: list[int]) -> SamplingMetadata:

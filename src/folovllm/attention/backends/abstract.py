@@ -8,7 +8,8 @@ blocks in the same tensor, so switching KV managers never changes a kernel.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [T] int64: where each new token's K/V is written
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    block_size: int = 0  # tokens per KV block (0 without a cache)
+    # Index tensors a backend derives once per step and reuses in every layer.
+    backend_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

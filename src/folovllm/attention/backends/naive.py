@@ -14,24 +14,33 @@ from folovllm.attention.backends.abstract import (AttentionBackend, AttentionMet
                                                    store_kv_reference)
 
 
+def paged_slots(block_table: torch.Tensor, max_seq_len: int, block_size: int) -> torch.Tensor:
+    """Flat cache slot of every position ``[B, L]`` (L = whole blocks covering max_seq_len)."""
+    blocks = block_table[:, :-(-max_seq_len // block_size)].long()
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
+
+
 def gather_paged_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
                     max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of each sequence as ``[B, L, Hkv, D]`` (L = whole blocks covering max_seq_len)."""
-    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    num_blocks = -(-max_seq_len // block_size)
-    blocks = block_table[:, :num_blocks].long()
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    """K and V of each sequence as ``[B, L, Hkv, D]``: a copy of the blocks in use only."""
+    return _gather(kv_cache, paged_slots(block_table, max_seq_len, kv_cache.shape[2]))
+
+
+def _gather(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
     return flat[0][slots], flat[1][slots]
 
 
-def _pad_rows(x: torch.Tensor, starts: list[int], lens: list[int], width: int) -> torch.Tensor:
-    """Ragged rows ``x[starts[b]:starts[b]+lens[b]]`` as ``[B, width, ...]`` (padding repeats the last row; it is masked later)."""
-    start = torch.tensor(starts, device=x.device)[:, None]
-    last = torch.tensor(lens, device=x.device)[:, None] - 1
-    cols = torch.arange(width, device=x.device)[None, :]
-    return x[start + torch.minimum(cols, last)]
+def _ragged_index(starts: list[int], lens: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices ``[B, max(lens)]`` of ragged rows ``starts[b] .. starts[b]+lens[b]-1``.
+
+    Padding repeats the last row; attention masks it out.
+    """
+    start = torch.tensor(starts, device=device)[:, None]
+    last = torch.tensor(lens, device=device)[:, None] - 1
+    cols = torch.arange(max(lens), device=device)[None, :]
+    return start + torch.minimum(cols, last)
 
 
 def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor,
@@ -56,6 +65,38 @@ def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: tor
     return out.permute(0, 3, 1, 2, 4).reshape(bsz, lq, num_heads, head_dim)
 
 
+class _Group:
+    """Index tensors for one group of sequences, built once per step and shared by all layers."""
+
+    def __init__(self, rows: list[int], starts: list[int], md: AttentionMetadata, device: torch.device) -> None:
+        q_lens = [md.query_lens_cpu[b] for b in rows]
+        s_lens = [md.seq_lens_cpu[b] for b in rows]
+        row_starts = [starts[b] for b in rows]
+        self.q_lens = torch.tensor(q_lens, device=device)
+        self.s_lens = torch.tensor(s_lens, device=device)
+        self.q_index = _ragged_index(row_starts, q_lens, device)
+        if md.block_table is None:  # no cache: each sequence attends over its own fresh K/V
+            self.kv_index = _ragged_index(row_starts, s_lens, device)
+        else:
+            self.kv_index = paged_slots(md.block_table[torch.tensor(rows, device=device)], max(s_lens),
+                                        md.block_size)
+        offsets = torch.arange(sum(q_lens), device=device) - torch.repeat_interleave(
+            self.q_lens.cumsum(0) - self.q_lens, self.q_lens)
+        self.token_idx = torch.repeat_interleave(torch.tensor(row_starts, device=device), self.q_lens) + offsets
+        self.padded_idx = torch.repeat_interleave(
+            torch.arange(len(rows), device=device) * max(q_lens), self.q_lens) + offsets
+
+
+def _groups(md: AttentionMetadata, device: torch.device) -> list[_Group]:
+    """Decode rows and prefill rows, so one long prompt doesn't pad every decode row to its length."""
+    if "naive_groups" not in md.backend_cache:
+        starts = _starts(md.query_lens_cpu)
+        decode = [b for b, n in enumerate(md.query_lens_cpu) if n == 1]
+        prefill = [b for b, n in enumerate(md.query_lens_cpu) if n > 1]
+        md.backend_cache["naive_groups"] = [_Group(rows, starts, md, device) for rows in (decode, prefill) if rows]
+    return md.backend_cache["naive_groups"]
+
+
 class NaiveAttentionBackend(AttentionBackend):
     name = "naive"
 
@@ -65,33 +106,14 @@ class NaiveAttentionBackend(AttentionBackend):
         if kv_cache is not None:
             store_kv_reference(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
-        starts = _starts(metadata.query_lens_cpu)
-        decode = [b for b, n in enumerate(metadata.query_lens_cpu) if n == 1]
-        prefill = [b for b, n in enumerate(metadata.query_lens_cpu) if n > 1]
-        for rows in (decode, prefill):
-            if rows:
-                self._attend_group(rows, starts, q, k, v, kv_cache, metadata, scale, out)
+        for group in _groups(metadata, q.device):
+            if kv_cache is None:
+                kp, vp = k[group.kv_index], v[group.kv_index]
+            else:
+                kp, vp = _gather(kv_cache, group.kv_index)
+            res = attend_padded(q[group.q_index], kp, vp, group.q_lens, group.s_lens, scale).to(q.dtype)
+            out[group.token_idx] = res.reshape(-1, *res.shape[2:])[group.padded_idx]
         return out
-
-    @staticmethod
-    def _attend_group(rows: list[int], starts: list[int], q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, kv_cache: torch.Tensor | None, md: AttentionMetadata,
-                      scale: float, out: torch.Tensor) -> None:
-        q_lens = [md.query_lens_cpu[b] for b in rows]
-        s_lens = [md.seq_lens_cpu[b] for b in rows]
-        row_starts = [starts[b] for b in rows]
-        qp = _pad_rows(q, row_starts, q_lens, max(q_lens))
-        if kv_cache is None:
-            kp = _pad_rows(k, row_starts, s_lens, max(s_lens))
-            vp = _pad_rows(v, row_starts, s_lens, max(s_lens))
-        else:
-            kp, vp = gather_paged_kv(kv_cache, md.block_table[rows], max(s_lens))
-        dev = q.device
-        res = attend_padded(qp, kp, vp, torch.tensor(q_lens, device=dev),
-                            torch.tensor(s_lens, device=dev), scale).to(q.dtype)
-        token_idx = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(row_starts, q_lens)])
-        valid = torch.cat([torch.arange(n, device=dev) + i * res.shape[1] for i, n in enumerate(q_lens)])
-        out[token_idx] = res.reshape(-1, *res.shape[2:])[valid]
 
 
 def _starts(query_lens: list[int]) -> list[int]:

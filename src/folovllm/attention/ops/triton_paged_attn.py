@@ -55,8 +55,8 @@ def _store_kv_kernel(K, V, K_cache, V_cache, slot_mapping,
     dst = slot * stride_cs + h * stride_ch + d
     k = tl.load(K + t64 * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(V + t64 * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(K_cache + dst, k.to(K_cache.dtype.element_ty), mask=mask)
-    tl.store(V_cache + dst, v.to(V_cache.dtype.element_ty), mask=mask)
+    tl.store(K_cache + dst, k, mask=mask)
+    tl.store(V_cache + dst, v, mask=mask)
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_DIM
     tok64 = (q_start + tok).to(tl.int64)
     q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K_cache.dtype.element_ty)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Causality bounds the loop: nothing past the tile's last query position is read.
     kv_end = first_pos + tl.minimum((tile + 1) * Q_TILE, q_len)
@@ -157,7 +157,8 @@ def _reduce_splits_kernel(Out, Acc_part, M_part, L_part, stride_ot, stride_oh,
              out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-def _check_cache(kv_cache: torch.Tensor) -> None:
+def _check_inputs(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Kernels index the cache as contiguous and load every operand in the cache's dtype."""
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
                          f"got shape {tuple(kv_cache.shape)}")
@@ -165,17 +166,25 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
         raise ValueError(f"kv_cache dtype must be float32, float16 or bfloat16, got {kv_cache.dtype}")
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
+    head_dim = kv_cache.shape[4]
+    for name, x in tensors.items():
+        if x.dim() != 3 or x.shape[2] != head_dim or x.stride(2) != 1:
+            raise ValueError(f"{name} must be [T, heads, {head_dim}] with a contiguous last dim, "
+                             f"got shape {tuple(x.shape)} strides {x.stride()}")
+        if x.dtype != kv_cache.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} must match the kv_cache dtype {kv_cache.dtype}")
+        if x.device != kv_cache.device:
+            raise ValueError(f"{name} is on {x.device} but kv_cache is on {kv_cache.device}")
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write ``k, v [T, Hkv, D]`` into flat slots ``slot_mapping [T]`` of ``kv_cache``; slot -1 is skipped."""
-    _check_cache(kv_cache)
+    _check_inputs(kv_cache, k=k, v=v)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    for name, x in (("k", k), ("v", v)):
-        if x.dim() != 3 or tuple(x.shape[1:]) != (num_kv_heads, head_dim) or x.stride(-1) != 1:
-            raise ValueError(f"{name} must be [T, {num_kv_heads}, {head_dim}] with a contiguous "
-                             f"last dim, got shape {tuple(x.shape)}")
+    if k.shape != v.shape or k.shape[1] != num_kv_heads:
+        raise ValueError(f"k and v must both be [T, {num_kv_heads}, {head_dim}], "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must have shape ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
     if k.shape[0] == 0:
@@ -186,6 +195,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache_k.stride(1), cache_k.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim))
+
+
+def _tile_config(group_pad: int, block_d: int, max_query_len: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the attention kernel."""
+    if max_query_len == 1:
+        return max(16, group_pad), 64 if block_d <= 128 else 32, 4, 3
+    return max(64, group_pad), 64 if block_d <= 64 else 32, 4 if block_d <= 64 else 8, 2
 
 
 def _auto_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
@@ -208,15 +224,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
     split-K context slices (``None`` picks one: >1 only for small decode batches
     with long contexts on CUDA).
     """
-    _check_cache(kv_cache)
+    _check_inputs(kv_cache, q=q)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    if head_dim != kv_cache.shape[4]:
-        raise ValueError(f"q head_dim {head_dim} does not match kv_cache head_dim {kv_cache.shape[4]}")
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if q.dtype not in _SUPPORTED_DTYPES or q.stride(-1) != 1:
-        raise ValueError(f"q must be float32/float16/bfloat16 with a contiguous last dim, got {q.dtype}")
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if metadata.block_table is None:
+        raise ValueError("metadata.block_table is required for paged attention")
+    if num_tokens != metadata.num_tokens:
+        raise ValueError(f"q has {num_tokens} tokens but metadata.query_lens_cpu sums to {metadata.num_tokens}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -225,9 +241,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    decode = metadata.max_query_len == 1
-    block_m = max(16 if decode else 64, group_pad)
-    block_n = 64 if block_d <= 64 else 32
+    block_m, block_n, num_warps, num_stages = _tile_config(group_pad, block_d, metadata.max_query_len)
     q_tile = block_m // group_pad
     num_q_tiles = triton.cdiv(metadata.max_query_len, q_tile)
     num_seqs = metadata.num_seqs
@@ -250,7 +264,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        num_warps=4 if decode or block_d <= 64 else 8)
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
             out, acc_part, m_part, l_part, out.stride(0), out.stride(1),
