@@ -80,3 +80,23 @@ def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_h
         "naive_time_us": naive_s * 1e6, "naive_GBps": kv_bytes / naive_s / 1e9,
         "speedup_vs_naive": naive_s / time_s, "max_abs_diff": max_abs_diff,
     }
+
+
+def bench_attention_sweep(num_seqs: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
+                          head_dim: int, block_size: int, dtype: str, device: str | None) -> dict:
+    """``folovllm bench attention``: the decode kernel over a grid of batch sizes and context lengths."""
+    from folovllm.benchmarks.common import provenance
+    from folovllm.benchmarks.hardware import measure_copy_bandwidth
+    from folovllm.config import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    copy_gbps = measure_copy_bandwidth(dev)
+    rows = []
+    for n in num_seqs:
+        for ctx in context_lens:
+            row = bench_paged_decode(n, ctx, num_heads, num_kv_heads, head_dim, block_size, dt, dev)
+            row["fraction_of_copy_bw"] = row["achieved_GBps"] / copy_gbps
+            rows.append(row)
+    return {"benchmark": "attention", **provenance(dev, "paged-decode-kernel", dt), "copy_GBps": copy_gbps,
+            "results": rows}

@@ -14,18 +14,25 @@ from typing import Any
 import torch
 
 from folovllm.benchmarks.common import provenance, random_workload
+from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
 
 
 def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
-    """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit."""
+    """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
+
+    After ``/`` comes a batching mode or an attention backend (``M3/naive``).
+    """
     spec, _, limit = spec.partition("@")
-    milestone, _, batching = spec.partition("/")
+    milestone, _, variant = spec.partition("/")
     if limit and not limit.isdigit():
         raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
-    return milestone, ({"batching": batching} if batching else {}), int(limit) if limit else None
+    if variant and variant not in BATCHING_MODES + ATTENTION_BACKENDS:
+        raise ValueError(f"unknown config variant {variant!r}: expected one of {BATCHING_MODES + ATTENTION_BACKENDS}")
+    extra = {} if not variant else {"batching" if variant in BATCHING_MODES else "attention_backend": variant}
+    return milestone, extra, int(limit) if limit else None
 
 
 def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_gbps: float,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The exact commands behind milestones/results/*.json, run on the lent GPU box from a plain
+# checkout (no install): `bash milestones/results/run_gpu.sh STAGE` with $OUT set, and
+# FOLOVLLM_COMMIT set to the commit measured (the tree travels without .git).
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+gpu=$(python3 -c "import torch; from folovllm.benchmarks.common import gpu_slug; print(gpu_slug(torch.device('cuda')))")
+bench() { python3 -m folovllm bench "$@"; }
+case "$1" in
+  check)
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -5
+    python3 - <<'PY'
+from folovllm import LLM, SamplingParams
+prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 10000 for j in range(50 + 40 * i)]} for i in range(8)]
+params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+runs = {}
+for name, kw in {"M2-naive": dict(milestone="M2"), "M3-naive": dict(milestone="M3", attention_backend="naive"),
+                 "M3-triton": dict(milestone="M3")}.items():
+    llm = LLM("random:qwen3-0.6b", max_model_len=1024, kv_cache_memory=2 * 2**30, **kw)
+    runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+for name, toks in runs.items():
+    same = sum(a == b for x, y in zip(toks, runs["M2-naive"]) for a, b in zip(x, y))
+    print(f"{name}: {same}/{sum(map(len, toks))} greedy tokens equal to M2-naive (bf16)")
+PY
+    ;;
+  attention)
+    bench attention --out "$OUT/M3-attention-$gpu.json" ;;
+  latency)
+    for m in qwen3-0.6b llama-3.2-1b; do
+      bench latency --model random:$m --milestone M1 --input-len 128 512 2048 --output-len 128 \
+        --out "$OUT/M1-$gpu-$m.json"
+    done ;;
+  m2)
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M2/sequential@8 M2/static M2 --out "$OUT/M2-$gpu.json" ;;
+  m3)
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 2147483648 \
+      --subset 64 --milestone M2 M3/naive M3 --out "$OUT/M3-$gpu.json" ;;
+esac
