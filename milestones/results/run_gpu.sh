@@ -33,7 +33,7 @@ PY
     done ;;
   m2)
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
-      --milestone M2/sequential@8 M2/static M2 --out "$OUT/M2-$gpu.json" ;;
+      --milestone M2/sequential@4 M2/static M2 --out "$OUT/M2-$gpu.json" ;;
   m3)
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 2147483648 \
       --subset 64 --milestone M2 M3/naive M3 --out "$OUT/M3-$gpu.json" ;;

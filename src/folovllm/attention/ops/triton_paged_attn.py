@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -35,7 +36,7 @@ from folovllm.attention.backends.abstract import AttentionMetadata
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-_MIN_SPLIT_TOKENS = 256
+_MIN_SPLIT_TOKENS = 256  # a split-K slice shorter than this costs more to merge than it saves
 
 
 @triton.jit
@@ -198,82 +199,142 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
 
 
 def _tile_config(group_pad: int, block_d: int, max_query_len: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the attention kernel."""
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, from a sweep on an H200 (bf16).
+
+    Decode rows only need ``GROUP`` query rows, but ``tl.dot`` wants at least 16;
+    prefill tiles take 64 rows so each K/V tile feeds more math.
+    """
+    block_n = 64 if block_d <= 128 else 32
     if max_query_len == 1:
-        return max(16, group_pad), 64 if block_d <= 128 else 32, 4, 3
-    return max(64, group_pad), 64 if block_d <= 64 else 32, 4 if block_d <= 64 else 8, 2
+        return max(16, group_pad), block_n, 4, 3
+    return max(64, group_pad), block_n, 4 if block_d <= 128 else 8, 2
 
 
-def _auto_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
-                     max_query_len: int, max_seq_len: int) -> int:
-    """Split-K only for decode batches too small to fill the GPU's SMs twice over."""
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int,
+                      max_query_len: int, max_seq_len: int) -> int:
+    """Split-K slices per context: >1 only for decode batches too small to fill the GPU's SMs twice over.
+
+    A power of two (each value compiles its own kernel), at most 16, and no
+    slice shorter than ``_MIN_SPLIT_TOKENS``.
+    """
     if device.type != "cuda" or max_query_len != 1:
         return 1
-    programs = num_seqs * num_kv_heads
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    by_occupancy = triton.cdiv(target, programs)
+    by_occupancy = triton.cdiv(2 * _num_sms(device), num_seqs * num_kv_heads)
     by_length = max_seq_len // _MIN_SPLIT_TOKENS
     return max(1, min(16, triton.next_power_of_2(min(by_occupancy, by_length) + 1) // 2))
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """Grid and tile sizes of one step; every layer reuses it (kept in ``metadata.backend_cache``)."""
+
+    grid: tuple[int, int, int]
+    group: int
+    group_pad: int
+    q_tile: int
+    num_q_tiles: int
+    block_m: int
+    block_n: int
+    block_d: int
+    num_splits: int
+    split_len: int
+    num_warps: int
+    num_stages: int
+
+
+def _plan(metadata: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
+          block_size: int, device: torch.device, num_splits: int | None) -> _LaunchPlan:
+    if metadata.block_table is None or metadata.block_table.stride(-1) != 1:
+        raise ValueError("metadata.block_table must be a [B, max_blocks] tensor with contiguous rows")
+    for name in ("block_table", "seq_lens", "query_start_loc"):
+        if getattr(metadata, name).device != device:
+            raise ValueError(f"metadata.{name} is on {getattr(metadata, name).device}, q on {device}")
+    if metadata.block_size != block_size:
+        raise ValueError(f"metadata.block_size ({metadata.block_size}) != kv_cache block size ({block_size})")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
+    max_query_len, max_seq_len = metadata.max_query_len, metadata.max_seq_len
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, num_warps, num_stages = _tile_config(group_pad, block_d, max_query_len)
+    q_tile = block_m // group_pad
+    num_q_tiles = triton.cdiv(max_query_len, q_tile)
+    if num_splits is None:
+        num_splits = choose_num_splits(device, metadata.num_seqs, num_kv_heads, max_query_len, max_seq_len)
+    split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    return _LaunchPlan((metadata.num_seqs * num_q_tiles, num_kv_heads, num_splits), group, group_pad,
+                       q_tile, num_q_tiles, block_m, block_n, block_d, num_splits, split_len,
+                       num_warps, num_stages)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                     scale: float, num_splits: int | None = None) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over the paged cache -> ``[T, Hq, D]`` in q's dtype.
 
-    Expects this step's K/V already stored. ``num_splits`` forces the number of
-    split-K context slices (``None`` picks one: >1 only for small decode batches
-    with long contexts on CUDA).
+    Expects this step's K/V already stored. One launch serves the whole ragged
+    batch. Grid ``(num_seqs * num_q_tiles, num_kv_heads, num_splits)``:
+
+    * a program owns one KV head, so its K/V tiles are read from memory once
+      for all ``Hq / Hkv`` query heads of that head (GQA costs no extra traffic);
+    * ``num_q_tiles`` covers the longest query in the batch; shorter sequences
+      exit at once from their surplus tiles (decode batches have exactly one);
+    * ``num_splits`` cuts each context into slices merged by a second kernel,
+      so a handful of long sequences still occupies every SM. ``None`` picks
+      it (>1 only for decode batches too small to fill the GPU); an int forces it.
     """
     _check_inputs(kv_cache, q=q)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     if num_heads % num_kv_heads:
         raise ValueError(f"q heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    if metadata.block_table is None:
-        raise ValueError("metadata.block_table is required for paged attention")
     if num_tokens != metadata.num_tokens:
         raise ValueError(f"q has {num_tokens} tokens but metadata.query_lens_cpu sums to {metadata.num_tokens}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _tile_config(group_pad, block_d, metadata.max_query_len)
-    q_tile = block_m // group_pad
-    num_q_tiles = triton.cdiv(metadata.max_query_len, q_tile)
-    num_seqs = metadata.num_seqs
-    if num_splits is None:
-        num_splits = _auto_num_splits(q.device, num_seqs, num_kv_heads,
-                                      metadata.max_query_len, metadata.max_seq_len)
-    split_len = triton.cdiv(triton.cdiv(metadata.max_seq_len, num_splits), block_n) * block_n
-    parts = num_tokens * num_heads * num_splits if num_splits > 1 else 1
-    acc_part = torch.empty(parts, block_d, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(parts, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(parts, dtype=torch.float32, device=q.device)
+    key = ("triton_plan", num_heads, num_kv_heads, head_dim, block_size, num_splits)
+    plan = metadata.backend_cache.get(key)
+    if plan is None:
+        plan = _plan(metadata, num_heads, num_kv_heads, head_dim, block_size, q.device, num_splits)
+        metadata.backend_cache[key] = plan
+    if plan.num_splits > 1:
+        parts = num_tokens * num_heads * plan.num_splits
+        acc_part = torch.empty(parts, plan.block_d, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(parts, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(parts, dtype=torch.float32, device=q.device)
+    else:  # never touched: the kernel writes ``out`` directly
+        acc_part = m_part = l_part = out
     cache_k, cache_v = kv_cache[0], kv_cache[1]
-    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
-    _for_device(_paged_attention_kernel, q.device)[grid](
+    _for_device(_paged_attention_kernel, q.device)[plan.grid](
         q, cache_k, cache_v, out, acc_part, m_part, l_part,
         metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
-        scale * _LOG2E, num_q_tiles, split_len,
+        scale * _LOG2E, plan.num_q_tiles, plan.split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), metadata.block_table.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, Q_TILE=q_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
+        GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile, BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        NUM_SPLITS=plan.num_splits, DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if plan.num_splits > 1:
         _for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
             out, acc_part, m_part, l_part, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            BLOCK_D=block_d, HEAD_DIM=head_dim)
+            NUM_SPLITS=plan.num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(plan.num_splits)),
+            BLOCK_D=plan.block_d, HEAD_DIM=head_dim)
     return out
 
 
 # ---- CPU tensors: the same kernels under Triton's interpreter -------------------------
+
+_ORIGINAL_PATCH_TENSOR = interpreter._patch_lang_tensor
+_ORIGINAL_DOT = interpreter.InterpreterBuilder.create_dot
+_LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype,
+                        tl.core.tensor_descriptor_base)
 
 
 @cache
@@ -298,12 +359,6 @@ def _dot_bf16_as_fp32(self: interpreter.InterpreterBuilder, a: interpreter.Tenso
                       b: interpreter.TensorHandle, *args) -> interpreter.TensorHandle:
     """The interpreter keeps bf16 as raw uint16 bits and its dot would multiply the bits."""
     return _ORIGINAL_DOT(self, _bf16_as_fp32(a), _bf16_as_fp32(b), *args)
-
-
-_ORIGINAL_PATCH_TENSOR = interpreter._patch_lang_tensor
-_ORIGINAL_DOT = interpreter.InterpreterBuilder.create_dot
-_LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype,
-                        tl.core.tensor_descriptor_base)
 
 
 @contextmanager
