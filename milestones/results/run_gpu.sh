@@ -32,9 +32,9 @@ PY
         --out "$OUT/M1-$gpu-$m.json"
     done ;;
   m2)
-    bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
-      --milestone M2/sequential@4 M2/static M2 --out "$OUT/M2-$gpu.json" ;;
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --subset 64 \
+      --milestone M2 M2/static M2/sequential@2 --out "$OUT/M2-$gpu.json" > /dev/null ;;
   m3)
-    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 2147483648 \
-      --subset 64 --milestone M2 M3/naive M3 --out "$OUT/M3-$gpu.json" ;;
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
+      --subset 64 --milestone M3 M3/naive M2 --out "$OUT/M3-$gpu.json" > /dev/null ;;
 esac

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_results(args.out, bench_throughput(
                 args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
                 parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
-                **_overrides(args)))
+                out=args.out, **_overrides(args)))
         else:
             from folovllm.benchmarks.attention import bench_attention_sweep
             write_results(args.out, bench_attention_sweep(

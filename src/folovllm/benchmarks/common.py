@@ -57,13 +57,16 @@ def provenance(device: torch.device, model: str, dtype: torch.dtype) -> dict[str
             "transformers": transformers.__version__, "model": model, "dtype": str(dtype).replace("torch.", "")}
 
 
+def save_json(path: str, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def write_results(path: str | None, payload: dict[str, Any]) -> None:
     """Print the JSON, and save it when ``--out`` is given."""
-    text = json.dumps(payload, indent=2)
-    print(text)
+    print(json.dumps(payload, indent=2))
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        save_json(path, payload)
 
 
 def parse_range(text: str) -> tuple[int, int]:

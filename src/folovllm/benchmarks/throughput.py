@@ -8,12 +8,13 @@ and how much of each step was host (Python) time.
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from typing import Any
 
 import torch
 
-from folovllm.benchmarks.common import provenance, random_workload
+from folovllm.benchmarks.common import provenance, random_workload, save_json
 from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.entrypoints.llm import LLM
@@ -68,6 +69,7 @@ def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[in
     engine = llm.llm_engine
     engine.kv_usage_every = 16
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    prompts = [[t % engine.vocab_size for t in p] for p in prompts]  # tiny test vocabularies
     llm.generate([{"prompt_token_ids": [1] * 4}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     engine.step_stats.clear()
     if engine.config.device.type == "cuda":
@@ -100,11 +102,13 @@ def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[in
 def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
                      input_len: tuple[int, int] = (100, 1024), output_len: tuple[int, int] = (100, 1024),
                      seed: int = 0, subset: int | None = None, device: str | None = None,
-                     dtype: str | None = None, **overrides: Any) -> dict[str, Any]:
+                     dtype: str | None = None, out: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the workload under each configuration; ``subset`` keeps only the first N prompts.
 
     A configuration ``SPEC@N`` runs only the first N prompts (sequential runs of the
     full workload would take hours); its floor is computed for those prompts.
+    With ``out``, the JSON is rewritten after every configuration, so a run cut
+    short still keeps what it measured.
     """
     prompts, outputs = random_workload(num_prompts, input_len, output_len, seed)
     if subset is not None:
@@ -121,10 +125,20 @@ def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
         row["floor"] = workload_floor(llm, prompts[:n], outputs[:n], hardware["copy_GBps"], hardware["matmul_TFLOPs"])
         row["fraction_of_floor"] = row["floor"]["floor_s"] / row["elapsed_s"]
         results.append(row)
+        print(f"[{spec}] {row['output_tokens_per_s']:.0f} output tok/s in {row['elapsed_s']:.1f} s", file=sys.stderr)
+        if out:
+            save_json(out, _payload(meta, prompts, outputs, input_len, output_len, seed, subset, overrides,
+                                    hardware, results))
         del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return _payload(meta, prompts, outputs, input_len, output_len, seed, subset, overrides, hardware, results)
+
+
+def _payload(meta: dict, prompts: list[list[int]], outputs: list[int], input_len: tuple[int, int],
+             output_len: tuple[int, int], seed: int, subset: int | None, overrides: dict,
+             hardware: dict, results: list[dict]) -> dict[str, Any]:
     base = results[0]["output_tokens_per_s"]
     for row in results:
         row["speedup_vs_first"] = row["output_tokens_per_s"] / base

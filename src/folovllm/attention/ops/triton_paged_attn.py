@@ -40,11 +40,14 @@ _MIN_SPLIT_TOKENS = 256  # a split-K slice shorter than this costs more to merge
 
 
 @triton.jit
-def _store_kv_kernel(K, V, K_cache, V_cache, slot_mapping,
-                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+def _store_kv_kernel(K, V, KV_cache, slot_mapping, kv_stride,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per token: copy its ``[Hkv, D]`` K and V rows into flat slot ``slot_mapping[t]``."""
+    """One program per token: copy its ``[Hkv, D]`` K and V rows into flat slot ``slot_mapping[t]``.
+
+    The cache is contiguous, so slot ``s`` starts at ``s * Hkv * D``; V sits ``kv_stride`` after K.
+    """
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t)
     if slot < 0:  # padding token: nothing to store
@@ -53,21 +56,20 @@ def _store_kv_kernel(K, V, K_cache, V_cache, slot_mapping,
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
     t64 = t.to(tl.int64)
-    dst = slot * stride_cs + h * stride_ch + d
+    dst = KV_cache + slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
     k = tl.load(K + t64 * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(V + t64 * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(K_cache + dst, k, mask=mask)
-    tl.store(V_cache + dst, v, mask=mask)
+    tl.store(dst, k, mask=mask)
+    tl.store(dst + kv_stride, v, mask=mask)
 
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, K_cache, V_cache, Out, Acc_part, M_part, L_part,
+        Q, KV_cache, Out, Acc_part, M_part, L_part,
         block_table, seq_lens, query_start_loc,
-        scale_log2, num_q_tiles, split_len,
-        stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_cb, stride_cs, stride_ch, stride_bt,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
+        scale_log2, num_q_tiles, split_len, kv_stride,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
@@ -77,7 +79,8 @@ def _paged_attention_kernel(
     ``[BLOCK_M, D]`` query tile is token ``r // GROUP_PAD``, head ``r % GROUP_PAD``
     of the group, so each K/V tile is loaded once and shared by all query heads
     of its KV head (GQA) through ``tl.dot``. A KV tile covers ``BLOCK_N`` context
-    positions; position ``n`` lives in page ``block_table[seq, n // BLOCK_SIZE]``.
+    positions; position ``n`` lives in page ``block_table[seq, n // BLOCK_SIZE]``
+    of the contiguous cache, V ``kv_stride`` elements after K.
     """
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,24 +109,27 @@ def _paged_attention_kernel(
     kv_end = first_pos + tl.minimum((tile + 1) * Q_TILE, q_len)
     lo = split * split_len
     hi = tl.minimum(kv_end, lo + split_len)
+    # Running max (log2 units, as the scores) starts finite: a row that has seen no
+    # visible key yet then gets exp2(-inf - m) = 0 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_table + seq * stride_bt
+    slot_size: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         page = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = page * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        slot = (page * BLOCK_SIZE + n % BLOCK_SIZE) * slot_size + kv_head * HEAD_DIM
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_cache + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(KV_cache + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_cache + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(KV_cache + kv_stride + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -132,7 +138,7 @@ def _paged_attention_kernel(
         tl.store(Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        part = (tok64 * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+        part = (tok64 * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS + split
         tl.store(M_part + part, m_i, mask=row_ok)
         tl.store(L_part + part, l_i, mask=row_ok)
         tl.store(Acc_part + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
@@ -190,11 +196,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         raise ValueError(f"slot_mapping must have shape ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
     if k.shape[0] == 0:
         return
-    cache_k, cache_v = kv_cache[0], kv_cache[1]
     _for_device(_store_kv_kernel, k.device)[(k.shape[0],)](
-        k, v, cache_k, cache_v, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache_k.stride(1), cache_k.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        k, v, kv_cache, slot_mapping, kv_cache.stride(0),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim))
 
 
@@ -310,14 +314,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Attention
         l_part = torch.empty(parts, dtype=torch.float32, device=q.device)
     else:  # never touched: the kernel writes ``out`` directly
         acc_part = m_part = l_part = out
-    cache_k, cache_v = kv_cache[0], kv_cache[1]
     _for_device(_paged_attention_kernel, q.device)[plan.grid](
-        q, cache_k, cache_v, out, acc_part, m_part, l_part,
+        q, kv_cache, out, acc_part, m_part, l_part,
         metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
-        scale * _LOG2E, plan.num_q_tiles, plan.split_len,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), metadata.block_table.stride(0),
-        GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile, BLOCK_M=plan.block_m,
+        scale * _LOG2E, plan.num_q_tiles, plan.split_len, kv_cache.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), metadata.block_table.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile, BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         NUM_SPLITS=plan.num_splits, DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages)
