@@ -20,10 +20,12 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def append(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly ''), cut at a stop string."""
+        if self.stop_reason is not None:
+            raise ValueError("the sequence already stopped at a stop string; no more tokens can be added")
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])

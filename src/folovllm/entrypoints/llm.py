@@ -5,7 +5,7 @@ import itertools
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from folovllm.config import EngineConfig
 from folovllm.engine.llm_engine import LLMEngine, PromptType

@@ -1,0 +1,93 @@
+"""The command line and the benchmarks, on tiny CPU models (fields and invariants, not speed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from folovllm.benchmarks.common import parse_range, random_workload
+from folovllm.benchmarks.throughput import parse_config
+from folovllm.cli import build_parser, main
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "generate" in out and "bench" in out
+
+
+def test_generate_streams_text(tiny_checkpoint, capsys):
+    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5 w6 w7", "--max-tokens", "6",
+               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    assert rc == 0
+    assert len(capsys.readouterr().out.split()) == 6  # the tiny tokenizer decodes one word per token
+
+
+def test_generate_reports_bad_input_as_an_error(tiny_checkpoint, capsys):
+    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--top-p", "0",
+               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    assert rc == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--chat",
+               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    assert rc == 2
+    assert "--chat needs a model whose tokenizer has a chat template" in capsys.readouterr().err
+
+
+def test_workload_matches_nano_vllm_and_ranges_parse():
+    prompts, outputs = random_workload()
+    assert (len(prompts), sum(outputs)) == (256, 133_966)
+    assert parse_range("100:1024") == (100, 1024) and parse_range("7") == (7, 7)
+    with pytest.raises(ValueError, match="expected N or LO:HI"):
+        parse_range("a:b")
+    assert parse_config("M2/sequential@8") == ("M2", {"batching": "sequential"}, 8)
+    assert parse_config("M3/naive") == ("M3", {"attention_backend": "naive"}, None)
+    with pytest.raises(ValueError, match="unknown config variant 'fast'"):
+        parse_config("M3/fast")
+
+
+def test_bench_throughput_json(tmp_path, capsys):
+    out = tmp_path / "thr.json"
+    rc = main(["bench", "throughput", "--model", "random:tiny-llama", "--device", "cpu", "--num-prompts", "6",
+               "--input-len", "8:16", "--output-len", "20:30", "--milestone", "M2/sequential@3", "M2", "M3",
+               "--max-model-len", "64", "--kv-cache-memory", str(2**20), "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "throughput" and data["workload"]["num_prompts"] == 6
+    rows = {r["config"]: r for r in data["results"]}
+    assert rows["M2/sequential@3"]["max_concurrent_seqs"] == 1 and rows["M2/sequential@3"]["num_prompts"] == 3
+    assert rows["M2"]["output_tokens"] == sum(random_workload(6, (8, 16), (20, 30))[1])
+    assert rows["M3"]["kv_layout"] == "paged" and rows["M3"]["kv_utilization_mean"] > rows["M2"]["kv_utilization_mean"]
+    assert all(0 < r["fraction_of_floor"] and r["floor"]["floor_s"] > 0 for r in data["results"])
+    for key in ("command", "commit", "date", "gpu", "torch", "triton", "transformers", "model", "dtype"):
+        assert key in data
+    capsys.readouterr()
+
+
+def test_bench_latency_json(tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    rc = main(["bench", "latency", "--model", "random:tiny-qwen3", "--device", "cpu", "--input-len", "8", "16",
+               "--output-len", "4", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["input_len"] for r in data["results"]] == [8, 16]
+    for row in data["results"]:
+        assert row["folovllm"]["ttft_s"] > 0 and row["hf_transformers"]["tpot_s"] > 0
+    assert data["decode_floor_s"] > 0
+    capsys.readouterr()
+
+
+def test_bench_attention_json(tmp_path, capsys):
+    out = tmp_path / "att.json"
+    rc = main(["bench", "attention", "--device", "cpu", "--dtype", "float32", "--num-seqs", "2",
+               "--context-len", "20", "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--out", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["max_abs_diff"] < 1e-4 and row["kv_bytes_read"] == 2 * 2 * 20 * 2 * 32 * 4
+    capsys.readouterr()
+
+
+def test_parser_rejects_unknown_bench():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "nothing"])
