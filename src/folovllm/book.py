@@ -14,14 +14,19 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "milestones" / "results"
 def show_source(obj: Any, start: str | None = None, end: str | None = None):
     """The source of ``obj`` straight from ``src`` (optionally from line ``start`` up to ``end``).
 
-    Chapters show the engine's own code this way, never a second copy.
+    Chapters show the engine's own code this way, never a second copy. Triton
+    kernels are unwrapped to their Python function. Without IPython (a chapter
+    exported as a script) the source is returned as plain text.
     """
-    from IPython.display import Code
-    text = inspect.getsource(obj)
+    text = inspect.getsource(getattr(obj, "fn", obj))
     if start is not None:
         text = text[text.index(start):]
     if end is not None:
         text = text[:text.index(end) + len(end)]
+    try:
+        from IPython.display import Code
+    except ImportError:
+        return text
     return Code(text, language="python")
 
 
