@@ -37,4 +37,21 @@ PY
   m3)
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
       --subset 64 --milestone M3 M3/naive M2 --out "$OUT/M3-$gpu.json" > /dev/null ;;
+  chapters)
+    # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
+    # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in
+    # (get_ipython -> None, display -> print) lets the scripts run unchanged.
+    dir=${2:?usage: run_gpu.sh chapters DIR}
+    stub=$(mktemp -d)
+    if ! python3 -c "import IPython" 2>/dev/null; then
+      mkdir -p "$stub/IPython"
+      printf 'version_info = (8, 12, 0)\n\ndef get_ipython():\n    return None\n' > "$stub/IPython/__init__.py"
+      printf 'def display(*objs):\n    print(*objs, sep="\\n")\n\nclass Code(str):\n    def __new__(cls, data, language=None):\n        return str.__new__(cls, data)\n' > "$stub/IPython/display.py"
+    fi
+    for script in "$dir"/M*.py; do
+      name=$(basename "$script" .py)
+      start=$(date +%s)
+      PYTHONPATH=src:$stub MPLBACKEND=Agg python3 "$script" > "$OUT/$name-$gpu.log" 2>&1
+      echo "$name: exit $? in $(( $(date +%s) - start )) s"
+    done ;;
 esac
