@@ -9,14 +9,14 @@ bench() { python3 -m folovllm bench "$@"; }
 case "$1" in
   check)
     nvidia-smi --query-gpu=name,memory.total --format=csv
-    python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -5
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_flash_attention.py 2>&1 | tail -5
     python3 - <<'PY'
 from folovllm import LLM, SamplingParams
 prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 10000 for j in range(50 + 40 * i)]} for i in range(8)]
 params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 runs = {}
 for name, kw in {"M2-naive": dict(milestone="M2"), "M3-naive": dict(milestone="M3", attention_backend="naive"),
-                 "M3-triton": dict(milestone="M3")}.items():
+                 "M3-triton": dict(milestone="M3"), "M4-flash_attn": dict(milestone="M4")}.items():
     llm = LLM("random:qwen3-0.6b", max_model_len=1024, kv_cache_memory=2 * 2**30, **kw)
     runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 for name, toks in runs.items():
@@ -37,6 +37,14 @@ PY
   m3)
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
       --subset 64 --milestone M3 M3/naive M2 --out "$OUT/M3-$gpu.json" > /dev/null ;;
+  m4)
+    bench prefill --out "$OUT/M4-prefill-$gpu.json" > /dev/null
+    bench latency --model random:qwen3-0.6b --milestone M4 --input-len 512 2048 8192 --output-len 32 \
+      --max-model-len 8448 --out "$OUT/M4-latency-$gpu.json" > /dev/null
+    bench latency --model random:qwen3-0.6b --milestone M3 --input-len 512 2048 8192 --output-len 32 \
+      --max-model-len 8448 --no-hf --out "$OUT/M4-latency-m3-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
+      --subset 64 --milestone M4 M3 --out "$OUT/M4-$gpu.json" > /dev/null ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in

@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--head-dim", type=int, default=128)
     att.add_argument("--block-size", type=int, default=16)
     att.add_argument("--out", default=None)
+
+    pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
+    pre.add_argument("--device", default=None)
+    pre.add_argument("--dtype", default="bfloat16")
+    pre.add_argument("--prompt-len", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    pre.add_argument("--num-prompts", type=int, default=1)
+    pre.add_argument("--num-heads", type=int, default=16)
+    pre.add_argument("--num-kv-heads", type=int, default=8)
+    pre.add_argument("--head-dim", type=int, default=128)
+    pre.add_argument("--block-size", type=int, default=16)
+    pre.add_argument("--backend", nargs="+", default=["naive", "triton", "flash_attn"],
+                     choices=["naive", "triton", "flash_attn"])
+    pre.add_argument("--out", default=None)
     return parser
 
 
@@ -116,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
                 parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
                 out=args.out, **_overrides(args)))
+        elif args.bench == "prefill":
+            from folovllm.benchmarks.attention import bench_prefill_attention
+            write_results(args.out, bench_prefill_attention(
+                args.prompt_len, args.num_prompts, args.num_heads, args.num_kv_heads, args.head_dim,
+                args.block_size, args.dtype, args.device, tuple(args.backend)))
         else:
             from folovllm.benchmarks.attention import bench_attention_sweep
             write_results(args.out, bench_attention_sweep(

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from folovllm.attention.selector import flash_attention_unavailable
+
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
-BUILT_MILESTONES = ("M0", "M1", "M2", "M3")
-ATTENTION_BACKENDS = ("auto", "naive", "triton")
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4")
+ATTENTION_BACKENDS = ("auto", "naive", "triton", "flash_attn")
 BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
 POLICIES = ("fcfs", "priority")
@@ -147,18 +149,27 @@ class EngineConfig:
             raise ValueError(f"milestone must be one of {MILESTONES} or None, got {self.milestone!r}")
         if self.cache_config.enable_cow and self.cache_config.kv_layout != "paged":
             self.cache_config.enable_cow = False
+        if self.attention_backend == "flash_attn":
+            why = flash_attention_unavailable(self.device, self.model_config.dtype)
+            if why is not None:
+                raise ValueError(f"attention_backend='flash_attn' cannot run here: {why}")
 
     @property
     def device(self) -> torch.device:
         return self.model_config.device  # type: ignore[return-value]
 
     def resolved_attention_backend(self) -> str:
-        """"auto" is the Triton paged kernel on CUDA with a paged cache, else naive."""
+        """"auto" on CUDA with a paged cache: FlashAttention-2 from M4 on where it runs, else the
+        Triton paged kernel; everything else: naive."""
         if self.attention_backend != "auto":
             return self.attention_backend
-        if self.device.type == "cuda" and self.cache_config.kv_layout == "paged":
-            return "triton"
-        return "naive"
+        if self.device.type != "cuda" or self.cache_config.kv_layout != "paged":
+            return "naive"
+        as_of = MILESTONES.index(self.milestone or BUILT_MILESTONES[-1])
+        if as_of >= MILESTONES.index("M4") and flash_attention_unavailable(
+                self.device, self.model_config.dtype) is None:
+            return "flash_attn"
+        return "triton"
 
     @classmethod
     def from_milestone(cls, milestone: str | None = None, model: str = "smollm2-135m",
@@ -216,5 +227,7 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive"},
     "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive"},
     "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
+           "enable_cow": True},
+    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
            "enable_cow": True},
 }

@@ -1,4 +1,6 @@
-"""Decode attention alone: the Triton paged kernel against the naive gather + matmul path.
+"""Attention alone, without the model: decode (M3) and prefill (M4) per backend.
+
+Decode: the Triton paged kernel against the naive gather + matmul path.
 
 Decode attention reads every cached K/V byte of every sequence once per step
 and does almost no math per byte, so its natural unit is GB/s, compared with
@@ -15,7 +17,7 @@ from folovllm.attention.backends.abstract import AttentionMetadata
 from folovllm.attention.backends.naive import attend_padded, gather_paged_kv
 from folovllm.attention.ops.triton_paged_attn import choose_num_splits, paged_attention
 from folovllm.benchmarks.common import provenance
-from folovllm.benchmarks.hardware import measure_copy_bandwidth, median_time_s
+from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops, median_time_s
 from folovllm.config import resolve_device, resolve_dtype
 
 
@@ -115,3 +117,95 @@ def bench_attention_sweep(num_seqs: list[int], context_lens: list[int], num_head
             "workload": {"num_seqs": list(num_seqs), "context_lens": list(context_lens), "num_heads": num_heads,
                          "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size},
             "copy_GBps": copy_gbps, "results": rows}
+
+
+def prefill_metadata_paged(prompt_lens: list[int], block_size: int, device: torch.device,
+                           generator: torch.Generator) -> AttentionMetadata:
+    """Fresh prefills of ``prompt_lens`` tokens whose cache blocks sit at random places."""
+    blocks = [-(-n // block_size) for n in prompt_lens]
+    physical = torch.randperm(sum(blocks), generator=generator, device=device).to(torch.int32)
+    block_table = torch.zeros(len(prompt_lens), max(blocks), dtype=torch.int32, device=device)
+    slots, used = [], 0
+    for b, (n, nb) in enumerate(zip(prompt_lens, blocks)):
+        block_table[b, :nb] = physical[used:used + nb]
+        used += nb
+        pos = torch.arange(n, device=device)
+        slots.append(block_table[b, pos // block_size].long() * block_size + pos % block_size)
+    starts = torch.tensor([0, *itertools.accumulate(prompt_lens)], dtype=torch.int32, device=device)
+    lens = torch.tensor(prompt_lens, dtype=torch.int32, device=device)
+    return AttentionMetadata(query_start_loc=starts, seq_lens=lens, block_table=block_table,
+                             slot_mapping=torch.cat(slots), query_lens_cpu=list(prompt_lens),
+                             seq_lens_cpu=list(prompt_lens), block_size=block_size)
+
+
+def bench_prefill_attention(prompt_lens: list[int], num_prompts: int = 1, num_heads: int = 16,
+                            num_kv_heads: int = 8, head_dim: int = 128, block_size: int = 16,
+                            dtype: str | torch.dtype | None = "bfloat16", device: str | torch.device | None = None,
+                            backends: tuple[str, ...] = ("naive", "triton", "flash_attn")) -> dict[str, Any]:
+    """One layer's prefill attention (store K/V + attend) per backend: time, TFLOP/s, extra memory.
+
+    A step holds ``num_prompts`` fresh prompts of each length. FLOPs count the
+    causal half only (``4 * Hq * D * L(L+1)/2`` per prompt, QK^T and PV), so
+    ``fraction_of_matmul_peak`` compares with the measured dense-matmul ceiling.
+    ``peak_MiB`` is the memory a call allocates beyond its inputs (CUDA only):
+    the naive backend's ``L x L`` scores show up there. ``max_abs_diff`` is
+    against the first backend that ran. A backend that cannot run here is
+    listed with the reason; one that runs out of memory gets ``"oom"``.
+    """
+    from folovllm.attention.selector import flash_attention_unavailable
+    from folovllm.worker.model_runner import make_attention_backend
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    for name, value in (("num_prompts", num_prompts), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("block_size", block_size), *(("prompt_len", n) for n in prompt_lens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    skipped = {"flash_attn": flash_attention_unavailable(dev, dt),
+               "triton": None if dev.type == "cuda" else "the interpreter on CPU is not a timing"}
+    peak_tflops = measure_matmul_tflops(dev, dt)
+    warmup, iters = (3, 10) if dev.type == "cuda" else (1, 2)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for n in prompt_lens:
+        lens = [n] * num_prompts
+        md = prefill_metadata_paged(lens, block_size, dev, gen)
+        q = torch.randn(sum(lens), num_heads, head_dim, generator=gen, device=dev).to(dt)
+        k, v = (torch.randn(sum(lens), num_kv_heads, head_dim, generator=gen, device=dev).to(dt) for _ in "kv")
+        cache = torch.zeros(2, md.block_table.numel(), block_size, num_kv_heads, head_dim, dtype=dt, device=dev)
+        flops = 4 * num_heads * head_dim * num_prompts * n * (n + 1) // 2
+        row: dict[str, Any] = {"prompt_len": n, "num_prompts": num_prompts, "flops": flops}
+        first = None
+        for name in backends:
+            if skipped.get(name):
+                row[name] = {"skipped": skipped[name]}
+                continue
+            backend = make_attention_backend(name)
+
+            def step() -> torch.Tensor:
+                return backend.forward(q, k, v, cache, md, head_dim**-0.5)
+
+            try:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    base = torch.cuda.memory_allocated(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                out = step()
+                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else None
+                seconds = median_time_s(step, dev, warmup, iters)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row[name] = "oom"
+                continue
+            first = out if first is None else first
+            row[name] = {"time_us": seconds * 1e6, "TFLOPs": flops / seconds / 1e12,
+                         "fraction_of_matmul_peak": flops / seconds / 1e12 / peak_tflops, "peak_MiB": peak,
+                         "max_abs_diff": (out.float() - first.float()).abs().max().item()}
+            del out
+        rows.append(row)
+    return {"benchmark": "prefill_attention", **provenance(dev, "none (kernel only)", dt), "milestone": "M4",
+            "workload": {"prompt_lens": list(prompt_lens), "num_prompts": num_prompts, "num_heads": num_heads,
+                         "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size},
+            "matmul_TFLOPs": peak_tflops, "backends": list(backends), "results": rows}

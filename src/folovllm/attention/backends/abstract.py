@@ -58,6 +58,7 @@ class AttentionBackend(ABC):
     """Stores the step's new K/V into the cache, then attends over the context."""
 
     name: str = "abstract"
+    needs_kv_cache: bool = False  # True: cannot run the cacheless prefill of the memory profiling pass
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -14,6 +14,7 @@ from folovllm.attention.ops.triton_paged_attn import paged_attention, store_kv
 
 class TritonPagedAttentionBackend(AttentionBackend):
     name = "triton"
+    needs_kv_cache = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, metadata: AttentionMetadata,
