@@ -60,10 +60,18 @@ def test_split_is_built_once_per_step_and_reused_by_every_layer():
     backend = FlashAttentionBackend(kernel=reference_varlen)
     first = backend.forward(q, k, v, cache, md, 0.3)
     split = md.backend_cache["flash_split"]
-    assert split.fresh_tokens.tolist() == [1, 2, 3, 4, 5, 6] and split.cached_tokens.tolist() == [0]
+    assert split.fresh_tokens == slice(1, 7) and split.cached_tokens == slice(0, 1)  # views, no gather
     assert split.cached_md.query_lens_cpu == [1] and split.cached_md.seq_lens_cpu == [12]
     assert torch.equal(backend.forward(q, k, v, cache, md, 0.3), first)
     assert md.backend_cache["flash_split"] is split
+
+
+def test_interleaved_rows_are_gathered_by_index():
+    q, k, v, cache, md = make_batch([4, 1, 3, 1], [4, 9, 3, 12], 4, 2, 32, 8, seed=3)
+    out_f, out_n = run_flash_and_naive(q, k, v, cache, md)
+    torch.testing.assert_close(out_f, out_n, atol=ATOL[torch.float32], rtol=0)
+    split = md.backend_cache["flash_split"]
+    assert split.fresh_tokens.tolist() == [0, 1, 2, 3, 5, 6, 7] and split.cached_tokens.tolist() == [4, 8]
 
 
 def test_cacheless_prefill_is_one_fa2_call_and_cached_rows_need_a_cache():

@@ -36,10 +36,10 @@ class _Split:
     covers the whole batch, so the common all-prefill and all-decode steps copy nothing.
     """
 
-    fresh_tokens: torch.Tensor | None
+    fresh_tokens: slice | torch.Tensor | None
     fresh_cu: torch.Tensor | None
     fresh_max_len: int
-    cached_tokens: torch.Tensor | None
+    cached_tokens: slice | torch.Tensor | None
     cached_md: AttentionMetadata | None
 
 
@@ -52,7 +52,11 @@ def _split(md: AttentionMetadata, device: torch.device) -> _Split:
     for n in md.query_lens_cpu:
         starts.append(starts[-1] + n)
 
-    def tokens(rows: list[int]) -> torch.Tensor:
+    def tokens(rows: list[int]) -> slice | torch.Tensor:
+        """Token positions of ``rows``: a view-making slice when they are consecutive (the scheduler
+        puts running requests before new ones), else an index tensor."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(starts[rows[0]], starts[rows[-1] + 1])
         return torch.tensor([t for b in rows for t in range(starts[b], starts[b + 1])], device=device)
 
     def cu(rows: list[int]) -> torch.Tensor:
