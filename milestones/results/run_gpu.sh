@@ -45,6 +45,14 @@ PY
       --max-model-len 8448 --no-hf --out "$OUT/M4-latency-m3-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
       --subset 64 --milestone M4 M3 M4 --out "$OUT/M4-$gpu.json" > /dev/null ;;  # first run pays Triton JIT
+  kvbudget)
+    # KV blocks the GPU memory-profiling pass leaves at the default gpu_memory_utilization (one process each)
+    for m in M3 M4; do
+      python3 -c "
+from folovllm import LLM
+e = LLM('random:qwen3-0.6b', milestone='$m', max_model_len=8192).llm_engine
+print('$m', e.config.resolved_attention_backend(), e.kv_cache_manager.num_blocks, 'blocks')"
+    done ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in
