@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -14,13 +15,22 @@ import torch
 FlashVarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
+@cache
+def _varlen_gqa_flag() -> dict[str, bool]:
+    """``enable_gqa=True`` where ``varlen_attn`` asks for it (PyTorch 2.13); 2.11's FA2 is GQA-native without it.
+
+    Looked up once: the call below sits on the hot path, once per layer per step.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+
+
 def torch_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                        max_seqlen: int, scale: float) -> torch.Tensor:
-    """Causal varlen attention with PyTorch's FA2 kernels (GQA is native to FA2)."""
+    """Causal varlen attention with PyTorch's FA2 kernels."""
     from torch.nn.attention.varlen import varlen_attn
-    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                       window_size=(-1, 0), **gqa)
+                       window_size=(-1, 0), **_varlen_gqa_flag())
 
 
 def package_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
