@@ -21,6 +21,17 @@ from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_
 from folovllm.config import resolve_device, resolve_dtype
 
 
+def _check_shape(sizes: list[tuple[str, int]]) -> None:
+    """Every size a positive integer and the query heads a multiple of the KV heads (named in the error)."""
+    for name, value in sizes:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    heads = dict(sizes)
+    if heads["num_heads"] % heads["num_kv_heads"]:
+        raise ValueError(f"num_heads ({heads['num_heads']}) must be a multiple of "
+                         f"num_kv_heads ({heads['num_kv_heads']})")
+
+
 def decode_metadata(num_seqs: int, context_len: int, block_size: int,
                     device: torch.device, generator: torch.Generator) -> AttentionMetadata:
     """One decode token per sequence, each over ``context_len`` tokens in randomly placed blocks."""
@@ -50,12 +61,8 @@ def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_h
     fp32 copy of the cache does not fit in memory.
     """
     device = torch.device(device)
-    for name, value in (("num_seqs", num_seqs), ("context_len", context_len), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("block_size", block_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    _check_shape([("num_seqs", num_seqs), ("context_len", context_len), ("num_heads", num_heads),
+                  ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("block_size", block_size)])
     if warmup is None:
         warmup = 10 if device.type == "cuda" else 1
     if iters is None:
@@ -157,12 +164,8 @@ def bench_prefill_attention(prompt_lens: list[int], num_prompts: int = 1, num_he
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    for name, value in (("num_prompts", num_prompts), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim), ("block_size", block_size), *(("prompt_len", n) for n in prompt_lens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    _check_shape([("num_prompts", num_prompts), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                  ("head_dim", head_dim), ("block_size", block_size), *(("prompt_len", n) for n in prompt_lens)])
     skipped = {"flash_attn": flash_attention_unavailable(dev, dt),
                "triton": None if dev.type == "cuda" else "the interpreter on CPU is not a timing"}
     peak_tflops = measure_matmul_tflops(dev, dt)

@@ -20,12 +20,14 @@ need a CUDA GPU of compute capability 8.0 or newer and fp16/bf16 tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
 from folovllm.attention.ops.triton_paged_attn import paged_attention, store_kv
 from folovllm.attention.selector import FlashVarlenFn, flash_varlen_kernel
+
 
 @dataclass
 class _Split:
@@ -48,9 +50,7 @@ def _split(md: AttentionMetadata, device: torch.device) -> _Split:
         return md.backend_cache["flash_split"]
     fresh = [b for b, (q, s) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu)) if q == s]
     cached = [b for b, (q, s) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu)) if q != s]
-    starts = [0]
-    for n in md.query_lens_cpu:
-        starts.append(starts[-1] + n)
+    starts = list(accumulate(md.query_lens_cpu, initial=0))
 
     def tokens(rows: list[int]) -> slice | torch.Tensor:
         """Token positions of ``rows``: a view-making slice when they are consecutive (the scheduler
@@ -60,10 +60,8 @@ def _split(md: AttentionMetadata, device: torch.device) -> _Split:
         return torch.tensor([t for b in rows for t in range(starts[b], starts[b + 1])], device=device)
 
     def cu(rows: list[int]) -> torch.Tensor:
-        acc = [0]
-        for b in rows:
-            acc.append(acc[-1] + md.query_lens_cpu[b])
-        return torch.tensor(acc, dtype=torch.int32, device=device)
+        lens = (md.query_lens_cpu[b] for b in rows)
+        return torch.tensor(list(accumulate(lens, initial=0)), dtype=torch.int32, device=device)
 
     split = _Split(None, None, 0, None, None)
     if fresh:
