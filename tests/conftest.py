@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny random HF checkpoints (written once per session) and the embedded SmolLM2."""
+"""Shared fixtures: tiny random HF checkpoints (written once per session) and the embedded SmolLM2.
+
+Without a GPU, Triton kernels run under Triton's own interpreter: ``TRITON_INTERPRET=1`` must be set
+before anything imports Triton, so it is set here, first (``tests/test_interpreter.py`` covers the
+fallback for processes that imported Triton for compiling).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+import os
 
-import pytest
-import torch
+import torch  # importing torch does not import Triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen3Config)

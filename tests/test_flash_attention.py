@@ -16,11 +16,12 @@ import torch
 pytest.importorskip("triton")
 
 from folovllm import LLM, SamplingParams  # noqa: E402
-from folovllm.attention.backends.flash_attn import FlashAttentionBackend  # noqa: E402
+from folovllm.attention.backends.abstract import AttentionSpec  # noqa: E402
+from folovllm.attention.backends.flash_attn import FlashAttentionBackend, split_rows  # noqa: E402
 from folovllm.attention.backends.naive import NaiveAttentionBackend  # noqa: E402
 from folovllm.attention.layer import prefill_metadata  # noqa: E402
 from folovllm.attention.selector import (flash_attention_unavailable, flash_varlen_kernel,  # noqa: E402
-                                         package_flash_varlen, torch_flash_varlen)
+                                         package_flash_varlen, resolve_attention_backend, torch_flash_varlen)
 from folovllm.config import EngineConfig  # noqa: E402
 from test_triton_attention import ATOL, DEVICE, make_batch  # noqa: E402
 
@@ -58,19 +59,19 @@ def test_rows_split_between_fa2_and_the_paged_kernel_match_naive(q_lens, seq_len
 def test_split_is_built_once_per_step_and_reused_by_every_layer():
     q, k, v, cache, md = make_batch([1, 6], [12, 6], 4, 2, 32, 8)
     backend = FlashAttentionBackend(kernel=reference_varlen)
-    first = backend.forward(q, k, v, cache, md, 0.3)
-    split = md.backend_cache["flash_split"]
+    split = backend.build(md, AttentionSpec.of(q, k))
     assert split.fresh_tokens == slice(1, 7) and split.cached_tokens == slice(0, 1)  # views, no gather
-    assert split.cached_md.query_lens_cpu == [1] and split.cached_md.seq_lens_cpu == [12]
-    assert torch.equal(backend.forward(q, k, v, cache, md, 0.3), first)
-    assert md.backend_cache["flash_split"] is split
+    assert split.cached.common.query_lens_cpu == [1] and split.cached.common.seq_lens_cpu == [12]
+    first = backend.forward(q, k, v, cache.clone(), split, 0.3)
+    assert torch.equal(backend.forward(q, k, v, cache.clone(), split, 0.3), first)
+    assert torch.equal(backend.forward(q, k, v, cache.clone(), md, 0.3), first)  # plain metadata: built on the fly
 
 
 def test_interleaved_rows_are_gathered_by_index():
     q, k, v, cache, md = make_batch([4, 1, 3, 1], [4, 9, 3, 12], 4, 2, 32, 8, seed=3)
     out_f, out_n = run_flash_and_naive(q, k, v, cache, md)
     torch.testing.assert_close(out_f, out_n, atol=ATOL[torch.float32], rtol=0)
-    split = md.backend_cache["flash_split"]
+    split = split_rows(md, AttentionSpec.of(q, k))
     assert split.fresh_tokens.tolist() == [0, 1, 2, 3, 5, 6, 7] and split.cached_tokens.tolist() == [4, 8]
 
 
@@ -113,18 +114,18 @@ def test_without_a_gpu_flash_attn_is_refused_and_auto_stays_naive():
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="attention_backend='flash_attn' cannot run here: "
                                              "FlashAttention-2 needs a CUDA device, got cpu"):
-            EngineConfig.from_milestone("M4", attention_backend="flash_attn")
-    assert EngineConfig.from_milestone("M4", device="cpu").resolved_attention_backend() == "naive"
+            LLM("random:tiny-llama", milestone="M4", attention_backend="flash_attn")
+    assert resolve_attention_backend(EngineConfig.from_milestone("M4", device="cpu")) == "naive"
 
 
 @pytest.mark.parametrize("milestone, expected", [("M3", "triton"), ("M4", "flash_attn"), (None, "flash_attn")])
 def test_auto_picks_flash_attn_on_a_capable_gpu_from_m4_on(monkeypatch, milestone, expected):
     config = EngineConfig.from_milestone(milestone, device="cpu")
     config.model_config.device = torch.device("cuda")  # as if on a GPU; nothing runs
-    monkeypatch.setattr("folovllm.config.flash_attention_unavailable", lambda device, dtype: None)
-    assert config.resolved_attention_backend() == expected
-    monkeypatch.setattr("folovllm.config.flash_attention_unavailable", lambda device, dtype: "old GPU")
-    assert config.resolved_attention_backend() == "triton"
+    monkeypatch.setattr("folovllm.attention.selector.flash_attention_unavailable", lambda device, dtype: None)
+    assert resolve_attention_backend(config) == expected
+    monkeypatch.setattr("folovllm.attention.selector.flash_attention_unavailable", lambda device, dtype: "old GPU")
+    assert resolve_attention_backend(config) == "triton"
 
 
 def test_engine_with_the_flash_backend_generates_what_m3_generates(tiny_checkpoint):

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--output-len", default="100:1024")
     thr.add_argument("--seed", type=int, default=0)
     thr.add_argument("--subset", type=int, default=None, help="keep only the first N prompts of the workload")
+    thr.add_argument("--repeat", type=int, default=1, help="runs per config (median and spread reported)")
     thr.add_argument("--milestone", nargs="+", default=["M2"],
                      help="configs to compare, e.g. M2/sequential@32 M2/static M2 M3 (@N: first N prompts)")
     thr.add_argument("--out", default=None)
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_results(args.out, bench_throughput(
                 args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
                 parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
-                out=args.out, **_overrides(args)))
+                out=args.out, repeat=args.repeat, **_overrides(args)))
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
             write_results(args.out, bench_prefill_attention(

@@ -1,7 +1,9 @@
 """Engine configuration: four small dataclasses and the milestone presets.
 
 Every field is validated in ``__post_init__`` so a bad value fails with a
-``ValueError`` naming the field before any weights are touched.
+``ValueError`` naming the field before any weights are touched. Configs hold
+names only: which attention backend a name means here is decided in
+``attention/selector.py``.
 """
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-
-from folovllm.attention.selector import flash_attention_unavailable
 
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
 BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4")
@@ -84,14 +84,15 @@ class CacheConfig:
     "paged" hands out ``block_size``-token blocks on demand (M3+).
     ``kv_cache_memory`` (bytes) fixes the budget; otherwise CPU uses
     ``DEFAULT_CPU_KV_BYTES`` and GPU profiles the card and takes
-    ``gpu_memory_utilization`` of it.
+    ``gpu_memory_utilization`` of it. ``enable_cow`` (copy-on-write sharing of
+    an ``n > 1`` request's prompt blocks) defaults to on wherever the layout is paged.
     """
 
     kv_layout: str = "paged"
     block_size: int = 16
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
-    enable_cow: bool = True
+    enable_cow: bool | None = None
 
     DEFAULT_CPU_KV_BYTES = 512 * 1024**2
 
@@ -103,6 +104,10 @@ class CacheConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.enable_cow is None:
+            self.enable_cow = self.kv_layout == "paged"
+        elif self.enable_cow and self.kv_layout != "paged":
+            raise ValueError(f"enable_cow=True needs kv_layout='paged', got {self.kv_layout!r}")
 
 
 @dataclass
@@ -133,13 +138,21 @@ class SchedulerConfig:
 
 @dataclass
 class EngineConfig:
-    """Everything the engine needs; ``milestone`` records which preset built it."""
+    """Everything the engine needs; ``milestone`` records which preset built it.
+
+    ``collect_step_stats`` keeps a ``StepStats`` record per step (the last
+    ``STEP_STATS_LIMIT``), for chapters and benchmarks; ``kv_usage_interval`` > 0
+    also snapshots KV usage every that many steps. Both cost host time per step,
+    so a long-running engine leaves them off.
+    """
 
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"
     milestone: str | None = None
+    collect_step_stats: bool = False
+    kv_usage_interval: int = 0
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -147,29 +160,20 @@ class EngineConfig:
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.milestone is not None and self.milestone not in MILESTONES:
             raise ValueError(f"milestone must be one of {MILESTONES} or None, got {self.milestone!r}")
-        if self.cache_config.enable_cow and self.cache_config.kv_layout != "paged":
-            self.cache_config.enable_cow = False
-        if self.attention_backend == "flash_attn":
-            why = flash_attention_unavailable(self.device, self.model_config.dtype)
-            if why is not None:
-                raise ValueError(f"attention_backend='flash_attn' cannot run here: {why}")
+        if not isinstance(self.collect_step_stats, bool):
+            raise ValueError(f"collect_step_stats must be a bool, got {self.collect_step_stats!r}")
+        if not isinstance(self.kv_usage_interval, int) or isinstance(self.kv_usage_interval, bool) \
+                or self.kv_usage_interval < 0:
+            raise ValueError(f"kv_usage_interval must be a non-negative integer, got {self.kv_usage_interval!r}")
 
     @property
     def device(self) -> torch.device:
         return self.model_config.device  # type: ignore[return-value]
 
-    def resolved_attention_backend(self) -> str:
-        """"auto" on CUDA with a paged cache: FlashAttention-2 from M4 on where it runs, else the
-        Triton paged kernel; everything else: naive."""
-        if self.attention_backend != "auto":
-            return self.attention_backend
-        if self.device.type != "cuda" or self.cache_config.kv_layout != "paged":
-            return "naive"
-        as_of = MILESTONES.index(self.milestone or BUILT_MILESTONES[-1])
-        if as_of >= MILESTONES.index("M4") and flash_attention_unavailable(
-                self.device, self.model_config.dtype) is None:
-            return "flash_attn"
-        return "triton"
+    def includes(self, milestone: str) -> bool:
+        """Whether this engine has the features of chapter ``milestone`` (None = every built one)."""
+        as_of = self.milestone or BUILT_MILESTONES[-1]
+        return MILESTONES.index(as_of) >= MILESTONES.index(milestone)
 
     @classmethod
     def from_milestone(cls, milestone: str | None = None, model: str = "smollm2-135m",
@@ -209,7 +213,7 @@ _OWNERS = {
     "model": {f.name for f in fields(ModelConfig)},
     "cache": {f.name for f in fields(CacheConfig)},
     "scheduler": {f.name for f in fields(SchedulerConfig)},
-    "engine": {"attention_backend", "milestone"},
+    "engine": {f.name for f in fields(EngineConfig) if not f.name.endswith("_config")},
 }
 
 
@@ -226,8 +230,6 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M0": {"kv_layout": "none", "batching": "sequential", "attention_backend": "naive"},
     "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive"},
     "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive"},
-    "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
-           "enable_cow": True},
-    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
-           "enable_cow": True},
+    "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
+    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
 }

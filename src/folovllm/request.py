@@ -77,6 +77,10 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    _all_token_ids: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._all_token_ids = self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,7 +96,12 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt then output tokens: one list kept up to date, never rebuilt (read every step)."""
+        return self._all_token_ids
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
 
     @property
     def is_finished(self) -> bool:

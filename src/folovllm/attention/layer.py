@@ -1,19 +1,23 @@
-"""The ``Attention`` module the model calls; the runner binds its cache and backend."""
+"""The ``Attention`` module the model calls; the runner binds its backend and cache."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
 from folovllm.attention.backends.naive import NaiveAttentionBackend
+from folovllm.utils import prefix_sums
 
 
 class Attention(nn.Module):
     """Multi-head attention over the flattened batch; knows nothing about requests.
 
-    ``kv_cache`` (``[2, num_blocks, block_size, Hkv, D]``) and ``backend`` are set by
-    the model runner (``bind_kv_cache``); until then it runs the naive backend
-    without a cache, which is what the M0 logits tests use.
+    ``backend`` and ``kv_cache`` (``[2, num_blocks, block_size, Hkv, D]``) are set
+    by ``bind_attention``; until then it runs the naive backend without a cache,
+    which is what the M0 logits tests use. ``attn_metadata`` is whatever the
+    backend built for this step (or a plain ``AttentionMetadata``).
     """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
@@ -22,8 +26,7 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = NaiveAttentionBackend()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
         num_tokens = q.shape[0]
         out = self.backend.forward(q.view(num_tokens, self.num_heads, self.head_dim),
                                    k.view(num_tokens, self.num_kv_heads, self.head_dim),
@@ -32,13 +35,21 @@ class Attention(nn.Module):
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
+def bind_attention(layers: list[Attention], backend: AttentionBackend,
+                   kv_caches: list[torch.Tensor] | None = None) -> None:
+    """Give every layer the step's backend and, once allocated, its own slice of KV memory."""
+    if kv_caches is not None and len(kv_caches) != len(layers):
+        raise ValueError(f"{len(kv_caches)} KV caches for {len(layers)} attention layers")
+    for i, layer in enumerate(layers):
+        layer.backend = backend
+        if kv_caches is not None:
+            layer.kv_cache = kv_caches[i]
+
+
 def prefill_metadata(seq_lens: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
-    """Metadata for full prefills without a KV cache (tests, M0, recompute-only generation)."""
-    starts = [0]
-    for n in seq_lens:
-        starts.append(starts[-1] + n)
+    """Metadata for full prefills without a KV cache (tests, M0, the memory-profiling pass)."""
     return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(prefix_sums(seq_lens), dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_table=None, slot_mapping=None,
         query_lens_cpu=list(seq_lens), seq_lens_cpu=list(seq_lens))

@@ -1,6 +1,9 @@
-"""Which attention kernels this process can run: the checks behind ``attention_backend="auto"``.
+"""The one place that decides which attention backend a config runs, and whether it can run here.
 
-Kept free of Triton and CUDA work so configs can ask before anything is loaded.
+Configs hold backend names only; the engine asks ``resolve_attention_backend``
+before any weights load (so an impossible choice fails first) and the runner
+builds the backend with ``get_attn_backend``. Kept free of Triton and CUDA work
+until a backend is actually built.
 """
 from __future__ import annotations
 
@@ -8,8 +11,14 @@ import importlib.util
 import inspect
 from collections.abc import Callable
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
+
+from folovllm.config import EngineConfig
+
+if TYPE_CHECKING:
+    from folovllm.attention.backends.abstract import AttentionBackend
 
 # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], cu_seqlens [B + 1] int32, max_seqlen, scale) -> [T, Hq, D]
 FlashVarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -61,3 +70,34 @@ def flash_attention_unavailable(device: torch.device, dtype: torch.dtype) -> str
     if flash_varlen_kernel() is None:
         return "neither flash_attn nor torch.nn.attention.varlen is importable"
     return None
+
+
+def resolve_attention_backend(config: EngineConfig) -> str:
+    """The backend name ``config`` runs: its own, or for "auto" FA2 from M4 on where it runs, the Triton
+    paged kernel on CUDA with a paged cache, naive everywhere else. Raises if an explicit choice cannot run."""
+    requested, device, dtype = config.attention_backend, config.device, config.model_config.dtype
+    if requested == "flash_attn":
+        why = flash_attention_unavailable(device, dtype)
+        if why is not None:
+            raise ValueError(f"attention_backend='flash_attn' cannot run here: {why}")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda" or config.cache_config.kv_layout != "paged":
+        return "naive"
+    if config.includes("M4") and flash_attention_unavailable(device, dtype) is None:
+        return "flash_attn"
+    return "triton"
+
+
+def get_attn_backend(name: str) -> AttentionBackend:
+    """A fresh backend object of ``name`` (as ``resolve_attention_backend`` returns it)."""
+    if name == "naive":
+        from folovllm.attention.backends.naive import NaiveAttentionBackend
+        return NaiveAttentionBackend()
+    if name == "triton":
+        from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend
+        return TritonPagedAttentionBackend()
+    if name == "flash_attn":
+        from folovllm.attention.backends.flash_attn import FlashAttentionBackend
+        return FlashAttentionBackend()
+    raise ValueError(f"attention_backend must be 'naive', 'triton' or 'flash_attn', got {name!r}")

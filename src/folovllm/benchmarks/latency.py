@@ -37,39 +37,27 @@ def _ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, floa
 
 
 def _hf_model(llm: LLM):
-    """HF transformers' model at the same shapes, dtype and device (our weights when from a folder)."""
+    """HF transformers' model at the same shapes, dtype and device, holding our weights."""
     from transformers import AutoModelForCausalLM
     engine = llm.llm_engine
     cfg = engine.config.model_config
     with torch.device(cfg.device):
         model = AutoModelForCausalLM.from_config(engine.hf_config, dtype=cfg.dtype)
-    ours = engine.model_runner.model.state_dict()
-    hf_state = {}
-    for name, tensor in model.state_dict().items():
-        hf_state[name] = _our_tensor_for(name, ours, engine.hf_config)
-    if all(t is not None for t in hf_state.values()):
-        model.load_state_dict(hf_state)
+    model.load_state_dict(hf_state_dict(engine.model_runner.model), strict=False)
     return model.eval()
 
 
-def _our_tensor_for(name: str, ours: dict[str, torch.Tensor], hf_config) -> torch.Tensor | None:
-    """Split our merged qkv / gate_up parameters back into HF's separate ones."""
-    if name in ours:
-        return ours[name]
-    q_heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // q_heads
-    sizes = [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    for part, idx in (("q_proj", 0), ("k_proj", 1), ("v_proj", 2)):
-        merged = name.replace(f"self_attn.{part}", "self_attn.qkv_proj")
-        if part in name and merged in ours:
-            return torch.split(ours[merged], sizes, dim=0)[idx]
-    for part, idx in (("gate_proj", 0), ("up_proj", 1)):
-        merged = name.replace(f"mlp.{part}", "mlp.gate_up_proj")
-        if part in name and merged in ours:
-            return torch.chunk(ours[merged], 2, dim=0)[idx]
-    if name == "lm_head.weight" and "model.embed_tokens.weight" in ours:
-        return ours["model.embed_tokens.weight"]
-    return None
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our weights under HF's names: merged qkv / gate_up split back through the model's own layout."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    state = {}
+    for hf_name, (name, shard) in model.checkpoint_layout().items():
+        tensor = params[name]
+        state[hf_name] = tensor if shard is None else tensor[modules[name.rpartition(".")[0]].shard_rows(shard)]
+    if getattr(model, "tie_word_embeddings", False):
+        state["lm_head.weight"] = params["model.embed_tokens.weight"]
+    return state
 
 
 @torch.inference_mode()

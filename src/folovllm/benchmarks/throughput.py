@@ -8,6 +8,7 @@ and how much of each step was host (Python) time.
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import time
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 
 from folovllm.benchmarks.common import provenance, random_workload, save_json
-from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
+from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES, resolve_device, resolve_dtype
+from folovllm.engine.llm_engine import EngineStats
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
@@ -61,66 +63,83 @@ def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_
             "floor_decode_s": decode_s, "floor_prefill_s": prefill_s, "floor_s": decode_s + prefill_s}
 
 
-def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[int], device: str | None,
-               dtype: str | None, overrides: dict[str, Any]) -> tuple[LLM, dict[str, Any]]:
-    milestone, extra, limit = parse_config(spec)
-    prompts, outputs = prompts[:limit], outputs[:limit]
-    llm = LLM(model, milestone=milestone, device=device, dtype=dtype, **extra, **overrides)
-    engine = llm.llm_engine
-    engine.kv_usage_every = 16
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
-    prompts = [[t % engine.vocab_size for t in p] for p in prompts]  # tiny test vocabularies
-    llm.generate([{"prompt_token_ids": [1] * 4}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    engine.step_stats.clear()
-    if engine.config.device.type == "cuda":
+def _timed_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
+    """Wall time of one ``generate`` over the whole workload (device work included) and its output tokens."""
+    cuda = llm.llm_engine.config.device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    if engine.config.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    out_tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    return time.perf_counter() - start, sum(len(r.outputs[0].token_ids) for r in results)
+
+
+def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[int], device: str | None,
+               dtype: str | None, overrides: dict[str, Any], repeat: int = 1) -> tuple[LLM, dict[str, Any]]:
+    """Build the engine of ``spec``, warm it up, then run the workload ``repeat`` times on it.
+
+    The row reports the median run and the spread of all runs; per-step figures
+    (batch size, host and forward time) come from the engine's running totals over those runs.
+    """
+    milestone, extra, limit = parse_config(spec)
+    prompts, outputs = prompts[:limit], outputs[:limit]
+    llm = LLM(model, milestone=milestone, device=device, dtype=dtype, kv_usage_interval=16, **extra, **overrides)
+    engine = llm.llm_engine
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    prompts = [[t % engine.vocab_size for t in p] for p in prompts]  # tiny test vocabularies
+    llm.generate([{"prompt_token_ids": [1] * 4}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    engine.stats = EngineStats()
+    preemptions_before = engine.scheduler.num_preemptions
+    runs = [_timed_generate(llm, prompts, params) for _ in range(repeat)]
+    elapsed = statistics.median(t for t, _ in runs)
+    out_tokens = runs[0][1]
     in_tokens = sum(len(p) for p in prompts)
-    stats = engine.step_stats
-    usage = [s.kv_usage for s in stats if s.kv_usage is not None and s.kv_usage.reserved_slots]
+    st = engine.stats
+    rates = sorted(n / t for t, n in runs)
     return llm, {
-        "config": spec, "milestone": milestone, "num_prompts": len(prompts), "batching": engine.config.scheduler_config.batching,
-        "kv_layout": engine.config.cache_config.kv_layout,
-        "attention_backend": engine.config.resolved_attention_backend(),
+        "config": spec, "milestone": milestone, "num_prompts": len(prompts),
+        "batching": engine.config.scheduler_config.batching, "kv_layout": engine.config.cache_config.kv_layout,
+        "attention_backend": engine.model_runner.backend_name,
         "num_kv_blocks": engine.kv_cache_manager.num_blocks, "block_size": engine.config.cache_config.block_size,
-        "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed, "output_tokens": out_tokens,
-        "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (out_tokens + in_tokens) / elapsed,
-        "num_steps": len(stats), "max_concurrent_seqs": max(len(s.scheduled) for s in stats),
-        "mean_batch_size": sum(len(s.scheduled) for s in stats) / len(stats),
-        "num_preemptions": engine.scheduler.num_preemptions,
-        "host_ms_per_step": 1e3 * sum(s.host_time for s in stats) / len(stats),
-        "forward_ms_per_step": 1e3 * sum(s.forward_time for s in stats) / len(stats),
-        "kv_utilization_mean": sum(u.utilization for u in usage) / len(usage) if usage else None,
+        "repeats": repeat, "elapsed_s": elapsed, "elapsed_s_runs": [t for t, _ in runs],
+        "requests_per_s": len(prompts) / elapsed, "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed, "output_tokens_per_s_min": rates[0],
+        "output_tokens_per_s_max": rates[-1], "total_tokens_per_s": (out_tokens + in_tokens) / elapsed,
+        "num_steps": st.num_steps // repeat, "max_concurrent_seqs": st.max_scheduled_seqs,
+        "mean_batch_size": st.num_scheduled_seqs / st.num_steps,
+        "num_preemptions": (engine.scheduler.num_preemptions - preemptions_before) // repeat,
+        "host_ms_per_step": 1e3 * st.host_time / st.num_steps,
+        "forward_ms_per_step": 1e3 * st.forward_time / st.num_steps,
+        "kv_utilization_mean": st.kv_utilization_mean,
     }
 
 
 def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
                      input_len: tuple[int, int] = (100, 1024), output_len: tuple[int, int] = (100, 1024),
                      seed: int = 0, subset: int | None = None, device: str | None = None,
-                     dtype: str | None = None, out: str | None = None, **overrides: Any) -> dict[str, Any]:
+                     dtype: str | None = None, out: str | None = None, repeat: int = 1,
+                     **overrides: Any) -> dict[str, Any]:
     """Run the workload under each configuration; ``subset`` keeps only the first N prompts.
 
     A configuration ``SPEC@N`` runs only the first N prompts (sequential runs of the
     full workload would take hours); its floor is computed for those prompts.
+    ``repeat`` runs each configuration that many times (median and spread reported).
     With ``out``, the JSON is rewritten after every configuration, so a run cut
     short still keeps what it measured.
     """
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
     prompts, outputs = random_workload(num_prompts, input_len, output_len, seed)
     if subset is not None:
         prompts, outputs = prompts[:subset], outputs[:subset]
-    results, hardware = [], None
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    meta = provenance(dev, model, dt)
+    hardware = {"copy_GBps": measure_copy_bandwidth(dev), "matmul_TFLOPs": measure_matmul_tflops(dev, dt)}
+    results: list[dict[str, Any]] = []
     for spec in configs:
-        llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides)
-        dev = llm.llm_engine.config.device
-        if hardware is None:
-            hardware = {"copy_GBps": measure_copy_bandwidth(dev),
-                        "matmul_TFLOPs": measure_matmul_tflops(dev, llm.llm_engine.config.model_config.dtype)}
-            meta = provenance(dev, model, llm.llm_engine.config.model_config.dtype)
+        llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides, repeat)
         n = row["num_prompts"]
         row["floor"] = workload_floor(llm, prompts[:n], outputs[:n], hardware["copy_GBps"], hardware["matmul_TFLOPs"])
         row["fraction_of_floor"] = row["floor"]["floor_s"] / row["elapsed_s"]

@@ -85,10 +85,14 @@ class BlockPool:
         return blocks
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:
-        """One more owner for each block (a forked sequence now shares it)."""
+        """One more owner for each block (a forked sequence now shares it).
+
+        A block nobody owns is still in the free queue; taking it back out is
+        exactly a prefix-cache hit on a freed block (M6), so it leaves the queue.
+        """
         for block in blocks:
-            if block.ref_cnt < 1:
-                raise ValueError(f"cannot share free block {block.block_id}")
+            if block.ref_cnt == 0:
+                self.free_block_queue.remove(block)
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: list[KVCacheBlock]) -> None:

@@ -17,10 +17,7 @@ from dataclasses import dataclass
 
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from folovllm.utils import cdiv
 
 
 @dataclass

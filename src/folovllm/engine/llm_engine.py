@@ -8,21 +8,54 @@ any compute, so a bad request never disturbs the ones already running.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from folovllm.attention.selector import resolve_attention_backend
 from folovllm.config import EngineConfig
 from folovllm.core.kv_cache_manager import (BaseKVCacheManager, ContiguousKVCacheManager,
                                             KVCacheManager, KVCacheUsage, NoKVCacheManager)
+from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.engine.detokenizer import IncrementalDetokenizer
 from folovllm.model_executor.model_loader import load_model
-from folovllm.outputs import CompletionOutput, RequestMetricsSummary, RequestOutput
+from folovllm.outputs import CompletionOutput, ModelRunnerOutput, RequestMetricsSummary, RequestOutput
 from folovllm.request import Request, RequestStatus
 from folovllm.sampling_params import SamplingParams
 from folovllm.worker.model_runner import ModelRunner
 
 PromptType = str | dict[str, Any]
+
+
+STEP_STATS_LIMIT = 65536  # records kept by ``collect_step_stats``: a ring buffer, never a leak
+
+
+@dataclass
+class EngineStats:
+    """Running totals over every step: a fixed few numbers however long the engine runs."""
+
+    num_steps: int = 0
+    num_tokens: int = 0
+    num_scheduled_seqs: int = 0
+    max_scheduled_seqs: int = 0
+    host_time: float = 0.0
+    forward_time: float = 0.0
+    kv_utilization_sum: float = 0.0
+    kv_usage_samples: int = 0
+
+    @property
+    def kv_utilization_mean(self) -> float | None:
+        """Mean of the sampled KV utilizations (``kv_usage_interval``); None when none was sampled."""
+        return self.kv_utilization_sum / self.kv_usage_samples if self.kv_usage_samples else None
+
+    def add(self, num_seqs: int, num_tokens: int, host_time: float, forward_time: float) -> None:
+        self.num_steps += 1
+        self.num_tokens += num_tokens
+        self.num_scheduled_seqs += num_seqs
+        self.max_scheduled_seqs = max(self.max_scheduled_seqs, num_seqs)
+        self.host_time += host_time
+        self.forward_time += forward_time
 
 
 @dataclass
@@ -63,6 +96,7 @@ class _ParentRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        resolve_attention_backend(config)  # an impossible backend fails before any weights load
         loaded = load_model(config.model_config)
         self.model_name = loaded.name
         self.hf_config = loaded.hf_config
@@ -82,8 +116,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv_cache_manager, self.max_model_len,
                                    recompute_each_step=config.cache_config.kv_layout == "none")
         self.parents: dict[str, _ParentRequest] = {}
-        self.step_stats: list[StepStats] = []
-        self.kv_usage_every = 1
+        self.stats = EngineStats()
+        self.step_stats: deque[StepStats] = deque(maxlen=STEP_STATS_LIMIT if config.collect_step_stats else 0)
         self._step = 0
 
     def _make_kv_cache_manager(self) -> BaseKVCacheManager:
@@ -180,16 +214,34 @@ class LLMEngine:
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         outputs = self._make_outputs(updated)
         t3 = time.perf_counter()
-        usage = (self.kv_cache_manager.usage()
-                 if self.kv_usage_every and self._step % self.kv_usage_every == 0 else None)
+        forward_time = t2 - t1 - runner_out.prepare_time
+        host_time = (t1 - t0) + runner_out.prepare_time + (t3 - t2)
+        self.stats.add(len(sched_out.scheduled), sched_out.num_scheduled_tokens, host_time, forward_time)
+        usage = self._sample_kv_usage()
+        if self.config.collect_step_stats:
+            self._record_step(sched_out, runner_out, t1 - t0, forward_time, t3 - t2, usage)
+        self._step += 1
+        return outputs
+
+    def _sample_kv_usage(self) -> KVCacheUsage | None:
+        """A KV usage snapshot every ``kv_usage_interval`` steps (it walks every block: not free)."""
+        every = self.config.kv_usage_interval
+        if not every or self._step % every:
+            return None
+        usage = self.kv_cache_manager.usage()
+        if usage.reserved_slots:
+            self.stats.kv_utilization_sum += usage.utilization
+            self.stats.kv_usage_samples += 1
+        return usage
+
+    def _record_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput, schedule_time: float,
+                     forward_time: float, update_time: float, usage: KVCacheUsage | None) -> None:
         self.step_stats.append(StepStats(
             step=self._step, scheduled=[(s.req_id, s.num_tokens, s.is_prefill) for s in sched_out.scheduled],
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            preempted=sched_out.preempted_req_ids, schedule_time=t1 - t0,
-            prepare_time=runner_out.prepare_time, forward_time=t2 - t1 - runner_out.prepare_time,
-            update_time=t3 - t2, kv_usage=usage))
-        self._step += 1
-        return outputs
+            preempted=sched_out.preempted_req_ids, schedule_time=schedule_time,
+            prepare_time=runner_out.prepare_time, forward_time=forward_time,
+            update_time=update_time, kv_usage=usage))
 
     def _make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
         touched: dict[str, _ParentRequest] = {}

@@ -11,27 +11,16 @@ import time
 
 import torch
 
-from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
-from folovllm.attention.backends.naive import NaiveAttentionBackend
-from folovllm.attention.layer import prefill_metadata
+from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
+from folovllm.attention.layer import bind_attention, prefill_metadata
+from folovllm.attention.selector import get_attn_backend, resolve_attention_backend
 from folovllm.config import CacheConfig, EngineConfig
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.model_executor.model_loader import LoadedModel
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.sample.metadata import SamplingMetadata
 from folovllm.sample.sampler import Sampler
-
-
-def make_attention_backend(name: str) -> AttentionBackend:
-    if name == "naive":
-        return NaiveAttentionBackend()
-    if name == "triton":
-        from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend
-        return TritonPagedAttentionBackend()
-    if name == "flash_attn":
-        from folovllm.attention.backends.flash_attn import FlashAttentionBackend
-        return FlashAttentionBackend()
-    raise ValueError(f"attention_backend must be 'naive', 'triton' or 'flash_attn', got {name!r}")
+from folovllm.utils import prefix_sums
 
 
 class ModelRunner:
@@ -43,10 +32,12 @@ class ModelRunner:
         self.device = config.device
         self.dtype = config.model_config.dtype
         self.block_size = config.cache_config.block_size
-        self.backend = make_attention_backend(config.resolved_attention_backend())
+        self.backend_name = resolve_attention_backend(config)
+        self.backend = get_attn_backend(self.backend_name)
+        layer = self.model.attention_layers()[0]
+        self.attn_spec = AttentionSpec(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.dtype)
         if not self.backend.needs_kv_cache:  # so the memory profiling pass measures this backend's peak
-            for layer in self.model.attention_layers():
-                layer.backend = self.backend
+            bind_attention(self.model.attention_layers(), self.backend)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
@@ -93,7 +84,8 @@ class ModelRunner:
         total = sum(seq_lens)
         ids = torch.zeros(total, dtype=torch.long, device=self.device)
         pos = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
-        hidden = self.model(ids, pos, prefill_metadata(seq_lens, self.device))
+        common = prefill_metadata(seq_lens, self.device)
+        hidden = self.model(ids, pos, self.model.attention_layers()[0].backend.build(common, self.attn_spec))
         self.model.compute_logits(hidden[-len(seq_lens):])
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
@@ -101,9 +93,7 @@ class ModelRunner:
         num_layers, num_kv_heads, head_dim = self.kv_shape
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, num_kv_heads, head_dim,
                                       dtype=self.dtype, device=self.device) for _ in range(num_layers)]
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
-            layer.backend = self.backend
+        bind_attention(self.model.attention_layers(), self.backend, self.kv_caches)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, K and V) before they are written."""
@@ -114,14 +104,13 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the step into ``input_ids[T]``, ``positions[T]`` and attention metadata."""
+        """Flatten the step into ``input_ids[T]``, ``positions[T]`` and the step's common attention metadata."""
         reqs = sched.scheduled
         query_lens = [r.num_tokens for r in reqs]
         seq_lens = [r.start_pos + r.num_tokens for r in reqs]
         input_ids = torch.tensor([t for r in reqs for t in r.token_ids], dtype=torch.long)
         positions = torch.cat([torch.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
-        query_start_loc = torch.zeros(len(reqs) + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
+        query_start_loc = torch.tensor(prefix_sums(query_lens), dtype=torch.int32)
         block_table = slot_mapping = None
         if self.kv_caches:
             width = max(len(r.block_ids) for r in reqs)
@@ -162,11 +151,12 @@ class ModelRunner:
         t0 = time.perf_counter()
         if sched.block_copies:
             self.copy_blocks(sched.block_copies)
-        input_ids, positions, md = self.prepare_inputs(sched)
+        input_ids, positions, common = self.prepare_inputs(sched)
         rows = [b for b, r in enumerate(sched.scheduled) if r.sample]
-        last_token = md.query_start_loc[1:] - 1
+        last_token = common.query_start_loc[1:] - 1
+        attn_metadata = self.backend.build(common, self.attn_spec)
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, md)
+        hidden = self.model(input_ids, positions, attn_metadata)
         tokens: list[int | None] = [None] * len(sched.scheduled)
         logprobs: list[dict[int, float] | None] = [None] * len(sched.scheduled)
         if rows:

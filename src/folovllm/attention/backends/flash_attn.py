@@ -20,37 +20,39 @@ need a CUDA GPU of compute capability 8.0 or newer and fp16/bf16 tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
-from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata
-from folovllm.attention.ops.triton_paged_attn import paged_attention, store_kv
+from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata, AttentionSpec
+from folovllm.attention.backends.triton_paged import TritonAttentionMetadata, build_paged_metadata, paged_attend
+from folovllm.attention.ops.paged_attn import launch_store_kv
 from folovllm.attention.selector import FlashVarlenFn, flash_varlen_kernel
+from folovllm.utils import prefix_sums
 
 
 @dataclass
-class _Split:
+class FlashAttentionMetadata:
     """One step's rows by kernel; built once per step and shared by every layer.
 
-    ``fresh_*`` describe the FA2 part (its own ``cu_seqlens``), ``cached_*`` the
-    paged part (its own metadata). A ``*_tokens`` index is None when that part
+    ``fresh_*`` describe the FA2 part (its own ``cu_seqlens``), ``cached`` the
+    paged part (its own plan). A ``*_tokens`` index is None when that part
     covers the whole batch, so the common all-prefill and all-decode steps copy nothing.
     """
 
+    slot_mapping: torch.Tensor | None
     fresh_tokens: slice | torch.Tensor | None
     fresh_cu: torch.Tensor | None
     fresh_max_len: int
     cached_tokens: slice | torch.Tensor | None
-    cached_md: AttentionMetadata | None
+    cached: TritonAttentionMetadata | None
 
 
-def _split(md: AttentionMetadata, device: torch.device) -> _Split:
-    if "flash_split" in md.backend_cache:
-        return md.backend_cache["flash_split"]
+def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMetadata:
+    """Fresh prefills (``query_len == seq_len``) to FA2, every row with a cached context to the paged kernel."""
+    device = md.seq_lens.device
     fresh = [b for b, (q, s) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu)) if q == s]
     cached = [b for b, (q, s) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu)) if q != s]
-    starts = list(accumulate(md.query_lens_cpu, initial=0))
+    starts = prefix_sums(md.query_lens_cpu)
 
     def tokens(rows: list[int]) -> slice | torch.Tensor:
         """Token positions of ``rows``: a view-making slice when they are consecutive (the scheduler
@@ -60,10 +62,9 @@ def _split(md: AttentionMetadata, device: torch.device) -> _Split:
         return torch.tensor([t for b in rows for t in range(starts[b], starts[b + 1])], device=device)
 
     def cu(rows: list[int]) -> torch.Tensor:
-        lens = (md.query_lens_cpu[b] for b in rows)
-        return torch.tensor(list(accumulate(lens, initial=0)), dtype=torch.int32, device=device)
+        return torch.tensor(prefix_sums(md.query_lens_cpu[b] for b in rows), dtype=torch.int32, device=device)
 
-    split = _Split(None, None, 0, None, None)
+    split = FlashAttentionMetadata(md.slot_mapping, None, None, 0, None, None)
     if fresh:
         split.fresh_max_len = max(md.query_lens_cpu[b] for b in fresh)
         split.fresh_cu = md.query_start_loc if not cached else cu(fresh)
@@ -71,20 +72,19 @@ def _split(md: AttentionMetadata, device: torch.device) -> _Split:
     if cached:
         if md.block_table is None:
             raise ValueError("rows with a cached context need metadata.block_table")
-        if not fresh:
-            split.cached_md = md
-        else:
+        part = md
+        if fresh:
             rows = torch.tensor(cached, device=device)
             split.cached_tokens = tokens(cached)
-            split.cached_md = AttentionMetadata(
+            part = AttentionMetadata(
                 query_start_loc=cu(cached), seq_lens=md.seq_lens[rows], block_table=md.block_table[rows],
                 slot_mapping=None, query_lens_cpu=[md.query_lens_cpu[b] for b in cached],
                 seq_lens_cpu=[md.seq_lens_cpu[b] for b in cached], block_size=md.block_size)
-    md.backend_cache["flash_split"] = split
+        split.cached = build_paged_metadata(part, spec)
     return split
 
 
-class FlashAttentionBackend(AttentionBackend):
+class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
     """FA2 (varlen) for fresh prefills + Triton PagedAttention for rows with a cached context.
 
     ``kernel`` replaces the FA2 call (tests pass a PyTorch reference); by default
@@ -92,6 +92,7 @@ class FlashAttentionBackend(AttentionBackend):
     """
 
     name = "flash_attn"
+    supports_cuda_graphs = True  # a captured step is all decode: the paged kernel alone
 
     def __init__(self, kernel: FlashVarlenFn | None = None) -> None:
         if kernel is None:
@@ -104,22 +105,28 @@ class FlashAttentionBackend(AttentionBackend):
             self.kernel_name = getattr(kernel, "__name__", "custom")
         self.kernel = kernel
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor | None, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+    def build(self, common: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMetadata:
+        return split_rows(common, spec)
+
+    def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec,
+                          max_seq_len: int) -> FlashAttentionMetadata:
+        return FlashAttentionMetadata(common.slot_mapping, None, None, 0, None,
+                                      build_paged_metadata(common, spec, max_seq_len))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+               metadata: FlashAttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache is not None:
             if metadata.slot_mapping is None:
                 raise ValueError("metadata.slot_mapping is required to store K/V in the cache")
-            store_kv(k, v, kv_cache, metadata.slot_mapping)
-        split = _split(metadata, q.device)
-        if split.cached_md is not None and kv_cache is None:
+            launch_store_kv(k, v, kv_cache, metadata.slot_mapping)
+        if metadata.cached is not None and kv_cache is None:
             raise ValueError("rows with a cached context need a kv_cache")
-        if split.cached_md is None:
-            return self.kernel(q, k, v, split.fresh_cu, split.fresh_max_len, scale)
-        if split.fresh_cu is None:
-            return paged_attention(q, kv_cache, split.cached_md, scale)
+        if metadata.cached is None:
+            return self.kernel(q, k, v, metadata.fresh_cu, metadata.fresh_max_len, scale)
+        if metadata.fresh_cu is None:
+            return paged_attend(q, kv_cache, metadata.cached, scale)
         out = torch.empty_like(q)
-        fi, ci = split.fresh_tokens, split.cached_tokens
-        out[fi] = self.kernel(q[fi], k[fi], v[fi], split.fresh_cu, split.fresh_max_len, scale)
-        out[ci] = paged_attention(q[ci], kv_cache, split.cached_md, scale)
+        fi, ci = metadata.fresh_tokens, metadata.cached_tokens
+        out[fi] = self.kernel(q[fi], k[fi], v[fi], metadata.fresh_cu, metadata.fresh_max_len, scale)
+        out[ci] = paged_attend(q[ci], kv_cache, metadata.cached, scale)
         return out

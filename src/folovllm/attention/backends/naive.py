@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from folovllm.attention.backends.abstract import (AttentionBackend, AttentionMetadata,
+from dataclasses import dataclass
+
+from folovllm.attention.backends.abstract import (AttentionBackend, AttentionMetadata, AttentionSpec,
                                                    store_kv_reference)
+from folovllm.utils import cdiv, prefix_sums
 
 
 def paged_slots(block_table: torch.Tensor, max_seq_len: int, block_size: int) -> torch.Tensor:
     """Flat cache slot of every position ``[B, L]`` (L = whole blocks covering max_seq_len)."""
-    blocks = block_table[:, :-(-max_seq_len // block_size)].long()
+    blocks = block_table[:, :cdiv(max_seq_len, block_size)].long()
     offsets = torch.arange(block_size, device=blocks.device)
     return (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
 
@@ -87,26 +90,32 @@ class _Group:
             torch.arange(len(rows), device=device) * max(q_lens), self.q_lens) + offsets
 
 
-def _groups(md: AttentionMetadata, device: torch.device) -> list[_Group]:
-    """Decode rows and prefill rows, so one long prompt doesn't pad every decode row to its length."""
-    if "naive_groups" not in md.backend_cache:
-        starts = _starts(md.query_lens_cpu)
-        decode = [b for b, n in enumerate(md.query_lens_cpu) if n == 1]
-        prefill = [b for b, n in enumerate(md.query_lens_cpu) if n > 1]
-        md.backend_cache["naive_groups"] = [_Group(rows, starts, md, device) for rows in (decode, prefill) if rows]
-    return md.backend_cache["naive_groups"]
+@dataclass
+class NaiveAttentionMetadata:
+    """One step's index tensors: decode rows and prefill rows as two padded groups."""
+
+    slot_mapping: torch.Tensor | None
+    groups: list[_Group]
 
 
-class NaiveAttentionBackend(AttentionBackend):
+class NaiveAttentionBackend(AttentionBackend[NaiveAttentionMetadata]):
     name = "naive"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor | None, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+    def build(self, common: AttentionMetadata, spec: AttentionSpec) -> NaiveAttentionMetadata:
+        """Decode rows and prefill rows apart, so one long prompt doesn't pad every decode row to its length."""
+        starts = prefix_sums(common.query_lens_cpu)
+        decode = [b for b, n in enumerate(common.query_lens_cpu) if n == 1]
+        prefill = [b for b, n in enumerate(common.query_lens_cpu) if n > 1]
+        device = common.seq_lens.device
+        return NaiveAttentionMetadata(common.slot_mapping,
+                                      [_Group(rows, starts, common, device) for rows in (decode, prefill) if rows])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+               metadata: NaiveAttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache is not None:
             store_kv_reference(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
-        for group in _groups(metadata, q.device):
+        for group in metadata.groups:
             if kv_cache is None:
                 kp, vp = k[group.kv_index], v[group.kv_index]
             else:
@@ -115,10 +124,3 @@ class NaiveAttentionBackend(AttentionBackend):
             out[group.token_idx] = res.reshape(-1, *res.shape[2:])[group.padded_idx]
         return out
 
-
-def _starts(query_lens: list[int]) -> list[int]:
-    starts, acc = [], 0
-    for n in query_lens:
-        starts.append(acc)
-        acc += n
-    return starts

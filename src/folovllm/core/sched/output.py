@@ -13,6 +13,7 @@ class ScheduledRequest:
     req_id: str
     token_ids: list[int]
     start_pos: int
+    num_prompt_tokens: int
     block_ids: list[int]
     sampling_params: SamplingParams
     sample: bool  # True when this step computes the request's last known token
@@ -23,7 +24,8 @@ class ScheduledRequest:
 
     @property
     def is_prefill(self) -> bool:
-        return len(self.token_ids) > 1 or self.start_pos == 0
+        """Anything but a decode (the one token sampled last step): prompt tokens, or a recompute."""
+        return len(self.token_ids) > 1 or self.start_pos < self.num_prompt_tokens
 
 
 @dataclass

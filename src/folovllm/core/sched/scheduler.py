@@ -139,7 +139,8 @@ class Scheduler:
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         return ScheduledRequest(req_id=req.request_id, token_ids=req.all_token_ids[start:start + num_new],
-                                start_pos=start, block_ids=self.kv_cache_manager.get_block_ids(req.request_id),
+                                start_pos=start, num_prompt_tokens=req.num_prompt_tokens,
+                                block_ids=self.kv_cache_manager.get_block_ids(req.request_id),
                                 sampling_params=req.sampling_params,
                                 sample=start + num_new == req.num_tokens)
 
@@ -181,7 +182,7 @@ class Scheduler:
                 self._release_siblings(req)
             if not sched.sample or token is None:
                 continue
-            req.output_token_ids.append(token)
+            req.append_output_token(token)
             if logprobs is not None:
                 req.logprobs.append(logprobs)
             if req.metrics.first_token_time is None:

@@ -1,0 +1,252 @@
+"""Launching the PagedAttention kernels: validation, the launch plan, split-K scratch.
+
+``store_kv`` and ``paged_attention`` are the checked public entry points (tests,
+benchmarks). Backends plan once per step (``plan_paged_attention``) and call the
+unchecked ``launch_*`` functions from every layer, so a layer costs one launch
+and no host arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+
+from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
+from folovllm.attention.ops.triton_paged_attn import (_paged_attention_kernel, _reduce_splits_kernel,
+                                                      _store_kv_kernel)
+from folovllm.triton_utils import for_device
+from folovllm.utils import cdiv
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_MIN_SPLIT_TOKENS = 512  # shorter split-K slices save less GPU time than the merge launch costs
+MAX_SPLITS = 16
+
+
+def _check_inputs(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Kernels index the cache as contiguous and load every operand in the cache's dtype."""
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"kv_cache dtype must be float32, float16 or bfloat16, got {kv_cache.dtype}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    head_dim = kv_cache.shape[4]
+    for name, x in tensors.items():
+        if x.dim() != 3 or x.shape[2] != head_dim or x.stride(2) != 1:
+            raise ValueError(
+                f"{name} must be [T, heads, {head_dim}] with a contiguous last dim, "
+                f"got shape {tuple(x.shape)} strides {x.stride()}"
+            )
+        if x.dtype != kv_cache.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} must match the kv_cache dtype {kv_cache.dtype}")
+        if x.device != kv_cache.device:
+            raise ValueError(f"{name} is on {x.device} but kv_cache is on {kv_cache.device}")
+
+
+def launch_store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """The store kernel, unchecked: one program per token; slot -1 (padding) is skipped."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    for_device(_store_kv_kernel, k.device)[(k.shape[0],)](
+        k, v, kv_cache, slot_mapping, kv_cache.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )  # fmt: skip
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``k, v [T, Hkv, D]`` into flat slots ``slot_mapping [T]`` of ``kv_cache``; slot -1 is skipped."""
+    _check_inputs(kv_cache, k=k, v=v)
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    if k.shape != v.shape or k.shape[1] != num_kv_heads:
+        raise ValueError(
+            f"k and v must both be [T, {num_kv_heads}, {head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must have shape ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
+    if k.shape[0]:
+        launch_store_kv(k, v, kv_cache, slot_mapping)
+
+
+def _tile_config(group_pad: int, block_d: int, max_query_len: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, from a sweep on an H200 (bf16).
+
+    Decode rows only need ``GROUP`` query rows, but ``tl.dot`` wants at least 16;
+    prefill tiles take 64 rows so each K/V tile feeds more math.
+    """
+    block_n = 64 if block_d <= 128 else 32
+    if max_query_len == 1:
+        return max(16, group_pad), block_n, 4, 3
+    return max(64, group_pad), block_n, 4 if block_d <= 128 else 8, 2
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(
+    device: torch.device, num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int
+) -> int:
+    """Split-K slices per context: >1 only for decode batches too small to fill the GPU's SMs twice over.
+
+    A power of two (each value compiles its own kernel), at most ``MAX_SPLITS``,
+    and no slice shorter than ``_MIN_SPLIT_TOKENS``.
+    """
+    if device.type != "cuda" or max_query_len != 1:
+        return 1
+    by_occupancy = cdiv(2 * _num_sms(device), num_seqs * num_kv_heads)
+    by_length = max_seq_len // _MIN_SPLIT_TOKENS
+    return max(1, min(MAX_SPLITS, triton.next_power_of_2(min(by_occupancy, by_length) + 1) // 2))
+
+
+@dataclass(frozen=True)
+class PagedAttentionPlan:
+    """Grid and tile sizes of one step (or one captured batch size); every layer reuses it."""
+
+    grid: tuple[int, int, int]
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    group: int
+    group_pad: int
+    q_tile: int
+    num_q_tiles: int
+    block_m: int
+    block_n: int
+    block_d: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    dot_precision: str
+
+
+def plan_paged_attention(
+    spec: AttentionSpec, block_size: int, device: torch.device, num_seqs: int, max_query_len: int,
+    max_seq_len: int, num_splits: int | None = None,
+) -> PagedAttentionPlan:  # fmt: skip
+    """The launch for ``num_seqs`` rows whose longest query and context are the given lengths.
+
+    ``num_splits`` None picks split-K by occupancy; an int forces it. The kernel
+    slices each context by its own length, so the plan stays valid for any
+    lengths up to those given (what a captured CUDA graph needs).
+    """
+    if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    if spec.num_heads % spec.num_kv_heads:
+        raise ValueError(f"q heads ({spec.num_heads}) must be a multiple of num_kv_heads ({spec.num_kv_heads})")
+    group = spec.num_heads // spec.num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(spec.head_dim))
+    block_m, block_n, num_warps, num_stages = _tile_config(group_pad, block_d, max_query_len)
+    q_tile = block_m // group_pad
+    num_q_tiles = cdiv(max_query_len, q_tile)
+    if num_splits is None:
+        num_splits = choose_num_splits(device, num_seqs, spec.num_kv_heads, max_query_len, max_seq_len)
+    return PagedAttentionPlan(
+        grid=(num_seqs * num_q_tiles, spec.num_kv_heads, num_splits), num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, block_size=block_size, group=group, group_pad=group_pad, q_tile=q_tile,
+        num_q_tiles=num_q_tiles, block_m=block_m, block_n=block_n, block_d=block_d, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages, dot_precision="ieee" if spec.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+
+
+@dataclass
+class SplitScratch:
+    """Partial results of split-K: one ``[D]`` accumulator, max and sum per (token, head, split)."""
+
+    acc: torch.Tensor
+    m: torch.Tensor
+    l: torch.Tensor  # noqa: E741 (the softmax denominator's usual name)
+
+    @classmethod
+    def allocate(cls, plan: PagedAttentionPlan, num_tokens: int, num_heads: int,
+                 device: torch.device) -> "SplitScratch | None":  # fmt: skip
+        if plan.num_splits == 1:
+            return None
+        parts = num_tokens * num_heads * plan.num_splits
+        return cls(
+            torch.empty(parts, plan.block_d, dtype=torch.float32, device=device),
+            torch.empty(parts, dtype=torch.float32, device=device),
+            torch.empty(parts, dtype=torch.float32, device=device),
+        )
+
+
+def launch_paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, plan: PagedAttentionPlan, query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, scratch: SplitScratch | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The attention kernel (plus the split merge), unchecked. Reads every length from device memory."""
+    num_tokens, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    parts = (scratch.acc, scratch.m, scratch.l) if scratch is not None else (out, out, out)  # unused when 1 split
+    for_device(_paged_attention_kernel, q.device)[plan.grid](
+        q, kv_cache, out, *parts, block_table, seq_lens, query_start_loc,
+        scale * _LOG2E, plan.num_q_tiles, kv_cache.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
+        BLOCK_SIZE=plan.block_size, NUM_SPLITS=plan.num_splits, DOT_PRECISION=plan.dot_precision,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    if plan.num_splits > 1:
+        for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
+            out, *parts, out.stride(0), out.stride(1),
+            NUM_SPLITS=plan.num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(plan.num_splits)),
+            BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
+        )  # fmt: skip
+    return out
+
+
+def check_paged_metadata(metadata: AttentionMetadata, device: torch.device, block_size: int) -> None:
+    """What the kernel reads from ``metadata`` is there, on ``device``, for this cache's block size."""
+    if metadata.block_table is None or metadata.block_table.stride(-1) != 1:
+        raise ValueError("metadata.block_table must be a [B, max_blocks] tensor with contiguous rows")
+    for name in ("block_table", "seq_lens", "query_start_loc"):
+        if getattr(metadata, name).device != device:
+            raise ValueError(f"metadata.{name} is on {getattr(metadata, name).device}, q on {device}")
+    if metadata.block_size != block_size:
+        raise ValueError(f"metadata.block_size ({metadata.block_size}) != kv_cache block size ({block_size})")
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Causal attention of ``q [T, Hq, D]`` over the paged cache -> ``[T, Hq, D]`` in q's dtype.
+
+    Expects this step's K/V already stored. One launch serves the whole ragged
+    batch. Grid ``(num_seqs * num_q_tiles, num_kv_heads, num_splits)``:
+
+    * a program owns one KV head, so its K/V tiles are read from memory once
+      for all ``Hq / Hkv`` query heads of that head (GQA costs no extra traffic);
+    * ``num_q_tiles`` covers the longest query in the batch; shorter sequences
+      exit at once from their surplus tiles (decode batches have exactly one);
+    * ``num_splits`` cuts each context into slices merged by a second kernel,
+      so a handful of long sequences still occupies every SM. ``None`` picks
+      it (>1 only for decode batches too small to fill the GPU); an int forces it.
+    """
+    _check_inputs(kv_cache, q=q)
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if num_tokens != metadata.num_tokens:
+        raise ValueError(f"q has {num_tokens} tokens but metadata.query_lens_cpu sums to {metadata.num_tokens}")
+    if num_tokens == 0:
+        return torch.empty_like(q)
+    check_paged_metadata(metadata, q.device, block_size)
+    plan = plan_paged_attention(
+        AttentionSpec(num_heads, num_kv_heads, head_dim, kv_cache.dtype), block_size, q.device,
+        metadata.num_seqs, metadata.max_query_len, metadata.max_seq_len, num_splits,
+    )  # fmt: skip
+    scratch = SplitScratch.allocate(plan, num_tokens, num_heads, q.device)
+    return launch_paged_attention(
+        q, kv_cache, plan, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale, scratch
+    )

@@ -1,0 +1,59 @@
+"""CPU launches of Triton kernels, both ways a process can reach the interpreter.
+
+The test session runs with ``TRITON_INTERPRET=1`` (``conftest.py``), Triton's supported switch. A
+process that imported Triton for compiling first must still run kernels on CPU tensors, through
+the per-launch fallback; that is checked in a fresh interpreter without the variable.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from folovllm.triton_utils import for_device  # noqa: E402
+from folovllm.triton_utils.interpreter import _Interpreted  # noqa: E402
+
+SCRIPT = textwrap.dedent("""
+    import torch, triton, triton.language as tl
+    from triton.runtime.jit import JITFunction
+    from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend
+    from folovllm.attention.backends.naive import NaiveAttentionBackend
+    from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel
+    from folovllm.triton_utils import for_device
+    assert isinstance(_paged_attention_kernel, JITFunction)  # compiled-only kernels
+    assert for_device(_paged_attention_kernel, torch.device("cuda")) is _paged_attention_kernel
+    from test_triton_attention import make_batch
+    before = dict(vars(tl))
+    q, k, v, cache, md = make_batch([1, 3], [9, 3], 4, 2, 16, 8, dtype=torch.bfloat16, device=torch.device("cpu"))
+    out_t = TritonPagedAttentionBackend().forward(q, k, v, cache.clone(), md, 0.3)
+    out_n = NaiveAttentionBackend().forward(q, k, v, cache.clone(), md, 0.3)
+    torch.testing.assert_close(out_t.float(), out_n.float(), atol=3e-2, rtol=0)
+    assert all(vars(tl).get(n) is v for n, v in before.items()), "triton.language restored"
+    print("ok")
+""")
+
+
+def test_session_uses_tritons_own_interpreter_switch():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from folovllm.attention.ops.triton_paged_attn import _store_kv_kernel
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the kernels compile")
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert isinstance(_store_kv_kernel, InterpretedFunction)
+    launcher = for_device(_store_kv_kernel, torch.device("cpu"))
+    assert isinstance(launcher, _Interpreted) and launcher.native
+
+
+def test_compiled_mode_process_falls_back_per_launch():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
