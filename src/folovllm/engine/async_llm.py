@@ -175,6 +175,11 @@ class AsyncLLM:
         that went away) aborts the request: its KV blocks are freed before the next step.
         """
         collector = await self.add_request(request_id, prompt, sampling_params, output_kind)
+        async for out in self.outputs(collector):
+            yield out
+
+    async def outputs(self, collector: RequestOutputCollector) -> AsyncIterator[RequestOutput]:
+        """The outputs of a request queued by ``add_request``, aborting it if the reader leaves early."""
         finished = False
         try:
             while not finished:
@@ -182,8 +187,8 @@ class AsyncLLM:
                 finished = out.finished
                 yield out
         finally:
-            if not finished:
-                self._submit(lambda: self._abort(request_id))
+            if not finished and self._dead is None:
+                self._submit(lambda: self._abort(collector.request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once the engine dropped it and freed its blocks."""

@@ -1,0 +1,1 @@
+"""basic endpoint: protocol (schemas), serving (engine -> response), api_router (HTTP)."""

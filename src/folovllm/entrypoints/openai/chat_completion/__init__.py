@@ -1,0 +1,1 @@
+"""chat_completion endpoint: protocol (schemas), serving (engine -> response), api_router (HTTP)."""

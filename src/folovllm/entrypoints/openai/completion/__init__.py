@@ -1,0 +1,1 @@
+"""completion endpoint: protocol (schemas), serving (engine -> response), api_router (HTTP)."""

@@ -1,0 +1,1 @@
+"""models endpoint: protocol (schemas), serving (engine -> response), api_router (HTTP)."""
