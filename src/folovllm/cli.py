@@ -1,11 +1,13 @@
-"""``folovllm`` command line: ``generate`` and ``bench {latency,throughput,attention}``."""
+"""``folovllm`` command line: ``generate``, ``serve`` and ``bench {latency,throughput,attention,prefill,serve}``."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Sequence
 
 from folovllm.benchmarks.common import parse_range, write_results
+from folovllm.config import BUILT_MILESTONES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--milestone", default=None)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)")
+    _engine_args(srv)
+    srv.add_argument("--milestone", default=None)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     bench = sub.add_parser("bench", help="benchmarks that write results JSON").add_subparsers(
         dest="bench", required=True)
@@ -86,7 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--backend", nargs="+", default=["naive", "triton", "flash_attn"],
                      choices=["naive", "triton", "flash_attn"])
     pre.add_argument("--out", default=None)
+
+    ser = bench.add_parser("serve", help="requests arriving over time: TTFT/TPOT/ITL/E2EL percentiles, "
+                                         "in-process or over HTTP")
+    _engine_args(ser)
+    ser.add_argument("--workload", default="random", choices=["random", "mixed"],
+                     help="random: W-like; mixed: W-like with long prompts mixed in")
+    ser.add_argument("--num-prompts", type=int, default=256)
+    ser.add_argument("--input-len", default="100:1024")
+    ser.add_argument("--output-len", default="100:1024")
+    ser.add_argument("--long-input-len", default="4096:8192", help="mixed: prompt lengths of the long requests")
+    ser.add_argument("--long-fraction", type=float, default=0.1, help="mixed: share of requests with a long prompt")
+    ser.add_argument("--seed", type=int, default=0)
+    ser.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn from [0, N]")
+    ser.add_argument("--subset", type=int, default=None, help="keep only the first N requests of the workload")
+    ser.add_argument("--request-rate", type=float, default=math.inf,
+                     help="Poisson arrivals per second (default inf: all at once)")
+    ser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    ser.add_argument("--milestone", nargs="+", default=[BUILT_MILESTONES[-1]],
+                     help="in-process engine configs, as bench throughput takes them (e.g. M4 M3/naive)")
+    ser.add_argument("--base-url", default=None,
+                     help="benchmark a running `folovllm serve` at this URL instead (e.g. http://127.0.0.1:8000)")
+    ser.add_argument("--save-detailed", action="store_true", help="keep every inter-token gap of every request")
+    ser.add_argument("--baseline", default=None, help="an earlier results file to include and compare with")
+    ser.add_argument("--out", default=None)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from folovllm.engine.async_llm import AsyncLLM
+    from folovllm.entrypoints.openai.api_server import run_server
+    engine = AsyncLLM.from_milestone(args.model, args.milestone, device=args.device, dtype=args.dtype,
+                                     **_overrides(args))
+    run_server(engine, args.host, args.port, args.served_model_name or args.model, args.log_level)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -119,6 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            _serve(args)
+        elif args.bench == "serve":
+            from folovllm.benchmarks.serve import bench_serve
+            write_results(None, bench_serve(
+                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
+                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
+                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
+                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
+                **_overrides(args)))
         elif args.bench == "latency":
             from folovllm.benchmarks.latency import bench_latency
             write_results(args.out, bench_latency(

@@ -92,3 +92,22 @@ def random_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1
     prompts = [[rng.randint(0, vocab) for _ in range(rng.randint(*input_len))] for _ in range(num_prompts)]
     outputs = [rng.randint(*output_len) for _ in range(num_prompts)]
     return prompts, outputs
+
+
+def mixed_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1024),
+                   output_len: tuple[int, int] = (100, 1024), long_input_len: tuple[int, int] = (4096, 8192),
+                   long_fraction: float = 0.1, seed: int = 0, vocab: int = 10000
+                   ) -> tuple[list[list[int]], list[int]]:
+    """W-like requests, of which ``round(long_fraction * num_prompts)`` get a long prompt instead.
+
+    The short requests are exactly ``random_workload``'s; a second generator seeded
+    ``seed + 1`` picks which requests turn long and draws their prompts, so the
+    long ones land at seeded positions in the arrival order. Output lengths stay W's.
+    """
+    if not 0.0 <= long_fraction <= 1.0:
+        raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction!r}")
+    prompts, outputs = random_workload(num_prompts, input_len, output_len, seed, vocab)
+    rng = random.Random(seed + 1)
+    for i in sorted(rng.sample(range(num_prompts), round(long_fraction * num_prompts))):
+        prompts[i] = [rng.randint(0, vocab) for _ in range(rng.randint(*long_input_len))]
+    return prompts, outputs

@@ -8,6 +8,7 @@ the engine loop stops.
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -84,6 +85,10 @@ def run_server(engine: AsyncLLM, host: str = "127.0.0.1", port: int = 8000, serv
     """Serve until SIGTERM/SIGINT; running responses finish first (uvicorn's graceful shutdown)."""
     server = uvicorn.Server(uvicorn.Config(build_app(engine, served_model_name), host=host, port=port,
                                            log_level=log_level))
+    # Once drained, uvicorn raises the signal that stopped it again, for the handler that was there
+    # before: make that handler a no-op so ``run`` returns, the engine loop stops, and the exit status is 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     finally:

@@ -78,7 +78,9 @@ class OpenAIServing:
     def token_text(self, token_id: int) -> str:
         """A token as text for logprobs; ``token_id:N`` when the model has no tokenizer (vLLM's spelling)."""
         tokenizer = self.engine.tokenizer
-        return f"token_id:{token_id}" if tokenizer is None else tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if tokenizer is None:
+            return f"token_id:{token_id}"
+        return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
     async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
                     request: BaseModel, prompt_field: str) -> list[RequestOutputCollector]:
