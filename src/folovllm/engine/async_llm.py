@@ -16,6 +16,7 @@ two queues:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import queue
@@ -171,12 +172,15 @@ class AsyncLLM:
                        ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens arrive, the last one ``finished``.
 
-        Leaving the loop early (``break``, an exception, a cancelled task, a client
-        that went away) aborts the request: its KV blocks are freed before the next step.
+        Leaving early aborts the request, and its KV blocks are freed before the next
+        step: at once when the task is cancelled (a client that went away) or the
+        generator is closed (``contextlib.aclosing``); after a bare ``break``, when
+        Python collects the generator (asyncio then closes it on its next iteration).
         """
         collector = await self.add_request(request_id, prompt, sampling_params, output_kind)
-        async for out in self.outputs(collector):
-            yield out
+        async with contextlib.aclosing(self.outputs(collector)) as outputs:  # closing us closes it, at once
+            async for out in outputs:
+                yield out
 
     async def outputs(self, collector: RequestOutputCollector) -> AsyncIterator[RequestOutput]:
         """The outputs of a request queued by ``add_request``, aborting it if the reader leaves early."""
@@ -220,7 +224,7 @@ class AsyncLLM:
                 if self._dead is not None:
                     raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
                 result, error = fn(), None
-            except Exception as err:  # noqa: BLE001 - handed to the caller
+            except Exception as err:  # handed to the caller
                 result, error = None, err
             _call_soon(loop, _resolve, future, result, error)
 
@@ -241,7 +245,7 @@ class AsyncLLM:
                         break
                     continue
                 self._step()
-        except BaseException as err:  # noqa: BLE001 - a loop bug must not leave callers waiting forever
+        except BaseException as err:  # a loop bug must not leave callers waiting forever
             logger.exception("engine loop died")
             self._close(err)
         else:
@@ -266,7 +270,7 @@ class AsyncLLM:
                 else:
                     try:
                         item()  # type: ignore[operator]
-                    except Exception:  # noqa: BLE001 - one bad closure must not stop the loop
+                    except Exception:  # one bad closure must not stop the loop
                         logger.exception("engine-thread call failed")
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -276,7 +280,7 @@ class AsyncLLM:
         """One engine step; its outputs go to their collectors. A failing step fails its requests, not the loop."""
         try:
             outputs = self.engine.step()
-        except Exception as err:  # noqa: BLE001 - reported to every request in flight
+        except Exception as err:  # reported to every request in flight
             logger.exception("engine step failed; aborting the requests in flight")
             self._abort_all(err)
             return

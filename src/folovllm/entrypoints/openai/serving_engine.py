@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -100,9 +101,10 @@ class OpenAIServing:
                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, delta output) of every prompt as tokens arrive; metrics recorded on the way."""
         trackers = [self.metrics.track(arrival) for _ in collectors]
-        async for i, out in merge_async_iterators([self.engine.outputs(c) for c in collectors]):
-            trackers[i].observe(out)
-            yield i, out
+        async with aclosing(merge_async_iterators([self.engine.outputs(c) for c in collectors])) as merged:
+            async for i, out in merged:
+                trackers[i].observe(out)
+                yield i, out
 
 
 def top_logprobs(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
@@ -119,22 +121,25 @@ def error_event(err: Exception) -> str:
 async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Items of several async iterators as they come, tagged with the iterator's index.
 
-    Closing the merged iterator cancels the readers, which closes each iterator
-    (for ``AsyncLLM.outputs``: aborts its request).
+    Closing the merged iterator cancels the readers, which close each iterator
+    (for ``AsyncLLM.outputs``: aborts its request). Every level closes the one below
+    explicitly (``aclosing``): a generator left at a ``yield`` is otherwise closed only when collected.
     """
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        async with aclosing(iterators[0]) as it:
+            async for item in it:
+                yield 0, item
         return
     queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
     done = object()
 
     async def drain(i: int, it: AsyncIterator[T]) -> None:
         try:
-            async for item in it:
-                await queue.put((i, item, None))
+            async with aclosing(it):
+                async for item in it:
+                    await queue.put((i, item, None))
             await queue.put((i, done, None))
-        except Exception as err:  # noqa: BLE001 - re-raised to the reader below
+        except Exception as err:  # re-raised to the reader below
             await queue.put((i, done, err))
 
     tasks = [asyncio.ensure_future(drain(i, it)) for i, it in enumerate(iterators)]

@@ -3,16 +3,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
-from folovllm.entrypoints.openai.chat_completion.protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                                                  ChatCompletionResponseChoice,
-                                                                  ChatCompletionStreamChoice,
-                                                                  ChatCompletionStreamResponse, ChatLogProb,
-                                                                  ChatLogProbs, ChatMessage, ChatTopLogProb,
-                                                                  DeltaMessage)
+from folovllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbs,
+    ChatMessage,
+    ChatTopLogProb,
+    DeltaMessage,
+)
 from folovllm.entrypoints.openai.protocol import APIError, UsageInfo, now, random_id
-from folovllm.entrypoints.openai.serving_engine import (SSE_DONE, ChoiceState, OpenAIServing, error_event, sse,
-                                                        top_logprobs)
+from folovllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    ChoiceState,
+    OpenAIServing,
+    error_event,
+    sse,
+    top_logprobs,
+)
 from folovllm.outputs import CompletionOutput, RequestOutput
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -54,7 +67,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             return list(tokenizer.apply_chat_template([m.as_dict() for m in request.messages], tokenize=True,
                                                       add_generation_prompt=True, return_dict=False))
-        except Exception as err:  # noqa: BLE001 - a template may refuse a conversation (e.g. role order)
+        except Exception as err:  # a template may refuse a conversation (e.g. role order)
             raise APIError(f"the chat template rejected messages: {err}", param="messages") from None
 
     async def _full(self, request: ChatCompletionRequest, request_id: str,
@@ -92,26 +105,27 @@ class OpenAIServingChat(OpenAIServing):
         try:
             yield event([ChatCompletionStreamChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
                          for j in range(request.n)])
-            async for _, out in outputs:
-                events = []
-                for c in out.outputs:
-                    choice = choices.setdefault(c.index, ChoiceState())
-                    if not choice.is_new(c):
-                        continue
-                    start = len(choice.token_ids)
-                    logprobs = self._advance(choice, c, num_logprobs)
-                    events.append(ChatCompletionStreamChoice(
-                        index=c.index, delta=DeltaMessage(content=c.text),
-                        logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        token_ids=choice.token_ids[start:] if request.return_token_ids else None))
-                usage.prompt_tokens = len(out.prompt_token_ids)
-                if events:
-                    yield event(events)
+            async with aclosing(outputs):
+                async for _, out in outputs:
+                    events = []
+                    for c in out.outputs:
+                        choice = choices.setdefault(c.index, ChoiceState())
+                        if not choice.is_new(c):
+                            continue
+                        start = len(choice.token_ids)
+                        logprobs = self._advance(choice, c, num_logprobs)
+                        events.append(ChatCompletionStreamChoice(
+                            index=c.index, delta=DeltaMessage(content=c.text),
+                            logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                            token_ids=choice.token_ids[start:] if request.return_token_ids else None))
+                    usage.prompt_tokens = len(out.prompt_token_ids)
+                    if events:
+                        yield event(events)
             if request.include_usage:
                 usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 yield event([], usage)
-        except Exception as err:  # noqa: BLE001 - the stream has started: report in-band
+        except Exception as err:  # the stream has started: report in-band
             yield error_event(err)
         yield SSE_DONE
 

@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from folovllm.engine.llm_engine import PromptType
-from folovllm.entrypoints.openai.completion.protocol import (CompletionLogProbs, CompletionRequest,
-                                                             CompletionResponse, CompletionResponseChoice,
-                                                             CompletionStreamResponse)
+from folovllm.entrypoints.openai.completion.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+)
 from folovllm.entrypoints.openai.protocol import APIError, UsageInfo, now, random_id
-from folovllm.entrypoints.openai.serving_engine import (SSE_DONE, ChoiceState, OpenAIServing, error_event, sse,
-                                                        top_logprobs)
+from folovllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    ChoiceState,
+    OpenAIServing,
+    error_event,
+    sse,
+    top_logprobs,
+)
 from folovllm.outputs import CompletionOutput, RequestOutput
 
 
@@ -53,27 +64,28 @@ class OpenAIServingCompletion(OpenAIServing):
         choices: dict[int, ChoiceState] = {}
         usage = UsageInfo()
         try:
-            async for i, out in outputs:
-                events = []
-                for c in out.outputs:
-                    choice = choices.setdefault(i * n + c.index, ChoiceState())
-                    if not choice.is_new(c):
-                        continue
-                    start = len(choice.token_ids)
-                    logprobs = self._advance(choice, c, request.logprobs)
-                    events.append(CompletionResponseChoice(
-                        index=i * n + c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                        token_ids=choice.token_ids[start:] if request.return_token_ids else None))
-                usage.prompt_tokens += len(out.prompt_token_ids) if out.finished else 0
-                if events:
-                    yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=events))
+            async with aclosing(outputs):
+                async for i, out in outputs:
+                    events = []
+                    for c in out.outputs:
+                        choice = choices.setdefault(i * n + c.index, ChoiceState())
+                        if not choice.is_new(c):
+                            continue
+                        start = len(choice.token_ids)
+                        logprobs = self._advance(choice, c, request.logprobs)
+                        events.append(CompletionResponseChoice(
+                            index=i * n + c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                            token_ids=choice.token_ids[start:] if request.return_token_ids else None))
+                    usage.prompt_tokens += len(out.prompt_token_ids) if out.finished else 0
+                    if events:
+                        yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=events))
             if request.include_usage:
                 usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                    usage=usage))
-        except Exception as err:  # noqa: BLE001 - the stream has started: report in-band
+        except Exception as err:  # the stream has started: report in-band
             yield error_event(err)
         yield SSE_DONE
 
