@@ -61,7 +61,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     where = ".".join(str(p) for p in path)
     if err["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {where}"
-    elif err["type"] == "json_invalid":
+    elif err["type"] == "json_invalid":  # its loc is a character position, not a field
+        param = None
         message = f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
     else:
         message = f"{where}: {err['msg']}" if where else f"request body: {err['msg']}"
