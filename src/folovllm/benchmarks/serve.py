@@ -253,15 +253,19 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
     else:
         prompts, outputs = random_workload(num_prompts, input_len, output_len, seed, vocab_size)
     prompts, outputs = prompts[:subset], outputs[:subset]
+    spec = {"name": workload, "num_prompts": len(prompts), "input_len": list(input_len),
+            "output_len": list(output_len), "seed": seed, "vocab_size": vocab_size, "subset": subset,
+            "request_rate": request_rate, "max_concurrency": max_concurrency,
+            **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload == "mixed" else {})}
+    base = _load_baseline(baseline, spec) if baseline else None
     dev = resolve_device(device)
     rows: list[dict[str, Any]] = []
     meta_model = model
-    runs = [base_url] if base_url else configs
-    for spec in runs:
+    for config in [base_url] if base_url else configs:
         if base_url:
             row, results, meta_model = run_http(base_url, prompts, outputs, request_rate, max_concurrency, seed)
         else:
-            row, results = run_inprocess(model, spec, prompts, outputs, request_rate, max_concurrency, seed,
+            row, results = run_inprocess(model, config, prompts, outputs, request_rate, max_concurrency, seed,
                                          device, dtype, overrides)
         row["requests"] = [r.record(save_detailed) for r in results]
         rows.append(row)
@@ -271,15 +275,11 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
         if failed:
             print(f"[{row['config']}] first failure: {failed}", file=sys.stderr)
     payload = {"benchmark": "serve", **provenance(dev, meta_model, resolve_dtype(dtype, dev)),
-               "workload": {"name": workload, "num_prompts": len(prompts), "input_len": list(input_len),
-                            "output_len": list(output_len), "seed": seed, "vocab_size": vocab_size,
-                            "subset": subset, "request_rate": request_rate, "max_concurrency": max_concurrency,
-                            "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(outputs),
-                            **({"long_input_len": list(long_input_len), "long_fraction": long_fraction}
-                               if workload == "mixed" else {}), "overrides": overrides},
+               "workload": {**spec, "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(outputs),
+                            "overrides": overrides},
                "results": rows}
-    if baseline:
-        _add_baseline(payload, baseline)
+    if base is not None:
+        _add_baseline(payload, base, baseline)
     if out:
         save_json(out, payload)
     return payload
@@ -289,11 +289,17 @@ METRICS_COMPARED = ("mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tp
                     "median_itl_ms", "mean_e2el_ms", "median_e2el_ms")
 
 
-def _add_baseline(payload: dict[str, Any], path: str) -> None:
-    """Put a baseline run's rows first and the differences (this run minus baseline) beside them."""
+def _load_baseline(path: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """An earlier results file, refused unless it ran this very workload."""
     base = json.loads(Path(path).read_text())
-    if base.get("workload", {}).get("num_prompts") != payload["workload"]["num_prompts"]:
-        raise ValueError(f"baseline {path} ran a different workload: {base.get('workload')}")
+    ran = {k: base.get("workload", {}).get(k) for k in spec}
+    if ran != spec:
+        raise ValueError(f"baseline {path} ran a different workload: {ran}, this run is {spec}")
+    return base
+
+
+def _add_baseline(payload: dict[str, Any], base: dict[str, Any], path: str) -> None:
+    """Put the baseline's rows first and the differences (this run minus baseline) beside them."""
     ref, row = base["results"][0], payload["results"][0]
     payload["baseline"] = {"file": path, "command": base.get("command"), "commit": base.get("commit")}
     payload["overhead_vs_baseline"] = {

@@ -1,0 +1,116 @@
+"""``folovllm bench serve``: the mixed workload, the percentile fields on hand-made timings, Poisson
+dispatch under a concurrency limit, and both transports end to end on a tiny model."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from folovllm.benchmarks.common import mixed_workload, random_workload
+from folovllm.benchmarks.serve import RequestResult, bench_serve, run_workload, summarize
+from folovllm.cli import main
+from folovllm.engine.async_llm import AsyncLLM
+from folovllm.entrypoints.openai.api_server import ServerThread
+
+TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-model-len", "128", "--kv-cache-memory",
+        str(2**20)]
+
+
+def test_mixed_workload_is_w_with_seeded_long_prompts():
+    short, outputs = random_workload(40, (10, 20), (5, 9), seed=3)
+    prompts, mixed_outputs = mixed_workload(40, (10, 20), (5, 9), (100, 120), 0.25, seed=3)
+    assert mixed_outputs == outputs and mixed_workload(40, (10, 20), (5, 9), (100, 120), 0.25, seed=3)[0] == prompts
+    long = [i for i, p in enumerate(prompts) if len(p) >= 100]
+    assert len(long) == 10 and all(len(prompts[i]) <= 120 for i in long)
+    assert all(prompts[i] == short[i] for i in range(40) if i not in long)
+    assert long != list(range(10))  # spread through the arrival order
+    with pytest.raises(ValueError, match="long_fraction must be in \\[0, 1\\], got 1.5"):
+        mixed_workload(long_fraction=1.5)
+
+
+def test_summary_fields_on_hand_made_timings():
+    a = RequestResult(10, 3, start=0.0, end=0.5, token_times=[0.1, 0.3, 0.5])  # TTFT 100 ms, gaps 200, 200
+    b = RequestResult(20, 2, start=1.0, end=1.4, token_times=[1.3, 1.3])  # two tokens in one chunk: gap 0
+    failed = RequestResult(5, 4, start=0.0, end=0.1, error="HTTP 400: no")
+    row = summarize([a, b, failed], duration=2.0)
+    assert (row["completed"], row["failed"], row["total_input_tokens"], row["total_output_tokens"]) == (2, 1, 30, 5)
+    assert row["request_throughput"] == 1.0 and row["output_throughput"] == 2.5
+    assert row["mean_ttft_ms"] == pytest.approx(200.0) and row["median_ttft_ms"] == pytest.approx(200.0)
+    assert row["mean_itl_ms"] == pytest.approx(400 / 3) and row["p99_itl_ms"] == pytest.approx(200.0)
+    assert row["mean_tpot_ms"] == pytest.approx((200 + 100) / 2)  # (latency - TTFT) / (tokens - 1)
+    assert row["mean_e2el_ms"] == pytest.approx(450.0)
+    assert a.record(detailed=True)["itl_s"] == pytest.approx([0.2, 0.2])
+    assert math.isnan(summarize([failed], 1.0)["mean_ttft_ms"])
+
+
+def test_poisson_dispatch_respects_the_concurrency_limit():
+    active, peak, starts = 0, 0, []
+
+    async def send(i: int, prompt: list[int], max_tokens: int) -> RequestResult:
+        nonlocal active, peak
+        loop = asyncio.get_running_loop()
+        starts.append(loop.time())
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        active -= 1
+        return RequestResult(len(prompt), max_tokens, token_times=[0.0] * max_tokens)
+
+    prompts, outputs = [[1]] * 30, [1] * 30
+    results, duration = asyncio.run(run_workload(send, prompts, outputs, 1000.0, 4, seed=0))
+    assert len(results) == 30 and peak == 4
+    results, _ = asyncio.run(run_workload(send, prompts, outputs, math.inf, None, seed=0))
+    assert peak == 30  # all at once
+
+
+def test_cli_in_process_configs_json(tmp_path):
+    out = tmp_path / "serve.json"
+    rc = main(["bench", "serve", *TINY, "--num-prompts", "12", "--input-len", "4:12", "--output-len", "3:8",
+               "--milestone", "M2", "M4/naive", "--request-rate", "500", "--max-concurrency", "6",
+               "--workload", "mixed", "--long-input-len", "40:60", "--long-fraction", "0.25", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "serve" and data["workload"]["name"] == "mixed"
+    prompts, outputs = mixed_workload(12, (4, 12), (3, 8), (40, 60), 0.25)
+    for row, config in zip(data["results"], ["M2", "M4/naive"]):
+        assert (row["config"], row["transport"], row["completed"], row["failed"]) == (config, "inprocess", 12, 0)
+        assert row["total_output_tokens"] == sum(outputs) and row["total_input_tokens"] == sum(map(len, prompts))
+        assert [r["output_len"] for r in row["requests"]] == outputs
+        for key in ("mean_ttft_ms", "median_tpot_ms", "p90_itl_ms", "p99_itl_ms", "p99_e2el_ms"):
+            assert row[key] > 0
+    assert data["results"][1]["attention_backend"] == "naive"
+
+
+def test_http_against_in_process_baseline(tmp_path):
+    baseline = tmp_path / "inprocess.json"
+    common = {"num_prompts": 16, "input_len": (4, 12), "output_len": (3, 8), "vocab_size": 500, "seed": 1,
+              "request_rate": 400.0}
+    bench_serve("random:tiny-llama", ["M4"], device="cpu", max_model_len=128, kv_cache_memory=2**20,
+                out=str(baseline), **common)
+    engine = AsyncLLM.from_milestone("random:tiny-llama", "M4", device="cpu", max_model_len=128,
+                                     kv_cache_memory=2**20)
+    try:
+        with ServerThread(engine, served_model_name="tiny") as server:
+            url = server.url
+            data = bench_serve("unused", [], base_url=url, baseline=str(baseline), save_detailed=True, **common)
+    finally:
+        engine.shutdown(drain=False)
+    inproc, http = data["results"]
+    assert (inproc["transport"], http["transport"], data["model"]) == ("inprocess", "http", "tiny")
+    assert http["completed"] == 16 and http["total_output_tokens"] == inproc["total_output_tokens"]
+    assert all(len(r["itl_s"]) == r["output_len"] - 1 for r in http["requests"])
+    overhead = data["overhead_vs_baseline"]
+    assert overhead["mean_ttft_ms_delta"] == pytest.approx(http["mean_ttft_ms"] - inproc["mean_ttft_ms"])
+    with pytest.raises(ValueError, match="ran a different workload"):
+        bench_serve("unused", [], base_url=url, baseline=str(baseline), **{**common, "num_prompts": 4})
+
+
+def test_bad_options_are_errors(capsys):
+    assert main(["bench", "serve", *TINY, "--request-rate", "0"]) == 2
+    assert "request_rate must be positive (inf: all at once), got 0.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workload must be one of"):
+        bench_serve("random:tiny-llama", ["M4"], workload="bursty")
+    with pytest.raises(ValueError, match="max_concurrency must be a positive integer"):
+        bench_serve("random:tiny-llama", ["M4"], max_concurrency=0)
