@@ -14,7 +14,12 @@ NBVAL_CELL_TIMEOUT ?= 900
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test unit notebooks book-check book clean
+# The serving stack as wheels for the offline GPU box (Python 3.12, x86-64; about 7 MiB):
+# `make wheelhouse` fills the git-ignored .whl/, which travels with the tree (carry .whl);
+# `run_gpu.sh serve` installs it there with pip install --no-index --find-links .whl.
+SERVE_PINS = $(shell grep -E '^(fastapi|uvicorn|prometheus-client|httpx2|openai)==' requirements.txt)
+
+.PHONY: setup test unit notebooks book-check book clean wheelhouse
 
 setup: $(STAMP)
 
@@ -39,6 +44,11 @@ book-check: setup
 
 book: setup
 	$(BIN)/jupyter-book build .
+
+wheelhouse:
+	$(PYTHON) -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		-d .whl $(SERVE_PINS)
+	du -sh .whl
 
 clean:
 	rm -rf _build .coverage .pytest_cache

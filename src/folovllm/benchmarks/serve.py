@@ -239,7 +239,7 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
     """Run the workload in-process under each config, or once over HTTP when ``base_url`` is given.
 
     ``baseline``: a results file of an earlier run (e.g. in-process) whose rows are
-    kept in this file and compared with this run's first row (``overhead_vs_baseline``).
+    kept in this file, its last row compared with this run's first (``overhead_vs_baseline``).
     """
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
@@ -299,8 +299,8 @@ def _load_baseline(path: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _add_baseline(payload: dict[str, Any], base: dict[str, Any], path: str) -> None:
-    """Put the baseline's rows first and the differences (this run minus baseline) beside them."""
-    ref, row = base["results"][0], payload["results"][0]
+    """Put the baseline's rows first, and this run minus its last row (the first may have paid JIT) beside them."""
+    ref, row = base["results"][-1], payload["results"][0]
     payload["baseline"] = {"file": path, "command": base.get("command"), "commit": base.get("commit")}
     payload["overhead_vs_baseline"] = {
         **{f"{k}_delta": row[k] - ref[k] for k in METRICS_COMPARED},
