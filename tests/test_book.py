@@ -24,3 +24,18 @@ def test_load_results_reads_committed_json_with_provenance(capsys):
     results = book.load_results("M2-")
     assert results and all(r["benchmark"] == "throughput" for r in results)
     assert "commit" in capsys.readouterr().out
+
+
+def test_run_async_works_inside_a_running_loop():
+    import asyncio
+
+    from folovllm.book import run_async
+
+    async def inner() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    async def outer() -> int:  # as in a notebook cell: a loop is already running here
+        return run_async(inner())
+
+    assert asyncio.run(outer()) == 7

@@ -1,12 +1,17 @@
 """Small helpers the chapter notebooks share: show real source, pick a model, read results."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import json
 import os
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "milestones" / "results"
 
@@ -55,3 +60,13 @@ def load_results(name: str) -> list[dict[str, Any]]:
               f" | {data.get('date')}\n  $ {data.get('command')}")
         payloads.append(data)
     return payloads
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to the end from any cell: on a thread with its own event loop.
+
+    A notebook's kernel already runs an event loop on the main thread, where ``asyncio.run``
+    refuses to start; the same cell also runs unchanged in a chapter exported as a script.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
