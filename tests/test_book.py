@@ -1,6 +1,8 @@
 """The notebook helpers: real source, model fallback, committed results."""
 from __future__ import annotations
 
+import asyncio
+
 from folovllm import book
 from folovllm.core.block_pool import BlockPool
 
@@ -58,15 +60,11 @@ def test_load_results_reads_committed_json_with_provenance(capsys):
 
 
 def test_run_async_works_inside_a_running_loop():
-    import asyncio
-
-    from folovllm.book import run_async
-
     async def inner() -> int:
         await asyncio.sleep(0)
         return 7
 
     async def outer() -> int:  # as in a notebook cell: a loop is already running here
-        return run_async(inner())
+        return book.run_async(inner())
 
     assert asyncio.run(outer()) == 7

@@ -55,25 +55,29 @@ print('$m', e.config.resolved_attention_backend(), e.kv_cache_manager.num_blocks
     done ;;
   serve)
     # bench serve on one workload, in-process (AsyncLLM) then over HTTP (folovllm serve in another
-    # process): the difference is the server's cost per request and per token. FastAPI, uvicorn,
-    # prometheus-client and httpx2 come from the wheelhouse: `make wheelhouse` here, run with carry [".whl"].
-    python3 -m pip install -q --no-index --find-links .whl fastapi uvicorn prometheus-client httpx2 || exit 1
-    engine="--model random:qwen3-0.6b --milestone M4 --max-model-len 2048 --kv-cache-memory 4294967296"
+    # process): the difference is the server's cost per request and per token. The box is offline:
+    # FastAPI, uvicorn, prometheus-client and httpx2 come from the wheelhouse (`make wheelhouse`
+    # on the CPU side, then run this stage with carry [".whl"]).
+    python3 -m pip install -q --no-index --find-links .whl fastapi uvicorn prometheus-client httpx2 \
+      || { echo "serve: no wheelhouse: run make wheelhouse and carry .whl"; exit 1; }
+    model="--model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296"
     load="--num-prompts 256 --subset 64 --request-rate 8 --seed 0"
     # M4 twice: the first run pays Triton's JIT; the comparison uses the baseline's last row.
-    bench serve $engine --milestone M4 M4 $load --out "$OUT/serving-inprocess-$gpu.json" > /dev/null
-    python3 -m folovllm serve $engine --port 8000 --log-level warning & server=$!
+    bench serve $model --milestone M4 M4 $load --out "$OUT/serving-inprocess-$gpu.json" > /dev/null
+    python3 -m folovllm serve $model --milestone M4 --port 8000 --log-level warning & server=$!
     python3 -c "
 import time, urllib.request
 for _ in range(600):
     try:
         urllib.request.urlopen('http://127.0.0.1:8000/health'); break
     except OSError:
-        time.sleep(0.5)"
+        time.sleep(0.5)
+else:
+    raise SystemExit('serve: the server did not come up in 300 s')" || { kill $server; exit 1; }
     bench serve $load --base-url http://127.0.0.1:8000 > /dev/null  # warm-up pass: the server's own JIT
     bench serve $load --base-url http://127.0.0.1:8000 --baseline "$OUT/serving-inprocess-$gpu.json" \
       --out "$OUT/serving-$gpu.json" > /dev/null
-    kill -TERM $server; wait $server; echo "server exit $?" ;;
+    kill -TERM $server; wait $server; echo "server exit $? (0: SIGTERM drained)" ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in
