@@ -6,7 +6,7 @@ import json
 import pytest
 
 from folovllm.benchmarks.common import parse_range, random_workload
-from folovllm.benchmarks.throughput import parse_config
+from folovllm.benchmarks.common import parse_config
 from folovllm.cli import build_parser, main
 
 
@@ -43,6 +43,7 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
         parse_range("a:b")
     assert parse_config("M2/sequential@8") == ("M2", {"batching": "sequential"}, 8)
     assert parse_config("M3/naive") == ("M3", {"attention_backend": "naive"}, None)
+    assert parse_config("M4/sync/eager") == ("M4", {"async_scheduling": False, "enforce_eager": True}, None)
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):
         parse_config("M3/fast")
 

@@ -35,6 +35,16 @@ SCRIPT = textwrap.dedent("""
     out_n = NaiveAttentionBackend().forward(q, k, v, cache.clone(), md, 0.3)
     torch.testing.assert_close(out_t.float(), out_n.float(), atol=3e-2, rtol=0)
     assert all(vars(tl).get(n) is v for n, v in before.items()), "triton.language restored"
+    # a kernel calling a @triton.jit helper of its own module (RoPE's _rope_heads)
+    import folovllm.model_executor.layers.ops.rotary as rotary
+    from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+    helper = rotary._rope_heads
+    rope = RotaryEmbedding(16, 32, {"rope_type": "default", "rope_theta": 10000.0})
+    q, k, pos = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.tensor([0, 5, 31])
+    ref_q, ref_k = rope.forward_native(pos, q.clone(), k.clone(), rope.cos_sin(pos, q.dtype), None, None)
+    rotary.rotary_qk_(q, k, pos, rope.cos_sin_cache)
+    torch.testing.assert_close((q, k), (ref_q, ref_k))
+    assert rotary._rope_heads is helper, "the module's helper restored"
     print("ok")
 """)
 

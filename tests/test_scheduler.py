@@ -36,6 +36,7 @@ class FakeRunner:
         self.block_size, self.uses_cache = block_size, uses_cache
         self.slots: dict[int, int] = {}
         self.tables: dict[str, list[int]] = {}
+        self.last: dict[str, int] = {}  # the previous step's samples (async scheduling reads them "on device")
 
     def execute(self, sched_out) -> ModelRunnerOutput:
         for rid in sched_out.finished_req_ids + sched_out.preempted_req_ids:
@@ -50,9 +51,13 @@ class FakeRunner:
                     self.slots[dst * self.block_size + off] = self.slots[src * self.block_size + off]
         tokens = []
         for s in sched_out.scheduled:
+            ids = list(s.token_ids)
+            if len(ids) < s.num_tokens:  # its last token is still in flight: take it from the last step
+                assert len(ids) == s.num_tokens - 1, "only one token can be in flight"
+                ids.append(self.last[s.req_id])
             if self.uses_cache:
                 table = self.tables[s.req_id]
-                for i, tok in enumerate(s.token_ids):
+                for i, tok in enumerate(ids):
                     pos = s.start_pos + i
                     self.slots[table[pos // self.block_size] * self.block_size + pos % self.block_size] = tok
                 seq_len = s.start_pos + s.num_tokens
@@ -60,21 +65,26 @@ class FakeRunner:
                            for p in range(seq_len)]
             else:
                 assert s.start_pos == 0
-                context = s.token_ids
+                context = ids
             seed = s.sampling_params.seed or 0
             tokens.append(next_token(context, seed) if s.sample else None)
+        self.last = {s.req_id: t for s, t in zip(sched_out.scheduled, tokens) if t is not None}
         return ModelRunnerOutput(tokens, [None] * len(tokens))
 
 
-def make_request(rid: str, prompt: list[int], max_tokens: int, seed: int = 0, **kw) -> Request:
-    return Request(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens,
-                   sampling_params=SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=True), **kw)
+def make_request(rid: str, prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None,
+                 **kw) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=eos is None)
+    return Request(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens, sampling_params=params,
+                   eos_token_ids=() if eos is None else (eos,), **kw)
 
 
-def expected_output(prompt: list[int], max_tokens: int, seed: int = 0) -> list[int]:
+def expected_output(prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None) -> list[int]:
     seq = list(prompt)
     for _ in range(max_tokens):
         seq.append(next_token(seq, seed))
+        if seq[-1] == eos:
+            break
     return seq[len(prompt):]
 
 
@@ -99,6 +109,33 @@ def run(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Reque
             if req.is_finished:
                 assert req.request_id not in finished, "finished twice"
                 finished[req.request_id] = list(req.output_token_ids)
+        step += 1
+        assert step < max_steps, "starvation: the workload never finished"
+    return finished, step
+
+
+def run_async(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Request]] | None = None,
+              abort_at: dict[int, str] | None = None, max_steps: int = 20_000) -> tuple[dict[str, list[int]], int]:
+    """``run`` with async scheduling: step n+1 is scheduled and executed before step n's tokens reach
+    the scheduler (as ``LLMEngine.step`` does with ``async_scheduling``)."""
+    arrivals, abort_at = arrivals or {}, abort_at or {}
+    finished: dict[str, list[int]] = {}
+    in_flight = None
+    step = 0
+    while scheduler.has_unfinished_requests() or in_flight or any(k >= step for k in arrivals):
+        for req in arrivals.get(step, []):
+            scheduler.add_request(req)
+        if step in abort_at:
+            scheduler.finish_request(abort_at[step], RequestStatus.FINISHED_ABORTED)
+        out = scheduler.schedule()
+        assert out.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
+        launched = (out, runner.execute(out))
+        if in_flight is not None:
+            for req in scheduler.update_from_output(*in_flight):
+                if req.is_finished:
+                    assert req.request_id not in finished, "finished twice"
+                    finished[req.request_id] = list(req.output_token_ids)
+        in_flight = launched if out.scheduled else None
         step += 1
         assert step < max_steps, "starvation: the workload never finished"
     return finished, step
@@ -248,3 +285,49 @@ def test_contiguous_manager_reserves_whole_slabs():
     assert kv.allocate_slots(c, 5)
     with pytest.raises(ValueError, match="fewer than one max_model_len slab"):
         ContiguousKVCacheManager(num_blocks=3, block_size=4, max_model_len=16)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads, kind=st.sampled_from(["paged", "contiguous"]), block_size=st.sampled_from([1, 4, 16]),
+       tiny=st.booleans(), seed=st.integers(0, 3), eos=st.sampled_from([None, 3, 40]))
+def test_async_scheduling_finishes_every_request_once_with_sync_outputs(workload, kind, block_size, tiny, seed,
+                                                                         eos):
+    """One token in flight per request: outputs, EOS mid-flight, preemption and memory as without it."""
+    max_model_len = 64
+    per_slab = -(-max_model_len // block_size)
+    sched = make_scheduler(kind, per_slab if tiny else per_slab * 4, block_size, max_model_len)
+    arrivals: dict[int, list[Request]] = {}
+    expected = {}
+    for i, (t, plen, mt) in enumerate(workload):
+        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
+        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, eos=eos))
+        expected[f"r{i}"] = expected_output(prompt, mt, seed, eos)
+    finished, _ = run_async(sched, FakeRunner(block_size), arrivals)
+    assert finished == expected
+    if kind == "paged":
+        assert sched.kv_cache_manager.block_pool.num_free_blocks == sched.kv_cache_manager.block_pool.num_blocks
+    assert not sched.requests
+
+
+def test_async_scheduling_never_schedules_past_max_tokens_and_survives_preemption_and_abort():
+    prompts = [[(i + j) % VOCAB for j in range(20)] for i in range(6)]
+    sched = make_scheduler("paged", num_blocks=12, block_size=4, max_model_len=64)
+    for i, p in enumerate(prompts):
+        sched.add_request(make_request(f"r{i}", p, 24))
+    sched.add_request(make_request("gone", prompts[0], 24))
+    runner = FakeRunner(4)
+    computed: dict[str, int] = {}
+    original = runner.execute
+
+    def counting(out):
+        for s in out.scheduled:
+            computed[s.req_id] = s.start_pos + s.num_tokens
+        return original(out)
+
+    runner.execute = counting
+    finished, _ = run_async(sched, runner, abort_at={3: "gone"})
+    assert sched.num_preemptions > 0
+    assert finished == {f"r{i}": expected_output(p, 24) for i, p in enumerate(prompts)}
+    # the last token's KV is never computed: a request stops when its 24th token is sampled
+    assert all(computed[f"r{i}"] == 20 + 24 - 1 for i in range(6))
+    assert sched.kv_cache_manager.block_pool.num_free_blocks == 12

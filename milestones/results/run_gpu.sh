@@ -45,6 +45,18 @@ PY
       --max-model-len 8448 --no-hf --out "$OUT/M4-latency-m3-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
       --subset 64 --milestone M4 M3 M4 --out "$OUT/M4-$gpu.json" > /dev/null ;;  # first run pays Triton JIT
+  fastpath)
+    # M4 part 2: fused kernels, CUDA graphs, async scheduling; each piece switched off in turn (M4/sync)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_ops.py \
+      tests/test_interpreter.py "tests/test_llm.py::test_async_scheduling_changes_no_output" 2>&1 | tail -3
+    bench step --model random:qwen3-0.6b --milestone M3 M4/sync M4 --batch-size 1 64 256 \
+      --out "$OUT/M4-step-$gpu.json" > /dev/null
+    bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 --output-len 128 \
+      --out "$OUT/M4-fastpath-latency-$gpu.json" > /dev/null
+    bench latency --model random:qwen3-0.6b --milestone M4/sync --input-len 128 2048 --output-len 128 --no-hf \
+      --out "$OUT/M4-fastpath-latency-sync-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 --milestone M4 M4/sync M3 \
+      --out "$OUT/M4-fastpath-W-$gpu.json" ;;
   kvbudget)
     # KV blocks the GPU memory-profiling pass leaves at the default gpu_memory_utilization (one process each)
     for m in M3 M4; do

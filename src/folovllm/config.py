@@ -129,7 +129,9 @@ class SchedulerConfig:
     a new batch only when the previous one has fully finished, "continuous"
     admits and retires requests between any two steps (M2+). ``cuda_graph_sizes``
     (vLLM's name) lists the decode batch sizes captured as CUDA graphs (default:
-    1, 2, 4, then every 8 up to ``max_num_seqs``).
+    1, 2, 4, then every 8 up to ``max_num_seqs``). ``async_scheduling`` (vLLM's
+    name) schedules and launches step n+1 before step n's tokens reach the host,
+    so host work overlaps the GPU's; it needs continuous batching.
     """
 
     max_num_seqs: int = 256
@@ -137,6 +139,7 @@ class SchedulerConfig:
     batching: str = "continuous"
     policy: str = "fcfs"
     cuda_graph_sizes: list[int] | None = None
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -152,6 +155,10 @@ class SchedulerConfig:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if self.async_scheduling and self.batching != "continuous":
+            raise ValueError(f"async_scheduling needs batching='continuous', got {self.batching!r}")
 
 
 @dataclass
@@ -183,6 +190,8 @@ class EngineConfig:
         if not isinstance(self.kv_usage_interval, int) or isinstance(self.kv_usage_interval, bool) \
                 or self.kv_usage_interval < 0:
             raise ValueError(f"kv_usage_interval must be a non-negative integer, got {self.kv_usage_interval!r}")
+        if self.scheduler_config.async_scheduling and self.cache_config.kv_layout == "none":
+            raise ValueError("async_scheduling needs a KV cache (kv_layout 'contiguous' or 'paged'), got 'none'")
 
     @property
     def device(self) -> torch.device:
@@ -251,5 +260,5 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive", **_EAGER},
     "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto", **_EAGER},
     "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
-           "enforce_eager": False, "fuse_kernels": True},
+           "enforce_eager": False, "fuse_kernels": True, "async_scheduling": True},
 }

@@ -1,9 +1,20 @@
 """``SamplingParams``: vLLM's field names and defaults, validated on construction."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What ``LLMEngine.step`` returns for a request (vLLM's names): every step the whole output so far
+    (CUMULATIVE, streaming), only what is new (DELTA), or nothing until it finishes (FINAL_ONLY:
+    ``LLM.generate``, which saves building an output per request per step)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -26,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +65,8 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(ids)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if self.top_k == -1:
             self.top_k = 0
 
@@ -66,4 +80,4 @@ class SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, seed=seed, max_tokens=self.max_tokens,
                               stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+                              ignore_eos=self.ignore_eos, logprobs=self.logprobs, output_kind=self.output_kind)

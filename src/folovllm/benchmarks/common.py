@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
+
 import torch
 
 
@@ -111,3 +113,29 @@ def mixed_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 10
     for i in sorted(rng.sample(range(num_prompts), round(long_fraction * num_prompts))):
         prompts[i] = [rng.randint(0, vocab) for _ in range(rng.randint(*long_input_len))]
     return prompts, outputs
+
+
+_SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
+    "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True}, "unfused": {"fuse_kernels": False}}
+
+
+def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
+    """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
+
+    Each ``/variant`` is a batching mode, an attention backend (``M3/naive``) or a switch that turns
+    one of M4's fast-path pieces off (``M4/sync``, ``M4/eager``, ``M4/unfused``).
+    """
+    spec, _, limit = spec.partition("@")
+    milestone, *variants = spec.split("/")
+    if limit and not limit.isdigit():
+        raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
+    extra: dict[str, Any] = {}
+    for variant in variants:
+        if variant in _SWITCHES:
+            extra.update(_SWITCHES[variant])
+        elif variant in BATCHING_MODES or variant in ATTENTION_BACKENDS:
+            extra["batching" if variant in BATCHING_MODES else "attention_backend"] = variant
+        else:
+            known = BATCHING_MODES + ATTENTION_BACKENDS + tuple(_SWITCHES)
+            raise ValueError(f"unknown config variant {variant!r}: expected one of {known}")
+    return milestone, extra, int(limit) if limit else None

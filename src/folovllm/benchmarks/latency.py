@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from folovllm.benchmarks.common import provenance
+from folovllm.benchmarks.common import parse_config, provenance
 from folovllm.benchmarks.hardware import measure_copy_bandwidth
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
@@ -103,7 +103,9 @@ def bench_latency(model: str, input_lens: list[int], output_len: int, batch_size
                   with_hf: bool = True, seed: int = 0, **overrides: Any) -> dict[str, Any]:
     """One row per prompt length: our TTFT/TPOT, HF's, and the decode floor."""
     gen = torch.Generator().manual_seed(seed)
-    llm = LLM(model, milestone=milestone, device=device, dtype=dtype, seed=seed,
+    as_of, variant, _ = parse_config(milestone) if milestone else (None, {}, None)
+    overrides = {**variant, **overrides}
+    llm = LLM(model, milestone=as_of, device=device, dtype=dtype, seed=seed,
               max_model_len=overrides.pop("max_model_len", max(input_lens) + output_len), **overrides)
     engine = llm.llm_engine
     dev, dt = engine.config.device, engine.config.model_config.dtype

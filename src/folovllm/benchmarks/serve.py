@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from folovllm.benchmarks.common import mixed_workload, provenance, random_workload, save_json
-from folovllm.benchmarks.throughput import parse_config
+from folovllm.benchmarks.common import mixed_workload, parse_config, provenance, random_workload, save_json
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.async_llm import AsyncLLM, RequestOutputKind
 from folovllm.entrypoints.llm import LLM

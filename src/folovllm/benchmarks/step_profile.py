@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from folovllm.benchmarks.common import provenance
+from folovllm.benchmarks.common import parse_config, provenance
 from folovllm.benchmarks.hardware import measure_copy_bandwidth
 from folovllm.engine.llm_engine import EngineStats
 from folovllm.entrypoints.llm import LLM
@@ -105,8 +105,9 @@ def bench_step(model: str, configs: list[str], batch_sizes: list[int], prompt_le
     """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step."""
     rows, meta, floor = [], None, None
     for milestone in configs:
-        llm = LLM(model, milestone=milestone, device=device, dtype=dtype,
-                  max_num_seqs=max(batch_sizes), **{"max_model_len": prompt_len + steps + 64, **overrides})
+        as_of, variant, _ = parse_config(milestone)
+        llm = LLM(model, milestone=as_of, device=device, dtype=dtype, max_num_seqs=max(batch_sizes),
+                  **{"max_model_len": prompt_len + steps + 64, **variant, **overrides})
         engine = llm.llm_engine
         if meta is None:
             dev, dt = engine.config.device, engine.config.model_config.dtype

@@ -1,7 +1,8 @@
 """``folovllm bench throughput``: one workload, several engine configurations, one run.
 
-Each configuration is a milestone, optionally with another batching mode:
-``M2/sequential``, ``M2/static``, ``M2`` (continuous), ``M3``. Besides
+Each configuration is a milestone, optionally with variants: another batching
+mode (``M2/sequential``, ``M2/static``), attention backend (``M3/naive``) or a
+fast-path piece switched off (``M4/sync``). Besides
 tokens/s it reports how close the run came to the workload's hardware floor
 and how much of each step was host (Python) time.
 """
@@ -15,27 +16,12 @@ from typing import Any
 
 import torch
 
-from folovllm.benchmarks.common import provenance, random_workload, save_json
-from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES, resolve_device, resolve_dtype
+from folovllm.benchmarks.common import parse_config, provenance, random_workload, save_json
+from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.llm_engine import EngineStats
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
-
-
-def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
-    """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
-
-    After ``/`` comes a batching mode or an attention backend (``M3/naive``).
-    """
-    spec, _, limit = spec.partition("@")
-    milestone, _, variant = spec.partition("/")
-    if limit and not limit.isdigit():
-        raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
-    if variant and variant not in BATCHING_MODES + ATTENTION_BACKENDS:
-        raise ValueError(f"unknown config variant {variant!r}: expected one of {BATCHING_MODES + ATTENTION_BACKENDS}")
-    extra = {} if not variant else {"batching" if variant in BATCHING_MODES else "attention_backend": variant}
-    return milestone, extra, int(limit) if limit else None
 
 
 def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_gbps: float,

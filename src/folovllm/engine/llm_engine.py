@@ -22,8 +22,8 @@ from folovllm.engine.detokenizer import IncrementalDetokenizer
 from folovllm.model_executor.model_loader import load_model
 from folovllm.outputs import CompletionOutput, ModelRunnerOutput, RequestMetricsSummary, RequestOutput
 from folovllm.request import Request, RequestStatus
-from folovllm.sampling_params import SamplingParams
-from folovllm.worker.model_runner import ModelRunner
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
+from folovllm.worker.model_runner import ModelRunner, StepInFlight
 
 PromptType = str | dict[str, Any]
 
@@ -83,6 +83,14 @@ class StepStats:
 
 
 @dataclass
+class _Launched:
+    """A step on its way through the GPU, and the host time its scheduling took."""
+
+    step: StepInFlight
+    schedule_time: float
+
+
+@dataclass
 class _ParentRequest:
     """A user request; ``n > 1`` fans it out into ``n`` child sequences."""
 
@@ -90,6 +98,7 @@ class _ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
 
 
@@ -119,6 +128,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.step_stats: deque[StepStats] = deque(maxlen=STEP_STATS_LIMIT if config.collect_step_stats else 0)
         self._step = 0
+        self._in_flight: _Launched | None = None  # async scheduling: the step whose tokens are still coming
 
     def _make_kv_cache_manager(self) -> BaseKVCacheManager:
         cache = self.config.cache_config
@@ -187,7 +197,7 @@ class LLMEngine:
                 eos_token_ids=self.eos_token_ids, priority=priority, prompt=text,
                 parent_id=request_id, index=i,
                 fork_from=children[0].request_id if cow and i > 0 else None))
-        parent = _ParentRequest(request_id, text, list(ids), children)
+        parent = _ParentRequest(request_id, text, list(ids), children, params.output_kind)
         if self.tokenizer is not None:
             parent.detokenizers = {c.request_id: IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings)
                                    for c in children}
@@ -202,24 +212,40 @@ class LLMEngine:
                 self.scheduler.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.parents)
+        return bool(self.parents) or self._in_flight is not None
 
     # ---- one step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step that finished.
+
+        Synchronously that is the same step. With ``async_scheduling`` it is the previous one:
+        step n+1 is already queued on the GPU while the host waits for step n's tokens and turns
+        them into outputs, so the GPU never idles on the host (vLLM v1's async scheduling)."""
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
+        launched = _Launched(self.model_runner.launch_step(sched_out), time.perf_counter() - t0)
+        if not self.config.scheduler_config.async_scheduling:
+            return self._finish(launched)
+        finished, self._in_flight = self._in_flight, (None if sched_out.is_empty else launched)
+        if finished is None:
+            return self._finish(launched) if sched_out.is_empty else []
+        return self._finish(finished)
+
+    def _finish(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, update the scheduler and build outputs."""
+        t0 = time.perf_counter()
+        sched_out = launched.step.sched
+        runner_out = self.model_runner.finish_step(launched.step)
         t1 = time.perf_counter()
-        runner_out = self.model_runner.execute_model(sched_out)
-        t2 = time.perf_counter()
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         outputs = self._make_outputs(updated)
-        t3 = time.perf_counter()
-        forward_time = t2 - t1 - runner_out.prepare_time
-        host_time = (t1 - t0) + runner_out.prepare_time + (t3 - t2)
+        update_time = time.perf_counter() - t1
+        forward_time = runner_out.forward_time or (t1 - t0)
+        host_time = launched.schedule_time + runner_out.prepare_time + update_time
         self.stats.add(len(sched_out.scheduled), sched_out.num_scheduled_tokens, host_time, forward_time)
         usage = self._sample_kv_usage()
         if self.config.collect_step_stats:
-            self._record_step(sched_out, runner_out, t1 - t0, forward_time, t3 - t2, usage)
+            self._record_step(sched_out, runner_out, launched.schedule_time, forward_time, update_time, usage)
         self._step += 1
         return outputs
 
@@ -257,10 +283,12 @@ class LLMEngine:
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
-            out = self._request_output(parent)
-            if out.finished:
+            finished = all(c.is_finished for c in parent.children)
+            if finished:
                 del self.parents[parent.request_id]
-            outputs.append(out)
+            elif parent.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
+            outputs.append(self._request_output(parent))
         return outputs
 
     def _request_output(self, parent: _ParentRequest) -> RequestOutput:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from tqdm import tqdm
 from folovllm.config import EngineConfig
 from folovllm.engine.llm_engine import LLMEngine, PromptType
 from folovllm.outputs import RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -56,6 +57,7 @@ class LLM:
         if len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
         engine = self.llm_engine
+        params = [_final_only(sp) for sp in params]
         processed = [engine.process_inputs(p, sp) for p, sp in zip(prompts, params)]
         ids = [str(next(self._counter)) for _ in prompts]
         for rid, proc, prio in zip(ids, processed, priority):
@@ -68,3 +70,8 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         return [finished[rid] for rid in ids]
+
+
+def _final_only(params: SamplingParams | None) -> SamplingParams:
+    """``generate`` returns finished requests only, so the engine need not build an output per step."""
+    return replace(params or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)

@@ -68,7 +68,7 @@ def _interpreted(fn: Callable) -> InterpretedFunction:
 
 
 @contextmanager
-def _interpreting() -> Iterator[None]:
+def _interpreting(kernel_fn: Callable) -> Iterator[None]:
     """Let the interpreter run a kernel although Triton was imported for compiling.
 
     ``tl.max``, ``tl.sum``, ``tl.zeros``... are ``@triton.jit`` functions too;
@@ -78,15 +78,20 @@ def _interpreting() -> Iterator[None]:
     process, so every namespace it touches is restored afterwards (names it
     adds to modules stay: its rewritten functions look them up there).
     Not thread-safe: CPU launches are for tests and notebooks.
+    The kernel's own ``@triton.jit`` helpers (module globals) are swapped the same way.
     """
     saved = [(ns, dict(vars(ns))) for ns in _LANGUAGE_NAMESPACES]
     for name, obj in saved[0][1].items():
         if isinstance(obj, JITFunction):
             setattr(tl, name, _interpreted(obj.fn))
+    scope = kernel_fn.__globals__
+    helpers = {name: obj for name, obj in scope.items() if isinstance(obj, JITFunction)}
+    scope.update({name: _interpreted(obj.fn) for name, obj in helpers.items()})
     try:
         with _interpreter_fixes():
             yield
     finally:
+        scope.update(helpers)
         for ns, before in saved:
             for name in set(vars(ns)) - set(before) if isinstance(ns, type) else ():
                 delattr(ns, name)
@@ -100,11 +105,12 @@ class _Interpreted:
 
     def __init__(self, kernel: Kernel) -> None:
         self.native = isinstance(kernel, InterpretedFunction)  # TRITON_INTERPRET=1 was set at import
+        self.kernel_fn = kernel.fn
         self.fn = kernel if self.native else _interpreted(kernel.fn)
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         def launch(*args, **kwargs) -> None:
-            with _interpreter_fixes() if self.native else _interpreting():
+            with _interpreter_fixes() if self.native else _interpreting(self.kernel_fn):
                 self.fn[grid](*args, **kwargs)
 
         return launch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,11 +28,24 @@ from folovllm.model_executor.layers.custom_op import enable_fused_ops
 from folovllm.model_executor.model_loader import LoadedModel
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.sample.metadata import SamplingMetadata
-from folovllm.sample.sampler import Sampler
+from folovllm.sample.sampler import Sampler, SamplerOutput
 from folovllm.utils import cdiv
 from folovllm.worker.block_table import BlockTable
 from folovllm.worker.buffers import CpuGpuBuffer
 from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
+
+
+@dataclass
+class StepInFlight:
+    """A launched step: its sampled ids are on their way to a pinned host tensor."""
+
+    sched: SchedulerOutput
+    rows: list[int]  # scheduled requests that sample, in sampling order
+    tokens: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+    sampler_output: SamplerOutput | None = None
+    prepare_time: float = 0.0
+    launched_at: float = 0.0
 
 
 class ModelRunner:
@@ -61,6 +75,8 @@ class ModelRunner:
         # Host buffers are pinned and copied without blocking: the next step may only overwrite them
         # once the copies that read them ran (a step that samples syncs anyway; one that does not waits here).
         self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._last_sampled: torch.Tensor | None = None  # the previous step's token ids, on the device
+        self._last_sampled_row: dict[str, int] = {}
 
     def _allocate_buffers(self, config: EngineConfig) -> None:
         sched = config.scheduler_config
@@ -77,6 +93,11 @@ class ModelRunner:
         self.block_table = CpuGpuBuffer(max_seqs, self.max_blocks_per_req, dtype=torch.int32, device=dev)
         self._block_table_stage = CpuGpuBuffer(max_seqs * self.max_blocks_per_req, dtype=torch.int32,
                                                device=torch.device("cpu"))
+        # Sampled ids land in pinned host memory (a copy into pageable memory would block the host).
+        # Two, because with async scheduling step n+1's copy is queued before step n's is read.
+        pin = dev.type == "cuda"
+        self._sampled_host = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._sampled_flip = 0
 
     # ---- KV memory -------------------------------------------------------------
     @property
@@ -204,10 +225,11 @@ class ModelRunner:
         qsl[0] = 0
         np.cumsum(query_lens, out=qsl[1:n + 1])
         if num_tokens == n:  # decode: one token per request
-            self.input_ids.np[:n] = [r.token_ids[0] for r in reqs]
+            self.input_ids.np[:n] = [r.token_ids[0] if r.token_ids else 0 for r in reqs]
             positions = starts
         else:
-            self.input_ids.np[:num_tokens] = list(itertools.chain.from_iterable(r.token_ids for r in reqs))
+            self.input_ids.np[:num_tokens] = list(itertools.chain.from_iterable(
+                r.token_ids if len(r.token_ids) == r.num_tokens else [*r.token_ids, 0] for r in reqs))
             req_of_token = np.repeat(np.arange(n), query_lens)
             positions = np.arange(num_tokens) - qsl[req_of_token] + starts[req_of_token]
         self.positions.np[:num_tokens] = positions
@@ -225,6 +247,7 @@ class ModelRunner:
                 buf.copy_to_gpu(num_tokens)
             self.seq_lens.copy_to_gpu(n)
             self.query_start_loc.copy_to_gpu(n + 1)
+        self._fill_in_flight_tokens(reqs)
         if self.kv_caches:
             slot_mapping = self.slot_mapping.gpu[:num_tokens]
         md = AttentionMetadata(
@@ -232,6 +255,20 @@ class ModelRunner:
             block_table=block_table, slot_mapping=slot_mapping, query_lens_cpu=query_lens.tolist(),
             seq_lens_cpu=self.seq_lens.np[:n].tolist(), block_size=self.block_size if self.kv_caches else 0)
         return self.input_ids.gpu[:size], self.positions.gpu[:size], md
+
+    def _fill_in_flight_tokens(self, reqs: list) -> None:
+        """Async scheduling: a request's newest token may still be on the device, sampled by the step
+        launched just before this one; copy it into this step's input ids there (no host round trip)."""
+        waiting_for = [(self.query_start_loc.np[b + 1] - 1, r.req_id) for b, r in enumerate(reqs)
+                       if len(r.token_ids) < r.num_tokens]
+        if not waiting_for:
+            return
+        try:
+            src = [self._last_sampled_row[rid] for _, rid in waiting_for]
+        except KeyError as err:
+            raise ValueError(f"request {err.args[0]!r} needs a token the previous step did not sample") from None
+        dst = torch.tensor([d for d, _ in waiting_for], dtype=torch.int64, device=self.device)
+        self.input_ids.gpu.index_copy_(0, dst, self._last_sampled[torch.tensor(src, device=self.device)])
 
     def _block_table_and_slots(self, sched: SchedulerOutput, positions: np.ndarray, query_lens: np.ndarray,
                                num_tokens: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -263,14 +300,19 @@ class ModelRunner:
                 generators[row] = self.generators[r.req_id]
         return SamplingMetadata.from_params(params, generators, self.device)
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.finish_step(self.launch_step(sched))
+
+    @torch.inference_mode()
+    def launch_step(self, sched: SchedulerOutput) -> StepInFlight:
+        """Queue one step's forward and sampling on the device; the host is free until ``finish_step``."""
         for req_id in sched.finished_req_ids:
             self.generators.pop(req_id, None)
         if sched.is_empty:
             if self.kv_caches:
                 self.block_tables.update(sched)  # still forget finished requests' tables
-            return ModelRunnerOutput([], [])
+            return StepInFlight(sched, [])
         t0 = time.perf_counter()
         if sched.block_copies:
             self.copy_blocks(sched.block_copies)
@@ -289,22 +331,42 @@ class ModelRunner:
             hidden = self.cuda_graphs.replay(graph_size)[:len(reqs)]
         else:
             hidden = self.model(input_ids, positions, attn_metadata)
-        tokens: list[int | None] = [None] * len(reqs)
-        logprobs: list[dict[int, float] | None] = [None] * len(reqs)
+        step = StepInFlight(sched, rows, prepare_time=t1 - t0, launched_at=t1)
+        self._last_sampled_row = {}
         if rows:
             logits = self.model.compute_logits(self._rows_to_sample(hidden, common, rows))
             params = [reqs[b].sampling_params for b in rows]
             if all(p.greedy and p.logprobs is None for p in params):  # the all-greedy fast path: no sort, no tensors
-                sampled = logits.argmax(dim=-1).tolist()
+                sampled = logits.argmax(dim=-1)
             else:
-                out = self.sampler(logits, self._sampling_metadata(sched, rows))
-                sampled = out.sampled_token_ids.tolist()
-                if out.logprobs is not None:
-                    self._collect_logprobs(sched, rows, sampled, out, logprobs)
-            for row, b in enumerate(rows):
-                tokens[b] = sampled[row]
-        t2 = time.perf_counter()
-        return ModelRunnerOutput(tokens, logprobs, prepare_time=t1 - t0, forward_time=t2 - t1)
+                step.sampler_output = self.sampler(logits, self._sampling_metadata(sched, rows))
+                sampled = step.sampler_output.sampled_token_ids
+            self._last_sampled = sampled
+            self._last_sampled_row = {reqs[b].req_id: row for row, b in enumerate(rows)}
+            step.tokens = self._sampled_host[self._sampled_flip][:len(rows)]
+            self._sampled_flip ^= 1
+            step.tokens.copy_(sampled, non_blocking=True)
+            if self.device.type == "cuda":
+                step.done = torch.cuda.Event()
+                step.done.record()
+        return step
+
+    def finish_step(self, step: StepInFlight) -> ModelRunnerOutput:
+        """Wait for a launched step's tokens (its only device-to-host copy) and hand them to the scheduler."""
+        reqs = step.sched.scheduled
+        tokens: list[int | None] = [None] * len(reqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(reqs)
+        if not step.rows:
+            return ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time)
+        if step.done is not None:
+            step.done.synchronize()
+        sampled = step.tokens.tolist()
+        for row, b in enumerate(step.rows):
+            tokens[b] = sampled[row]
+        if step.sampler_output is not None and step.sampler_output.logprobs is not None:
+            self._collect_logprobs(step.sched, step.rows, sampled, step.sampler_output, logprobs)
+        return ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time,
+                                 forward_time=time.perf_counter() - step.launched_at)
 
     def _graph_size(self, sched: SchedulerOutput) -> int | None:
         """The captured size this step replays, or None to run it eagerly (prefills, mixed, too large)."""

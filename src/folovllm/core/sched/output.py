@@ -17,7 +17,8 @@ class ScheduledRequest:
     """
 
     req_id: str
-    token_ids: list[int]
+    token_ids: list[int]  # may lack its last token when that one is still being sampled (async scheduling)
+    num_tokens: int
     start_pos: int
     num_prompt_tokens: int
     block_offset: int
@@ -26,13 +27,9 @@ class ScheduledRequest:
     sample: bool  # True when this step computes the request's last known token
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def is_prefill(self) -> bool:
         """Anything but a decode (the one token sampled last step): prompt tokens, or a recompute."""
-        return len(self.token_ids) > 1 or self.start_pos < self.num_prompt_tokens
+        return self.num_tokens > 1 or self.start_pos < self.num_prompt_tokens
 
 
 @dataclass

@@ -112,15 +112,29 @@ class Scheduler:
             finished_req_ids=self._finished_since_last_step,
             block_copies=self.kv_cache_manager.take_block_copies())
         self._finished_since_last_step = []
+        for (req, n), sched in zip(step.scheduled, out.scheduled):
+            req.num_computed_tokens += n  # counted as computed once scheduled (vLLM v1): the runner will
+            if sched.sample:              # have computed them before anything reads this request again
+                req.num_output_placeholders += 1
         return out
+
+    def _num_new_tokens(self, req: Request) -> int:
+        """Tokens ``req`` still has to run: known ones plus the one still being sampled (async scheduling).
+
+        Zero when the tokens in flight will already finish it (``max_tokens`` or the context limit)."""
+        pending = req.num_output_placeholders
+        if pending and (req.num_output_tokens + pending >= req.max_tokens
+                        or req.num_tokens + pending >= self.max_model_len):
+            return 0
+        return req.num_tokens + pending - req.num_computed_tokens
 
     def _schedule_running(self, step: _StepBudget) -> None:
         """Give every running request its new tokens; when KV memory runs out, preempt from the back."""
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > step.tokens_left:
+            num_new = self._num_new_tokens(req)
+            if not num_new or num_new > step.tokens_left:
                 i += 1
                 continue
             while not self.kv_cache_manager.allocate_slots(req, num_new):
@@ -139,8 +153,9 @@ class Scheduler:
         while self.waiting and len(self.running) < max_seqs:
             req = self.waiting[0]
             forked = self._try_fork(req)
-            num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > step.tokens_left or not self.kv_cache_manager.allocate_slots(req, num_new):
+            num_new = self._num_new_tokens(req)
+            if (not num_new or num_new > step.tokens_left  # (0: its token in flight will finish it)
+                    or not self.kv_cache_manager.allocate_slots(req, num_new)):
                 if forked:
                     self.kv_cache_manager.free(req)
                     req.num_computed_tokens = 0
@@ -153,12 +168,14 @@ class Scheduler:
             step.take(req, num_new)
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
+        """What the runner needs; a token still being sampled is left out of ``token_ids`` (the runner
+        takes it from the previous step's output on the device)."""
         start = req.num_computed_tokens
         offset, new_blocks = self.kv_cache_manager.take_new_block_ids(req.request_id)
         return ScheduledRequest(req_id=req.request_id, token_ids=req.all_token_ids[start:start + num_new],
-                                start_pos=start, num_prompt_tokens=req.num_prompt_tokens, block_offset=offset,
-                                new_block_ids=new_blocks, sampling_params=req.sampling_params,
-                                sample=start + num_new == req.num_tokens)
+                                num_tokens=num_new, start_pos=start, num_prompt_tokens=req.num_prompt_tokens,
+                                block_offset=offset, new_block_ids=new_blocks, sampling_params=req.sampling_params,
+                                sample=start + num_new == req.num_tokens + req.num_output_placeholders)
 
     def _try_fork(self, req: Request) -> bool:
         """Copy-on-write: share the leader's prompt blocks, recompute only the last prompt token."""
@@ -191,13 +208,13 @@ class Scheduler:
         for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids,
                                           runner_out.logprobs):
             req = self.requests.get(sched.req_id)
-            if req is None:  # aborted while its step was in flight
+            if req is None:  # finished or aborted while its step was in flight
                 continue
-            req.num_computed_tokens += sched.num_tokens
-            if req.num_computed_tokens >= req.num_prompt_tokens:
-                self._release_siblings(req)
+            if req.status == RequestStatus.RUNNING and req.num_computed_tokens >= req.num_prompt_tokens:
+                self._release_siblings(req)  # the leader's prompt is in the cache now
             if not sched.sample or token is None:
                 continue
+            req.num_output_placeholders -= 1
             req.append_output_token(token)
             if logprobs is not None:
                 req.logprobs.append(logprobs)
@@ -207,10 +224,8 @@ class Scheduler:
             updated.append(req)
             status = self._check_stop(req, token)
             if status is not None:
-                self.running.remove(req)
-                req.status = status
                 req.metrics.finished_time = now
-                self._free(req)
+                self.finish_request(req.request_id, status)
             elif self.recompute_each_step:
                 req.num_computed_tokens = 0
         return updated
