@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from dataclasses import replace
 
 import pytest
 
 from folovllm import LLM, SamplingParams
-from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestOutputKind
+from folovllm.sampling_params import RequestOutputKind
+from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 
 MODEL = dict(model="random:tiny-llama", max_model_len=128, kv_cache_memory=2**20, device="cpu")
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 3 for j in range(5 + 3 * i)]} for i in range(8)]
@@ -29,7 +32,7 @@ async def _collect(llm: AsyncLLM, prompt, params, rid: str, kind: RequestOutputK
     """Token ids per completion index, and how many outputs arrived."""
     tokens: dict[int, list[int]] = {}
     count = 0
-    async for out in llm.generate(prompt, params, rid, kind):
+    async for out in llm.generate(prompt, replace(params, output_kind=kind), rid):
         count += 1
         for c in out.outputs:
             if kind is RequestOutputKind.DELTA:
@@ -59,6 +62,8 @@ def test_n_and_seed_in_delta_mode_match_cumulative(llm):
     delta, _ = asyncio.run(_collect(llm, PROMPTS[2], params, "d", RequestOutputKind.DELTA))
     cumulative, _ = asyncio.run(_collect(llm, PROMPTS[2], params, "c", RequestOutputKind.CUMULATIVE))
     assert delta == cumulative and sorted(delta) == [0, 1, 2] and all(len(t) == 10 for t in delta.values())
+    final, count = asyncio.run(_collect(llm, PROMPTS[2], params, "f", RequestOutputKind.FINAL_ONLY))
+    assert final == cumulative and count == 1
 
 
 def test_bad_input_raises_to_its_caller_and_the_loop_goes_on(llm):
@@ -80,7 +85,7 @@ def test_leaving_early_aborts_and_frees_every_block(llm):
     async def main():
         params = SamplingParams(max_tokens=100, ignore_eos=True)
         seen = 0
-        async with contextlib.aclosing(llm.generate(PROMPTS[5], params, "leaver", RequestOutputKind.DELTA)) as gen:
+        async with contextlib.aclosing(llm.generate(PROMPTS[5], params, "leaver")) as gen:
             async for out in gen:
                 seen += len(out.outputs[0].token_ids)
                 if seen >= 3:
@@ -91,6 +96,9 @@ def test_leaving_early_aborts_and_frees_every_block(llm):
     during, after = asyncio.run(main())
     assert during.num_running == 1 and during.num_used_kv_blocks > 0
     assert (after.num_running, after.num_waiting, after.num_used_kv_blocks) == (0, 0, 0)
+    deadline = time.monotonic() + 5  # with async scheduling, one launched step is still to be collected
+    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -29,9 +29,9 @@ import torch
 
 from folovllm.benchmarks.common import mixed_workload, parse_config, provenance, random_workload, save_json
 from folovllm.config import resolve_device, resolve_dtype
-from folovllm.engine.async_llm import AsyncLLM, RequestOutputKind
+from folovllm.engine.async_llm import AsyncLLM
 from folovllm.entrypoints.llm import LLM
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 WORKLOADS = ("random", "mixed")
 PERCENTILES = (50, 90, 99)
@@ -109,10 +109,10 @@ def inprocess_sender(engine: AsyncLLM, tag: str) -> Send:
     """Requests straight into ``AsyncLLM.generate`` (greedy, ``ignore_eos``: exactly the asked length)."""
     async def send(i: int, prompt: list[int], max_tokens: int) -> RequestResult:
         result = RequestResult(len(prompt), max_tokens, start=time.perf_counter())
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
         try:
-            async for out in engine.generate({"prompt_token_ids": prompt}, params, f"{tag}-{i}",
-                                             RequestOutputKind.DELTA):
+            async for out in engine.generate({"prompt_token_ids": prompt}, params, f"{tag}-{i}"):
                 now = time.perf_counter()
                 result.token_times += [now] * len(out.outputs[0].token_ids)
         except Exception as err:  # recorded, counted as failed

@@ -12,12 +12,15 @@ two queues:
   event loop): the newest output waits there until the request's coroutine
   takes it. A slow reader never slows the engine and never piles outputs up:
   it finds the latest cumulative output and takes what is new since its last read.
+
+``SamplingParams.output_kind`` says what the caller reads (vLLM's ``RequestOutputKind``):
+the engine is always asked for cumulative outputs (or FINAL_ONLY's one), and DELTA
+is cut by the collector, once per read however many steps passed.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import queue
 import threading
@@ -27,16 +30,9 @@ from typing import Any
 
 from folovllm.engine.llm_engine import LLMEngine, PromptType
 from folovllm.outputs import RequestOutput
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class RequestOutputKind(enum.Enum):
-    """vLLM's names: every output holds all tokens so far, or only the new ones."""
-
-    CUMULATIVE = enum.auto()
-    DELTA = enum.auto()
 
 
 class EngineDeadError(RuntimeError):
@@ -153,31 +149,33 @@ class AsyncLLM:
         return self._thread.is_alive() and self._dead is None
 
     # ---- the asyncio side ---------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                          output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> RequestOutputCollector:
+    async def add_request(self, request_id: str, prompt: PromptType,
+                          sampling_params: SamplingParams | None = None) -> RequestOutputCollector:
         """Queue a request; returns once the engine accepted it. Bad input raises ``ValueError`` here."""
-        collector = RequestOutputCollector(request_id, output_kind)
+        params = sampling_params or SamplingParams()
+        collector = RequestOutputCollector(request_id, params.output_kind)
+        if params.output_kind is RequestOutputKind.DELTA:  # the collector cuts deltas from cumulative outputs
+            params = replace(params, output_kind=RequestOutputKind.CUMULATIVE)
 
         def add() -> None:
             if request_id in self._collectors:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            self.engine.add_request(request_id, prompt, sampling_params)
+            self.engine.add_request(request_id, prompt, params)
             self._collectors[request_id] = collector
 
         await self._call(add)
         return collector
 
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str,
-                       output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield outputs as tokens arrive, the last one ``finished``.
+        """Yield outputs as tokens arrive (as ``sampling_params.output_kind`` says), the last one ``finished``.
 
         Leaving early aborts the request, and its KV blocks are freed before the next
         step: at once when the task is cancelled (a client that went away) or the
         generator is closed (``contextlib.aclosing``); after a bare ``break``, when
         Python collects the generator (asyncio then closes it on its next iteration).
         """
-        collector = await self.add_request(request_id, prompt, sampling_params, output_kind)
+        collector = await self.add_request(request_id, prompt, sampling_params)
         async with contextlib.aclosing(self.outputs(collector)) as outputs:  # closing us closes it, at once
             async for out in outputs:
                 yield out

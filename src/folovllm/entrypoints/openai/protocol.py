@@ -10,7 +10,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from folovllm.sampling_params import SamplingParams
+from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class OpenAIBaseModel(BaseModel):
@@ -70,12 +70,15 @@ class SamplingRequest(OpenAIBaseModel):
     return_token_ids: bool = Field(False, description="add each choice's token ids (vLLM's extra)")
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """``SamplingParams`` checks every field and names it first in its ``ValueError``."""
+        """``SamplingParams`` checks every field and names it first in its ``ValueError``.
+
+        Streamed or not, the serving classes add up deltas (one code path; metrics see every token)."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-                              stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              output_kind=RequestOutputKind.DELTA)
 
     @property
     def include_usage(self) -> bool:

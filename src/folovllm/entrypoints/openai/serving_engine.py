@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from folovllm.engine.async_llm import AsyncLLM, RequestOutputCollector, RequestOutputKind
+from folovllm.engine.async_llm import AsyncLLM, RequestOutputCollector
 from folovllm.engine.llm_engine import PromptType
 from folovllm.entrypoints.openai.metrics import ServerMetrics
 from folovllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -89,8 +89,7 @@ class OpenAIServing:
         collectors: list[RequestOutputCollector] = []
         try:
             for i, prompt in enumerate(prompts):
-                collectors.append(await self.engine.add_request(f"{request_id}-{i}", prompt, params,
-                                                                RequestOutputKind.DELTA))
+                collectors.append(await self.engine.add_request(f"{request_id}-{i}", prompt, params))
         except ValueError as err:
             for c in collectors:
                 await self.engine.abort(c.request_id)
