@@ -223,7 +223,8 @@ class LLMEngine:
         them into outputs, so the GPU never idles on the host (vLLM v1's async scheduling)."""
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
-        launched = _Launched(self.model_runner.launch_step(sched_out), time.perf_counter() - t0)
+        schedule_time = time.perf_counter() - t0
+        launched = _Launched(self.model_runner.launch_step(sched_out), schedule_time)
         if not self.config.scheduler_config.async_scheduling:
             return self._finish(launched)
         finished, self._in_flight = self._in_flight, (None if sched_out.is_empty else launched)
