@@ -125,8 +125,10 @@ class SchedulerConfig:
     ``max_num_batched_tokens`` defaults to ``max(8192, max_model_len)`` once the
     model is known: without chunked prefill a whole prompt must fit one step.
 
-    ``batching``: "sequential" runs one request at a time (M1), "static" starts
-    a new batch only when the previous one has fully finished, "continuous"
+    ``batching``: "sequential" runs one request at a time (M1), "static" forms
+    a batch of up to ``max_num_seqs`` requests (prefilled over as many steps as
+    the token budget needs, none decoding meanwhile), runs it until every member
+    has finished, then forms the next, as a static server does; "continuous"
     admits and retires requests between any two steps (M2+). ``cuda_graph_sizes``
     (vLLM's name) lists the decode batch sizes captured as CUDA graphs (default:
     1, 2, 4, then every 8 up to ``max_num_seqs``). ``async_scheduling`` (vLLM's

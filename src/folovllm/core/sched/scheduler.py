@@ -45,6 +45,7 @@ class Scheduler:
         self.held: dict[str, list[Request]] = {}  # copy-on-write siblings waiting for their leader's prefill
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -103,9 +104,14 @@ class Scheduler:
         if self.config.policy == "priority":
             self.running.sort(key=Request.sort_key)
         step = _StepBudget(self.config.max_num_batched_tokens)
-        self._schedule_running(step)
-        if not step.preempted and not (self.config.batching == "static" and self.running):
-            self._schedule_waiting(step)
+        static = self.config.batching == "static"
+        if static and not self.running:
+            self._static_batch_open = True
+        if not (static and self._static_batch_open):
+            self._schedule_running(step)
+        if not step.preempted and (not static or self._static_batch_open):
+            if not self._schedule_waiting(step) and static:
+                self._static_batch_open = False  # full (seqs or memory) or nobody left: now decode it to the end
         out = SchedulerOutput(
             scheduled=[self._describe(req, n) for req, n in step.scheduled],
             preempted_req_ids=[r.request_id for r in step.preempted],
@@ -147,25 +153,29 @@ class Scheduler:
                 step.take(req, num_new)
                 i += 1
 
-    def _schedule_waiting(self, step: _StepBudget) -> None:
-        """Admit waiting requests in queue order while the token budget, ``max_num_seqs`` and KV memory allow."""
+    def _schedule_waiting(self, step: _StepBudget) -> bool:
+        """Admit waiting requests in queue order while the token budget, ``max_num_seqs`` and KV memory allow.
+
+        Returns True when only this step's token budget stopped it (more can join next step)."""
         max_seqs = 1 if self.config.batching == "sequential" else self.config.max_num_seqs
         while self.waiting and len(self.running) < max_seqs:
             req = self.waiting[0]
             forked = self._try_fork(req)
             num_new = self._num_new_tokens(req)
-            if (not num_new or num_new > step.tokens_left  # (0: its token in flight will finish it)
+            over_budget = num_new > step.tokens_left
+            if (not num_new or over_budget  # (0: its token in flight will finish it)
                     or not self.kv_cache_manager.allocate_slots(req, num_new)):
                 if forked:
                     self.kv_cache_manager.free(req)
                     req.num_computed_tokens = 0
-                break
+                return over_budget
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
             step.take(req, num_new)
+        return False
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         """What the runner needs; a token still being sampled is left out of ``token_ids`` (the runner
