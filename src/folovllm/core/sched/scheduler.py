@@ -14,6 +14,7 @@ from collections import deque
 from folovllm.config import SchedulerConfig
 from folovllm.core.kv_cache_manager import BaseKVCacheManager
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
+from folovllm.exceptions import InvalidTypeError
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
 
@@ -34,6 +35,11 @@ class Scheduler:
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue ``request``; a priority that is no integer would break the queue's ordering, so it is refused."""
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise InvalidTypeError(f"priority must be an integer, got {request.priority!r}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in the scheduler")
         self.requests[request.request_id] = request
         if request.fork_from is not None and request.fork_from in self.requests:
             self.held.setdefault(request.fork_from, []).append(request)
@@ -128,6 +134,7 @@ class Scheduler:
             scheduled.append((req, num_new))
             budget -= num_new
 
+        self._check_progress(scheduled, preempted)
         out = SchedulerOutput(
             scheduled=[self._describe(req, n) for req, n in scheduled],
             preempted_req_ids=[r.request_id for r in preempted],
@@ -135,6 +142,21 @@ class Scheduler:
             block_copies=self.kv_cache_manager.take_block_copies())
         self._finished_since_last_step = []
         return out
+
+    def _check_progress(self, scheduled: list[tuple[Request, int]], preempted: list[Request]) -> None:
+        """A step that schedules nothing and frees nothing while work waits would repeat forever: fail instead.
+
+        Admission refuses any request that cannot fit the whole KV cache alone, so this
+        is a bug guard, not a policy: a lone request always runs.
+        """
+        if scheduled or preempted or not (self.waiting or self.running):
+            return
+        usage = self.kv_cache_manager.usage()
+        head = self.waiting[0].request_id if self.waiting else None
+        raise RuntimeError(
+            f"scheduler stalled: {len(self.waiting)} waiting and {len(self.running)} running request(s), none "
+            f"schedulable (KV blocks used {usage.num_used_blocks}/{usage.num_blocks}, token budget "
+            f"{self.config.max_num_batched_tokens}, head of the queue {head!r})")
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
