@@ -271,8 +271,9 @@ class LLMEngine:
         clash = next((c for c in child_ids if c in live), None)
         if clash is not None:
             owner = live[clash]
-            raise ValueError(f"request_id {request_id!r} clashes with sequence {clash!r} (sample {owner.index} of "
-                             f"request {owner.parent_id!r}), which is still running; pick another id")
+            whose = f"request {owner.parent_id!r}" + (f", sample {owner.index}" if clash != owner.parent_id else "")
+            raise ValueError(f"request_id {request_id!r} clashes with sequence {clash!r} ({whose}), which is "
+                             "unfinished; pick another id")
         cow = self.config.cache_config.enable_cow and self.kv_cache_manager.can_fork()
         children: list[Request] = []
         for i, child_id in enumerate(child_ids):
