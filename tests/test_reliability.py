@@ -215,6 +215,8 @@ def test_generate_aborts_its_own_requests_when_the_run_fails(m3):
     ({"n": True}, InvalidTypeError, r"n must be an integer in \[1, 128\], got True"),
     ({"ignore_eos": "no"}, InvalidTypeError, "ignore_eos must be a bool, got 'no'"),
     ({"stop": 5}, InvalidTypeError, "stop must be a non-empty string or a list of them, got 5"),
+    ({"stop": ["w5", 10**5000]}, InvalidTypeError,  # repr() of that list raises: the message must not
+     r"stop must be a non-empty string or a list of them, got <unprintable list>"),
     ({"stop_token_ids": [2.0]}, InvalidTypeError, r"stop_token_ids\[0\] must be an integer in \[0, 2\*\*63 - 1\]"),
     ({"logprobs": -1}, ValueError, r"logprobs must be an integer in \[0, 2\*\*63 - 1\] or None, got -1"),
 ])

@@ -29,10 +29,17 @@ def _bound(x: int) -> str:
 
 
 def show(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages (a 10**5000 has no repr in Python 3.11+)."""
+    """``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    A 10**5000 has no repr in Python 3.11+ (``sys.get_int_max_str_digits``), nor has a
+    list holding one, and a user object's ``__repr__`` may raise: the message must not.
+    """
     if isinstance(value, int) and value.bit_length() > 256:
         return f"<int of {value.bit_length()} bits>"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any failure to print becomes a placeholder, never the error itself
+        return f"<unprintable {type(value).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
