@@ -371,6 +371,11 @@ SPEC = {
 FIELD_NAMES = [f.name for f in fields(SamplingParams) if f.init]
 
 
+def test_every_sampling_params_field_has_a_documented_rule():
+    """A new field needs its rule in SPEC and wild values in WILD, or the properties below would skip it."""
+    assert set(SPEC) == set(FIELD_NAMES) == set(WILD)
+
+
 def first_problem(values: dict) -> tuple[str, bool] | None:
     """(field a refusal must name first, whether it is a type problem), or None when all is valid."""
     for name in FIELD_NAMES:

@@ -12,7 +12,7 @@ against ``max_model_len``) are the engine's to check, in ``process_inputs``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -133,9 +133,8 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     def for_child(self, index: int) -> "SamplingParams":
-        """The params of sample ``index`` of an ``n > 1`` request."""
-        seed = None if self.seed is None else self.seed + index
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, seed=seed, max_tokens=self.max_tokens,
-                              stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+        """The params of sample ``index`` of an ``n > 1`` request: one sample, seed ``seed + index``.
+
+        ``replace`` carries every other field over, including any added later.
+        """
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
