@@ -61,7 +61,14 @@ def _record_step(engine, device: torch.device) -> dict[str, Any]:
     def span(e) -> list[float]:
         return [round((e.time_range.start - origin) / 1e3, 4), round(e.time_range.elapsed_us() / 1e3, 4)]
 
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:80], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us() / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
     return {"num_gpu_kernels": len(kernels), "num_host_launches": len(launches),
+            "top_kernels": [{"name": n, "count": c, "total_ms": round(ms, 4)} for n, (c, ms) in top],
             "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
             "timeline": {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]}}
 

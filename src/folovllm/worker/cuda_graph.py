@@ -72,6 +72,7 @@ class CUDAGraphRunner:
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0]
+        reserved_before = torch.cuda.memory_reserved(self.device)
         pool = None
         for size in sorted(sizes or self.sizes, reverse=True):
             self._reset_inputs(size)
@@ -84,7 +85,9 @@ class CUDAGraphRunner:
             pool = graph.pool()
             self.graphs[size] = _Graph(graph, output, metadata)
         torch.cuda.synchronize(self.device)
-        self.memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        # The driver's view misses memory the allocator had cached; its own view misses cuBLAS workspaces.
+        self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0],
+                                torch.cuda.memory_reserved(self.device) - reserved_before)
         self.capture_seconds = time.perf_counter() - start
 
     def replay(self, size: int) -> torch.Tensor:
