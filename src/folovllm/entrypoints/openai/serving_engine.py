@@ -35,7 +35,7 @@ def sse(event: BaseModel) -> str:
 def bad_request(err: ValueError, request: BaseModel, prompt_field: str) -> APIError:
     """A 400 whose ``param`` is the field the message starts with (our ``ValueError``s name it first)."""
     message = str(err)
-    first = message.split(" ", 1)[0].strip(",:")
+    first = message.split(" ", 1)[0].strip(",:").split("[", 1)[0]  # "prompt_token_ids[3] is ..." names the field
     fields = type(request).model_fields
     param = prompt_field if first in ("prompt", "prompt_token_ids") else first if first in fields else None
     return APIError(message, param=param)
