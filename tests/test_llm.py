@@ -62,7 +62,7 @@ def tiny_llm(tiny_checkpoint):
     ({"prompt_token_ids": [3] * 64}, None, "prompt has 64 tokens; max_model_len is 64"),
     ({"prompt_token_ids": [3] * 60}, SamplingParams(max_tokens=5),
      r"prompt \(60 tokens\) \+ max_tokens \(5\) exceeds max_model_len \(64\)"),
-    (3.5, None, "prompt must be a string or a dict with 'prompt_token_ids', got float"),
+    (3.5, None, "prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', got float"),
 ])
 def test_bad_input_raises_before_compute_and_engine_keeps_working(tiny_llm, prompt, params, message):
     engine = tiny_llm.llm_engine

@@ -16,6 +16,7 @@ from folovllm.attention.selector import resolve_attention_backend
 from folovllm.config import EngineConfig
 from folovllm.core.kv_cache_manager import (BaseKVCacheManager, ContiguousKVCacheManager,
                                             KVCacheManager, KVCacheUsage, NoKVCacheManager)
+from folovllm.core.kv_cache_utils import PrefixCacheStats
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.engine.detokenizer import IncrementalDetokenizer
@@ -142,15 +143,24 @@ class LLMEngine:
         runner.initialize_kv_cache(num_blocks)
         if cache.kv_layout == "contiguous":
             return ContiguousKVCacheManager(num_blocks, cache.block_size, self.max_model_len)
-        return KVCacheManager(num_blocks, cache.block_size)
+        return KVCacheManager(num_blocks, cache.block_size, enable_caching=cache.enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------
     def process_inputs(self, prompt: PromptType, params: SamplingParams | None
-                       ) -> tuple[str | None, list[int], SamplingParams, int]:
-        """Validate and tokenize; returns (text, token ids, params, resolved max_tokens)."""
+                       ) -> tuple[str | None, list[int], SamplingParams, int, str | None]:
+        """Validate and tokenize; returns (text, token ids, params, resolved max_tokens, cache_salt).
+
+        A dict prompt holds ``prompt_token_ids`` or a text ``prompt``, and may add a
+        ``cache_salt`` (vLLM's name): prefix-cache hits only among requests with the same salt.
+        """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -168,7 +178,7 @@ class LLMEngine:
                                  f"[0, {self.vocab_size})")
             ids = list(ids)
         else:
-            raise ValueError("prompt must be a string or a dict with 'prompt_token_ids', "
+            raise ValueError("prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', "
                              f"got {type(prompt).__name__}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
@@ -177,14 +187,14 @@ class LLMEngine:
         if len(ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
-        return text, ids, params, max_tokens
+        return text, ids, params, max_tokens, salt
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
         self.add_processed_request(request_id, *self.process_inputs(prompt, params), priority=priority)
 
-    def add_processed_request(self, request_id: str, text: str | None, ids: list[int],
-                              params: SamplingParams, max_tokens: int, priority: int = 0) -> None:
+    def add_processed_request(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
+                              max_tokens: int, cache_salt: str | None = None, priority: int = 0) -> None:
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         cow = self.config.cache_config.enable_cow and self.kv_cache_manager.can_fork()
@@ -195,7 +205,7 @@ class LLMEngine:
                 request_id=child_id, prompt_token_ids=list(ids),
                 sampling_params=params if params.n == 1 else params.for_child(i), max_tokens=max_tokens,
                 eos_token_ids=self.eos_token_ids, priority=priority, prompt=text,
-                parent_id=request_id, index=i,
+                parent_id=request_id, index=i, cache_salt=cache_salt,
                 fork_from=children[0].request_id if cow and i > 0 else None))
         parent = _ParentRequest(request_id, text, list(ids), children, params.output_kind)
         if self.tokenizer is not None:
@@ -213,6 +223,18 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents) or self._in_flight is not None
+
+    # region M6: prefix caching
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache lookups, hits (in tokens), hit rate and evictions so far (all zero when caching is off)."""
+        kv = self.kv_cache_manager
+        return kv.prefix_cache_stats if isinstance(kv, KVCacheManager) else PrefixCacheStats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while requests still hold blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+    # endregion
 
     # ---- one step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -303,7 +325,7 @@ class LLMEngine:
                 cumulative_logprob=sum(d[t] for d, t in zip(lps, child.output_token_ids)) if lps else None))
         finished = all(c.is_finished for c in parent.children)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
-                             finished, _summary(parent.children))
+                             finished, _summary(parent.children), parent.children[0].num_cached_tokens)
 
 
 def _summary(children: list[Request]) -> RequestMetricsSummary:

@@ -71,6 +71,10 @@ class LLM:
                         bar.update(1)
         return [finished[rid] for rid in ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's name); e.g. between benchmark runs. False while requests run."""
+        return self.llm_engine.reset_prefix_cache()
+
 
 def _final_only(params: SamplingParams | None) -> SamplingParams:
     """``generate`` returns finished requests only, so the engine need not build an output per step."""
