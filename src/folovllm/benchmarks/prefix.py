@@ -144,7 +144,7 @@ def bench_prefix(model: str, configs: list[str], parts: tuple[str, ...] = PARTS,
                         ("reply_len", reply_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    need = max(prefix_len + suffix_len + 1, system_len + user_len[1] + output_len,
+    need = max(24, prefix_len + suffix_len + 1, system_len + user_len[1] + output_len,
                chat_system_len + turns * (turn_len + reply_len))
     overrides.setdefault("max_model_len", need)
     dev = resolve_device(device)
@@ -161,9 +161,9 @@ def bench_prefix(model: str, configs: list[str], parts: tuple[str, ...] = PARTS,
         engine = llm.llm_engine
         vocab = min(engine.vocab_size, 10000)
         rng = random.Random(seed)  # every config sees the same prompts
-        warm = _tokens(rng, 64, vocab)
-        run_batch(llm, [warm + [1] * 8], [4])  # compile the kernels of a miss, then of a hit
-        run_batch(llm, [warm + [2] * 8], [4])
+        warm = _tokens(rng, 16, vocab)
+        run_batch(llm, [warm + [1] * 4], [2])  # compile the kernels of a miss, then of a hit
+        run_batch(llm, [warm + [2] * 4], [2])
         row: dict[str, Any] = {"config": spec, "milestone": milestone,
                                "prefix_caching": engine.config.cache_config.enable_prefix_caching,
                                "attention_backend": engine.model_runner.backend_name,
