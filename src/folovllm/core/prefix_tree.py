@@ -39,7 +39,8 @@ class PrefixTreeNode:
             for i, child in enumerate(node.children):
                 last = i == len(node.children) - 1
                 ids = child.block_ids
-                span = f"block {ids[0]}" if len(ids) == 1 else f"blocks {ids[0]}..{ids[-1]} ({len(ids)})"
+                shown = ids if len(ids) <= 4 else [*ids[:3], "…", ids[-1]]
+                span = f"block {ids[0]}" if len(ids) == 1 else f"blocks {','.join(map(str, shown))} ({len(ids)})"
                 text = decode(child.token_ids) if decode else " ".join(map(str, child.token_ids))
                 text = text.replace("\n", "\\n")
                 text = text if len(text) <= width else text[:width - 3] + "..."
