@@ -28,7 +28,7 @@ def test_generate_reports_bad_input_as_an_error(tiny_checkpoint, capsys):
     rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--top-p", "0",
                "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
     assert rc == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p must be a finite number in (0, 1], got 0.0" in capsys.readouterr().err
     rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--chat",
                "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
     assert rc == 2

@@ -58,29 +58,29 @@ def tiny_llm(tiny_checkpoint):
 @pytest.mark.parametrize("prompt, params, message", [
     ("", None, "prompt must not be empty"),
     ({"prompt_token_ids": []}, None, "prompt_token_ids must be a non-empty list of token ids"),
-    ({"prompt_token_ids": [1, 512]}, None, r"prompt_token_ids contains 512, outside the vocabulary \[0, 512\)"),
+    ({"prompt_token_ids": [1, 512]}, None, r"prompt_token_ids\[1\] is 512, outside the vocabulary \[0, 512\)"),
     ({"prompt_token_ids": [3] * 64}, None, "prompt has 64 tokens; max_model_len is 64"),
     ({"prompt_token_ids": [3] * 60}, SamplingParams(max_tokens=5),
      r"prompt \(60 tokens\) \+ max_tokens \(5\) exceeds max_model_len \(64\)"),
-    (3.5, None, "prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', got float"),
+    (3.5, None, "prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got float"),
 ])
 def test_bad_input_raises_before_compute_and_engine_keeps_working(tiny_llm, prompt, params, message):
     engine = tiny_llm.llm_engine
-    steps = len(engine.step_stats)
+    steps = engine.stats.num_steps
     with pytest.raises(ValueError, match=message):
         tiny_llm.generate([{"prompt_token_ids": [5, 6]}, prompt], params, use_tqdm=False)
-    assert len(engine.step_stats) == steps and not engine.has_unfinished_requests()
+    assert engine.stats.num_steps == steps and not engine.has_unfinished_requests()
     out = tiny_llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.1}, "temperature must be non-negative"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_k": -2}, "top_k must be -1, 0"),
-    ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
-    ({"max_tokens": 0}, "max_tokens must be at least 1"),
-    ({"n": 0}, "n must be at least 1"),
+    ({"temperature": -0.1}, r"temperature must be a finite number in \[0, 3.40282e\+38\], got -0.1"),
+    ({"top_p": 0.0}, r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    ({"top_k": -2}, r"top_k must be an integer in \[-1, 2\*\*63 - 1\], got -2"),
+    ({"min_p": 1.5}, r"min_p must be a finite number in \[0, 1\]"),
+    ({"max_tokens": 0}, r"max_tokens must be an integer in \[1, 2\*\*63 - 1\] or None, got 0"),
+    ({"n": 0}, r"n must be an integer in \[1, 128\], got 0"),
     ({"stop": [""]}, "stop must be a non-empty string"),
 ])
 def test_sampling_params_validation(kwargs, message):

@@ -213,6 +213,21 @@ def test_static_batching_waits_for_the_whole_batch():
     assert [s.req_id for s in second.scheduled] == ["r0"]  # r1 finished, r2 still waits
 
 
+def test_static_batch_fills_to_max_num_seqs_across_budget_limited_prefill_steps():
+    sched = make_scheduler("paged", 256, 4, 64, batching="static", max_num_seqs=4, budget=20)
+    for i in range(6):
+        sched.add_request(make_request(f"r{i}", [i + 1] * 10, 3))
+    runner = FakeRunner(4)
+    steps = []
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        steps.append([(s.req_id, s.num_tokens) for s in out.scheduled])
+        sched.update_from_output(out, runner.execute(out))
+    assert steps[:2] == [[("r0", 10), ("r1", 10)], [("r2", 10), ("r3", 10)]]  # the budget splits the batch's prefill
+    assert steps[2:4] == [[(f"r{i}", 1) for i in range(4)]] * 2  # then all four decode together to the end
+    assert steps[4] == [("r4", 10), ("r5", 10)]  # the next batch only once the first has finished
+
+
 def test_priority_policy_admits_and_preempts_by_priority():
     sched = make_scheduler("paged", 256, 4, 64, policy="priority", max_num_seqs=1)
     sched.add_request(make_request("low", [1, 2], 3, priority=5))

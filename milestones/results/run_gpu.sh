@@ -45,6 +45,12 @@ PY
       --max-model-len 8448 --no-hf --out "$OUT/M4-latency-m3-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
       --subset 64 --milestone M4 M3 M4 --out "$OUT/M4-$gpu.json" > /dev/null ;;  # first run pays Triton JIT
+  m2m3)
+    # #12: static batching re-measured (it now fills to max_num_seqs) and paging vs kernel attributed; 3 repeats
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
+      --subset 32 --repeat 3 --milestone M2 M2/static M3/naive M3 --out "$OUT/M2M3-repeats-$gpu.json" > /dev/null
+    bench step --model random:qwen3-0.6b --milestone M3 M4/sync M4 --batch-size 1 64 256 \
+      --out "$OUT/M4-step-$gpu.json" > /dev/null ;;
   fastpath)
     # M4 part 2: fused kernels, CUDA graphs, async scheduling; each piece switched off in turn (M4/sync)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_ops.py \

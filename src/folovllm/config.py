@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from folovllm.exceptions import InvalidTypeError
+
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
 # M6 (prefix caching) builds on M4 and was built before M5 (chunked prefill).
 BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M6")
@@ -25,7 +27,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -61,6 +65,8 @@ class ModelConfig:
     On a GPU, ``fuse_kernels`` runs the decoder's glue (norms, activation, RoPE) as
     fused Triton kernels and, unless ``enforce_eager`` (vLLM's name), decode steps
     replay CUDA graphs (M4 part 2). On CPU both are ignored.
+    ``max_logprobs`` caps ``SamplingParams.logprobs`` (vLLM's default, the
+    OpenAI API's limit; -1 = the whole vocabulary).
     """
 
     model: str = "smollm2-135m"
@@ -70,16 +76,23 @@ class ModelConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
     fuse_kernels: bool = True
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         for name in ("enforce_eager", "fuse_kernels"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise InvalidTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool):
+            raise InvalidTypeError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), "
+                                   f"got {self.max_logprobs!r}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), "
+                             f"got {self.max_logprobs!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InvalidTypeError(f"seed must be an integer, got {self.seed!r}")
         self.device = resolve_device(self.device)
         self.dtype = resolve_dtype(self.dtype, self.device)
 
@@ -133,8 +146,10 @@ class SchedulerConfig:
     ``max_num_batched_tokens`` defaults to ``max(8192, max_model_len)`` once the
     model is known: without chunked prefill a whole prompt must fit one step.
 
-    ``batching``: "sequential" runs one request at a time (M1), "static" starts
-    a new batch only when the previous one has fully finished, "continuous"
+    ``batching``: "sequential" runs one request at a time (M1), "static" forms
+    a batch of up to ``max_num_seqs`` requests (prefilled over as many steps as
+    the token budget needs, none decoding meanwhile), runs it until every member
+    has finished, then forms the next, as a static server does; "continuous"
     admits and retires requests between any two steps (M2+). ``cuda_graph_sizes``
     (vLLM's name) lists the decode batch sizes captured as CUDA graphs (default:
     1, 2, 4, then every 8 up to ``max_num_seqs``). ``async_scheduling`` (vLLM's
@@ -194,9 +209,10 @@ class EngineConfig:
         if self.milestone is not None and self.milestone not in MILESTONES:
             raise ValueError(f"milestone must be one of {MILESTONES} or None, got {self.milestone!r}")
         if not isinstance(self.collect_step_stats, bool):
-            raise ValueError(f"collect_step_stats must be a bool, got {self.collect_step_stats!r}")
-        if not isinstance(self.kv_usage_interval, int) or isinstance(self.kv_usage_interval, bool) \
-                or self.kv_usage_interval < 0:
+            raise InvalidTypeError(f"collect_step_stats must be a bool, got {self.collect_step_stats!r}")
+        if not isinstance(self.kv_usage_interval, int) or isinstance(self.kv_usage_interval, bool):
+            raise InvalidTypeError(f"kv_usage_interval must be a non-negative integer, got {self.kv_usage_interval!r}")
+        if self.kv_usage_interval < 0:
             raise ValueError(f"kv_usage_interval must be a non-negative integer, got {self.kv_usage_interval!r}")
         if self.scheduler_config.async_scheduling and self.cache_config.kv_layout == "none":
             raise ValueError("async_scheduling needs a KV cache (kv_layout 'contiguous' or 'paged'), got 'none'")

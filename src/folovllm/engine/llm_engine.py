@@ -2,14 +2,18 @@
 
 One step = ``Scheduler.schedule`` -> ``ModelRunner.execute_model`` (one forward
 for the whole batch) -> ``Scheduler.update_from_output`` -> detokenize and
-build ``RequestOutput``s. Input validation happens in ``add_request``, before
-any compute, so a bad request never disturbs the ones already running.
+build ``RequestOutput``s. Input validation happens in ``process_inputs``, before
+anything is registered: a bad request raises ``ValueError`` naming the field and
+never disturbs the ones already running, and a request that passes can always run
+to the end (it fits the whole KV cache alone, its values fit the sampler's tensors).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from numbers import Integral
 from typing import Any
 
 from folovllm.attention.selector import resolve_attention_backend
@@ -20,13 +24,16 @@ from folovllm.core.kv_cache_utils import PrefixCacheStats
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.engine.detokenizer import IncrementalDetokenizer
+from folovllm.exceptions import InvalidTypeError
 from folovllm.model_executor.model_loader import load_model
 from folovllm.outputs import CompletionOutput, ModelRunnerOutput, RequestMetricsSummary, RequestOutput
 from folovllm.request import Request, RequestStatus
-from folovllm.sampling_params import RequestOutputKind, SamplingParams
+from folovllm.sampling_params import INT64_MIN, RequestOutputKind, SamplingParams, check_int, show
+from folovllm.utils import cdiv
 from folovllm.worker.model_runner import ModelRunner, StepInFlight
 
 PromptType = str | dict[str, Any]
+PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})  # vLLM's TextPrompt / TokensPrompt keys we support
 
 
 STEP_STATS_LIMIT = 65536  # records kept by ``collect_step_stats``: a ring buffer, never a leak
@@ -84,6 +91,17 @@ class StepStats:
 
 
 @dataclass
+class ProcessedInputs:
+    """A request ``process_inputs`` validated and tokenized: what ``add_processed_request`` queues."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share blocks
+
+
+@dataclass
 class _Launched:
     """A step on its way through the GPU, and the host time its scheduling took."""
 
@@ -120,6 +138,8 @@ class LLMEngine:
                 f"max_num_batched_tokens ({sched_cfg.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}): without chunked prefill a whole prompt runs in one step")
         self.vocab_size = loaded.hf_config.vocab_size
+        max_logprobs = config.model_config.max_logprobs
+        self.max_logprobs = self.vocab_size if max_logprobs == -1 else max_logprobs
         self.eos_token_ids = _eos_ids(loaded)
         self.model_runner = ModelRunner(config, loaded)
         self.kv_cache_manager = self._make_kv_cache_manager()
@@ -146,40 +166,16 @@ class LLMEngine:
         return KVCacheManager(num_blocks, cache.block_size, enable_caching=cache.enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------
-    def process_inputs(self, prompt: PromptType, params: SamplingParams | None
-                       ) -> tuple[str | None, list[int], SamplingParams, int, str | None]:
-        """Validate and tokenize; returns (text, token ids, params, resolved max_tokens, cache_salt).
+    def process_inputs(self, prompt: PromptType, params: SamplingParams | None = None) -> ProcessedInputs:
+        """Validate and tokenize one request; computes and queues nothing.
 
-        A dict prompt holds ``prompt_token_ids`` or a text ``prompt``, and may add a
-        ``cache_salt`` (vLLM's name): prefix-cache hits only among requests with the same salt.
+        Everything that could fail later is checked here: the params (a validated
+        copy is kept, so the caller's object can change afterwards), the prompt, and
+        that the request's worst case (prompt + ``max_tokens``) fits the whole KV
+        cache, so the scheduler can always run it, alone if need be.
         """
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            if self.tokenizer is None:
-                raise ValueError(f"prompt is text but model {self.model_name!r} has no tokenizer; "
-                                 "pass {'prompt_token_ids': [...]} instead")
-            text, ids = prompt, self.tokenizer(prompt).input_ids
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not ids:
-                raise ValueError("prompt_token_ids must be a non-empty list of token ids")
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-            ids = list(ids)
-        else:
-            raise ValueError("prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', "
-                             f"got {type(prompt).__name__}")
+        params = self._check_params(params)
+        text, ids = self._prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which leaves no room to generate")
@@ -187,36 +183,133 @@ class LLMEngine:
         if len(ids) + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
-        return text, ids, params, max_tokens, salt
+        kv = self.kv_cache_manager
+        needed = cdiv(len(ids) + max_tokens, kv.block_size)
+        if kv.num_blocks and needed > kv.num_blocks:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks of "
+                             f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: lower "
+                             "max_tokens or raise kv_cache_memory")
+        return ProcessedInputs(text, ids, params, max_tokens, _cache_salt(prompt))
+
+    def _check_params(self, params: SamplingParams | None) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidTypeError(f"sampling_params must be a SamplingParams or None, got {type(params).__name__}")
+        params = replace(params)  # re-runs every check on the current values; the request owns this copy
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer and model {self.model_name!r} has none; "
+                             "use stop_token_ids")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs must be at most max_logprobs ({self.max_logprobs}), got {params.logprobs}")
+        return params
+
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt: a string, ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``
+        (with an optional ``"prompt"`` holding the text those ids came from)."""
+        if isinstance(prompt, str):
+            return prompt, self._tokenize(prompt)
+        if not isinstance(prompt, dict):
+            raise InvalidTypeError("prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
+                             f"got {type(prompt).__name__}")
+        unknown = sorted(map(repr, set(prompt) - PROMPT_KEYS))
+        if unknown:
+            raise ValueError(f"prompt has unsupported key(s) {', '.join(unknown)}; "
+                             f"supported: {', '.join(map(repr, sorted(PROMPT_KEYS)))}")
+        text = prompt.get("prompt")
+        if "prompt" in prompt and not isinstance(text, str):
+            raise InvalidTypeError(f"prompt['prompt'] must be a string, got {type(text).__name__}")
+        if "prompt_token_ids" not in prompt:
+            if text is None:
+                raise ValueError("prompt must have 'prompt' or 'prompt_token_ids', got an empty dict")
+            return text, self._tokenize(text)
+        ids = self._check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+        if text is not None:
+            if self.tokenizer is None:
+                raise ValueError(f"prompt text next to prompt_token_ids cannot be checked: model {self.model_name!r} "
+                                 "has no tokenizer; pass prompt_token_ids alone")
+            if self.tokenizer(text).input_ids != ids:
+                raise ValueError("prompt text does not tokenize to prompt_token_ids; pass the text the ids "
+                                 "came from, or either one alone")
+        return text, ids
+
+    def _tokenize(self, text: str) -> list[int]:
+        if not text:
+            raise ValueError("prompt must not be empty")
+        if self.tokenizer is None:
+            raise ValueError(f"prompt is text but model {self.model_name!r} has no tokenizer; "
+                             "pass {'prompt_token_ids': [...]} instead")
+        return self._check_token_ids(self.tokenizer(text).input_ids, "the tokenized prompt")
+
+    def _check_token_ids(self, ids: Any, what: str) -> list[int]:
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidTypeError(f"{what} must be a non-empty list of token ids, got {type(ids).__name__}")
+        if not ids:
+            raise ValueError(f"{what} must be a non-empty list of token ids, got {show(ids)}")
+        for i, t in enumerate(ids):
+            if not isinstance(t, Integral) or isinstance(t, bool):
+                raise InvalidTypeError(f"{what}[{i}] must be an integer token id, got {show(t)}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"{what}[{i}] is {show(t)}, outside the vocabulary [0, {self.vocab_size})")
+        return [int(t) for t in ids]
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
-        self.add_processed_request(request_id, *self.process_inputs(prompt, params), priority=priority)
+        """Validate, then queue; a request that raises leaves the engine exactly as it was."""
+        self.add_processed_request(request_id, self.process_inputs(prompt, params), priority)
 
-    def add_processed_request(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
-                              max_tokens: int, cache_salt: str | None = None, priority: int = 0) -> None:
+    def add_processed_request(self, request_id: str, inputs: ProcessedInputs, priority: int = 0) -> None:
+        """Queue a request ``process_inputs`` validated; its id must not clash with a live one.
+
+        Samples of an ``n > 1`` request run as sequences ``"<id>#<i>"`` (``n == 1``: the id
+        itself); those names are internal and never addressable by a user (``abort_request``
+        looks up user ids only), and an id is refused while it would name a live sequence.
+        """
+        if not isinstance(request_id, str):
+            raise InvalidTypeError(f"request_id must be a non-empty string, got {show(request_id)}")
+        if not request_id:
+            raise ValueError("request_id must be a non-empty string, got ''")
+        if not isinstance(inputs, ProcessedInputs):
+            raise InvalidTypeError(f"inputs must be the ProcessedInputs of process_inputs, got {type(inputs).__name__}")
+        priority = check_int("priority", priority, INT64_MIN)
+        params = inputs.sampling_params
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        live = self.scheduler.requests
+        clash = next((c for c in child_ids if c in live), None)
+        if clash is not None:
+            owner = live[clash]
+            whose = f"request {owner.parent_id!r}" + (f", sample {owner.index}" if clash != owner.parent_id else "")
+            raise ValueError(f"request_id {request_id!r} clashes with sequence {clash!r} ({whose}), which is "
+                             "unfinished; pick another id")
         cow = self.config.cache_config.enable_cow and self.kv_cache_manager.can_fork()
-        children = []
-        for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+        children: list[Request] = []
+        for i, child_id in enumerate(child_ids):
             children.append(Request(
-                request_id=child_id, prompt_token_ids=list(ids),
-                sampling_params=params if params.n == 1 else params.for_child(i), max_tokens=max_tokens,
-                eos_token_ids=self.eos_token_ids, priority=priority, prompt=text,
-                parent_id=request_id, index=i, cache_salt=cache_salt,
+                request_id=child_id, prompt_token_ids=list(inputs.prompt_token_ids),
+                sampling_params=params if params.n == 1 else params.for_child(i), max_tokens=inputs.max_tokens,
+                eos_token_ids=self.eos_token_ids, priority=priority, prompt=inputs.prompt,
+                parent_id=request_id, index=i, cache_salt=inputs.cache_salt,
                 fork_from=children[0].request_id if cow and i > 0 else None))
-        parent = _ParentRequest(request_id, text, list(ids), children, params.output_kind)
+        parent = _ParentRequest(request_id, inputs.prompt, list(inputs.prompt_token_ids), children,
+                                params.output_kind)
         if self.tokenizer is not None:
-            parent.detokenizers = {c.request_id: IncrementalDetokenizer(self.tokenizer, ids, params.stop_strings)
-                                   for c in children}
+            parent.detokenizers = {c.request_id: IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids,
+                                                                        params.stop_strings) for c in children}
         self.parents[request_id] = parent
         for child in children:
             self.scheduler.add_request(child)
 
-    def abort_request(self, request_ids: str | list[str]) -> None:
-        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests by the ids given to ``add_request``; unknown or finished ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        if not isinstance(ids, (list, tuple, set, frozenset)) or not all(isinstance(r, str) for r in ids):
+            raise InvalidTypeError(f"request_ids must be a request id (str) or a list of them, got {show(request_ids)}")
+        for rid in ids:
             parent = self.parents.pop(rid, None)
             for child in parent.children if parent else []:
                 self.scheduler.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
@@ -341,6 +434,16 @@ def _summary(children: list[Request]) -> RequestMetricsSummary:
         num_prompt_tokens=children[0].num_prompt_tokens,
         num_output_tokens=sum(c.num_output_tokens for c in children),
         num_preemptions=sum(c.num_preemptions for c in children))
+
+
+def _cache_salt(prompt: PromptType) -> str | None:
+    """``cache_salt`` (vLLM's key) of a dict prompt: requests hit only blocks cached under the same salt."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and not isinstance(salt, str):
+        raise InvalidTypeError(f"cache_salt must be a non-empty string, got {type(salt).__name__}")
+    if salt == "":
+        raise ValueError("cache_salt must be a non-empty string, got ''")
+    return salt
 
 
 def _eos_ids(loaded) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from folovllm.config import SchedulerConfig
 from folovllm.core.block_pool import KVCacheBlock
 from folovllm.core.kv_cache_manager import BaseKVCacheManager
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
+from folovllm.exceptions import InvalidTypeError
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
 
@@ -46,9 +47,15 @@ class Scheduler:
         self.held: dict[str, list[Request]] = {}  # copy-on-write siblings waiting for their leader's prefill
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue ``request``; a priority that is no integer would break the queue's ordering, so it is refused."""
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise InvalidTypeError(f"priority must be an integer, got {request.priority!r}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in the scheduler")
         self.requests[request.request_id] = request
         if request.fork_from is not None and request.fork_from in self.requests:
             self.held.setdefault(request.fork_from, []).append(request)
@@ -104,9 +111,13 @@ class Scheduler:
         if self.config.policy == "priority":
             self.running.sort(key=Request.sort_key)
         step = _StepBudget(self.config.max_num_batched_tokens)
-        self._schedule_running(step)
-        if not step.preempted and not (self.config.batching == "static" and self.running):
-            self._schedule_waiting(step)
+        if self.config.batching == "static":
+            self._schedule_static(step)
+        else:
+            self._schedule_running(step)
+            if not step.preempted:
+                self._schedule_waiting(step)
+        self._check_progress(step)
         out = SchedulerOutput(
             scheduled=[self._describe(req, n) for req, n in step.scheduled],
             preempted_req_ids=[r.request_id for r in step.preempted],
@@ -148,8 +159,20 @@ class Scheduler:
                 step.take(req, num_new)
                 i += 1
 
-    def _schedule_waiting(self, step: _StepBudget) -> None:
-        """Admit waiting requests in queue order while the token budget, ``max_num_seqs`` and KV memory allow."""
+    def _schedule_static(self, step: _StepBudget) -> None:
+        """A static server: fill a batch (its members wait, undecoded, while the token budget spreads
+        their prefills over steps), then decode it until every member has finished."""
+        if not self.running:
+            self._static_batch_open = True
+        if self._static_batch_open and not self._schedule_waiting(step):
+            self._static_batch_open = False  # full (seqs or memory) or nobody left to admit
+        if not self._static_batch_open and not step.scheduled:
+            self._schedule_running(step)
+
+    def _schedule_waiting(self, step: _StepBudget) -> bool:
+        """Admit waiting requests in queue order while the token budget, ``max_num_seqs`` and KV memory allow.
+
+        Returns True when only this step's token budget stopped it (more can join next step)."""
         max_seqs = 1 if self.config.batching == "sequential" else self.config.max_num_seqs
         while self.waiting and len(self.running) < max_seqs:
             req = self.waiting[0]
@@ -158,12 +181,13 @@ class Scheduler:
             cached = None if forked else self._find_cached_prefix(req)
             # endregion
             num_new = self._num_new_tokens(req)
-            if (not num_new or num_new > step.tokens_left  # (0: its token in flight will finish it)
+            over_budget = num_new > step.tokens_left
+            if (not num_new or over_budget  # (0: its token in flight will finish it)
                     or not self.kv_cache_manager.allocate_slots(req, num_new, cached)):
                 if forked:
                     self.kv_cache_manager.free(req)
                 req.num_computed_tokens = 0
-                break
+                return over_budget
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
@@ -171,6 +195,24 @@ class Scheduler:
                 req.metrics.first_scheduled_time = time.perf_counter()
                 req.num_cached_tokens = req.num_computed_tokens  # what a fork or a prefix hit saved it
             step.take(req, num_new)
+        return False
+
+    def _check_progress(self, step: _StepBudget) -> None:
+        """A step that schedules nothing and frees nothing while work waits would repeat forever: fail instead.
+
+        Admission refuses any request that cannot fit the whole KV cache alone, so this
+        is a bug guard, not a policy: a lone request always runs.
+        """
+        if step.scheduled or step.preempted or not (self.waiting or self.running):
+            return
+        if any(r.num_output_placeholders for r in self.running):
+            return  # async scheduling: tokens in flight will finish these (or free them) at the next update
+        usage = self.kv_cache_manager.usage()
+        head = self.waiting[0].request_id if self.waiting else None
+        raise RuntimeError(
+            f"scheduler stalled: {len(self.waiting)} waiting and {len(self.running)} running request(s), none "
+            f"schedulable (KV blocks used {usage.num_used_blocks}/{usage.num_blocks}, token budget "
+            f"{self.config.max_num_batched_tokens}, head of the queue {head!r})")
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         """What the runner needs; a token still being sampled is left out of ``token_ids`` (the runner
