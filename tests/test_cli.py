@@ -106,3 +106,27 @@ def test_bench_step_json(tmp_path, capsys):
         assert not row["cuda_graphs"] and row["num_gpu_kernels"] == 0  # CPU: eager, no GPU
     assert data["floor"]["weights_floor_ms"] > 0
     capsys.readouterr()
+
+
+def test_bench_prefix_json(tmp_path, capsys):
+    out = tmp_path / "prefix.json"
+    rc = main(["bench", "prefix", "--model", "random:tiny-llama", "--device", "cpu", "--block-size", "4",
+               "--milestone", "M4", "M6", "--prefix-len", "30", "--suffix-len", "5", "--repeat", "1",
+               "--num-prompts", "6", "--system-len", "20", "--user-len", "3:6", "--output-len", "3",
+               "--conversations", "2", "--turns", "3", "--chat-system-len", "8", "--turn-len", "4",
+               "--reply-len", "4", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "prefix" and data["commit"] and data["model"] == "random:tiny-llama"
+    m4, m6 = data["results"]
+    assert (m4["prefix_caching"], m6["prefix_caching"]) == (False, True)
+    assert m4["ttft"]["runs"][0]["hit_num_cached_tokens"] == 0
+    assert m6["ttft"]["runs"][0]["hit_num_cached_tokens"] == 28  # 7 full blocks of the 30-token prefix
+    assert m4["throughput"]["cached_tokens"] == 0 and m6["throughput"]["cached_tokens"] == 5 * 20
+    # Turn 1 hits the 8-token system prompt for the second conversation only; later turns hit the
+    # conversation so far (each prompt of turn t+1 extends the prompt and answer of turn t).
+    assert [r["hit_rate"] for r in m4["chat"]] == [0.0] * 3
+    assert m6["chat"][0]["cached_tokens"] == 8 and all(r["hit_rate"] > 0.5 for r in m6["chat"][1:])
+    assert data["summary"]["kv_blocks_saved_at_peak"] > 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "prefix", "--parts", "nothing"])

@@ -232,8 +232,9 @@ def test_stop_strings_need_a_tokenizer(m3_no_tokenizer):
 
 
 @pytest.mark.parametrize("prompt, match", [
-    ({"prompt_token_ids": [5], "cache_salt": "x"},
-     "prompt has unsupported key\\(s\\) 'cache_salt'; supported: 'prompt', 'prompt_token_ids'"),
+    ({"prompt_token_ids": [5], "multi_modal_data": "x"},
+     "prompt has unsupported key\\(s\\) 'multi_modal_data'; supported: 'cache_salt', 'prompt', 'prompt_token_ids'"),
+    ({"prompt_token_ids": [5], "cache_salt": 7}, "cache_salt must be a non-empty string, got int"),
     ({"prompt_token_ids": [5], "prompt": "w6"},
      "prompt text does not tokenize to prompt_token_ids"),
     ({}, "prompt must have 'prompt' or 'prompt_token_ids', got an empty dict"),

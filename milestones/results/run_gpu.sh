@@ -63,6 +63,10 @@ PY
       --out "$OUT/M4-fastpath-latency-sync-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 --milestone M4 M4/sync M3 \
       --out "$OUT/M4-fastpath-W-$gpu.json" ;;
+  m6)
+    # Prefix caching: TTFT hit vs miss (4k prefix + 128), 256 requests sharing a 2k system prompt,
+    # 16 six-turn chats; M4 (no cache) then M6 on the same prompts, one engine each (~3-4 min)
+    bench prefix --model random:qwen3-8b --milestone M4 M6 --out "$OUT/M6-prefix-$gpu.json" > /dev/null ;;
   kvbudget)
     # KV blocks the GPU memory-profiling pass leaves at the default gpu_memory_utilization (one process each)
     for m in M3 M4; do

@@ -1,4 +1,4 @@
-"""``folovllm`` command line: ``generate``, ``serve`` and ``bench {latency,throughput,attention,prefill,step,serve}``."""
+"""``folovllm`` command line: ``generate``, ``serve`` and ``bench {latency,throughput,attention,prefill,step,serve,prefix}``."""
 from __future__ import annotations
 
 import argparse
@@ -91,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--prompt-len", type=int, default=128)
     stp.add_argument("--steps", type=int, default=20)
     stp.add_argument("--out", default=None)
+
+    pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
+    _engine_args(pfx)
+    pfx.add_argument("--milestone", nargs="+", default=["M4", "M6"],
+                     help="configs, the one with prefix caching last (summary ratios: last over first)")
+    pfx.add_argument("--parts", nargs="+", default=["ttft", "throughput", "chat"],
+                     choices=["ttft", "throughput", "chat"])
+    pfx.add_argument("--prefix-len", type=int, default=4096, help="ttft: shared prefix tokens")
+    pfx.add_argument("--suffix-len", type=int, default=128, help="ttft: tokens after the prefix")
+    pfx.add_argument("--repeat", type=int, default=3, help="ttft: miss/hit pairs (median reported)")
+    pfx.add_argument("--num-prompts", type=int, default=256, help="throughput: requests")
+    pfx.add_argument("--system-len", type=int, default=2048, help="throughput: shared system prompt tokens")
+    pfx.add_argument("--user-len", default="32:128", help="throughput: each request's own tokens, LO:HI")
+    pfx.add_argument("--output-len", type=int, default=128, help="throughput: output tokens per request")
+    pfx.add_argument("--conversations", type=int, default=16, help="chat: conversations")
+    pfx.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
+    pfx.add_argument("--chat-system-len", type=int, default=512)
+    pfx.add_argument("--turn-len", type=int, default=64, help="chat: user tokens per turn")
+    pfx.add_argument("--reply-len", type=int, default=64, help="chat: generated tokens per turn")
+    pfx.add_argument("--seed", type=int, default=0)
+    pfx.add_argument("--out", default=None)
 
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
     pre.add_argument("--device", default=None)
@@ -194,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from folovllm.benchmarks.step_profile import bench_step
             write_results(args.out, bench_step(args.model, args.milestone, args.batch_size, args.prompt_len,
                                                args.steps, device=args.device, dtype=args.dtype, **_overrides(args)))
+        elif args.bench == "prefix":
+            from folovllm.benchmarks.prefix import bench_prefix
+            write_results(args.out, bench_prefix(
+                args.model, args.milestone, tuple(args.parts), args.prefix_len, args.suffix_len, args.repeat,
+                args.num_prompts, args.system_len, parse_range(args.user_len), args.output_len, args.conversations,
+                args.turns, args.chat_system_len, args.turn_len, args.reply_len, args.seed, device=args.device,
+                dtype=args.dtype, out=args.out, **_overrides(args)))
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
             write_results(args.out, bench_prefill_attention(

@@ -15,7 +15,8 @@ import torch
 from folovllm.exceptions import InvalidTypeError
 
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
-BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4")
+# M6 (prefix caching) builds on M4 and was built before M5 (chunked prefill).
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M6")
 ATTENTION_BACKENDS = ("auto", "naive", "triton", "flash_attn")
 BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
@@ -107,6 +108,8 @@ class CacheConfig:
     ``DEFAULT_CPU_KV_BYTES`` and GPU profiles the card and takes
     ``gpu_memory_utilization`` of it. ``enable_cow`` (copy-on-write sharing of
     an ``n > 1`` request's prompt blocks) defaults to on wherever the layout is paged.
+    ``enable_prefix_caching`` (vLLM's name, M6) keeps freed full blocks by the hash
+    of the prefix they hold and starts new requests after the longest cached prefix.
     """
 
     kv_layout: str = "paged"
@@ -114,6 +117,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_cow: bool | None = None
+    enable_prefix_caching: bool = False
 
     DEFAULT_CPU_KV_BYTES = 512 * 1024**2
 
@@ -129,6 +133,10 @@ class CacheConfig:
             self.enable_cow = self.kv_layout == "paged"
         elif self.enable_cow and self.kv_layout != "paged":
             raise ValueError(f"enable_cow=True needs kv_layout='paged', got {self.kv_layout!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.enable_prefix_caching and self.kv_layout != "paged":
+            raise ValueError(f"enable_prefix_caching=True needs kv_layout='paged', got {self.kv_layout!r}")
 
 
 @dataclass
@@ -278,3 +286,5 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
            "enforce_eager": False, "fuse_kernels": True, "async_scheduling": True},
 }
+# M6 extends M4 directly (M5 was not built yet): when M5 lands, M6 should extend M5 instead.
+_MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M4"], "enable_prefix_caching": True}

@@ -41,6 +41,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetricsSummary | None = None
+    num_cached_tokens: int | None = None  # prompt tokens whose KV was reused, not computed (vLLM's field)
 
     def __repr__(self) -> str:
         texts = [o.text for o in self.outputs]

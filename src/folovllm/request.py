@@ -70,6 +70,7 @@ class Request:
     parent_id: str | None = None
     index: int = 0
     fork_from: str | None = None  # copy-on-write: share this request's prompt blocks
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share blocks
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -77,6 +78,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # tokens not computed at first admission (prefix hit or fork)
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)  # one per full block (prefix caching)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     _all_token_ids: list[int] = field(init=False, repr=False)
 

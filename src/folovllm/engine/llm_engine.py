@@ -20,6 +20,7 @@ from folovllm.attention.selector import resolve_attention_backend
 from folovllm.config import EngineConfig
 from folovllm.core.kv_cache_manager import (BaseKVCacheManager, ContiguousKVCacheManager,
                                             KVCacheManager, KVCacheUsage, NoKVCacheManager)
+from folovllm.core.kv_cache_utils import PrefixCacheStats
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.engine.detokenizer import IncrementalDetokenizer
@@ -32,7 +33,7 @@ from folovllm.utils import cdiv
 from folovllm.worker.model_runner import ModelRunner, StepInFlight
 
 PromptType = str | dict[str, Any]
-PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})  # vLLM's TextPrompt / TokensPrompt keys we support
+PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})  # vLLM's TextPrompt / TokensPrompt keys we support
 
 
 STEP_STATS_LIMIT = 65536  # records kept by ``collect_step_stats``: a ring buffer, never a leak
@@ -97,6 +98,7 @@ class ProcessedInputs:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     max_tokens: int
+    cache_salt: str | None = None  # prefix caching: only requests with the same salt share blocks
 
 
 @dataclass
@@ -161,7 +163,7 @@ class LLMEngine:
         runner.initialize_kv_cache(num_blocks)
         if cache.kv_layout == "contiguous":
             return ContiguousKVCacheManager(num_blocks, cache.block_size, self.max_model_len)
-        return KVCacheManager(num_blocks, cache.block_size)
+        return KVCacheManager(num_blocks, cache.block_size, enable_caching=cache.enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------
     def process_inputs(self, prompt: PromptType, params: SamplingParams | None = None) -> ProcessedInputs:
@@ -187,7 +189,7 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks of "
                              f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: lower "
                              "max_tokens or raise kv_cache_memory")
-        return ProcessedInputs(text, ids, params, max_tokens)
+        return ProcessedInputs(text, ids, params, max_tokens, _cache_salt(prompt))
 
     def _check_params(self, params: SamplingParams | None) -> SamplingParams:
         if params is None:
@@ -291,7 +293,7 @@ class LLMEngine:
                 request_id=child_id, prompt_token_ids=list(inputs.prompt_token_ids),
                 sampling_params=params if params.n == 1 else params.for_child(i), max_tokens=inputs.max_tokens,
                 eos_token_ids=self.eos_token_ids, priority=priority, prompt=inputs.prompt,
-                parent_id=request_id, index=i,
+                parent_id=request_id, index=i, cache_salt=inputs.cache_salt,
                 fork_from=children[0].request_id if cow and i > 0 else None))
         parent = _ParentRequest(request_id, inputs.prompt, list(inputs.prompt_token_ids), children,
                                 params.output_kind)
@@ -314,6 +316,18 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents) or self._in_flight is not None
+
+    # region M6: prefix caching
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache lookups, hits (in tokens), hit rate and evictions so far (all zero when caching is off)."""
+        kv = self.kv_cache_manager
+        return kv.prefix_cache_stats if isinstance(kv, KVCacheManager) else PrefixCacheStats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while requests still hold blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+    # endregion
 
     # ---- one step ---------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -404,7 +418,7 @@ class LLMEngine:
                 cumulative_logprob=sum(d[t] for d, t in zip(lps, child.output_token_ids)) if lps else None))
         finished = all(c.is_finished for c in parent.children)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
-                             finished, _summary(parent.children))
+                             finished, _summary(parent.children), parent.children[0].num_cached_tokens)
 
 
 def _summary(children: list[Request]) -> RequestMetricsSummary:
@@ -420,6 +434,16 @@ def _summary(children: list[Request]) -> RequestMetricsSummary:
         num_prompt_tokens=children[0].num_prompt_tokens,
         num_output_tokens=sum(c.num_output_tokens for c in children),
         num_preemptions=sum(c.num_preemptions for c in children))
+
+
+def _cache_salt(prompt: PromptType) -> str | None:
+    """``cache_salt`` (vLLM's key) of a dict prompt: requests hit only blocks cached under the same salt."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and not isinstance(salt, str):
+        raise InvalidTypeError(f"cache_salt must be a non-empty string, got {type(salt).__name__}")
+    if salt == "":
+        raise ValueError("cache_salt must be a non-empty string, got ''")
+    return salt
 
 
 def _eos_ids(loaded) -> tuple[int, ...]:

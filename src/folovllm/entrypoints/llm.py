@@ -87,6 +87,10 @@ class LLM:
             raise
         return [finished[rid] for rid in ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's name); e.g. between benchmark runs. False while requests run."""
+        return self.llm_engine.reset_prefix_cache()
+
 
 def _as_list(name: str, value: Any, single: tuple[type, ...], what: str) -> list[Any]:
     """``value`` as a list: a lone ``single`` item is wrapped; anything but a list or tuple is refused."""

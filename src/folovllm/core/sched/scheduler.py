@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from folovllm.config import SchedulerConfig
+from folovllm.core.block_pool import KVCacheBlock
 from folovllm.core.kv_cache_manager import BaseKVCacheManager
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
 from folovllm.exceptions import InvalidTypeError
@@ -176,19 +177,23 @@ class Scheduler:
         while self.waiting and len(self.running) < max_seqs:
             req = self.waiting[0]
             forked = self._try_fork(req)
+            # region M6: prefix caching
+            cached = None if forked else self._find_cached_prefix(req)
+            # endregion
             num_new = self._num_new_tokens(req)
             over_budget = num_new > step.tokens_left
             if (not num_new or over_budget  # (0: its token in flight will finish it)
-                    or not self.kv_cache_manager.allocate_slots(req, num_new)):
+                    or not self.kv_cache_manager.allocate_slots(req, num_new, cached)):
                 if forked:
                     self.kv_cache_manager.free(req)
-                    req.num_computed_tokens = 0
+                req.num_computed_tokens = 0
                 return over_budget
             self.waiting.popleft()
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
+                req.num_cached_tokens = req.num_computed_tokens  # what a fork or a prefix hit saved it
             step.take(req, num_new)
         return False
 
@@ -228,6 +233,18 @@ class Scheduler:
         req.num_computed_tokens = req.num_prompt_tokens - 1
         self.kv_cache_manager.fork(leader, req)
         return True
+
+    # region M6: prefix caching
+    def _find_cached_prefix(self, req: Request) -> list[KVCacheBlock]:
+        """Start ``req`` after the longest run of its full blocks already cached (none when caching is off).
+
+        A preempted request finds its own blocks again if nothing evicted them. Only a
+        lookup: ``allocate_slots`` takes the blocks, or nothing happens if it fails.
+        """
+        blocks, num_cached = self.kv_cache_manager.get_computed_blocks(req)
+        req.num_computed_tokens = num_cached
+        return blocks
+    # endregion
 
     def _preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, go to the front of the queue."""
