@@ -186,7 +186,8 @@ class ModelRunner:
 
     # ---- CUDA graphs -------------------------------------------------------------
     def _make_graph_runner(self) -> CUDAGraphRunner:
-        sizes = capture_sizes(self.config.scheduler_config.max_num_seqs, self.config.scheduler_config.cuda_graph_sizes)
+        sched = self.config.scheduler_config  # a decode step has at most one token per request, budget included
+        sizes = capture_sizes(min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.cuda_graph_sizes)
         return CUDAGraphRunner(sizes, self._graph_forward, self._graph_metadata, self._pad_decode_inputs, self.device)
 
     def _graph_metadata(self, size: int):
