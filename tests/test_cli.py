@@ -46,6 +46,10 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
     assert parse_config("M4/sync/eager") == ("M4", {"async_scheduling": False, "enforce_eager": True}, None)
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):
         parse_config("M3/fast")
+    assert parse_config("M5/budget=512/threshold=256/itl=20") == (
+        "M5", {"max_num_batched_tokens": 512, "long_prefill_token_threshold": 256, "target_itl_ms": 20.0}, None)
+    with pytest.raises(ValueError, match="config variant budget= needs a number, got 'x'"):
+        parse_config("M5/budget=x")
 
 
 def test_bench_throughput_json(tmp_path, capsys):

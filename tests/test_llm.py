@@ -250,3 +250,42 @@ def test_async_scheduling_changes_no_output(tiny_checkpoint):
     assert [d.keys() for d in logprobs[True]] == [d.keys() for d in logprobs[False]]
     flat = {k: [v for d in lps for v in d.values()] for k, lps in logprobs.items()}
     assert flat[True] == pytest.approx(flat[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra", [dict(max_num_batched_tokens=8),
+                                   dict(max_num_batched_tokens=16, long_prefill_token_threshold=5),
+                                   dict(max_num_batched_tokens=12, async_scheduling=False),
+                                   dict(max_num_batched_tokens=32, target_itl_ms=1.0)])
+def test_chunked_prefill_changes_no_output(tiny_checkpoint, extra):
+    """Budgets far below the prompt lengths (M5) against whole-prompt steps (M4): greedy, seeded,
+    n>1 forks after a chunked prompt, stop strings and token ids, logprobs."""
+    folder = str(tiny_checkpoint("qwen3"))
+    prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 3 for j in range(20 + 13 * i)]} for i in range(5)]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[100 + k for k in range(300)]),
+              SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=25, ignore_eos=True, stop=["w36"])]
+    results, logprobs = {}, {}
+    for milestone, kw in (("M4", {}), ("M5", extra)):
+        llm = LLM(folder, milestone=milestone, max_model_len=128, kv_cache_memory=2**22, block_size=4, **kw)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[milestone] = [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+        logprobs[milestone] = [v for d in outs[1].outputs[0].logprobs for v in d.values()]
+        stats = llm.llm_engine.stats
+        assert stats.num_tokens <= stats.num_steps * llm.llm_engine.config.scheduler_config.max_num_batched_tokens
+    assert results["M5"] == results["M4"]
+    assert [r[0][1:] for r in results["M5"][3:]] == [("stop", 192), ("stop", "w36")]
+    assert logprobs["M5"] == pytest.approx(logprobs["M4"], rel=1e-4)
+
+
+def test_chunked_prefill_lifts_the_budget_check(tiny_checkpoint):
+    folder = str(tiny_checkpoint("llama"))
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) must be >= max_model_len \(64\)"):
+        LLM(folder, milestone="M4", max_model_len=64, max_num_batched_tokens=16, kv_cache_memory=2**20)
+    llm = LLM(folder, milestone="M5", max_model_len=64, max_num_batched_tokens=16, kv_cache_memory=2**20,
+              collect_step_stats=True)
+    out = llm.generate({"prompt_token_ids": [3] * 40}, SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4
+    assert [s.num_tokens for s in llm.llm_engine.step_stats] == [16, 16, 8, 1, 1, 1]

@@ -32,8 +32,9 @@ def next_token(context: list[int], seed: int) -> int:
 class FakeRunner:
     """Keeps its own block tables from the scheduler's changes only (as the real runner does)."""
 
-    def __init__(self, block_size: int, uses_cache: bool = True) -> None:
+    def __init__(self, block_size: int, uses_cache: bool = True, step_time=None) -> None:
         self.block_size, self.uses_cache = block_size, uses_cache
+        self.step_time = step_time  # shapes -> seconds: a made-up device time (dynamic chunk sizing)
         self.slots: dict[int, int] = {}
         self.tables: dict[str, list[int]] = {}
         self.last: dict[str, int] = {}  # the previous step's samples (async scheduling reads them "on device")
@@ -69,7 +70,9 @@ class FakeRunner:
             seed = s.sampling_params.seed or 0
             tokens.append(next_token(context, seed) if s.sample else None)
         self.last = {s.req_id: t for s, t in zip(sched_out.scheduled, tokens) if t is not None}
-        return ModelRunnerOutput(tokens, [None] * len(tokens))
+        shapes = [(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled]
+        return ModelRunnerOutput(tokens, [None] * len(tokens),
+                                 device_time=self.step_time(shapes) if self.step_time and shapes else None)
 
 
 def make_request(rid: str, prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None,
@@ -88,6 +91,21 @@ def expected_output(prompt: list[int], max_tokens: int, seed: int = 0, eos: int 
     return seq[len(prompt):]
 
 
+def checked_schedule(scheduler: Scheduler):
+    """``schedule()`` plus the invariants every step keeps (budget, caps, and that no decode is skipped)."""
+    cfg = scheduler.config
+    decoding = {r.request_id for r in scheduler.running if scheduler._num_new_tokens(r) == 1}
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens
+    assert len(out.scheduled) <= (1 if cfg.batching == "sequential" else cfg.max_num_seqs)
+    assert len({s.req_id for s in out.scheduled}) == len(out.scheduled)
+    if cfg.long_prefill_token_threshold:
+        assert all(s.num_tokens <= cfg.long_prefill_token_threshold for s in out.scheduled)
+    if cfg.max_num_batched_tokens >= cfg.max_num_seqs:  # room for every decode: none may wait behind a prefill
+        assert decoding <= {s.req_id for s in out.scheduled} | set(out.preempted_req_ids)
+    return out
+
+
 def run(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Request]] | None = None,
         max_steps: int = 20_000) -> tuple[dict[str, list[int]], int]:
     """Drive the scheduler; returns outputs of finished requests and the number of steps."""
@@ -99,11 +117,7 @@ def run(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Reque
         for req in arrivals.get(step, []):
             scheduler.add_request(req)
             tracked[req.request_id] = req
-        out = scheduler.schedule()
-        cfg = scheduler.config
-        assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens
-        assert len(out.scheduled) <= (1 if cfg.batching == "sequential" else cfg.max_num_seqs)
-        assert len({s.req_id for s in out.scheduled}) == len(out.scheduled)
+        out = checked_schedule(scheduler)
         updated = scheduler.update_from_output(out, runner.execute(out))
         for req in updated:
             if req.is_finished:
@@ -127,8 +141,7 @@ def run_async(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list
             scheduler.add_request(req)
         if step in abort_at:
             scheduler.finish_request(abort_at[step], RequestStatus.FINISHED_ABORTED)
-        out = scheduler.schedule()
-        assert out.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
+        out = checked_schedule(scheduler)
         launched = (out, runner.execute(out))
         if in_flight is not None:
             for req in scheduler.update_from_output(*in_flight):
@@ -142,12 +155,12 @@ def run_async(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list
 
 
 def make_scheduler(kind: str, num_blocks: int, block_size: int, max_model_len: int, batching="continuous",
-                   max_num_seqs=8, budget=None, policy="fcfs") -> Scheduler:
+                   max_num_seqs=8, budget=None, policy="fcfs", **chunking) -> Scheduler:
     kv = {"paged": lambda: KVCacheManager(num_blocks, block_size),
           "contiguous": lambda: ContiguousKVCacheManager(num_blocks, block_size, max_model_len),
           "none": NoKVCacheManager}[kind]()
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget or max_model_len,
-                          batching=batching, policy=policy)
+                          batching=batching, policy=policy, **chunking)
     return Scheduler(cfg, kv, max_model_len, recompute_each_step=kind == "none")
 
 
@@ -346,3 +359,189 @@ def test_async_scheduling_never_schedules_past_max_tokens_and_survives_preemptio
     # the last token's KV is never computed: a request stops when its 24th token is sampled
     assert all(computed[f"r{i}"] == 20 + 24 - 1 for i in range(6))
     assert sched.kv_cache_manager.block_pool.num_free_blocks == 12
+
+
+# ---- M5: chunked prefill ------------------------------------------------------------------------
+def chunked(kind: str, num_blocks: int, block_size: int, max_model_len: int, budget: int, threshold: int = 0,
+            **kw) -> Scheduler:
+    return make_scheduler(kind, num_blocks, block_size, max_model_len, budget=budget, enable_chunked_prefill=True,
+                          long_prefill_token_threshold=threshold, **kw)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads, kind=st.sampled_from(["paged", "contiguous"]), block_size=st.sampled_from([1, 4, 16]),
+       tiny=st.booleans(), seed=st.integers(0, 3), eos=st.sampled_from([None, 3, 40]),
+       budget=st.integers(1, 24), threshold=st.sampled_from([0, 1, 5]), asynchronous=st.booleans())
+def test_chunked_workloads_finish_once_with_unchunked_outputs(workload, kind, block_size, tiny, seed, eos, budget,
+                                                              threshold, asynchronous):
+    """Budgets down to one token per step, sync and async: the outputs of running each request alone,
+    every request finished once, no decode skipped while there is room, all memory back."""
+    max_model_len = 64
+    per_slab = -(-max_model_len // block_size)
+    sched = chunked(kind, per_slab if tiny else per_slab * 4, block_size, max_model_len, budget, threshold)
+    arrivals: dict[int, list[Request]] = {}
+    expected = {}
+    for i, (t, plen, mt) in enumerate(workload):
+        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
+        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, eos=eos))
+        expected[f"r{i}"] = expected_output(prompt, mt, seed, eos)
+    finished, _ = (run_async if asynchronous else run)(sched, FakeRunner(block_size), arrivals)
+    assert finished == expected
+    if kind == "paged":
+        assert sched.kv_cache_manager.block_pool.num_free_blocks == sched.kv_cache_manager.block_pool.num_blocks
+    else:
+        assert len(sched.kv_cache_manager.free_slabs) == sched.kv_cache_manager.num_slabs
+    assert not sched.requests
+
+
+def test_decodes_get_a_token_every_step_while_a_long_prompt_is_prefilled():
+    sched = chunked("paged", 64, 4, 128, budget=8)
+    runner = FakeRunner(4)
+    shorts = [make_request(f"s{i}", [i + 1] * 3, 40) for i in range(3)]
+    long = make_request("long", [(7 * j) % VOCAB for j in range(100)], 5)
+    arrivals = {0: shorts, 2: [long]}
+    steps = []
+    original = runner.execute
+    runner.execute = lambda out: steps.append({s.req_id: s.num_tokens for s in out.scheduled}) or original(out)
+    finished, _ = run(sched, runner, arrivals)
+    assert finished == {r.request_id: expected_output(r.prompt_token_ids, r.max_tokens) for r in shorts + [long]}
+    prefill_steps = [i for i, s in enumerate(steps) if "long" in s and s["long"] > 1]
+    assert len(prefill_steps) == -(-100 // 5)  # 8 tokens a step, 3 of them the decodes
+    for i in prefill_steps:
+        assert steps[i] == {"s0": 1, "s1": 1, "s2": 1, "long": 5}
+
+
+@pytest.mark.parametrize("prompt_len", [7, 8, 9, 16, 17, 24])
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_prompts_at_budget_and_block_boundaries(prompt_len, asynchronous):
+    """Budget 8, blocks of 4: chunks of 8 then the rest, the token sampled on the last chunk only."""
+    sched = chunked("paged", 16, 4, 64, budget=8)
+    runner = FakeRunner(4)
+    seen = []
+    original = runner.execute
+    runner.execute = lambda out: seen.extend((s.num_tokens, s.sample) for s in out.scheduled) or original(out)
+    prompt = [(3 * j + 1) % VOCAB for j in range(prompt_len)]
+    finished, _ = (run_async if asynchronous else run)(sched, runner, {0: [make_request("r", prompt, 3)]})
+    assert finished == {"r": expected_output(prompt, 3)}
+    chunks = [8] * (prompt_len // 8) + ([prompt_len % 8] if prompt_len % 8 else [])
+    assert seen == [(n, i == len(chunks) - 1) for i, n in enumerate(chunks)] + [(1, True)] * 2
+    assert sched.kv_cache_manager.block_pool.num_free_blocks == 16
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_preempting_a_partly_prefilled_request_recomputes_it(asynchronous):
+    sched = chunked("paged", 12, 4, 64, budget=5)
+    preempted_at = []
+    original = sched._preempt
+    sched._preempt = lambda req: preempted_at.append((req.request_id, req.num_computed_tokens)) or original(req)
+    a = make_request("a", [(5 * j) % VOCAB for j in range(8)], 32)
+    b = make_request("b", [(3 * j + 2) % VOCAB for j in range(30)], 4)
+    finished, _ = (run_async if asynchronous else run)(sched, FakeRunner(4), {0: [a], 1: [b]})
+    assert finished == {"a": expected_output(a.prompt_token_ids, 32), "b": expected_output(b.prompt_token_ids, 4)}
+    assert any(rid == "b" and 0 < computed < 30 for rid, computed in preempted_at)
+    assert sched.kv_cache_manager.block_pool.num_free_blocks == 12
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_abort_mid_prefill_frees_its_blocks(asynchronous):
+    sched = chunked("paged", 64, 4, 64, budget=6)
+    a = make_request("a", [1, 2, 3], 10)
+    b = make_request("b", [(3 * j) % VOCAB for j in range(40)], 10)
+    runner = FakeRunner(4)
+    partial = []
+    original = runner.execute
+    runner.execute = lambda out: partial.extend(s.start_pos + s.num_tokens for s in out.scheduled
+                                                if s.req_id == "b") or original(out)
+    finished, _ = (run_async if asynchronous else run)(sched, runner, {0: [a, b]}, abort_at={4: "b"}) \
+        if asynchronous else _run_with_abort(sched, runner, {0: [a, b]}, 4, "b")
+    assert finished == {"a": expected_output([1, 2, 3], 10)}
+    assert partial and max(partial) < 40  # aborted while its prompt was half in the cache
+    assert sched.kv_cache_manager.block_pool.num_free_blocks == 64 and not sched.requests
+
+
+def _run_with_abort(sched: Scheduler, runner: FakeRunner, arrivals, at: int, rid: str):
+    """``run`` that aborts ``rid`` before step ``at``."""
+    for req in arrivals[0]:
+        sched.add_request(req)
+    for _ in range(at):
+        out = checked_schedule(sched)
+        sched.update_from_output(out, runner.execute(out))
+    sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+    return run(sched, runner)
+
+
+def test_forks_wait_for_the_last_chunk_then_share_the_prompt():
+    block_size, prompt = 4, [(11 * j + 3) % VOCAB for j in range(22)]
+    sched = chunked("paged", 64, block_size, 64, budget=6)
+    sched.add_request(make_request("p#0", prompt, 6, seed=10))
+    for i in range(1, 4):
+        sched.add_request(make_request(f"p#{i}", prompt, 6, seed=10 + i, fork_from="p#0"))
+    runner = FakeRunner(block_size)
+    first_seen = {}
+    original = runner.execute
+
+    def record(out):
+        for s in out.scheduled:
+            first_seen.setdefault(s.req_id, (s.start_pos, s.num_tokens))
+        return original(out)
+
+    runner.execute = record
+    finished, _ = run(sched, runner)
+    assert finished == {f"p#{i}": expected_output(prompt, 6, seed=10 + i) for i in range(4)}
+    assert first_seen["p#0"] == (0, 6)
+    assert all(first_seen[f"p#{i}"] == (21, 1) for i in range(1, 4))  # forked: only the last prompt token
+    assert sched.kv_cache_manager.block_pool.num_free_blocks == 64
+
+
+def linear_step_time(shapes) -> float:
+    """A made-up device: 2 ms a step, 10 us a token, 0.1 us per context token, 10 ns per (query, key) pair."""
+    return 2e-3 + sum(1e-5 * q + 1e-7 * seq + 1e-8 * q * seq for q, seq in shapes)
+
+
+def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
+    """Four decoders and 600-token prompts arriving now and then: a 256-token budget overshoots a 4 ms
+    target; the cost model learns the made-up device from the first prompt's steps and sizes every
+    chunk after that to fit."""
+    prompts = [[(j * (i + 3)) % VOCAB for j in range(600)] for i in range(4)]
+    arrivals = {0: [make_request(f"d{i}", [i + 1] * 4, 120) for i in range(4)],
+                **{t: [make_request(f"p{i}", p, 4)] for i, (t, p) in enumerate(zip((3, 30, 50, 70), prompts))}}
+    times = {}
+    for target in (None, 4.0):
+        sched = chunked("paged", 512, 16, 1024, budget=256, target_itl_ms=target)
+        runner = FakeRunner(16, step_time=linear_step_time)
+        measured = []
+        original = runner.execute
+
+        def timed(out):
+            result = original(out)
+            measured.append(result.device_time)
+            return result
+
+        runner.execute = timed
+        fresh = {t: [make_request(r.request_id, r.prompt_token_ids, r.max_tokens) for r in reqs]
+                 for t, reqs in arrivals.items()}
+        finished, _ = run(sched, runner, fresh)
+        assert finished == {r.request_id: expected_output(r.prompt_token_ids, r.max_tokens)
+                            for reqs in fresh.values() for r in reqs}
+        times[target] = measured
+        if target is not None:
+            coef = sched.cost_model.coef
+            assert coef == pytest.approx([2e-3, 1e-5, 1e-7, 1e-8], rel=1e-6)
+    assert max(times[None]) > 4e-3
+    warm = times[4.0][30:]  # fitted from the first prompt's steps
+    assert max(warm) <= 4e-3
+    assert sum(t > 3.5e-3 for t in warm) >= 10  # and the chunks fill the target, not a token less than needed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"long_prefill_token_threshold": 8}, "long_prefill_token_threshold needs enable_chunked_prefill=True"),
+    ({"target_itl_ms": 20.0}, "target_itl_ms needs enable_chunked_prefill=True"),
+    ({"enable_chunked_prefill": True, "target_itl_ms": 0}, "target_itl_ms must be a positive number"),
+    ({"enable_chunked_prefill": True, "long_prefill_token_threshold": -1},
+     "long_prefill_token_threshold must be a non-negative integer"),
+    ({"enable_chunked_prefill": "yes"}, "enable_chunked_prefill must be a bool"),
+    ({"enable_chunked_prefill": True, "batching": "static"}, "enable_chunked_prefill needs batching='continuous'"),
+])
+def test_chunking_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SchedulerConfig(**kwargs)

@@ -100,6 +100,28 @@ else:
     bench serve $load --base-url http://127.0.0.1:8000 --baseline "$OUT/serving-inprocess-$gpu.json" \
       --out "$OUT/serving-$gpu.json" > /dev/null
     kill -TERM $server; wait $server; echo "server exit $? (0: SIGTERM drained)" ;;
+  m5)
+    # M5 chunked prefill on the mixed workload (15% of the prompts 4k-8k tokens among W-like short ones,
+    # Poisson arrivals at a rate where M4 is loaded), one process, one JSON: M4 vs M5 (budget 2048),
+    # the chunk-size sweep 256..8192, and dynamic sizing (target ITL 10 / 20 ms under an 8192 ceiling)
+    # against those fixed budgets. Needs `bench serve` (serving branch). ~5 min on an H200.
+    python3 - <<'PY'
+from folovllm import LLM, SamplingParams
+prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 10000 for j in range(700 + 900 * i)]} for i in range(4)]
+params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+runs = {}
+for name, kw in {"M4": {}, "M5/budget=256": dict(max_num_batched_tokens=256)}.items():
+    llm = LLM("random:qwen3-0.6b", milestone=name[:2], max_model_len=4096, kv_cache_memory=2**30, **kw)
+    runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+same = sum(a == b for x, y in zip(runs["M4"], runs["M5/budget=256"]) for a, b in zip(x, y))
+print(f"M5/budget=256: {same}/{sum(map(len, runs['M4']))} greedy tokens equal to M4 (bf16, prompts 700-3400)")
+PY
+    model="--model random:qwen3-0.6b --max-model-len 9216"
+    load="--workload mixed --num-prompts 200 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0"
+    # the first (12 requests) pays Triton's JIT for chunk shapes; the rows after it are the measurement
+    bench serve $model $load --milestone M5/budget=512@12 M4 M5 M5/budget=256 M5/budget=512 M5/budget=1024 \
+      M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
+      --out "$OUT/M5-serve-mixed-$gpu.json" > /dev/null ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in

@@ -15,8 +15,7 @@ import torch
 from folovllm.exceptions import InvalidTypeError
 
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
-# M6 (prefix caching) builds on M4 and was built before M5 (chunked prefill).
-BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M6")
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6")
 ATTENTION_BACKENDS = ("auto", "naive", "triton", "flash_attn")
 BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
@@ -145,6 +144,13 @@ class SchedulerConfig:
 
     ``max_num_batched_tokens`` defaults to ``max(8192, max_model_len)`` once the
     model is known: without chunked prefill a whole prompt must fit one step.
+    ``enable_chunked_prefill`` (vLLM's name, M5) lets a prompt be cut into chunks
+    across steps, so the budget may be far below ``max_model_len``;
+    ``long_prefill_token_threshold`` (vLLM's name; 0 = no cap) caps one request's
+    chunk so several prompts progress together. ``target_itl_ms`` turns on dynamic
+    chunk sizing: each step's prefill share is cut so the step's time, predicted by a
+    cost model fitted on the steps measured so far, stays under this inter-token
+    latency (``max_num_batched_tokens`` stays the ceiling; decodes are never cut).
 
     ``batching``: "sequential" runs one request at a time (M1), "static" forms
     a batch of up to ``max_num_seqs`` requests (prefilled over as many steps as
@@ -163,6 +169,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     cuda_graph_sizes: list[int] | None = None
     async_scheduling: bool = False
+    enable_chunked_prefill: bool = False
+    long_prefill_token_threshold: int = 0
+    target_itl_ms: float | None = None
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -182,6 +191,23 @@ class SchedulerConfig:
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.async_scheduling and self.batching != "continuous":
             raise ValueError(f"async_scheduling needs batching='continuous', got {self.batching!r}")
+        self._check_chunking()
+
+    def _check_chunking(self) -> None:
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+        threshold = self.long_prefill_token_threshold
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be a non-negative integer, got {threshold!r}")
+        target = self.target_itl_ms
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not target > 0):
+            raise ValueError(f"target_itl_ms must be a positive number of milliseconds, got {target!r}")
+        for name, on in (("long_prefill_token_threshold", threshold), ("target_itl_ms", target)):
+            if on and not self.enable_chunked_prefill:
+                raise ValueError(f"{name} needs enable_chunked_prefill=True")
+        if self.enable_chunked_prefill and self.batching != "continuous":
+            raise ValueError(f"enable_chunked_prefill needs batching='continuous', got {self.batching!r}")
 
 
 @dataclass
@@ -286,5 +312,6 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
            "enforce_eager": False, "fuse_kernels": True, "async_scheduling": True},
 }
-# M6 extends M4 directly (M5 was not built yet): when M5 lands, M6 should extend M5 instead.
-_MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M4"], "enable_prefix_caching": True}
+_MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill": True,
+                            "max_num_batched_tokens": 2048}
+_MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M5"], "enable_prefix_caching": True}

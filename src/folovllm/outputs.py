@@ -55,10 +55,13 @@ class ModelRunnerOutput:
 
     ``prepare_time`` is host time spent building tensors; ``forward_time`` covers
     the forward and sampling up to the host reading the sampled ids (so it
-    includes waiting for the device).
+    includes waiting for the device). ``device_time`` is the step's own forward
+    and sampling time (CUDA events on a GPU, so other steps queued around it do
+    not count), measured when dynamic chunk sizing needs it.
     """
 
     sampled_token_ids: list[int | None]
     logprobs: list[dict[int, float] | None]
     prepare_time: float = 0.0
     forward_time: float = 0.0
+    device_time: float | None = None

@@ -117,13 +117,16 @@ def mixed_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 10
 
 _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True}, "unfused": {"fuse_kernels": False}}
+_SETTINGS = {"budget": ("max_num_batched_tokens", int), "threshold": ("long_prefill_token_threshold", int),
+             "itl": ("target_itl_ms", float)}  # M5's chunking knobs, e.g. M5/budget=512/itl=20
 
 
 def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
 
-    Each ``/variant`` is a batching mode, an attention backend (``M3/naive``) or a switch that turns
-    one of M4's fast-path pieces off (``M4/sync``, ``M4/eager``, ``M4/unfused``).
+    Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a switch that turns
+    one of M4's fast-path pieces off (``M4/sync``, ``M4/eager``, ``M4/unfused``) or one of M5's
+    chunking settings (``M5/budget=512``, ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, _, limit = spec.partition("@")
     milestone, *variants = spec.split("/")
@@ -131,11 +134,18 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
         raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
     extra: dict[str, Any] = {}
     for variant in variants:
-        if variant in _SWITCHES:
+        key, eq, value = variant.partition("=")
+        if eq and key in _SETTINGS:
+            name, kind = _SETTINGS[key]
+            try:
+                extra[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"config variant {key}= needs a number, got {value!r}") from None
+        elif variant in _SWITCHES:
             extra.update(_SWITCHES[variant])
         elif variant in BATCHING_MODES or variant in ATTENTION_BACKENDS:
             extra["batching" if variant in BATCHING_MODES else "attention_backend"] = variant
         else:
-            known = BATCHING_MODES + ATTENTION_BACKENDS + tuple(_SWITCHES)
+            known = BATCHING_MODES + ATTENTION_BACKENDS + tuple(_SWITCHES) + tuple(f"{k}=N" for k in _SETTINGS)
             raise ValueError(f"unknown config variant {variant!r}: expected one of {known}")
     return milestone, extra, int(limit) if limit else None

@@ -133,10 +133,11 @@ class LLMEngine:
         sched_cfg = config.scheduler_config
         if sched_cfg.max_num_batched_tokens is None:
             sched_cfg.max_num_batched_tokens = max(8192, self.max_model_len)
-        if sched_cfg.max_num_batched_tokens < self.max_model_len:
+        if sched_cfg.max_num_batched_tokens < self.max_model_len and not sched_cfg.enable_chunked_prefill:
             raise ValueError(
                 f"max_num_batched_tokens ({sched_cfg.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}): without chunked prefill a whole prompt runs in one step")
+                f"({self.max_model_len}): without chunked prefill a whole prompt runs in one step "
+                "(enable_chunked_prefill=True lifts this)")
         self.vocab_size = loaded.hf_config.vocab_size
         max_logprobs = config.model_config.max_logprobs
         self.max_logprobs = self.vocab_size if max_logprobs == -1 else max_logprobs

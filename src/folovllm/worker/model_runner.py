@@ -46,6 +46,8 @@ class StepInFlight:
     sampler_output: SamplerOutput | None = None
     prepare_time: float = 0.0
     launched_at: float = 0.0
+    started: torch.cuda.Event | None = None  # timing events, when the step is timed on the device
+    device_time: float | None = None  # CPU: the forward and sampling ran before ``launch_step`` returned
 
 
 class ModelRunner:
@@ -67,6 +69,7 @@ class ModelRunner:
         if self.fused:
             enable_fused_ops(self.model)
         self.sampler = Sampler()
+        self.time_steps = config.scheduler_config.target_itl_ms is not None  # the cost model learns from them
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self._allocate_buffers(config)
@@ -183,7 +186,8 @@ class ModelRunner:
 
     # ---- CUDA graphs -------------------------------------------------------------
     def _make_graph_runner(self) -> CUDAGraphRunner:
-        sizes = capture_sizes(self.config.scheduler_config.max_num_seqs, self.config.scheduler_config.cuda_graph_sizes)
+        sched = self.config.scheduler_config  # a decode step has at most one token per request, budget included
+        sizes = capture_sizes(min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.cuda_graph_sizes)
         return CUDAGraphRunner(sizes, self._graph_forward, self._graph_metadata, self._pad_decode_inputs, self.device)
 
     def _graph_metadata(self, size: int):
@@ -327,11 +331,14 @@ class ModelRunner:
         if graph_size is None:
             attn_metadata = self.backend.build(common, self.attn_spec)
         t1 = time.perf_counter()
+        step = StepInFlight(sched, rows, prepare_time=t1 - t0, launched_at=t1)
+        if self.time_steps and self.device.type == "cuda":
+            step.started = torch.cuda.Event(enable_timing=True)
+            step.started.record()
         if graph_size is not None:
             hidden = self.cuda_graphs.replay(graph_size)[:len(reqs)]
         else:
             hidden = self.model(input_ids, positions, attn_metadata)
-        step = StepInFlight(sched, rows, prepare_time=t1 - t0, launched_at=t1)
         self._last_sampled_row = {}
         if rows:
             logits = self.model.compute_logits(self._rows_to_sample(hidden, common, rows))
@@ -346,9 +353,11 @@ class ModelRunner:
             step.tokens = self._sampled_host[self._sampled_flip][:len(rows)]
             self._sampled_flip ^= 1
             step.tokens.copy_(sampled, non_blocking=True)
-            if self.device.type == "cuda":
-                step.done = torch.cuda.Event()
-                step.done.record()
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event(enable_timing=step.started is not None)
+            step.done.record()
+        elif self.time_steps:
+            step.device_time = time.perf_counter() - t1
         return step
 
     def finish_step(self, step: StepInFlight) -> ModelRunnerOutput:
@@ -356,17 +365,20 @@ class ModelRunner:
         reqs = step.sched.scheduled
         tokens: list[int | None] = [None] * len(reqs)
         logprobs: list[dict[int, float] | None] = [None] * len(reqs)
-        if not step.rows:
-            return ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time)
         if step.done is not None:
             step.done.synchronize()
+        if step.started is not None:
+            step.device_time = step.started.elapsed_time(step.done) / 1e3
+        out = ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time, device_time=step.device_time,
+                                forward_time=time.perf_counter() - step.launched_at if reqs else 0.0)
+        if not step.rows:
+            return out
         sampled = step.tokens.tolist()
         for row, b in enumerate(step.rows):
             tokens[b] = sampled[row]
         if step.sampler_output is not None and step.sampler_output.logprobs is not None:
             self._collect_logprobs(step.sched, step.rows, sampled, step.sampler_output, logprobs)
-        return ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time,
-                                 forward_time=time.perf_counter() - step.launched_at)
+        return out
 
     def _graph_size(self, sched: SchedulerOutput) -> int | None:
         """The captured size this step replays, or None to run it eagerly (prefills, mixed, too large)."""

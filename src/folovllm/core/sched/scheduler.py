@@ -1,10 +1,14 @@
 """The iteration-level scheduler (vLLM v1 shape).
 
 Every step it decides which requests run and how many tokens each gets, under
-``max_num_seqs`` and ``max_num_batched_tokens``. Running requests go first; if
-KV memory runs out, the lowest-priority running request is preempted by
+``max_num_seqs`` and ``max_num_batched_tokens``. Running requests go first
+(decodes, then prompts still being prefilled); if KV memory runs out, the
+lowest-priority running request not yet scheduled in the step is preempted by
 recompute (its memory freed, itself requeued at the front). Waiting requests
-join only in steps without preemption. It never touches a tensor.
+join only in steps without preemption, with the budget left. With chunked
+prefill (M5) a prompt that does not fit takes what is left and continues next
+step; with ``target_itl_ms`` the budget is also a time, spent by a cost model.
+It never touches a tensor.
 """
 from __future__ import annotations
 
@@ -15,23 +19,40 @@ from dataclasses import dataclass, field
 from folovllm.config import SchedulerConfig
 from folovllm.core.block_pool import KVCacheBlock
 from folovllm.core.kv_cache_manager import BaseKVCacheManager
+from folovllm.core.sched.cost_model import StepCostModel
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
 from folovllm.exceptions import InvalidTypeError
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
 
 
+# Dynamic chunk sizing: the first chunk of a step gets at least this many tokens, so prompts
+# still progress when the decodes alone already take the whole target time.
+MIN_DYNAMIC_CHUNK = 32
+
+
 @dataclass
 class _StepBudget:
-    """What one ``schedule()`` call has handed out so far."""
+    """What one ``schedule()`` call has handed out so far.
+
+    ``time_left`` (dynamic chunk sizing, once the cost model is fitted) is the
+    predicted seconds left under the target step time; None budgets tokens only."""
 
     tokens_left: int
+    time_left: float | None = None
+    cost_model: StepCostModel | None = None
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    scheduled_ids: set[str] = field(default_factory=set)
     preempted: list[Request] = field(default_factory=list)
+    num_chunks: int = 0  # prefill chunks (more than one token) handed out
 
     def take(self, req: Request, num_tokens: int) -> None:
         self.scheduled.append((req, num_tokens))
+        self.scheduled_ids.add(req.request_id)
         self.tokens_left -= num_tokens
+        self.num_chunks += num_tokens > 1
+        if self.time_left is not None:
+            self.time_left -= self.cost_model.request_cost(num_tokens, req.num_computed_tokens + num_tokens)
 
 
 class Scheduler:
@@ -48,6 +69,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
+        self.cost_model = StepCostModel()  # fed with every measured step when ``target_itl_ms`` is set
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -110,7 +132,7 @@ class Scheduler:
         """Running requests first (preempting if KV memory runs out), then new ones while room is left."""
         if self.config.policy == "priority":
             self.running.sort(key=Request.sort_key)
-        step = _StepBudget(self.config.max_num_batched_tokens)
+        step = _StepBudget(self.config.max_num_batched_tokens, *self._time_budget())
         if self.config.batching == "static":
             self._schedule_static(step)
         else:
@@ -140,24 +162,48 @@ class Scheduler:
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
 
+    def _time_budget(self) -> tuple[float | None, StepCostModel | None]:
+        """Dynamic chunk sizing: seconds a step may spend beyond its fixed cost, once the model is fitted."""
+        target = self.config.target_itl_ms
+        if target is None or not self.cost_model.ready:
+            return None, None
+        return target / 1e3 - float(self.cost_model.coef[0]), self.cost_model
+
+    def _chunk_size(self, req: Request, num_new: int, step: _StepBudget) -> int:
+        """How many of ``req``'s ``num_new`` tokens this step runs (0: none).
+
+        Without chunked prefill, all of them or none. With it, as many as the tokens
+        left, ``long_prefill_token_threshold`` and, with ``target_itl_ms``, the time left allow."""
+        cfg = self.config
+        if not cfg.enable_chunked_prefill:
+            return num_new if num_new <= step.tokens_left else 0
+        if cfg.long_prefill_token_threshold:
+            num_new = min(num_new, cfg.long_prefill_token_threshold)
+        num_new = min(num_new, step.tokens_left)
+        if step.time_left is not None and num_new > 1:
+            fits = step.cost_model.max_chunk(req.num_computed_tokens, step.time_left)
+            num_new = min(num_new, max(fits, 0 if step.num_chunks else MIN_DYNAMIC_CHUNK))
+        return num_new
+
     def _schedule_running(self, step: _StepBudget) -> None:
-        """Give every running request its new tokens; when KV memory runs out, preempt from the back."""
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            num_new = self._num_new_tokens(req)
-            if not num_new or num_new > step.tokens_left:
-                i += 1
+        """Decodes first, then the prompts still being prefilled (a long prompt never stalls a decode).
+
+        When KV memory runs out, the last running request not yet scheduled in this step is preempted."""
+        todo = [(req, self._num_new_tokens(req)) for req in self.running]
+        for req, num_new in [t for t in todo if t[1] == 1] + [t for t in todo if t[1] > 1]:
+            if req.status != RequestStatus.RUNNING:  # preempted for an earlier one
+                continue
+            num_new = self._chunk_size(req, num_new, step)
+            if not num_new:
                 continue
             while not self.kv_cache_manager.allocate_slots(req, num_new):
-                victim = self.running[-1]
+                victim = next(r for r in reversed(self.running) if r.request_id not in step.scheduled_ids)
                 self._preempt(victim)
                 step.preempted.append(victim)
                 if victim is req:
                     break
             else:
                 step.take(req, num_new)
-                i += 1
 
     def _schedule_static(self, step: _StepBudget) -> None:
         """A static server: fill a batch (its members wait, undecoded, while the token budget spreads
@@ -180,9 +226,10 @@ class Scheduler:
             # region M6: prefix caching
             cached = None if forked else self._find_cached_prefix(req)
             # endregion
-            num_new = self._num_new_tokens(req)
-            over_budget = num_new > step.tokens_left
-            if (not num_new or over_budget  # (0: its token in flight will finish it)
+            wanted = self._num_new_tokens(req)
+            num_new = self._chunk_size(req, wanted, step)
+            over_budget = wanted > 0 and num_new == 0
+            if (not num_new  # (0: no budget left, or its token in flight will finish it)
                     or not self.kv_cache_manager.allocate_slots(req, num_new, cached)):
                 if forked:
                     self.kv_cache_manager.free(req)
@@ -264,6 +311,9 @@ class Scheduler:
         """
         updated = []
         now = time.perf_counter()
+        if self.config.target_itl_ms is not None and runner_out.device_time is not None:
+            self.cost_model.observe([(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled],
+                                    runner_out.device_time)
         for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids,
                                           runner_out.logprobs):
             req = self.requests.get(sched.req_id)

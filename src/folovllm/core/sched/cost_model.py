@@ -1,0 +1,93 @@
+"""How long a step takes, from what it carries: a linear model fitted online (M5, dynamic chunk sizing).
+
+A step runs ``T`` new tokens for requests whose contexts end at ``seq_len_i``
+(``q_i`` new tokens each). Its time is modelled as
+
+    t = c0 + c1 * T + c2 * sum(seq_len_i) + c3 * sum(q_i * seq_len_i)
+
+``c0`` is what every step pays (weights read once, launches), ``c1`` the
+linear layers' work per token, ``c2`` reading a request's KV once, ``c3``
+attention's work per (query, key) pair. The scheduler feeds it every measured
+step and asks how many prefill tokens still fit under a target step time.
+Decode-only steps cannot tell ``c2`` from ``c3`` (``q_i = 1``), so the model
+answers only once the steps it saw span every feature (``ready``).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+_UNBOUNDED = 1 << 62
+Shape = tuple[int, int]  # (new tokens, context length after them) of one request in a step
+
+
+class StepCostModel:
+    NUM_FEATURES = 4
+
+    def __init__(self, window: int = 256, min_samples: int = 8) -> None:
+        self._rows: deque[np.ndarray] = deque(maxlen=window)
+        self._times: deque[float] = deque(maxlen=window)
+        self.min_samples = min_samples
+        self._coef: np.ndarray | None = None
+        self._stale = False
+
+    @staticmethod
+    def features(shapes: list[Shape]) -> np.ndarray:
+        q = np.array([s[0] for s in shapes], dtype=np.float64)
+        seq = np.array([s[1] for s in shapes], dtype=np.float64)
+        return np.array([1.0, q.sum(), seq.sum(), (q * seq).sum()])
+
+    def observe(self, shapes: list[Shape], seconds: float) -> None:
+        """One measured step."""
+        if shapes and seconds > 0:
+            self._rows.append(self.features(shapes))
+            self._times.append(seconds)
+            self._stale = True
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._rows)
+
+    @property
+    def coef(self) -> np.ndarray | None:
+        """``[c0, c1, c2, c3]`` in seconds (negative fits clipped to 0), or None until ``ready``."""
+        if self._stale:
+            self._coef = self._fit()
+            self._stale = False
+        return self._coef
+
+    @property
+    def ready(self) -> bool:
+        return self.coef is not None
+
+    def _fit(self) -> np.ndarray | None:
+        if len(self._rows) < self.min_samples:
+            return None
+        x, y = np.stack(self._rows), np.array(self._times)
+        scale = np.abs(x).max(axis=0)  # columns in comparable units, so the rank test means something
+        sol, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=1e-6)
+        if rank < self.NUM_FEATURES:
+            return None
+        return np.maximum(sol / scale, 0.0)
+
+    def predict(self, shapes: list[Shape]) -> float:
+        """Predicted seconds for a step of these requests (``ready`` first)."""
+        return float(self.features(shapes) @ self.coef)
+
+    def request_cost(self, num_tokens: int, seq_len: int) -> float:
+        """What one request's ``num_tokens`` (context ending at ``seq_len``) add to a step, in seconds."""
+        _, c1, c2, c3 = self.coef
+        return c1 * num_tokens + c2 * seq_len + c3 * num_tokens * seq_len
+
+    def max_chunk(self, num_computed: int, seconds: float) -> int:
+        """The most new tokens a request with ``num_computed`` cached tokens can run within ``seconds``."""
+        _, c1, c2, c3 = self.coef
+        # c3*q^2 + (c1 + c2 + c3*n)*q + c2*n - seconds <= 0, with n = num_computed
+        a, b, c = c3, c1 + c2 + c3 * num_computed, c2 * num_computed - seconds
+        if c > 0:
+            return 0
+        if a == 0:
+            return _UNBOUNDED if b == 0 else int(-c / b)
+        return int((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a))
