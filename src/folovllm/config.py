@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
-BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4")
+# M7 (quantized weights) is independent of M5/M6 and was built before them.
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M7")
 ATTENTION_BACKENDS = ("auto", "naive", "triton", "flash_attn")
 BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
 POLICIES = ("fcfs", "priority")
+QUANTIZATION_METHODS = ("gptq",)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +59,9 @@ class ModelConfig:
 
     ``model`` is a local HF folder, ``"smollm2-135m"`` (the embedded model) or
     ``"random:<preset>"`` (a real architecture with seeded random weights).
+
+    ``quantization`` (vLLM's name): None reads the checkpoint's ``quantization_config``
+    (from M7 on); "gptq" insists on GPTQ weights (random ones for ``random:`` models).
     """
 
     model: str = "smollm2-135m"
@@ -64,10 +69,13 @@ class ModelConfig:
     device: str | torch.device | None = "auto"
     seed: int = 0
     max_model_len: int | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -233,3 +241,6 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
     "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
 }
+# M7 = M6 + quantized weights, which the engine reads from the checkpoint (``EngineConfig.includes("M7")``),
+# so its preset is the newest built one before it (M4 until M5/M6 are built).
+_MILESTONE_PRESETS["M7"] = dict(_MILESTONE_PRESETS[BUILT_MILESTONES[-2]])
