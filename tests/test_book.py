@@ -5,10 +5,41 @@ from folovllm import book
 from folovllm.core.block_pool import BlockPool
 
 
-def test_show_source_slices_the_real_code():
-    code = book.show_source(BlockPool.get_new_blocks, start="if num_blocks", end="return blocks")
-    assert code.data.startswith("if num_blocks > self.num_free_blocks")
-    assert code.data.endswith("return blocks")
+SOURCE = """def schedule(self):
+    budget = 8
+    # region running requests
+    for req in self.running:
+        take(req)
+    # endregion
+    # region M5: chunked prefill
+    chunk(req)
+    # endregion
+    return budget
+"""
+
+
+def test_show_source_is_the_real_code():
+    code = book.show_source(BlockPool.get_new_blocks)
+    assert code.data.startswith("    def get_new_blocks(self, num_blocks: int)")
+    assert "self.free_block_queue.popleft()" in code.data
+
+
+def test_regions_anchor_excerpts_on_names_and_elide_later_chapters():
+    assert book.render_regions(SOURCE, region="running requests") == "for req in self.running:\n    take(req)\n"
+    shown = book.render_regions(SOURCE, as_of="M2")
+    assert "# … M5 adds chunked prefill here\n" in shown and "chunk(req)" not in shown
+    assert "# region" not in shown and "# endregion" not in shown
+    assert "chunk(req)" in book.render_regions(SOURCE, as_of="M5") and "chunk(req)" in book.render_regions(SOURCE)
+
+
+def test_bad_regions_are_reported():
+    import pytest
+    with pytest.raises(ValueError, match="no region 'nope' in this source"):
+        book.render_regions(SOURCE, region="nope")
+    with pytest.raises(ValueError, match="region 'x' is never closed"):
+        book.render_regions("# region x\nf()\n")
+    with pytest.raises(ValueError, match="'# endregion' without a '# region'"):
+        book.render_regions("f()\n# endregion\n")
 
 
 def test_chapter_model_falls_back_without_smollm2(monkeypatch, capsys):

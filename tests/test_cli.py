@@ -91,3 +91,17 @@ def test_bench_attention_json(tmp_path, capsys):
 def test_parser_rejects_unknown_bench():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "nothing"])
+
+
+def test_bench_step_json(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    rc = main(["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M3", "M4",
+               "--batch-size", "1", "3", "--prompt-len", "8", "--steps", "4", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [(r["milestone"], r["batch_size"]) for r in data["results"]] == [("M3", 1), ("M3", 3), ("M4", 1), ("M4", 3)]
+    for row in data["results"]:
+        assert row["wall_ms_per_step"] > 0 and row["host_ms_per_step"] > 0
+        assert not row["cuda_graphs"] and row["num_gpu_kernels"] == 0  # CPU: eager, no GPU
+    assert data["floor"]["weights_floor_ms"] > 0
+    capsys.readouterr()

@@ -100,7 +100,7 @@ def test_llama3_rope_cache_matches_hf_at_real_shape() -> None:
     cfg = preset_config("llama-3.2-1b")
     ours = RotaryEmbedding(64, cfg.max_position_embeddings, rope_parameters(cfg))
     positions = torch.tensor([0, 1, 7, 100, 8191, 8192, 20000, 131071])
-    cos, sin = ours(positions, torch.float32)
+    cos, sin = ours.cos_sin(positions, torch.float32)
     dummy = torch.zeros(1, len(positions), 64)
     ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(dummy, positions[None])
     torch.testing.assert_close(cos[:, 0], ref_cos[0, :, :32], rtol=0, atol=1e-6)

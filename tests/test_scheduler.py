@@ -30,11 +30,20 @@ def next_token(context: list[int], seed: int) -> int:
 
 
 class FakeRunner:
+    """Keeps its own block tables from the scheduler's changes only (as the real runner does)."""
+
     def __init__(self, block_size: int, uses_cache: bool = True) -> None:
         self.block_size, self.uses_cache = block_size, uses_cache
         self.slots: dict[int, int] = {}
+        self.tables: dict[str, list[int]] = {}
 
     def execute(self, sched_out) -> ModelRunnerOutput:
+        for rid in sched_out.finished_req_ids + sched_out.preempted_req_ids:
+            self.tables.pop(rid, None)
+        for s in sched_out.scheduled:
+            if s.block_offset:
+                assert s.req_id in self.tables, "a table change for a request the runner never saw"
+            self.tables[s.req_id] = self.tables.get(s.req_id, [])[:s.block_offset] + s.new_block_ids
         for src, dst in sched_out.block_copies:
             for off in range(self.block_size):
                 if src * self.block_size + off in self.slots:
@@ -42,11 +51,12 @@ class FakeRunner:
         tokens = []
         for s in sched_out.scheduled:
             if self.uses_cache:
+                table = self.tables[s.req_id]
                 for i, tok in enumerate(s.token_ids):
                     pos = s.start_pos + i
-                    self.slots[s.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size] = tok
+                    self.slots[table[pos // self.block_size] * self.block_size + pos % self.block_size] = tok
                 seq_len = s.start_pos + s.num_tokens
-                context = [self.slots[s.block_ids[p // self.block_size] * self.block_size + p % self.block_size]
+                context = [self.slots[table[p // self.block_size] * self.block_size + p % self.block_size]
                            for p in range(seq_len)]
             else:
                 assert s.start_pos == 0
@@ -213,11 +223,14 @@ def test_copy_on_write_siblings_share_prompt_blocks_and_match_independent_runs()
     out = sched.schedule()
     siblings = [s for s in out.scheduled if s.req_id != "p#0"]
     assert [s.num_tokens for s in siblings] == [1, 1, 1]  # only the last prompt token is recomputed
-    assert all(s.block_ids[:2] == out.scheduled[0].block_ids[:2] for s in siblings)  # full blocks shared
+    runner_out = runner.execute(out)
+    leader_table = runner.tables["p#0"]
+    assert all(runner.tables[s.req_id][:2] == leader_table[:2] for s in siblings)  # full blocks shared
+    assert all(s.block_offset == 0 and len(s.new_block_ids) == 3 for s in siblings)  # first sight: whole table
     # The leader is scheduled before the siblings fork, so it still owns the partial block alone and
     # writes in place; each sibling then copies that block before writing its last prompt token.
-    assert [src for src, _ in out.block_copies] == [out.scheduled[0].block_ids[2]] * 3
-    sched.update_from_output(out, runner.execute(out))
+    assert [src for src, _ in out.block_copies] == [leader_table[2]] * 3
+    sched.update_from_output(out, runner_out)
     finished, _ = run(sched, runner)
     assert finished == {f"p#{i}": expected_output(prompt, 6, seed=10 + i) for i in range(4)}
     assert sched.kv_cache_manager.block_pool.num_free_blocks == 64

@@ -5,29 +5,78 @@ import importlib.util
 import inspect
 import json
 import os
+import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "milestones" / "results"
 
 
-def show_source(obj: Any, start: str | None = None, end: str | None = None):
-    """The source of ``obj`` straight from ``src`` (optionally from line ``start`` up to ``end``).
+def show_source(obj: Any, region: str | None = None, as_of: str | None = None):
+    """The source of ``obj`` straight from ``src``: chapters show the engine's own code, never a copy.
 
-    Chapters show the engine's own code this way, never a second copy. Triton
-    kernels are unwrapped to their Python function. Without IPython (a chapter
-    exported as a script) the source is returned as plain text.
+    Excerpts are anchored on names, never on text inside a function, so they survive the code growing:
+
+    * ``region="online softmax"`` shows only the lines between ``# region online softmax`` and its
+      ``# endregion`` (regions are also what editors fold);
+    * a region named after a later chapter (``# region M5: chunking``) is what that chapter added;
+      with ``as_of="M2"`` it is elided to one line, ``# … M5 adds chunking here``.
+
+    Marker lines never show. Triton kernels are unwrapped to their Python function. Without IPython
+    (a chapter exported as a script) the source is returned as plain text.
     """
-    text = inspect.getsource(getattr(obj, "fn", obj))
-    if start is not None:
-        text = text[text.index(start):]
-    if end is not None:
-        text = text[:text.index(end) + len(end)]
+    text = render_regions(inspect.getsource(getattr(obj, "fn", obj)), region, as_of)
     try:
         from IPython.display import Code
     except ImportError:
         return text
     return Code(text, language="python")
+
+
+_REGION = re.compile(r"^(\s*)# region (.+?)\s*$")
+_END = re.compile(r"^\s*# endregion\s*$")
+_LATER = re.compile(r"^(M\d+): (.+)$")
+
+
+def render_regions(text: str, region: str | None = None, as_of: str | None = None) -> str:
+    """Apply ``show_source``'s region rules to source ``text``."""
+    out: list[str] = []
+    stack: list[tuple[str, bool]] = []  # (name, shown) of the regions we are inside
+    found = region is None
+    for line in text.splitlines(keepends=True):
+        start = _REGION.match(line)
+        if start:
+            indent, name = start.groups()
+            later = _LATER.match(name)
+            elided = later is not None and as_of is not None and _chapter(later.group(1)) > _chapter(as_of)
+            visible = all(shown for _, shown in stack) and (region is None or _inside(stack, region)
+                                                              or name == region)
+            if elided and visible:
+                out.append(f"{indent}# … {later.group(1)} adds {later.group(2)} here\n")
+            stack.append((name, not elided))
+            found = found or name == region
+            continue
+        if _END.match(line):
+            if not stack:
+                raise ValueError("'# endregion' without a '# region' in the source")
+            stack.pop()
+            continue
+        if all(shown for _, shown in stack) and (region is None or _inside(stack, region)):
+            out.append(line)
+    if stack:
+        raise ValueError(f"region {stack[-1][0]!r} is never closed")
+    if not found:
+        raise ValueError(f"no region {region!r} in this source")
+    return textwrap.dedent("".join(out)) if region is not None else "".join(out)
+
+
+def _inside(stack: list[tuple[str, bool]], region: str) -> bool:
+    return any(name == region for name, _ in stack)
+
+
+def _chapter(milestone: str) -> int:
+    return int(milestone.lstrip("M"))
 
 
 def smollm2_available() -> bool:

@@ -1,4 +1,4 @@
-"""``folovllm`` command line: ``generate`` and ``bench {latency,throughput,attention}``."""
+"""``folovllm`` command line: ``generate`` and ``bench {latency,throughput,attention,prefill,step}``."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--block-size", type=int, default=16)
     att.add_argument("--out", default=None)
 
+    stp = bench.add_parser("step", help="one decode step profiled: host vs GPU time, launches, timeline")
+    _engine_args(stp)
+    stp.add_argument("--milestone", nargs="+", default=["M3", "M4"])
+    stp.add_argument("--batch-size", type=int, nargs="+", default=[1, 64, 256])
+    stp.add_argument("--prompt-len", type=int, default=128)
+    stp.add_argument("--steps", type=int, default=20)
+    stp.add_argument("--out", default=None)
+
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
     pre.add_argument("--device", default=None)
     pre.add_argument("--dtype", default="bfloat16")
@@ -130,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
                 parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
                 out=args.out, repeat=args.repeat, **_overrides(args)))
+        elif args.bench == "step":
+            from folovllm.benchmarks.step_profile import bench_step
+            write_results(args.out, bench_step(args.model, args.milestone, args.batch_size, args.prompt_len,
+                                               args.steps, device=args.device, dtype=args.dtype, **_overrides(args)))
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
             write_results(args.out, bench_prefill_attention(

@@ -59,6 +59,9 @@ class ModelConfig:
 
     ``model`` is a local HF folder, ``"smollm2-135m"`` (the embedded model) or
     ``"random:<preset>"`` (a real architecture with seeded random weights).
+    On a GPU, ``fuse_kernels`` runs the decoder's glue (norms, activation, RoPE) as
+    fused Triton kernels and, unless ``enforce_eager`` (vLLM's name), decode steps
+    replay CUDA graphs (M4 part 2). On CPU both are ignored.
 
     ``quantization`` (vLLM's name): None reads the checkpoint's ``quantization_config``
     (from M7 on); "gptq" insists on GPTQ weights (random ones for ``random:`` models).
@@ -69,11 +72,16 @@ class ModelConfig:
     device: str | torch.device | None = "auto"
     seed: int = 0
     max_model_len: int | None = None
+    enforce_eager: bool = False
+    fuse_kernels: bool = True
     quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        for name in ("enforce_eager", "fuse_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
@@ -127,17 +135,27 @@ class SchedulerConfig:
 
     ``batching``: "sequential" runs one request at a time (M1), "static" starts
     a new batch only when the previous one has fully finished, "continuous"
-    admits and retires requests between any two steps (M2+).
+    admits and retires requests between any two steps (M2+). ``cuda_graph_sizes``
+    (vLLM's name) lists the decode batch sizes captured as CUDA graphs (default:
+    1, 2, 4, then every 8 up to ``max_num_seqs``).
     """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     batching: str = "continuous"
     policy: str = "fcfs"
+    cuda_graph_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        if self.cuda_graph_sizes is not None:
+            if not isinstance(self.cuda_graph_sizes, (list, tuple)) or not self.cuda_graph_sizes:
+                raise ValueError(f"cuda_graph_sizes must be a non-empty list of positive integers, "
+                                 f"got {self.cuda_graph_sizes!r}")
+            for size in self.cuda_graph_sizes:
+                _positive("cuda_graph_sizes entry", size)
+            self.cuda_graph_sizes = sorted(set(self.cuda_graph_sizes))
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.policy not in POLICIES:
@@ -234,12 +252,14 @@ def _owner_of(key: str) -> str:
 
 
 # What each chapter switches on. Later presets extend earlier ones.
+_EAGER = {"enforce_eager": True, "fuse_kernels": False}
 _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
-    "M0": {"kv_layout": "none", "batching": "sequential", "attention_backend": "naive"},
-    "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive"},
-    "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive"},
-    "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
-    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto"},
+    "M0": {"kv_layout": "none", "batching": "sequential", "attention_backend": "naive", **_EAGER},
+    "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive", **_EAGER},
+    "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive", **_EAGER},
+    "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto", **_EAGER},
+    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
+           "enforce_eager": False, "fuse_kernels": True},
 }
 # M7 = M6 + quantized weights, which the engine reads from the checkpoint (``EngineConfig.includes("M7")``),
 # so its preset is the newest built one before it (M4 until M5/M6 are built).

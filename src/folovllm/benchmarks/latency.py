@@ -60,25 +60,42 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class _TokenTimes:
+    """An HF ``generate`` streamer that stamps each new token's arrival (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) -> dict[str, float]:
-    """HF generate (greedy, no EOS stop); TTFT from a 1-token run, TPOT from the difference."""
+    """HF generate (greedy, no EOS stop); TTFT and TPOT from per-token stamps of one run."""
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
-    def timed(n: int) -> float:
+    def run(n: int) -> tuple[float, list[float]]:
+        stamps = _TokenTimes()
         _sync(device)
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, eos_token_id=None, pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0, streamer=stamps)
         _sync(device)
-        return time.perf_counter() - start
+        return start, stamps.times
 
-    timed(2)
-    ttft = timed(1)
-    total = timed(output_len)
-    return {"ttft_s": ttft, "tpot_s": (total - ttft) / max(output_len - 1, 1), "e2e_s": total,
-            "output_tokens_per_s": len(prompts) * output_len / total}
+    run(2)
+    start, times = run(output_len)
+    total = times[-1] - start
+    return {"ttft_s": times[0] - start, "tpot_s": (times[-1] - times[0]) / max(output_len - 1, 1),
+            "e2e_s": total, "output_tokens_per_s": len(prompts) * output_len / total}
 
 
 def bench_latency(model: str, input_lens: list[int], output_len: int, batch_size: int = 1,

@@ -41,6 +41,7 @@ class BaseKVCacheManager(ABC):
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_tokens: dict[str, int] = {}  # tokens each request will have stored after this step
+        self._reported: dict[str, int] = {}  # leading block-table entries the runner already holds
 
     @abstractmethod
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
@@ -56,6 +57,18 @@ class BaseKVCacheManager(ABC):
 
     @abstractmethod
     def usage(self) -> KVCacheUsage: ...
+
+    def take_new_block_ids(self, request_id: str) -> tuple[int, list[int]]:
+        """``(offset, ids)``: the request's block table changed from entry ``offset`` on and now ends with
+        ``ids``. The runner keeps its copy of each table up to date from these changes alone."""
+        offset = self._reported.get(request_id, 0)
+        table = self.get_block_ids(request_id)
+        self._reported[request_id] = len(table)
+        return offset, table[offset:]
+
+    def _forget(self, request_id: str) -> None:
+        self.num_tokens.pop(request_id, None)
+        self._reported.pop(request_id, None)
 
     def can_fork(self) -> bool:
         return False
@@ -78,7 +91,7 @@ class NoKVCacheManager(BaseKVCacheManager):
         return True
 
     def free(self, request: Request) -> None:
-        self.num_tokens.pop(request.request_id, None)
+        self._forget(request.request_id)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return []
@@ -114,11 +127,19 @@ class ContiguousKVCacheManager(BaseKVCacheManager):
         slab = self.slab_of.pop(request.request_id, None)
         if slab is not None:
             self.free_slabs.append(slab)
-        self.num_tokens.pop(request.request_id, None)
+        self._forget(request.request_id)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         first = self.slab_of[request_id] * self.blocks_per_slab
         return list(range(first, first + cdiv(self.num_tokens[request_id], self.block_size)))
+
+    def take_new_block_ids(self, request_id: str) -> tuple[int, list[int]]:
+        """A slab's table only grows at its end: the new entries are computed, not sliced from a list."""
+        offset = self._reported.get(request_id, 0)
+        first = self.slab_of[request_id] * self.blocks_per_slab
+        end = cdiv(self.num_tokens[request_id], self.block_size)
+        self._reported[request_id] = end
+        return offset, list(range(first + offset, first + end))
 
     def usage(self) -> KVCacheUsage:
         used = len(self.slab_of) * self.blocks_per_slab
@@ -138,6 +159,11 @@ class KVCacheManager(BaseKVCacheManager):
         rid = request.request_id
         blocks = self.req_to_blocks.get(rid, [])
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
+        if end <= len(blocks) * self.block_size and start // self.block_size == (end - 1) // self.block_size \
+                and blocks[start // self.block_size].ref_cnt == 1:
+            self.num_tokens[rid] = end  # the common decode step: room in an unshared last block
+            return True
+        # region copy-on-write
         # Blocks this step writes into that another sequence still reads: copy them first.
         shared = [i for i in range(start // self.block_size, min(len(blocks), cdiv(end, self.block_size)))
                   if blocks[i].ref_cnt > 1]
@@ -149,6 +175,8 @@ class KVCacheManager(BaseKVCacheManager):
             self._pending_copies.append((blocks[i].block_id, fresh.block_id))
             self.block_pool.free_blocks([blocks[i]])
             blocks[i] = fresh
+            self._reported[rid] = min(self._reported.get(rid, 0), i)
+        # endregion
         if num_new_blocks > 0:
             blocks.extend(self.block_pool.get_new_blocks(num_new_blocks))
         self.req_to_blocks[rid] = blocks
@@ -157,10 +185,17 @@ class KVCacheManager(BaseKVCacheManager):
 
     def free(self, request: Request) -> None:
         self.block_pool.free_blocks(self.req_to_blocks.pop(request.request_id, []))
-        self.num_tokens.pop(request.request_id, None)
+        self._forget(request.request_id)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
+
+    def take_new_block_ids(self, request_id: str) -> tuple[int, list[int]]:
+        """Only the changed tail is read: O(new blocks) per step, not O(context)."""
+        offset = self._reported.get(request_id, 0)
+        blocks = self.req_to_blocks.get(request_id, [])
+        self._reported[request_id] = len(blocks)
+        return offset, [b.block_id for b in blocks[offset:]]
 
     def can_fork(self) -> bool:
         return True

@@ -4,11 +4,18 @@ It flattens every scheduled request's new tokens into one ragged batch
 (``input_ids[T]``, ``positions[T]``), maps each token to its KV slot through
 the request's block table, runs the model once, and samples the last token of
 every request that finished its known tokens. It makes no policy decisions.
+
+The host side is kept lean (M4 part 2): inputs are written into persistent
+buffers and sent with one copy each; block tables are updated from the
+scheduler's changes; decode steps replay a CUDA graph when one is captured;
+the sampled ids come back with the step's only device-to-host copy.
 """
 from __future__ import annotations
 
+import itertools
 import time
 
+import numpy as np
 import torch
 
 from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
@@ -16,11 +23,15 @@ from folovllm.attention.layer import bind_attention, prefill_metadata
 from folovllm.attention.selector import get_attn_backend, resolve_attention_backend
 from folovllm.config import CacheConfig, EngineConfig
 from folovllm.core.sched.output import SchedulerOutput
+from folovllm.model_executor.layers.custom_op import enable_fused_ops
 from folovllm.model_executor.model_loader import LoadedModel
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.sample.metadata import SamplingMetadata
 from folovllm.sample.sampler import Sampler
-from folovllm.utils import prefix_sums
+from folovllm.utils import cdiv
+from folovllm.worker.block_table import BlockTable
+from folovllm.worker.buffers import CpuGpuBuffer
+from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
 
 
 class ModelRunner:
@@ -38,20 +49,49 @@ class ModelRunner:
         self.attn_spec = AttentionSpec(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.dtype)
         if not self.backend.needs_kv_cache:  # so the memory profiling pass measures this backend's peak
             bind_attention(self.model.attention_layers(), self.backend)
+        self.fused = config.model_config.fuse_kernels and self.device.type == "cuda"
+        if self.fused:
+            enable_fused_ops(self.model)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self._allocate_buffers(config)
+        self.cuda_graphs: CUDAGraphRunner | None = None
+        self.graph_memory_estimate = 0
+        # Host buffers are pinned and copied without blocking: the next step may only overwrite them
+        # once the copies that read them ran (a step that samples syncs anyway; one that does not waits here).
+        self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def _allocate_buffers(self, config: EngineConfig) -> None:
+        sched = config.scheduler_config
+        max_tokens, max_seqs = sched.max_num_batched_tokens, sched.max_num_seqs
+        dev = self.device
+        self.input_ids = CpuGpuBuffer(max_tokens, dtype=torch.int64, device=dev)
+        self.positions = CpuGpuBuffer(max_tokens, dtype=torch.int64, device=dev)
+        self.slot_mapping = CpuGpuBuffer(max_tokens, dtype=torch.int64, device=dev)
+        self.query_start_loc = CpuGpuBuffer(max_seqs + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = CpuGpuBuffer(max_seqs, dtype=torch.int32, device=dev)
+        self.logits_indices = CpuGpuBuffer(max_seqs, dtype=torch.int64, device=dev)
+        self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
+        self.block_tables = BlockTable(max_seqs, self.max_blocks_per_req)
+        self.block_table = CpuGpuBuffer(max_seqs, self.max_blocks_per_req, dtype=torch.int32, device=dev)
+        self._block_table_stage = CpuGpuBuffer(max_seqs * self.max_blocks_per_req, dtype=torch.int32,
+                                               device=torch.device("cpu"))
 
     # ---- KV memory -------------------------------------------------------------
     @property
     def kv_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of the attention layers."""
-        layer = self.model.attention_layers()[0]
-        return len(self.model.attention_layers()), layer.num_kv_heads, layer.head_dim
+        return len(self.model.attention_layers()), self.attn_spec.num_kv_heads, self.attn_spec.head_dim
 
     def kv_bytes_per_token(self) -> int:
         num_layers, num_kv_heads, head_dim = self.kv_shape
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.model_config.enforce_eager
+                and self.config.cache_config.kv_layout != "none" and self.backend.supports_cuda_graphs)
 
     def kv_cache_budget_bytes(self) -> int:
         """Bytes for KV blocks: fixed by ``kv_cache_memory``, a CPU default, or GPU profiling."""
@@ -64,7 +104,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_free_gpu_bytes(self, utilization: float) -> int:
-        """Run a dummy forward at the token budget; KV gets what weights and peak activations leave."""
+        """Run a dummy forward at the token budget; KV gets what weights, peak activations and the
+        CUDA graphs leave."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         budget = self.config.scheduler_config.max_num_batched_tokens
@@ -74,11 +115,25 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         total = torch.cuda.mem_get_info(self.device)[1]
-        free = int(total * utilization) - peak
+        self.graph_memory_estimate = self._estimate_graph_memory() if self.uses_cuda_graphs else 0
+        free = int(total * utilization) - peak - self.graph_memory_estimate
         if free <= 0:
             raise ValueError(f"gpu_memory_utilization={utilization} leaves no memory for the KV cache "
                              f"(weights + peak activations = {peak / 2**30:.2f} GiB)")
         return free
+
+    def _estimate_graph_memory(self) -> int:
+        """Capture the largest decode graph once over a one-block stand-in cache, measure, throw it away."""
+        num_layers, num_kv_heads, head_dim = self.kv_shape
+        stand_in = [torch.zeros(2, 1, self.block_size, num_kv_heads, head_dim, dtype=self.dtype,
+                                device=self.device) for _ in range(num_layers)]
+        bind_attention(self.model.attention_layers(), self.backend, stand_in)
+        probe = self._make_graph_runner()
+        probe.capture([probe.sizes[-1]])
+        probe.release()
+        del stand_in
+        torch.cuda.empty_cache()
+        return probe.memory_bytes
 
     def _dummy_forward(self, seq_lens: list[int]) -> None:
         total = sum(seq_lens)
@@ -89,11 +144,14 @@ class ModelRunner:
         self.model.compute_logits(hidden[-len(seq_lens):])
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer and bind it."""
+        """Allocate one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer, bind it, capture graphs."""
         num_layers, num_kv_heads, head_dim = self.kv_shape
         self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, num_kv_heads, head_dim,
                                       dtype=self.dtype, device=self.device) for _ in range(num_layers)]
         bind_attention(self.model.attention_layers(), self.backend, self.kv_caches)
+        if self.uses_cuda_graphs:
+            self.cuda_graphs = self._make_graph_runner()
+            self.cuda_graphs.capture()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, K and V) before they are written."""
@@ -102,33 +160,96 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
+    # ---- CUDA graphs -------------------------------------------------------------
+    def _make_graph_runner(self) -> CUDAGraphRunner:
+        sizes = capture_sizes(self.config.scheduler_config.max_num_seqs, self.config.scheduler_config.cuda_graph_sizes)
+        return CUDAGraphRunner(sizes, self._graph_forward, self._graph_metadata, self._pad_decode_inputs, self.device)
+
+    def _graph_metadata(self, size: int):
+        """Attention metadata over the persistent buffers' first ``size`` rows, planned for any context."""
+        common = AttentionMetadata(
+            query_start_loc=self.query_start_loc.gpu[:size + 1], seq_lens=self.seq_lens.gpu[:size],
+            block_table=self.block_table.gpu[:size], slot_mapping=self.slot_mapping.gpu[:size],
+            query_lens_cpu=[1] * size, seq_lens_cpu=[1] * size, block_size=self.block_size)
+        return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
+
+    def _graph_forward(self, size: int, metadata) -> torch.Tensor:
+        return self.model(self.input_ids.gpu[:size], self.positions.gpu[:size], metadata)
+
+    def _pad_decode_inputs(self, size: int, num_real: int = 0) -> None:
+        """Rows ``num_real .. size-1`` become padding (slot -1, context 0) and the buffers go to the device."""
+        self.input_ids.np[num_real:size] = 0
+        self.positions.np[num_real:size] = 0
+        self.slot_mapping.np[num_real:size] = -1
+        self.seq_lens.np[num_real:size] = 0
+        self.query_start_loc.np[:size + 1] = np.arange(size + 1)
+        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
+            buf.copy_to_gpu(size)
+        self.query_start_loc.copy_to_gpu(size + 1)
+
     # ---- one step ----------------------------------------------------------------
-    def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the step into ``input_ids[T]``, ``positions[T]`` and the step's common attention metadata."""
+    def prepare_inputs(self, sched: SchedulerOutput, pad_to: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the step into ``input_ids[T]``, ``positions[T]`` and the step's common attention metadata.
+
+        Everything is computed with numpy into the persistent buffers, then copied
+        once. ``pad_to`` (a captured decode size) adds padding rows after the real ones.
+        """
         reqs = sched.scheduled
-        query_lens = [r.num_tokens for r in reqs]
-        seq_lens = [r.start_pos + r.num_tokens for r in reqs]
-        input_ids = torch.tensor([t for r in reqs for t in r.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
-        query_start_loc = torch.tensor(prefix_sums(query_lens), dtype=torch.int32)
+        n = len(reqs)
+        query_lens = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
+        starts = np.fromiter((r.start_pos for r in reqs), dtype=np.int64, count=n)
+        num_tokens = int(query_lens.sum())
+        qsl = self.query_start_loc.np
+        qsl[0] = 0
+        np.cumsum(query_lens, out=qsl[1:n + 1])
+        if num_tokens == n:  # decode: one token per request
+            self.input_ids.np[:n] = [r.token_ids[0] for r in reqs]
+            positions = starts
+        else:
+            self.input_ids.np[:num_tokens] = list(itertools.chain.from_iterable(r.token_ids for r in reqs))
+            req_of_token = np.repeat(np.arange(n), query_lens)
+            positions = np.arange(num_tokens) - qsl[req_of_token] + starts[req_of_token]
+        self.positions.np[:num_tokens] = positions
+        self.seq_lens.np[:n] = starts + query_lens
         block_table = slot_mapping = None
         if self.kv_caches:
-            width = max(len(r.block_ids) for r in reqs)
-            block_table = torch.zeros(len(reqs), width, dtype=torch.int32)
-            for b, r in enumerate(reqs):
-                block_table[b, :len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.int32)
-            req_idx = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(query_lens))
-            slot_mapping = (block_table[req_idx, positions // self.block_size].long() * self.block_size
-                            + positions % self.block_size)
-        dev = self.device
+            block_table, slots = self._block_table_and_slots(sched, positions, query_lens, num_tokens)
+            self.slot_mapping.np[:num_tokens] = slots
+        size = num_tokens
+        if pad_to is not None:
+            self._pad_decode_inputs(pad_to, n)
+            size = pad_to
+        else:
+            for buf in (self.input_ids, self.positions, self.slot_mapping):
+                buf.copy_to_gpu(num_tokens)
+            self.seq_lens.copy_to_gpu(n)
+            self.query_start_loc.copy_to_gpu(n + 1)
+        if self.kv_caches:
+            slot_mapping = self.slot_mapping.gpu[:num_tokens]
         md = AttentionMetadata(
-            query_start_loc=query_start_loc.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_table=None if block_table is None else block_table.to(dev, non_blocking=True),
-            slot_mapping=None if slot_mapping is None else slot_mapping.to(dev, non_blocking=True),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            block_size=self.block_size if self.kv_caches else 0)
-        return input_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), md
+            query_start_loc=self.query_start_loc.gpu[:n + 1], seq_lens=self.seq_lens.gpu[:n],
+            block_table=block_table, slot_mapping=slot_mapping, query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=self.seq_lens.np[:n].tolist(), block_size=self.block_size if self.kv_caches else 0)
+        return self.input_ids.gpu[:size], self.positions.gpu[:size], md
+
+    def _block_table_and_slots(self, sched: SchedulerOutput, positions: np.ndarray, query_lens: np.ndarray,
+                               num_tokens: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The step's ``[num_seqs, width]`` block table (gathered rows, one copy) and each token's slot."""
+        rows = self.block_tables.update(sched)
+        n = len(rows)
+        width = max(1, int(self.block_tables.num_blocks[rows].max()))
+        stage = self._block_table_stage.np[:n * width].reshape(n, width)
+        np.take(self.block_tables.table[:, :width], rows, axis=0, out=stage)
+        token_rows = rows if num_tokens == n else np.repeat(rows, query_lens)
+        slots = self.block_tables.table[token_rows, positions // self.block_size].astype(np.int64)
+        slots = slots * self.block_size + positions % self.block_size
+        gpu = self.block_table.gpu[:n, :width]
+        if gpu.device.type == "cpu":
+            gpu.copy_(torch.from_numpy(stage))
+        else:
+            gpu.copy_(self._block_table_stage.cpu[:n * width].view(n, width), non_blocking=True)
+        return gpu, slots
 
     def _sampling_metadata(self, sched: SchedulerOutput, rows: list[int]) -> SamplingMetadata:
         params, generators = [], {}
@@ -147,28 +268,57 @@ class ModelRunner:
         for req_id in sched.finished_req_ids:
             self.generators.pop(req_id, None)
         if sched.is_empty:
+            if self.kv_caches:
+                self.block_tables.update(sched)  # still forget finished requests' tables
             return ModelRunnerOutput([], [])
         t0 = time.perf_counter()
         if sched.block_copies:
             self.copy_blocks(sched.block_copies)
-        input_ids, positions, common = self.prepare_inputs(sched)
-        rows = [b for b, r in enumerate(sched.scheduled) if r.sample]
-        last_token = common.query_start_loc[1:] - 1
-        attn_metadata = self.backend.build(common, self.attn_spec)
+        reqs = sched.scheduled
+        graph_size = self._graph_size(sched)
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
+        input_ids, positions, common = self.prepare_inputs(sched, pad_to=graph_size)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
+        rows = [b for b, r in enumerate(reqs) if r.sample]
+        if graph_size is None:
+            attn_metadata = self.backend.build(common, self.attn_spec)
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, attn_metadata)
-        tokens: list[int | None] = [None] * len(sched.scheduled)
-        logprobs: list[dict[int, float] | None] = [None] * len(sched.scheduled)
+        if graph_size is not None:
+            hidden = self.cuda_graphs.replay(graph_size)[:len(reqs)]
+        else:
+            hidden = self.model(input_ids, positions, attn_metadata)
+        tokens: list[int | None] = [None] * len(reqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(reqs)
         if rows:
-            logits = self.model.compute_logits(hidden[last_token[rows]])
-            out = self.sampler(logits, self._sampling_metadata(sched, rows))
-            sampled = out.sampled_token_ids.tolist()
+            logits = self.model.compute_logits(self._rows_to_sample(hidden, common, rows))
+            params = [reqs[b].sampling_params for b in rows]
+            if all(p.greedy and p.logprobs is None for p in params):  # the all-greedy fast path: no sort, no tensors
+                sampled = logits.argmax(dim=-1).tolist()
+            else:
+                out = self.sampler(logits, self._sampling_metadata(sched, rows))
+                sampled = out.sampled_token_ids.tolist()
+                if out.logprobs is not None:
+                    self._collect_logprobs(sched, rows, sampled, out, logprobs)
             for row, b in enumerate(rows):
                 tokens[b] = sampled[row]
-            if out.logprobs is not None:
-                self._collect_logprobs(sched, rows, sampled, out, logprobs)
         t2 = time.perf_counter()
         return ModelRunnerOutput(tokens, logprobs, prepare_time=t1 - t0, forward_time=t2 - t1)
+
+    def _graph_size(self, sched: SchedulerOutput) -> int | None:
+        """The captured size this step replays, or None to run it eagerly (prefills, mixed, too large)."""
+        if self.cuda_graphs is None or sched.num_scheduled_tokens != len(sched.scheduled):
+            return None
+        return self.cuda_graphs.padded_size(len(sched.scheduled))
+
+    def _rows_to_sample(self, hidden: torch.Tensor, common: AttentionMetadata, rows: list[int]) -> torch.Tensor:
+        """The hidden state of each sampled request's last token (all of them in a decode step)."""
+        if len(rows) == common.num_seqs and common.num_tokens == common.num_seqs:
+            return hidden
+        idx = self.logits_indices
+        idx.np[:len(rows)] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
+        return hidden[idx.copy_to_gpu(len(rows))]
 
     @staticmethod
     def _collect_logprobs(sched: SchedulerOutput, rows: list[int], sampled: list[int], out,
@@ -186,3 +336,4 @@ class ModelRunner:
                 entry.update(zip(top_ids[row][:k], top_lp[row][:k]))
             entry[sampled[row]] = sampled_lp[row]
             logprobs[b] = entry
+

@@ -8,13 +8,20 @@ from folovllm.sampling_params import SamplingParams
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step: feed ``token_ids`` at positions ``start_pos ..``."""
+    """One request's share of a step: feed ``token_ids`` at positions ``start_pos ..``.
+
+    The block table travels as a change, not a copy: the request's table is
+    its previous table up to ``block_offset``, then ``new_block_ids``. A request
+    the runner has not seen (or that was preempted) comes with offset 0 and its
+    whole table; a decode step usually brings no new block at all.
+    """
 
     req_id: str
     token_ids: list[int]
     start_pos: int
     num_prompt_tokens: int
-    block_ids: list[int]
+    block_offset: int
+    new_block_ids: list[int]
     sampling_params: SamplingParams
     sample: bool  # True when this step computes the request's last known token
 

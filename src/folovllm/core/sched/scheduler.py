@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from folovllm.config import SchedulerConfig
 from folovllm.core.kv_cache_manager import BaseKVCacheManager
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
+
+
+@dataclass
+class _StepBudget:
+    """What one ``schedule()`` call has handed out so far."""
+
+    tokens_left: int
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    def take(self, req: Request, num_tokens: int) -> None:
+        self.scheduled.append((req, num_tokens))
+        self.tokens_left -= num_tokens
 
 
 class Scheduler:
@@ -85,37 +99,48 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        max_seqs = 1 if self.config.batching == "sequential" else self.config.max_num_seqs
+        """Running requests first (preempting if KV memory runs out), then new ones while room is left."""
         if self.config.policy == "priority":
             self.running.sort(key=Request.sort_key)
-        scheduled: list[tuple[Request, int]] = []
-        preempted: list[Request] = []
+        step = _StepBudget(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted and not (self.config.batching == "static" and self.running):
+            self._schedule_waiting(step)
+        out = SchedulerOutput(
+            scheduled=[self._describe(req, n) for req, n in step.scheduled],
+            preempted_req_ids=[r.request_id for r in step.preempted],
+            finished_req_ids=self._finished_since_last_step,
+            block_copies=self.kv_cache_manager.take_block_copies())
+        self._finished_since_last_step = []
+        return out
 
+    def _schedule_running(self, step: _StepBudget) -> None:
+        """Give every running request its new tokens; when KV memory runs out, preempt from the back."""
         i = 0
         while i < len(self.running):
             req = self.running[i]
             num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > budget:
+            if num_new > step.tokens_left:
                 i += 1
                 continue
             while not self.kv_cache_manager.allocate_slots(req, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim)
+                step.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                scheduled.append((req, num_new))
-                budget -= num_new
+                step.take(req, num_new)
                 i += 1
 
-        admit = not preempted and not (self.config.batching == "static" and self.running)
-        while admit and self.waiting and len(self.running) < max_seqs:
+    def _schedule_waiting(self, step: _StepBudget) -> None:
+        """Admit waiting requests in queue order while the token budget, ``max_num_seqs`` and KV memory allow."""
+        max_seqs = 1 if self.config.batching == "sequential" else self.config.max_num_seqs
+        while self.waiting and len(self.running) < max_seqs:
             req = self.waiting[0]
             forked = self._try_fork(req)
             num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > budget or not self.kv_cache_manager.allocate_slots(req, num_new):
+            if num_new > step.tokens_left or not self.kv_cache_manager.allocate_slots(req, num_new):
                 if forked:
                     self.kv_cache_manager.free(req)
                     req.num_computed_tokens = 0
@@ -125,23 +150,14 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.perf_counter()
-            scheduled.append((req, num_new))
-            budget -= num_new
-
-        out = SchedulerOutput(
-            scheduled=[self._describe(req, n) for req, n in scheduled],
-            preempted_req_ids=[r.request_id for r in preempted],
-            finished_req_ids=self._finished_since_last_step,
-            block_copies=self.kv_cache_manager.take_block_copies())
-        self._finished_since_last_step = []
-        return out
+            step.take(req, num_new)
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
+        offset, new_blocks = self.kv_cache_manager.take_new_block_ids(req.request_id)
         return ScheduledRequest(req_id=req.request_id, token_ids=req.all_token_ids[start:start + num_new],
-                                start_pos=start, num_prompt_tokens=req.num_prompt_tokens,
-                                block_ids=self.kv_cache_manager.get_block_ids(req.request_id),
-                                sampling_params=req.sampling_params,
+                                start_pos=start, num_prompt_tokens=req.num_prompt_tokens, block_offset=offset,
+                                new_block_ids=new_blocks, sampling_params=req.sampling_params,
                                 sample=start + num_new == req.num_tokens)
 
     def _try_fork(self, req: Request) -> bool:

@@ -3,6 +3,7 @@
 cos/sin for every position up to ``max_position`` are computed once, in fp32,
 at construction; a forward only indexes them with the step's positions, so a
 token's rotation depends on its position alone, never on how the batch is laid out.
+The fused kernel (M4) reads the same table and also applies Qwen3's q/k norm.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from folovllm.model_executor.layers.custom_op import CustomOp
 
 ROPE_TYPES = ("default", "llama3")
 
@@ -41,8 +44,13 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
     return torch.where(medium, blended, scaled)
 
 
-class RotaryEmbedding(nn.Module):
-    """Holds ``cos_sin_cache [max_position, head_dim]`` (cos halves, then sin halves)."""
+class RotaryEmbedding(CustomOp):
+    """Holds ``cos_sin_cache [max_position, head_dim]`` (cos halves, then sin halves).
+
+    One instance is shared by every attention layer. ``cos_sin`` gathers the
+    step's rows once per forward for the native path; the fused kernel reads the
+    table itself, so it needs nothing per step.
+    """
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -63,10 +71,30 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
                              persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin [T, 1, head_dim // 2]`` for the given positions, in the activations' dtype."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``cos, sin [T, 1, head_dim // 2]`` for the given positions, in the activations' dtype
+        (None on the fused path, which reads the table directly)."""
+        if self.use_fused:
+            return None
         cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       cos_sin: tuple[torch.Tensor, torch.Tensor], q_norm: nn.Module | None = None,
+                       k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q [T, Hq, D]``, ``k [T, Hkv, D]`` rotated (after the optional per-head norms): new tensors."""
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
+
+    def forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      cos_sin: None, q_norm: nn.Module | None = None,
+                      k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same, in place, in one kernel for both q and k."""
+        from folovllm.model_executor.layers.ops.rotary import rotary_qk_
+        rotary_qk_(q, k, positions, self.cos_sin_cache, None if q_norm is None else q_norm.weight,
+                   None if k_norm is None else k_norm.weight, 1e-6 if q_norm is None else q_norm.eps)
+        return q, k
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

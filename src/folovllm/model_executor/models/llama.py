@@ -21,8 +21,7 @@ from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
 from folovllm.model_executor.layers.linear import (Linear, MergedLinear, QKVLinear, VocabEmbedding,
                                                    copy_weight)
-from folovllm.model_executor.layers.rotary_embedding import (RotaryEmbedding, apply_rotary_emb,
-                                                             rope_parameters)
+from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding, rope_parameters
 
 if TYPE_CHECKING:
     from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -58,9 +57,10 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """qkv projection, optional per-head q/k norm, RoPE, then the engine's ``Attention``."""
 
-    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
+        self.rotary_emb = rotary_emb  # shared by every layer
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = num_kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
@@ -71,39 +71,36 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, cos_sin: Any,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        out = self.attn(q.view(num_tokens, q_size), k.view(num_tokens, kv_size), v, attn_metadata)
+        q, k = self.rotary_emb(positions, q, k, cos_sin, self.q_norm, self.k_norm)
+        out = self.attn(q, k, v, attn_metadata)
         return self.o_proj(out)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so each add fuses into a norm."""
 
-    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 mlp_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.self_attn = LlamaAttention(hf_config, qkv_bias, o_bias, qk_norm, quant_config)
+        self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm, quant_config)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias, quant_config)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
-                sin: torch.Tensor, attn_metadata: AttentionMetadata
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: Any, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, attn_metadata)
+        hidden = self.self_attn(positions, hidden, cos_sin, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -116,17 +113,17 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings,
                                           rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config)
+            LlamaDecoderLayer(hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config)
             for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per forward, shared by the layers
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, attn_metadata)
+            hidden, residual = layer(positions, hidden, residual, cos_sin, attn_metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -1,0 +1,134 @@
+"""``folovllm bench step``: where one decode step's time goes, host vs GPU, launch by launch.
+
+A batch of requests is prefilled, then decode steps are timed (mean wall time,
+the engine's own host/forward split) and one more is recorded with
+``torch.profiler``: every kernel the GPU ran, every launch the host issued, and
+a timeline of both that the M4 chapter draws. Comparing M3 (eager, unfused) with
+M4 (fused kernels, CUDA graphs) shows what the fast path removed.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import torch
+
+from folovllm.benchmarks.common import provenance
+from folovllm.benchmarks.hardware import measure_copy_bandwidth
+from folovllm.engine.llm_engine import EngineStats
+from folovllm.entrypoints.llm import LLM
+from folovllm.sampling_params import SamplingParams
+
+# Host calls that put work on the GPU: runtime and driver kernel launches (Triton uses the driver), graph launches.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total time covered by possibly overlapping ``(start, end)`` intervals (µs in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total / 1e3
+
+
+def _record_step(engine, device: torch.device) -> dict[str, Any]:
+    """Run one step under ``torch.profiler``; kernels, launches and a timeline relative to the step's start."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        engine.step()
+        _sync(device)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    launches = [e for e in events if e.name in LAUNCH_CALLS]
+    origin = min([e.time_range.start for e in events] or [0.0])
+
+    def span(e) -> list[float]:
+        return [round((e.time_range.start - origin) / 1e3, 4), round(e.time_range.elapsed_us() / 1e3, 4)]
+
+    return {"num_gpu_kernels": len(kernels), "num_host_launches": len(launches),
+            "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
+            "timeline": {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]}}
+
+
+def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Decode-step figures for ``batch_size`` running requests of ``prompt_len``-token prompts."""
+    engine = llm.llm_engine
+    device = engine.config.device
+    gen = torch.Generator().manual_seed(seed)
+    budget = engine.max_model_len - prompt_len
+    if budget < steps + 8:
+        raise ValueError(f"max_model_len ({engine.max_model_len}) leaves no room for {steps + 8} decode steps "
+                         f"after a {prompt_len}-token prompt")
+    params = SamplingParams(temperature=0.0, max_tokens=budget, ignore_eos=True)
+    ids = [f"profile-{i}" for i in range(batch_size)]
+    for rid in ids:
+        prompt = torch.randint(0, min(engine.vocab_size, 10000), (prompt_len,), generator=gen).tolist()
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    sched = engine.scheduler
+    while len(sched.running) < batch_size or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        engine.step()
+    for _ in range(3):  # warm-up decode steps (Triton JIT, allocator)
+        engine.step()
+    engine.stats = EngineStats()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync(device)
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    st = engine.stats
+    row = {"batch_size": batch_size, "prompt_len": prompt_len, "wall_ms_per_step": wall_ms,
+           "host_ms_per_step": st.host_time / st.num_steps * 1e3,
+           "forward_ms_per_step": st.forward_time / st.num_steps * 1e3, **_record_step(engine, device)}
+    engine.abort_request(ids)
+    return row
+
+
+def bench_step(model: str, configs: list[str], batch_sizes: list[int], prompt_len: int = 128, steps: int = 20,
+               device: str | None = None, dtype: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step."""
+    rows, meta, floor = [], None, None
+    for milestone in configs:
+        llm = LLM(model, milestone=milestone, device=device, dtype=dtype,
+                  max_num_seqs=max(batch_sizes), **{"max_model_len": prompt_len + steps + 64, **overrides})
+        engine = llm.llm_engine
+        if meta is None:
+            dev, dt = engine.config.device, engine.config.model_config.dtype
+            meta = provenance(dev, model, dt)
+            weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
+            floor = {"weight_bytes": weight_bytes, "copy_GBps": measure_copy_bandwidth(dev)}
+            floor["weights_floor_ms"] = weight_bytes / (floor["copy_GBps"] * 1e9) * 1e3
+        graphs = engine.model_runner.cuda_graphs
+        for bs in batch_sizes:
+            row = {"milestone": milestone, "attention_backend": engine.model_runner.backend_name,
+                   "cuda_graphs": graphs is not None, "fused_kernels": engine.model_runner.fused,
+                   **profile_decode(llm, bs, prompt_len, steps)}
+            row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
+            rows.append(row)
+        if graphs is not None:
+            rows[-1]["cuda_graph_capture_s"] = graphs.capture_seconds
+            rows[-1]["cuda_graph_memory_MiB"] = graphs.memory_bytes / 2**20
+        del llm, engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    summary = {f"{r['milestone']}@{r['batch_size']}": round(r["wall_ms_per_step"], 3) for r in rows}
+    return {"benchmark": "decode_step", **meta, "workload": {"batch_sizes": batch_sizes, "prompt_len": prompt_len,
+                                                             "steps": steps, "overrides": overrides},
+            "floor": floor, "wall_ms_per_step": summary, "results": rows}

@@ -1,0 +1,117 @@
+"""M4 part 2's decode path: padded batch sizes, capture-time metadata, fused kernels, bounded state.
+
+A CUDA graph cannot be captured on CPU, so the CPU tests replay "graphs" eagerly: the
+same persistent buffers, the same padding rows, the same metadata planned once per size
+for any context length. That is everything a real replay depends on besides the driver;
+on a GPU the last tests capture real graphs and compare tokens with eager mode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from folovllm import LLM, SamplingParams  # noqa: E402
+from folovllm.model_executor.layers.custom_op import enable_fused_ops  # noqa: E402
+from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+class EagerReplay(CUDAGraphRunner):
+    """A graph runner whose "capture" keeps the per-size metadata and whose "replay" runs the forward."""
+
+    replays: list[int]
+
+    def capture(self, sizes=None) -> None:
+        self.replays = []
+        for size in sizes or self.sizes:
+            self._reset_inputs(size)
+            self.graphs[size] = self._capture_metadata(size)
+
+    def replay(self, size: int) -> torch.Tensor:
+        self.replays.append(size)
+        return self._forward(size, self.graphs[size])
+
+
+def test_capture_sizes_ladder_and_padding():
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(256)[:5] == [1, 2, 4, 8, 16] and capture_sizes(256)[-1] == 256
+    assert capture_sizes(6, [4, 1, 64]) == [1, 4, 6]
+    runner = CUDAGraphRunner([1, 2, 4, 8], None, None, None, torch.device("cpu"))
+    assert [runner.padded_size(n) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, None]
+
+
+def prompts(n: int) -> list[dict]:
+    return [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 3 for j in range(4 + 3 * i)]} for i in range(n)]
+
+
+def generate(llm: LLM, n: int = 5) -> list[list[int]]:
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True) for i in range(n)]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts(n), params, use_tqdm=False)]
+
+
+def tiny(milestone: str = "M4", **kw) -> LLM:
+    return LLM("random:tiny-qwen3", milestone=milestone, device="cpu", dtype="float32", max_model_len=64,
+               block_size=4, kv_cache_memory=2**21, max_num_seqs=8, **kw)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_padded_replays_generate_what_eager_steps_generate(fused):
+    expected = generate(tiny("M3", attention_backend="triton"))
+    llm = tiny(attention_backend="triton")
+    runner = llm.llm_engine.model_runner
+    if fused:
+        enable_fused_ops(runner.model)
+    runner.cuda_graphs = EagerReplay([1, 2, 4, 8], runner._graph_forward, runner._graph_metadata,
+                                     runner._pad_decode_inputs, runner.device)
+    runner.cuda_graphs.capture()
+    assert generate(llm) == expected
+    replays = runner.cuda_graphs.replays
+    assert replays and set(replays) <= {1, 2, 4, 8} and 8 in replays  # 5 running sequences pad to 8
+
+
+def test_capture_metadata_is_planned_for_any_context():
+    llm = tiny(attention_backend="triton")
+    runner = llm.llm_engine.model_runner
+    md = runner._graph_metadata(4)
+    assert md.common.block_table.shape == (4, runner.max_blocks_per_req)  # full width: any context fits
+    assert md.plan.grid == (4, 2, 1)  # 4 sequences x 2 KV heads, no split-K on CPU
+
+
+def test_long_run_keeps_engine_state_bounded(monkeypatch):
+    """A thousand steps leave nothing behind: no per-step record (stats off), no request, block or row."""
+    import folovllm.engine.llm_engine as llm_engine
+    monkeypatch.setattr(llm_engine, "STEP_STATS_LIMIT", 50)
+    for collect in (False, True):
+        llm = tiny("M3", collect_step_stats=collect)
+        engine = llm.llm_engine
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        for _ in range(25):  # 25 rounds x ~40 steps
+            llm.generate(prompts(3), params, use_tqdm=False)
+        assert engine.stats.num_steps >= 1000
+        assert len(engine.step_stats) == (50 if collect else 0)
+        sched, runner = engine.scheduler, engine.model_runner
+        assert not engine.parents and not sched.requests and not sched.running and not sched.waiting
+        assert engine.kv_cache_manager.block_pool.num_free_blocks == engine.kv_cache_manager.num_blocks
+        assert not engine.kv_cache_manager.req_to_blocks and not engine.kv_cache_manager.num_tokens
+        engine.step()  # an empty step tells the runner about the last finished requests
+        assert not runner.block_tables.row_of and not runner.generators
+
+
+@pytest.mark.skipif(not CUDA, reason="captures real CUDA graphs")
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "qwen3-0.6b"])
+def test_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
+    def run(**kw):
+        llm = LLM(f"random:{preset}", milestone="M4", max_model_len=256, kv_cache_memory=2**28,
+                  max_num_seqs=16, **kw)
+        n = 11  # 11, 10, ... running sequences: most decode steps need padding
+        params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
+        outs = llm.generate(prompts(n), params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.llm_engine.model_runner
+
+    eager, _ = run(enforce_eager=True)
+    graphed, runner = run()
+    assert runner.cuda_graphs is not None and runner.cuda_graphs.memory_bytes > 0
+    assert graphed == eager
