@@ -67,3 +67,8 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.round(w / scale.view(shape)) + zero.view(shape)
     return q.clamp(0, 2**bits - 1).to(torch.int64)
+
+
+def output_rows(qw: QuantizedWeight, rows: slice) -> QuantizedWeight:
+    """The part of ``qw`` that holds some output rows (one projection of a merged layer)."""
+    return QuantizedWeight(qw.codes[rows], qw.scales[:, rows], qw.zeros[:, rows], qw.g_idx, qw.bits, qw.group_size)

@@ -34,3 +34,25 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 512) ->
     if count == 0:
         raise ValueError("perplexity needs at least 2 tokens")
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows}
+
+
+def evaluate_perplexity(model: str, max_tokens: int | None = None, seq_len: int = 512, device: str | None = None,
+                        dtype: str | None = None, quantization: str | None = None) -> dict[str, Any]:
+    """``folovllm eval perplexity``: load ``model`` (a quantized checkpoint runs quantized) and score the
+    held-out split of Python's docs; the result carries where it came from."""
+    from folovllm.benchmarks.common import provenance
+    from folovllm.config import ModelConfig
+    from folovllm.model_executor.model_loader import load_model
+    from folovllm.quantization.calibration import EVAL_EVERY, evaluation_ids
+
+    config = ModelConfig(model=model, device=device or "auto", dtype=dtype or "auto", quantization=quantization)
+    loaded = load_model(config)
+    ids = evaluation_ids(loaded.tokenizer, loaded.hf_config.vocab_size, max_tokens)
+    quant = getattr(loaded.hf_config, "quantization_config", None)
+    return {**provenance(torch.device(config.device), loaded.name, config.dtype),
+            "benchmark": "perplexity",
+            "workload": {"text": f"pydoc_data.topics, every {EVAL_EVERY}th topic (held out from calibration)"
+                         if loaded.tokenizer is not None else "seeded random token ids",
+                         "max_tokens": max_tokens, "seq_len": seq_len},
+            "quantization_config": quant if quant is None or isinstance(quant, dict) else quant.to_dict(),
+            **perplexity(loaded.model, ids, seq_len)}

@@ -107,6 +107,9 @@ def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     (each launch leaves them at zero again)."""
     counters = _counters.get(device)
     if counters is None or counters.numel() < num_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("GPTQ split-K counters must be allocated by a warm-up launch before CUDA graph "
+                               "capture (a graph keeps the old address)")
         counters = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
         _counters[device] = counters
     return counters
