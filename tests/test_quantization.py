@@ -336,3 +336,17 @@ def test_eval_perplexity_cli_prints_json(tiny_checkpoint, capsys):
     assert data["perplexity"] > 1 and data["commit"]
     rc = main(["quantize", "--model", "random:tiny-llama", "--out", "/nonexistent", "--bits", "5"])
     assert rc == 2 and "bits must be 2, 3, 4 or 8, got 5" in capsys.readouterr().err
+
+
+def test_bench_gptq_parts_run_on_cpu(monkeypatch):
+    """The GPU benchmark's pieces on tiny shapes (the interpreter stands in for the GPU): fields, not speed."""
+    from folovllm.benchmarks import gptq as bench
+
+    monkeypatch.setattr(bench, "QWEN3_8B_SHAPES", {"tiny": (256, 64)})
+    rows = bench.bench_gptq_kernel([1, 20], device=torch.device("cpu"), dtype=torch.float32)
+    assert [(r["m"], r["plan"]["dequant_tiles"]) for r in rows] == [(1, False), (20, True)]
+    assert all(r["max_rel_err_vs_reference"] < 1e-5 for r in rows)
+    memory = bench.bench_weight_memory("random:tiny-llama", torch.device("cpu"), dtype="float32")
+    assert memory["ratio_decoder_linears"] > 3  # tiny K: padding to 128-row blocks and per-group scales dominate
+    tpot = bench.bench_gptq_tpot("random:tiny-llama", 8, 4, device="cpu", kv_cache_memory=2**20)
+    assert [r["config"] for r in tpot] == ["bf16", "gptq", "gptq-eager"] and tpot[0]["tpot_speedup_vs_bf16"] == 1

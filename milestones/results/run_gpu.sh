@@ -53,6 +53,15 @@ from folovllm import LLM
 e = LLM('random:qwen3-0.6b', milestone='$m', max_model_len=8192).llm_engine
 print('$m', e.config.resolved_attention_backend(), e.kv_cache_manager.num_blocks, 'blocks')"
     done ;;
+  gptq)
+    # M7: kernel tests compiled on the GPU, then kernels vs cuBLAS, weight memory and batch-1 TPOT (one JSON),
+    # then workload W (64-prompt subset) bf16 vs GPTQ on random:qwen3-8b.
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel" 2>&1 | tail -3
+    bench gptq --out "$OUT/M7-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
+      --subset 64 --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
+      --subset 64 --milestone M7 --quantization gptq --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in

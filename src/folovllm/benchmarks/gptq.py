@@ -80,7 +80,7 @@ def bench_gptq_kernel(ms: list[int], bits: int = 4, group_size: int = 128, act_o
                    "max_rel_err_vs_reference": err,
                    "plan": {"split_k": plan.split_k, "dequant_tiles": plan.dequant_tiles,
                             "block_m": plan.block_m, "block_n": plan.block_n}}
-            if m <= 16:
+            if m <= 16 and device.type == "cuda":
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
             rows.append(row)
         del layer, dense
@@ -89,10 +89,15 @@ def bench_gptq_kernel(ms: list[int], bits: int = 4, group_size: int = 128, act_o
 
 def _free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def bench_weight_memory(model: str, device: torch.device) -> dict[str, Any]:
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16") -> dict[str, Any]:
     """Weight bytes of ``model`` in bf16 and as GPTQ (all parameters, and the decoder projections alone),
     device memory each load took, and the KV blocks the difference would hold."""
     from folovllm.config import ModelConfig
@@ -101,14 +106,14 @@ def bench_weight_memory(model: str, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, quant in (("bf16", None), ("gptq", "gptq")):
         _free()
-        before = torch.cuda.memory_allocated(device)
-        loaded = load_model(ModelConfig(model=model, device=device, dtype="bfloat16", quantization=quant))
+        before = _allocated(device)
+        loaded = load_model(ModelConfig(model=model, device=device, dtype=dtype, quantization=quant))
         params = dict(loaded.model.named_parameters())
         linear = {n: p for n, p in params.items() if ".layers." in n and any(
             proj in n for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))}
         out[label] = {"weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
                       "decoder_linear_bytes": sum(p.numel() * p.element_size() for p in linear.values()),
-                      "allocated_bytes": torch.cuda.memory_allocated(device) - before}
+                      "allocated_bytes": _allocated(device) - before}
         cfg = loaded.hf_config
         del loaded, params, linear
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -121,15 +126,16 @@ def bench_weight_memory(model: str, device: torch.device) -> dict[str, Any]:
             "kv_tokens_freed": saved // block_bytes * 16}
 
 
-def bench_gptq_tpot(model: str, input_len: int, output_len: int) -> list[dict[str, Any]]:
+def bench_gptq_tpot(model: str, input_len: int, output_len: int, device: str | None = None,
+                    kv_cache_memory: int = 4 * 2**30) -> list[dict[str, Any]]:
     """Batch-1 decode of the whole model: bf16 (M4) vs GPTQ (M7, CUDA graphs) vs GPTQ eager."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
     for label, kwargs in (("bf16", {"milestone": "M4"}), ("gptq", {"milestone": "M7", "quantization": "gptq"}),
                           ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True})):
-        result = bench_latency(model, [input_len], output_len, 1, dtype="bfloat16", with_hf=False,
-                               kv_cache_memory=4 * 2**30, max_num_seqs=8, **kwargs)
+        result = bench_latency(model, [input_len], output_len, 1, device=device, with_hf=False,
+                               kv_cache_memory=kv_cache_memory, max_num_seqs=8, **kwargs)
         rows.append({"config": label, **kwargs, "weight_bytes": result["weight_bytes"],
                      "decode_floor_s": result["decode_floor_s"], **result["results"][0]["folovllm"]})
         _free()
@@ -155,5 +161,5 @@ def bench_gptq(ms: list[int], model: str = "random:qwen3-8b", input_len: int = 1
         "kernel_act_order": bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)}
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
-        result["tpot"] = bench_gptq_tpot(model, input_len, output_len)
+        result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)
     return result
