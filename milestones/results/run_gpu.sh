@@ -122,6 +122,15 @@ PY
     bench serve $model $load --milestone M5/budget=512@12 M4 M5 M5/budget=256 M5/budget=512 M5/budget=1024 \
       M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
       --out "$OUT/M5-serve-mixed-$gpu.json" > /dev/null ;;
+  gptq)
+    # M7: kernel tests compiled on the GPU, then kernels vs cuBLAS, weight memory and batch-1 TPOT (one JSON),
+    # then workload W (64-prompt subset) bf16 vs GPTQ on random:qwen3-8b.
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel" 2>&1 | tail -3
+    bench gptq --out "$OUT/M7-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
+      --subset 64 --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" > /dev/null
+    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
+      --subset 64 --milestone M7 --quantization gptq --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in

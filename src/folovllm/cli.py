@@ -1,4 +1,5 @@
-"""``folovllm`` command line: ``generate``, ``serve`` and ``bench {latency,throughput,attention,prefill,step,serve,prefix}``."""
+"""``folovllm`` command line: ``generate``, ``serve``, ``quantize``, ``eval perplexity`` and
+``bench {latency,throughput,attention,prefill,step,serve,prefix,gptq}``."""
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights (random codes for random:)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size")
+    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size", "quantization")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -42,13 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--milestone", default=None)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)")
-    _engine_args(srv)
-    srv.add_argument("--milestone", default=None)
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
-    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    qnt = sub.add_parser("quantize", help="write a GPTQ-format checkpoint, quantized by GPTQ or RTN")
+    qnt.add_argument("--model", required=True, help="HF folder, 'smollm2-135m' or 'random:<preset>'")
+    qnt.add_argument("--out", required=True, help="folder to write the checkpoint into")
+    qnt.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    qnt.add_argument("--bits", type=int, default=4)
+    qnt.add_argument("--group-size", type=int, default=128, help="-1: one group per output channel")
+    qnt.add_argument("--desc-act", action="store_true", help="act-order: largest inputs first")
+    qnt.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
+    qnt.add_argument("--calib-samples", type=int, default=32)
+    qnt.add_argument("--calib-seq-len", type=int, default=256)
+    qnt.add_argument("--damp-percent", type=float, default=0.01)
+    qnt.add_argument("--seed", type=int, default=0)
+    qnt.add_argument("--device", default=None, help="where to quantize (default: cpu)")
+
+    ev = sub.add_parser("eval", help="quality measures, printed as JSON").add_subparsers(dest="eval", required=True)
+    ppl = ev.add_parser("perplexity", help="perplexity on the held-out split of Python's docs")
+    ppl.add_argument("--model", default="smollm2-135m")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N held-out tokens")
+    ppl.add_argument("--seq-len", type=int, default=512, help="tokens per scored window")
+    ppl.add_argument("--device", default=None)
+    ppl.add_argument("--dtype", default=None)
+    ppl.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights")
+    ppl.add_argument("--out", default=None)
 
     bench = sub.add_parser("bench", help="benchmarks that write results JSON").add_subparsers(
         dest="bench", required=True)
@@ -92,26 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--steps", type=int, default=20)
     stp.add_argument("--out", default=None)
 
-    pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
-    _engine_args(pfx)
-    pfx.add_argument("--milestone", nargs="+", default=["M4", "M6"],
-                     help="configs, the one with prefix caching last (summary ratios: last over first)")
-    pfx.add_argument("--parts", nargs="+", default=["ttft", "throughput", "chat"],
-                     choices=["ttft", "throughput", "chat"])
-    pfx.add_argument("--prefix-len", type=int, default=4096, help="ttft: shared prefix tokens")
-    pfx.add_argument("--suffix-len", type=int, default=128, help="ttft: tokens after the prefix")
-    pfx.add_argument("--repeat", type=int, default=3, help="ttft: miss/hit pairs (median reported)")
-    pfx.add_argument("--num-prompts", type=int, default=256, help="throughput: requests")
-    pfx.add_argument("--system-len", type=int, default=2048, help="throughput: shared system prompt tokens")
-    pfx.add_argument("--user-len", default="32:128", help="throughput: each request's own tokens, LO:HI")
-    pfx.add_argument("--output-len", type=int, default=128, help="throughput: output tokens per request")
-    pfx.add_argument("--conversations", type=int, default=16, help="chat: conversations")
-    pfx.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
-    pfx.add_argument("--chat-system-len", type=int, default=512)
-    pfx.add_argument("--turn-len", type=int, default=64, help="chat: user tokens per turn")
-    pfx.add_argument("--reply-len", type=int, default=64, help="chat: generated tokens per turn")
-    pfx.add_argument("--seed", type=int, default=0)
-    pfx.add_argument("--out", default=None)
+    gq = bench.add_parser("gptq", help="W4A16 kernel vs bf16 matmul, weight memory, TPOT bf16 vs GPTQ (GPU)")
+    gq.add_argument("--model", default="random:qwen3-8b")
+    gq.add_argument("--device", default=None)
+    gq.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 256, 4096], help="rows of X")
+    gq.add_argument("--input-len", type=int, default=128)
+    gq.add_argument("--output-len", type=int, default=128)
+    gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
+    gq.add_argument("--out", default=None)
 
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
     pre.add_argument("--device", default=None)
@@ -190,16 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
-        elif args.command == "serve":
-            _serve(args)
-        elif args.bench == "serve":
-            from folovllm.benchmarks.serve import bench_serve
-            write_results(None, bench_serve(
-                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
-                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
-                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
-                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
-                **_overrides(args)))
+        elif args.command == "quantize":
+            from folovllm.quantization.quantize import quantize_model
+            write_results(None, quantize_model(
+                args.model, args.out, args.method, args.bits, args.group_size, args.desc_act, args.sym,
+                args.calib_samples, args.calib_seq_len, args.damp_percent, args.seed, args.device))
+        elif args.command == "eval":
+            from folovllm.quantization.perplexity import evaluate_perplexity
+            write_results(args.out, evaluate_perplexity(args.model, args.max_tokens, args.seq_len, args.device,
+                                                        args.dtype, args.quantization))
         elif args.bench == "latency":
             from folovllm.benchmarks.latency import bench_latency
             write_results(args.out, bench_latency(
@@ -215,13 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from folovllm.benchmarks.step_profile import bench_step
             write_results(args.out, bench_step(args.model, args.milestone, args.batch_size, args.prompt_len,
                                                args.steps, device=args.device, dtype=args.dtype, **_overrides(args)))
-        elif args.bench == "prefix":
-            from folovllm.benchmarks.prefix import bench_prefix
-            write_results(args.out, bench_prefix(
-                args.model, args.milestone, tuple(args.parts), args.prefix_len, args.suffix_len, args.repeat,
-                args.num_prompts, args.system_len, parse_range(args.user_len), args.output_len, args.conversations,
-                args.turns, args.chat_system_len, args.turn_len, args.reply_len, args.seed, device=args.device,
-                dtype=args.dtype, out=args.out, **_overrides(args)))
+        elif args.bench == "gptq":
+            from folovllm.benchmarks.gptq import bench_gptq
+            write_results(args.out, bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device,
+                                               args.kernels_only))
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
             write_results(args.out, bench_prefill_attention(

@@ -15,11 +15,12 @@ import torch
 from folovllm.exceptions import InvalidTypeError
 
 MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
-BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6")
+BUILT_MILESTONES = ("M0", "M1", "M2", "M3", "M4", "M5", "M6", "M7")
 ATTENTION_BACKENDS = ("auto", "naive", "triton", "flash_attn")
 BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
 POLICIES = ("fcfs", "priority")
+QUANTIZATION_METHODS = ("gptq",)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -66,6 +67,9 @@ class ModelConfig:
     replay CUDA graphs (M4 part 2). On CPU both are ignored.
     ``max_logprobs`` caps ``SamplingParams.logprobs`` (vLLM's default, the
     OpenAI API's limit; -1 = the whole vocabulary).
+
+    ``quantization`` (vLLM's name): None reads the checkpoint's ``quantization_config``
+    (from M7 on); "gptq" insists on GPTQ weights (random ones for ``random:`` models).
     """
 
     model: str = "smollm2-135m"
@@ -76,6 +80,7 @@ class ModelConfig:
     enforce_eager: bool = False
     fuse_kernels: bool = True
     max_logprobs: int = 20
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -83,6 +88,8 @@ class ModelConfig:
         for name in ("enforce_eager", "fuse_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool):
             raise InvalidTypeError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), "
@@ -315,3 +322,5 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
 _MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill": True,
                             "max_num_batched_tokens": 2048}
 _MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M5"], "enable_prefix_caching": True}
+# M7 = M6 + quantized weights, read from the checkpoint (``EngineConfig.includes("M7")``).
+_MILESTONE_PRESETS["M7"] = dict(_MILESTONE_PRESETS["M6"])

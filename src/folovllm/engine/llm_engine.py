@@ -125,7 +125,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         resolve_attention_backend(config)  # an impossible backend fails before any weights load
-        loaded = load_model(config.model_config)
+        loaded = load_model(config.model_config, allow_quantized=config.includes("M7"))
         self.model_name = loaded.name
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer

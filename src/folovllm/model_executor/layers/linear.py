@@ -5,12 +5,20 @@ initialiser) always overwrites them, so initialising twice would only cost time.
 Projections that read the same input are stacked along the output dim (vLLM's
 ``QKVParallelLinear`` / ``MergedColumnParallelLinear``) so one GEMM computes them
 all; HF's separate tensors are copied into row ranges ("shards") of the stack.
+With a ``quant_config`` (M7) a linear method owns the weights instead: it creates
+them (each with a ``weight_loader`` that knows its own shard layout), post-processes
+them after loading and does the matmul, so the model code stays the same.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 
 def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -22,22 +30,31 @@ def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 
 class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with ``W [output_size, input_size]``."""
+    """``y = x W^T (+ b)`` with ``W [output_size, input_size]``, or whatever ``quant_config``'s method stores."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        self.input_size, self.output_size = input_size, output_size
+        self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
+        if self.quant_method is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        else:
+            self.quant_method.create_weights(self, input_size, output_size)
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
     """Several projections of one input stacked along the output dim (``gate_up_proj``)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(input_size, sum(output_sizes), bias)
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 quant_config: QuantizationConfig | None = None) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, quant_config)
         self.output_sizes = list(output_sizes)
         self.shard_ids: list[int | str] = list(range(len(output_sizes)))
 
@@ -52,9 +69,9 @@ class QKVLinear(MergedLinear):
     """Q, K and V stacked into one ``qkv_proj``; with GQA the K/V shards are narrower."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
+                 bias: bool = False, quant_config: QuantizationConfig | None = None) -> None:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias)
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, quant_config)
         self.q_size, self.kv_size = q_size, kv_size
         self.shard_ids = ["q", "k", "v"]
 

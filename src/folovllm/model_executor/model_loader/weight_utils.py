@@ -51,13 +51,19 @@ def initialize_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> 
     """Seeded random weights in place, on the parameters' own device and dtype (no CPU round trip).
 
     Norm weights become ones (as in a freshly initialised model), everything else ``N(0, std)``;
-    the same seed gives the same weights on the same device.
+    quantized layers fill their own tensors (``init_dummy_weights`` of their linear method).
+    The same seed gives the same weights on the same device.
     """
     params = list(model.named_parameters())
     generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
     with torch.no_grad():
         for name, param in params:
+            if not param.is_floating_point() or hasattr(param, "weight_loader"):
+                continue  # a quantized layer's tensors: filled below
             if "norm" in name:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=generator)
+        for module in model.modules():
+            if getattr(module, "quant_method", None) is not None:
+                module.quant_method.init_dummy_weights(module, generator, std)

@@ -10,7 +10,7 @@ Parameter names follow HF's, except the merged ``qkv_proj`` and ``gate_up_proj``
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from folovllm.model_executor.layers.layernorm import RMSNorm
 from folovllm.model_executor.layers.linear import (Linear, MergedLinear, QKVLinear, VocabEmbedding,
                                                    copy_weight)
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding, rope_parameters
+
+if TYPE_CHECKING:
+    from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 # Merged parameter -> the HF projections stacked into it, with their shard ids.
 _MERGED: dict[str, tuple[tuple[str, int | str], ...]] = {
@@ -40,10 +43,11 @@ def num_kv_heads_of(hf_config: Any) -> int:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, quant_config)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, quant_config)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,15 +58,15 @@ class LlamaAttention(nn.Module):
     """qkv projection, optional per-head q/k norm, RoPE, then the engine's ``Attention``."""
 
     def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.rotary_emb = rotary_emb  # shared by every layer
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = num_kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.qkv_proj = QKVLinear(hf_config.hidden_size, self.head_dim, self.num_heads,
-                                  self.num_kv_heads, qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias)
+                                  self.num_kv_heads, qkv_bias, quant_config)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias, quant_config)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
@@ -83,12 +87,12 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so each add fuses into a norm."""
 
     def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 mlp_bias: bool, qk_norm: bool) -> None:
+                 mlp_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm, quant_config)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias)
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias, quant_config)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 cos_sin: Any, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +107,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings,
                                           rope_parameters(hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm)
+            LlamaDecoderLayer(hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config)
             for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -125,17 +129,20 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward`` maps a flattened token batch to final hidden states; ``compute_logits`` projects rows."""
+    """``forward`` maps a flattened token batch to final hidden states; ``compute_logits`` projects rows.
+
+    ``quant_config`` (M7) quantizes the decoder layers' projections; embeddings and ``lm_head`` stay dense.
+    """
 
     qk_norm = False
 
-    def __init__(self, hf_config: Any) -> None:
+    def __init__(self, hf_config: Any, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         _check_supported(hf_config)
         self.config = hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
-        self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm, quant_config)
         self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -186,11 +193,15 @@ class LlamaForCausalLM(nn.Module):
             if name not in layout:
                 raise ValueError(f"unexpected tensor {name!r}: {type(self).__name__} has no parameter for it")
             param_name, shard = layout[name]
-            target = params[param_name].data
-            if shard is not None:
-                target = target[modules[param_name.rpartition(".")[0]].shard_rows(shard)]
+            param = params[param_name]
             with torch.no_grad():
-                copy_weight(target, tensor, name)
+                if hasattr(param, "weight_loader"):  # quantized tensors know their own shard layout
+                    param.weight_loader(tensor, shard, name)
+                else:
+                    target = param.data
+                    if shard is not None:
+                        target = target[modules[param_name.rpartition(".")[0]].shard_rows(shard)]
+                    copy_weight(target, tensor, name)
             seen.add(name)
         missing = sorted(set(layout) - seen)
         if missing:

@@ -1,0 +1,169 @@
+"""The GPTQ matmul around its Triton kernel: the kernel's weight layout, a PyTorch reference,
+the launch plan (GEMV-like split-K for decode, tiled GEMM for prefill) and the launch.
+
+The checkpoint packs eight consecutive input rows per word; the kernel wants each ``tl.dot``
+operand to be 16 consecutive rows taken from one bit field of 16 consecutive words, so the linear
+method repacks once after loading (``pack_for_kernel``), as vLLM repacks for its own kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import _gptq_gemm_kernel
+from folovllm.triton_utils import for_device
+from folovllm.utils import cdiv
+
+KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
+SLICE_ROWS = 16  # K of one tl.dot: rows of X per slice
+DECODE_MAX_M = 16  # up to here one M tile holds every row: the split-K plan
+PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
+_MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
+_MAX_SPLIT_K = 16
+
+
+def block_rows(bits: int) -> int:
+    """Input rows per block of 16 words: ``16 * 32 / bits``."""
+    return SLICE_ROWS * (32 // bits)
+
+
+def pack_for_kernel(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[K, N]`` -> int32 ``[cdiv(K, BLOCK_K) * 16, N]``; bit field ``j`` of word row ``16 b + t``
+    holds row ``BLOCK_K b + 16 j + t`` (K is padded with zero codes to whole blocks)."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits must be one of {KERNEL_BITS} for the kernel layout, got {bits}")
+    k, n = codes.shape
+    pack, rows = 32 // bits, block_rows(bits)
+    padded = torch.zeros(cdiv(k, rows) * rows, n, dtype=torch.int64, device=codes.device)
+    padded[:k] = codes
+    fields = padded.view(-1, pack, SLICE_ROWS, n)  # [block, j, t, n]
+    shifts = (torch.arange(pack, device=codes.device) * bits).view(1, pack, 1, 1)
+    words = (fields << shifts).sum(dim=1).reshape(-1, n)  # disjoint bit fields: the sum is an OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_from_kernel(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack_for_kernel``: int64 codes ``[k, N]``."""
+    pack = 32 // bits
+    words = qweight.to(torch.int64).view(-1, 1, SLICE_ROWS, qweight.shape[1])
+    shifts = (torch.arange(pack, device=qweight.device) * bits).view(1, pack, 1, 1)
+    return ((words >> shifts) & (2**bits - 1)).reshape(-1, qweight.shape[1])[:k]
+
+
+def gptq_gemm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                        group_size: int) -> torch.Tensor:
+    """Dequantize the whole weight, then one matmul: what the kernel must equal (and the CPU path)."""
+    k = x.shape[-1]
+    groups = torch.arange(k, device=x.device) // (k if group_size == -1 else group_size)
+    w = (unpack_from_kernel(qweight, bits, k) - zeros[groups].float()) * scales[groups].float()
+    out = (x if perm is None else x[..., perm]).float() @ w
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Tile sizes and the K split of one launch; fixed by the shapes alone (CUDA-graph safe)."""
+
+    block_m: int
+    block_n: int
+    dequant_tiles: bool  # dequantize weight slices (prefill) or scale the product per group (decode)
+    split_k: int
+    blocks_per_split: int
+    num_warps: int
+    num_stages: int
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
+    """Decode (``m <= 16``): 64-column tiles, scales applied to the product, and enough K splits for
+    ~4 programs per SM, since only the weight stream matters. Prefill: large tiles of dequantized
+    weights, no split (enough tiles; compute-bound)."""
+    k_blocks = cdiv(k, block_rows(bits))
+    if m > DECODE_MAX_M:
+        block_m = 64 if m <= 64 else 128
+        return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
+    tiles = cdiv(n, 64)
+    split = 1
+    target = 4 * _num_sms(device) if device.type == "cuda" else 1
+    while (split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target
+           and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT):
+        split *= 2
+    per_split = cdiv(k_blocks, split)
+    return GemmPlan(16, 64, False, cdiv(k_blocks, per_split), per_split, 4, 4)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, shared by every launch on ``device``
+    (each launch leaves them at zero again)."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < num_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("GPTQ split-K counters must be allocated by a warm-up launch before CUDA graph "
+                               "capture (a graph keeps the old address)")
+        counters = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
+
+
+def launch_gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+                     plan: GemmPlan | None = None) -> torch.Tensor:
+    """The kernel, unchecked: ``x [M, K]`` (unit stride along K) -> ``[M, N]`` in ``x``'s dtype."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    plan = plan or plan_gptq_gemm(m, n, k, bits, x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
+    partials = counters = out
+    if plan.split_k > 1:
+        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[1])
+    group = PER_CHANNEL if group_size == -1 else group_size
+    for_device(_gptq_gemm_kernel, x.device)[grid](
+        x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out,
+        partials, counters, m, n, k, x.stride(0), plan.blocks_per_split,
+        BITS=bits, GROUP_SIZE=group, SLICES_PER_GROUP=min(max(group // SLICE_ROWS, 1), 32 // bits),
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DEQUANT_TILES=plan.dequant_tiles,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        SPLIT_K=plan.split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
+              plan: GemmPlan | None = None) -> torch.Tensor:
+    """``x [..., K] @ W`` with ``W`` in the kernel layout; every input checked first (tests, benchmarks)."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits must be one of {KERNEL_BITS}, got {bits}")
+    if group_size != -1 and (group_size < SLICE_ROWS or group_size & (group_size - 1)):
+        raise ValueError(f"group_size must be -1 or a power of two >= {SLICE_ROWS}, got {group_size}")
+    k, n = x.shape[-1], qweight.shape[1]
+    groups = 1 if group_size == -1 else cdiv(k, group_size)
+    expected = {"qweight": (cdiv(k, block_rows(bits)) * SLICE_ROWS, n), "scales": (groups, n), "zeros": (groups, n)}
+    for name, tensor in {"qweight": qweight, "scales": scales, "zeros": zeros}.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} for K={k}, got {tuple(tensor.shape)}")
+        if tensor.device != x.device or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous and on {x.device}")
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"qweight must be int32, got {qweight.dtype}")
+    if perm is not None and (perm.shape != (k,) or perm.dtype != torch.int32):
+        raise ValueError(f"perm must be int32 of shape ({k},), got {perm.dtype} {tuple(perm.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return launch_gptq_gemm(x2, qweight, scales, zeros, perm, bias, bits, group_size, plan).view(*x.shape[:-1], n)

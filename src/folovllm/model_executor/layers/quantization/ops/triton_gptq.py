@@ -1,0 +1,106 @@
+"""The W4A16 GPTQ matmul in Triton: the kernel only (layout, planning and launch live in ``gptq_gemm.py``).
+
+``Out [M, N] = X [M, K] @ W [K, N] (+ bias)`` where ``W`` exists only as packed codes: each program
+loads a tile of 32-bit words, shifts and masks them into codes in registers, and feeds them to
+``tl.dot``. No dequantized copy of the weight is ever written, so a decode step reads
+``bits / 16`` of the bytes a bf16 matmul reads.
+
+Scales and zero points are applied in one of two places. Prefill (many rows of X) is bound by the
+tensor cores: each 16-row slice of codes is dequantized, ``s (q - z)``, and multiplied in.
+Decode (a few rows) is bound by the weight stream, and per-weight arithmetic would slow it: for the
+rows of one group, ``Σ_k x_k s (q_k - z) = s (Σ_k x_k q_k - z Σ_k x_k)``, so the inner loop only
+converts codes and ``s`` and ``z`` touch a ``[BLOCK_M, BLOCK_N]`` tile once per group.
+
+Decode (few rows of X) is bound by the weight bytes: the planner then splits K across programs
+(split-K) so every SM streams weights. The splits of one output tile meet through a counter: each
+writes its fp32 partial sum, and the last to arrive adds them up in split order (deterministic) and
+resets the counter, so one launch does it all and a CUDA graph can replay it.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_tile(Out, Bias, acc, rm, rn, out_mask, N, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gptq_gemm_kernel(
+        X, QWeight, Scales, Zeros, Perm, Bias, Out, Partials, Counters,
+        M, N, K, stride_xm, blocks_per_split,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
+        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DEQUANT_TILES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over one K range; grid ``(M tiles, N tiles, SPLIT_K)``.
+
+    Word row ``16 b + t`` of ``QWeight [K_blocks * 16, N]`` holds, in bit field ``j``, the code of
+    input row ``BLOCK_K b + 16 j + t`` (``BLOCK_K = 16 * 32 / BITS``): one ``[16, BLOCK_N]`` load of
+    words gives ``32 / BITS`` slices of 16 consecutive rows, each one ``tl.dot`` operand after a
+    shift and a mask. A group spans ``SLICES_PER_GROUP`` slices. ``Perm`` (act-order) says which
+    column of X each weight row multiplies.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = 16
+    BLOCK_K: tl.constexpr = ROWS * PACK
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    t = tl.arange(0, ROWS)
+    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    last_group = (K - 1) // GROUP_SIZE  # rows padded past K read the last group's (unused) s and z
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first = split * blocks_per_split
+    for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
+        words = tl.load(QWeight + (blk * ROWS + t)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PACK):  # unrolled: every `if` on j below is decided at compile time
+            k = blk * BLOCK_K + j * ROWS + t
+            k_ok = k < K
+            if HAS_PERM:
+                k_x = tl.load(Perm + k, mask=k_ok, other=0)
+            else:
+                k_x = k
+            x = tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            # Codes are small integers, exact in any float type. (Through fp32: Triton 3.6's CPU
+            # interpreter casts int32 to bf16 bit for bit; on a GPU the two casts cost what one does.)
+            q = ((words >> (j * BITS)) & MAXQ).to(tl.float32)
+            if j % SLICES_PER_GROUP == 0:  # a group starts at this slice
+                g = tl.minimum((blk * BLOCK_K + j * ROWS) // GROUP_SIZE, last_group)
+                s = tl.load(Scales + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(Zeros + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            if DEQUANT_TILES:
+                acc = tl.dot(x, ((q - z[None, :]) * s[None, :]).to(x.dtype), acc, input_precision=DOT_PRECISION)
+            else:
+                part = tl.dot(x, q.to(x.dtype), part, input_precision=DOT_PRECISION)
+                x_sum += tl.sum(x.to(tl.float32), axis=1)
+                if (j + 1) % SLICES_PER_GROUP == 0:  # the group's last slice
+                    acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        _store_tile(Out, Bias, acc, rm, rn, out_mask, N, HAS_BIAS)
+    else:
+        partials = Partials + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(partials + split * M * N, acc, mask=out_mask)
+        tl.debug_barrier()  # all of this program's partial is written before its arrival is counted
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the tile's last split: every other partial is visible now
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partials + s * M * N, mask=out_mask, other=0.0)
+            _store_tile(Out, Bias, total, rm, rn, out_mask, N, HAS_BIAS)
+            tl.atomic_xchg(Counters + tile, 0)  # ready for the next launch
