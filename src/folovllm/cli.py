@@ -20,6 +20,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size")
     p.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights (random codes for random:)")
 
 
@@ -44,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--milestone", default=None)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)")
+    _engine_args(srv)
+    srv.add_argument("--milestone", default=None)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     qnt = sub.add_parser("quantize", help="write a GPTQ-format checkpoint, quantized by GPTQ or RTN")
     qnt.add_argument("--model", required=True, help="HF folder, 'smollm2-135m' or 'random:<preset>'")
     qnt.add_argument("--out", required=True, help="folder to write the checkpoint into")
@@ -110,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--steps", type=int, default=20)
     stp.add_argument("--out", default=None)
 
+    pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
+    _engine_args(pfx)
+    pfx.add_argument("--milestone", nargs="+", default=["M4", "M6"],
+                     help="configs, the one with prefix caching last (summary ratios: last over first)")
+    pfx.add_argument("--parts", nargs="+", default=["ttft", "throughput", "chat"],
+                     choices=["ttft", "throughput", "chat"])
+    pfx.add_argument("--prefix-len", type=int, default=4096, help="ttft: shared prefix tokens")
+    pfx.add_argument("--suffix-len", type=int, default=128, help="ttft: tokens after the prefix")
+    pfx.add_argument("--repeat", type=int, default=3, help="ttft: miss/hit pairs (median reported)")
+    pfx.add_argument("--num-prompts", type=int, default=256, help="throughput: requests")
+    pfx.add_argument("--system-len", type=int, default=2048, help="throughput: shared system prompt tokens")
+    pfx.add_argument("--user-len", default="32:128", help="throughput: each request's own tokens, LO:HI")
+    pfx.add_argument("--output-len", type=int, default=128, help="throughput: output tokens per request")
+    pfx.add_argument("--conversations", type=int, default=16, help="chat: conversations")
+    pfx.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
+    pfx.add_argument("--chat-system-len", type=int, default=512)
+    pfx.add_argument("--turn-len", type=int, default=64, help="chat: user tokens per turn")
+    pfx.add_argument("--reply-len", type=int, default=64, help="chat: generated tokens per turn")
+    pfx.add_argument("--seed", type=int, default=0)
+    pfx.add_argument("--out", default=None)
     gq = bench.add_parser("gptq", help="W4A16 kernel vs bf16 matmul, weight memory, TPOT bf16 vs GPTQ (GPU)")
     gq.add_argument("--model", default="random:qwen3-8b")
     gq.add_argument("--device", default=None)
@@ -166,6 +197,9 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(engine, args.host, args.port, args.served_model_name or args.model, args.log_level)
 
 
+    return parser
+
+
 def _generate(args: argparse.Namespace) -> None:
     from folovllm.entrypoints.llm import LLM
     from folovllm.sampling_params import SamplingParams
@@ -196,6 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            _serve(args)
+        elif args.bench == "serve":
+            from folovllm.benchmarks.serve import bench_serve
+            write_results(None, bench_serve(
+                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
+                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
+                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
+                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
+                **_overrides(args)))
         elif args.command == "quantize":
             from folovllm.quantization.quantize import quantize_model
             write_results(None, quantize_model(
@@ -220,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from folovllm.benchmarks.step_profile import bench_step
             write_results(args.out, bench_step(args.model, args.milestone, args.batch_size, args.prompt_len,
                                                args.steps, device=args.device, dtype=args.dtype, **_overrides(args)))
+        elif args.bench == "prefix":
+            from folovllm.benchmarks.prefix import bench_prefix
+            write_results(args.out, bench_prefix(
+                args.model, args.milestone, tuple(args.parts), args.prefix_len, args.suffix_len, args.repeat,
+                args.num_prompts, args.system_len, parse_range(args.user_len), args.output_len, args.conversations,
+                args.turns, args.chat_system_len, args.turn_len, args.reply_len, args.seed, device=args.device,
+                dtype=args.dtype, out=args.out, **_overrides(args)))
         elif args.bench == "gptq":
             from folovllm.benchmarks.gptq import bench_gptq
             write_results(args.out, bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device,
