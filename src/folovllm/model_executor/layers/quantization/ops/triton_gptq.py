@@ -23,13 +23,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_tile(Out, Bias, acc, rm, rn, out_mask, N, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
 def _gptq_gemm_kernel(
         X, QWeight, Scales, Zeros, Perm, Bias, Out, Partials, Counters,
         M, N, K, stride_xm, blocks_per_split,
@@ -90,17 +83,19 @@ def _gptq_gemm_kernel(
                     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        _store_tile(Out, Bias, acc, rm, rn, out_mask, N, HAS_BIAS)
-    else:
+    store_mask = out_mask
+    if SPLIT_K > 1:
         partials = Partials + rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(partials + split * M * N, acc, mask=out_mask)
         tl.debug_barrier()  # all of this program's partial is written before its arrival is counted
         tile = pid_m * tl.num_programs(1) + pid_n
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the tile's last split: every other partial is visible now
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(partials + s * M * N, mask=out_mask, other=0.0)
-            _store_tile(Out, Bias, total, rm, rn, out_mask, N, HAS_BIAS)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for other in tl.static_range(SPLIT_K):
+                acc += tl.load(partials + other * M * N, mask=out_mask, other=0.0)
             tl.atomic_xchg(Counters + tile, 0)  # ready for the next launch
+        store_mask = out_mask & (arrived == SPLIT_K - 1)  # the other splits store nothing
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=store_mask)
