@@ -131,6 +131,18 @@ PY
       --subset 64 --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
       --subset 64 --milestone M7 --quantization gptq --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null ;;
+  final)
+    # The last device minutes of the session, trimmed to fit: M7's kernels/memory/TPOT, M6's TTFT hit vs miss
+    # and shared-prompt throughput, M5 vs M4 on the mixed workload (each bounded; JSONs land as they finish)
+    timeout 170 python3 -m folovllm bench gptq --out "$OUT/M7-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"
+    timeout 170 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --parts ttft throughput \
+      --num-prompts 128 --out "$OUT/M6-prefix-$gpu.json" > "$OUT/prefix.log" 2>&1
+    echo "prefix: exit $?"
+    timeout 110 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 \
+      --milestone M5@12 M4 M5 --out "$OUT/M5-serve-mixed-$gpu.json" > "$OUT/serve.log" 2>&1
+    echo "serve: exit $?" ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
     # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in
