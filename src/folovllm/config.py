@@ -252,6 +252,7 @@ def _owner_of(key: str) -> str:
     raise ValueError(f"unknown engine option {key!r}; known options: {known}")
 
 
+# region milestone presets
 # What each chapter switches on. Later presets extend earlier ones.
 _EAGER = {"enforce_eager": True, "fuse_kernels": False}
 _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
@@ -262,3 +263,4 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
            "enforce_eager": False, "fuse_kernels": True, "async_scheduling": True},
 }
+# endregion
