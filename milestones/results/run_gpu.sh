@@ -44,7 +44,7 @@ PY
     bench latency --model random:qwen3-0.6b --milestone M3 --input-len 512 2048 8192 --output-len 32 \
       --max-model-len 8448 --no-hf --out "$OUT/M4-latency-m3-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
-      --subset 64 --milestone M4 M3 M4 --out "$OUT/M4-$gpu.json" > /dev/null ;;  # first run pays Triton JIT
+      --subset 64 --milestone M4 M3 M4 --out "$OUT/M4-$gpu.json" > /dev/null ;;  # M4 twice: run-to-run spread
   fastpath)
     # M4 part 2: fused kernels, CUDA graphs, async scheduling; each piece switched off in turn (M4/sync)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_ops.py \
@@ -57,13 +57,17 @@ PY
       --out "$OUT/M4-fastpath-latency-sync-$gpu.json" > /dev/null
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 --milestone M4 M4/sync M3 \
       --out "$OUT/M4-fastpath-W-$gpu.json" ;;
+  repeats)
+    # Issue #12: M3's attribution (paging vs kernel) from 3 repeats, median and spread, in one run
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
+      --subset 64 --repeat 3 --milestone M3 M3/naive M2 --out "$OUT/M3-repeat3-$gpu.json" > /dev/null ;;
   kvbudget)
     # KV blocks the GPU memory-profiling pass leaves at the default gpu_memory_utilization (one process each)
     for m in M3 M4; do
       python3 -c "
 from folovllm import LLM
 e = LLM('random:qwen3-0.6b', milestone='$m', max_model_len=8192).llm_engine
-print('$m', e.config.resolved_attention_backend(), e.kv_cache_manager.num_blocks, 'blocks')"
+print('$m', e.model_runner.backend_name, e.kv_cache_manager.num_blocks, 'blocks')"
     done ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
