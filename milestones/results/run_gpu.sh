@@ -67,13 +67,17 @@ PY
     # Prefix caching: TTFT hit vs miss (4k prefix + 128), 256 requests sharing a 2k system prompt,
     # 16 six-turn chats; M4 (no cache) then M6 on the same prompts, one engine each (~3-4 min)
     bench prefix --model random:qwen3-8b --milestone M4 M6 --out "$OUT/M6-prefix-$gpu.json" > /dev/null ;;
+  repeats)
+    # Issue #12: M3's attribution (paging vs kernel) from 3 repeats, median and spread, in one run
+    bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \
+      --subset 64 --repeat 3 --milestone M3 M3/naive M2 --out "$OUT/M3-repeat3-$gpu.json" > /dev/null ;;
   kvbudget)
     # KV blocks the GPU memory-profiling pass leaves at the default gpu_memory_utilization (one process each)
     for m in M3 M4; do
       python3 -c "
 from folovllm import LLM
 e = LLM('random:qwen3-0.6b', milestone='$m', max_model_len=8192).llm_engine
-print('$m', e.config.resolved_attention_backend(), e.kv_cache_manager.num_blocks, 'blocks')"
+print('$m', e.model_runner.backend_name, e.kv_cache_manager.num_blocks, 'blocks')"
     done ;;
   serve)
     # bench serve on one workload, in-process (AsyncLLM) then over HTTP (folovllm serve in another

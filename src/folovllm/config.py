@@ -309,6 +309,7 @@ def _owner_of(key: str) -> str:
     raise ValueError(f"unknown engine option {key!r}; known options: {known}")
 
 
+# region milestone presets
 # What each chapter switches on. Later presets extend earlier ones.
 _EAGER = {"enforce_eager": True, "fuse_kernels": False}
 _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
@@ -324,3 +325,4 @@ _MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill"
 _MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M5"], "enable_prefix_caching": True}
 # M7 = M6 + quantized weights, read from the checkpoint (``EngineConfig.includes("M7")``).
 _MILESTONE_PRESETS["M7"] = dict(_MILESTONE_PRESETS["M6"])
+# endregion

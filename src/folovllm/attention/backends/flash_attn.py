@@ -2,7 +2,8 @@
 
 FlashAttention tiles Q, K and V through on-chip SRAM and keeps a running
 softmax, so the ``T x T`` score matrix never reaches HBM: prefill attention
-needs O(T) memory instead of O(T^2) and runs near the matmul peak. Its varlen
+needs O(T) memory instead of O(T^2) and moves far fewer bytes (on an H200 it reached 40% of the
+measured matmul rate at 16k tokens, the naive path 1.5%). Its varlen
 form takes our flattened ragged batch as it is, described by ``cu_seqlens``.
 
 A fresh prefill (no cached context) attends only over the K/V it has just

@@ -61,6 +61,7 @@ def _paged_attention_kernel(
     positions; position ``n`` lives in page ``block_table[seq, n // BLOCK_SIZE]``
     of the contiguous cache, V ``kv_stride`` elements after K.
     """
+    # region who am I
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -83,7 +84,9 @@ def _paged_attention_kernel(
     tok64 = (q_start + tok).to(tl.int64)
     q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # endregion
 
+    # region loop over the context
     # Causality bounds the loop: nothing past the tile's last query position is read.
     kv_end = first_pos + tl.minimum((tile + 1) * Q_TILE, q_len)
     # Each sequence cuts its own context into NUM_SPLITS slices of whole KV tiles, from its own
@@ -91,6 +94,7 @@ def _paged_attention_kernel(
     split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(kv_end, lo + split_len)
+    # region online softmax
     # Running max (log2 units, as the scores) starts finite: a row that has seen no
     # visible key yet then gets exp2(-inf - m) = 0 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -114,7 +118,10 @@ def _paged_attention_kernel(
         v = tl.load(KV_cache + kv_stride + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    # endregion
+    # endregion
 
+    # region epilogue
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -124,6 +131,7 @@ def _paged_attention_kernel(
         tl.store(M_part + part, m_i, mask=row_ok)
         tl.store(L_part + part, l_i, mask=row_ok)
         tl.store(Acc_part + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+    # endregion
 
 
 @triton.jit
