@@ -212,15 +212,16 @@ def test_random_shared_prefix_workloads_keep_outputs_and_cache_invariants(worklo
             expected[f"r{i}#1"] = expected_output(prompt, mt, seed + 1)
     runner = checking(FakeRunner(block_size), sched.kv_cache_manager, salts)
     aborted = f"r{abort}" if f"r{abort}" in expected else None
-    if aborted:  # aborted before the fourth schedule (if it has arrived by then)
-        schedule, calls = sched.schedule, itertools.count()
+    if aborted:  # aborted while the fourth step runs (if it has arrived by then)
+        execute, calls = runner.execute, itertools.count()
 
-        def schedule_after_abort():
+        def execute_then_abort(out):
+            result = execute(out)
             if next(calls) == 3:
                 sched.finish_request(aborted, RequestStatus.FINISHED_ABORTED)
-            return schedule()
+            return result
 
-        sched.schedule = schedule_after_abort
+        runner.execute = execute_then_abort
     finished, _ = (run_async if use_async else run)(sched, runner, arrivals)
     if aborted:
         expected.pop(aborted)
