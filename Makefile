@@ -36,7 +36,7 @@ unit: setup
 	$(BIN)/python -m pytest tests/ --cov=src/folovllm --cov-report=term --cov-fail-under=$(COV_MIN)
 
 notebooks: setup
-	MPLBACKEND=Agg $(BIN)/python -m pytest $(NBVAL) --nbval-current-env \
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest $(NBVAL) --nbval-current-env \
 		--nbval-cell-timeout=$(NBVAL_CELL_TIMEOUT) notebooks/
 
 book-check: setup

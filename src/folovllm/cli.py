@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from folovllm.benchmarks.common import parse_range, write_results
 from folovllm.config import BUILT_MILESTONES
@@ -20,10 +20,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size")
     p.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights (random codes for random:)")
 
 
@@ -55,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the name clients use (default: --model)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
     qnt = sub.add_parser("quantize", help="write a GPTQ-format checkpoint, quantized by GPTQ or RTN")
     qnt.add_argument("--model", required=True, help="HF folder, 'smollm2-135m' or 'random:<preset>'")
     qnt.add_argument("--out", required=True, help="folder to write the checkpoint into")
@@ -141,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     pfx.add_argument("--reply-len", type=int, default=64, help="chat: generated tokens per turn")
     pfx.add_argument("--seed", type=int, default=0)
     pfx.add_argument("--out", default=None)
+
     gq = bench.add_parser("gptq", help="W4A16 kernel vs bf16 matmul, weight memory, TPOT bf16 vs GPTQ (GPU)")
     gq.add_argument("--model", default="random:qwen3-8b")
     gq.add_argument("--device", default=None)
@@ -197,9 +195,6 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(engine, args.host, args.port, args.served_model_name or args.model, args.log_level)
 
 
-    return parser
-
-
 def _generate(args: argparse.Namespace) -> None:
     from folovllm.entrypoints.llm import LLM
     from folovllm.sampling_params import SamplingParams
@@ -232,14 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             _generate(args)
         elif args.command == "serve":
             _serve(args)
-        elif args.bench == "serve":
-            from folovllm.benchmarks.serve import bench_serve
-            write_results(None, bench_serve(
-                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
-                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
-                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
-                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
-                **_overrides(args)))
         elif args.command == "quantize":
             from folovllm.quantization.quantize import quantize_model
             write_results(None, quantize_model(
@@ -249,6 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from folovllm.quantization.perplexity import evaluate_perplexity
             write_results(args.out, evaluate_perplexity(args.model, args.max_tokens, args.seq_len, args.device,
                                                         args.dtype, args.quantization))
+        elif args.bench == "serve":
+            from folovllm.benchmarks.serve import bench_serve
+            write_results(None, bench_serve(
+                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
+                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
+                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
+                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
+                **_overrides(args)))
         elif args.bench == "latency":
             from folovllm.benchmarks.latency import bench_latency
             write_results(args.out, bench_latency(
