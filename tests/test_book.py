@@ -6,7 +6,6 @@ import asyncio
 from folovllm import book
 from folovllm.core.block_pool import BlockPool
 
-
 SOURCE = """def schedule(self):
     budget = 8
     # region running requests

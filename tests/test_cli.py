@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from folovllm.benchmarks.common import parse_range, random_workload
-from folovllm.benchmarks.common import parse_config
+from folovllm.benchmarks.common import parse_config, parse_range, random_workload
 from folovllm.cli import build_parser, main
 
 

@@ -15,15 +15,21 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_triton_attention import ATOL, DEVICE, make_batch  # noqa: E402
+
 from folovllm import LLM, SamplingParams  # noqa: E402
 from folovllm.attention.backends.abstract import AttentionSpec  # noqa: E402
 from folovllm.attention.backends.flash_attn import FlashAttentionBackend, split_rows  # noqa: E402
 from folovllm.attention.backends.naive import NaiveAttentionBackend  # noqa: E402
 from folovllm.attention.layer import prefill_metadata  # noqa: E402
-from folovllm.attention.selector import (flash_attention_unavailable, flash_varlen_kernel,  # noqa: E402
-                                         package_flash_varlen, resolve_attention_backend, torch_flash_varlen)
+from folovllm.attention.selector import (  # noqa: E402
+    flash_attention_unavailable,
+    flash_varlen_kernel,
+    package_flash_varlen,
+    resolve_attention_backend,
+    torch_flash_varlen,
+)
 from folovllm.config import EngineConfig  # noqa: E402
-from test_triton_attention import ATOL, DEVICE, make_batch  # noqa: E402
 
 calls: list[tuple[int, int]] = []
 

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from folovllm.attention.layer import prefill_metadata  # noqa: E402
+from folovllm.config import ModelConfig  # noqa: E402
 from folovllm.model_executor.layers.activation import SiluAndMul  # noqa: E402
 from folovllm.model_executor.layers.custom_op import enable_fused_ops  # noqa: E402
 from folovllm.model_executor.layers.layernorm import RMSNorm  # noqa: E402
@@ -19,7 +20,6 @@ from folovllm.model_executor.layers.ops.rms_norm import rms_norm  # noqa: E402
 from folovllm.model_executor.layers.ops.rotary import rotary_qk_  # noqa: E402
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from folovllm.model_executor.model_loader import load_model  # noqa: E402
-from folovllm.config import ModelConfig  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])

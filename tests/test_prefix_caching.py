@@ -13,6 +13,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_scheduler import VOCAB, FakeRunner, expected_output, make_request, run, run_async
 
 from folovllm import LLM, SamplingParams
 from folovllm.config import CacheConfig, SchedulerConfig
@@ -21,7 +22,6 @@ from folovllm.core.kv_cache_utils import NONE_HASH, hash_block_tokens, hash_requ
 from folovllm.core.prefix_tree import build_prefix_tree
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.request import RequestStatus
-from test_scheduler import VOCAB, FakeRunner, expected_output, make_request, run, run_async
 
 
 def cached_scheduler(num_blocks: int, block_size: int, max_model_len: int = 64, max_num_seqs: int = 8,

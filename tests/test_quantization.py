@@ -20,8 +20,14 @@ from transformers import AutoModelForCausalLM
 
 from folovllm import LLM, SamplingParams
 from folovllm.cli import main
-from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (GemmPlan, block_rows, gptq_gemm, gptq_gemm_reference,
-                                                                       pack_for_kernel, unpack_from_kernel)
+from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    GemmPlan,
+    block_rows,
+    gptq_gemm,
+    gptq_gemm_reference,
+    pack_for_kernel,
+    unpack_from_kernel,
+)
 from folovllm.quantization.gptq import HessianAccumulator, gptq_quantize
 from folovllm.quantization.packing import pack_gptq, pack_rows, unpack_gptq, unpack_rows
 from folovllm.quantization.rtn import rtn_quantize
@@ -261,10 +267,10 @@ def test_gptq_reconstructs_layer_outputs_better_than_rtn(bits, group_size, desc_
 
 @pytest.mark.slow
 def test_gptq_beats_rtn_on_smollm2_calibration_inputs():
+    from folovllm.attention.layer import prefill_metadata
     from folovllm.config import ModelConfig
     from folovllm.model_executor.model_loader import load_model
     from folovllm.quantization.calibration import calibration_ids
-    from folovllm.attention.layer import prefill_metadata
 
     loaded = load_model(ModelConfig(model="smollm2-135m", device="cpu", dtype="float32"))
     layer = loaded.model.model.layers[3].mlp.down_proj

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_scheduler import FakeRunner, expected_output, make_request, run
 
 from folovllm import LLM, InvalidTypeError, SamplingParams
 from folovllm.config import SchedulerConfig
@@ -27,8 +28,6 @@ from folovllm.core.sched.scheduler import Scheduler
 from folovllm.request import Request
 from folovllm.sampling_params import FLOAT32_MAX, INT64_MAX, INT64_MIN, MAX_N, RequestOutputKind
 from folovllm.utils import cdiv
-
-from test_scheduler import FakeRunner, expected_output, make_request, run
 
 MAX_LEN, BLOCK, POOL_BLOCKS, VOCAB, MAX_LOGPROBS = 64, 4, 10, 512, 20
 KV_BYTES_PER_TOKEN = {"llama": 512, "random:tiny-llama": 512, "random:tiny-qwen3": 1024}  # fp32, 2 layers

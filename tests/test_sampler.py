@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from folovllm.sample import (Sampler, SamplingMetadata, apply_min_p, apply_temperature, apply_top_k_top_p,
-                             random_sample)
+from folovllm.sample import Sampler, SamplingMetadata, apply_min_p, apply_temperature, apply_top_k_top_p, random_sample
 from folovllm.sampling_params import SamplingParams
 
 # Sorted: id1 .40, id3 .25, id4 .15, id2 .10, id0 .05, id5 .05 (id0 ranks before id5 on the tie).

@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from folovllm.config import SchedulerConfig
-from folovllm.core.kv_cache_manager import (ContiguousKVCacheManager, KVCacheManager,
-                                            NoKVCacheManager)
+from folovllm.core.kv_cache_manager import ContiguousKVCacheManager, KVCacheManager, NoKVCacheManager
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus

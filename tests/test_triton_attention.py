@@ -20,8 +20,7 @@ from folovllm.attention.backends.naive import NaiveAttentionBackend  # noqa: E40
 from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend  # noqa: E402
 from folovllm.attention.ops.paged_attn import paged_attention, store_kv  # noqa: E402
 from folovllm.benchmarks.attention import bench_attention_sweep, bench_paged_decode  # noqa: E402
-from folovllm.benchmarks.hardware import (measure_copy_bandwidth, measure_matmul_tflops,  # noqa: E402
-                                          median_time_s)
+from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops, median_time_s  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
-
 import torch
+
+from folovllm.config import ATTENTION_BACKENDS, BATCHING_MODES
 
 
 def git_commit() -> str:

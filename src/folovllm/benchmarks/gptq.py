@@ -18,8 +18,12 @@ import torch.nn.functional as F
 
 from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, median_time_s
-from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (gptq_gemm_reference, launch_gptq_gemm,
-                                                                       pack_for_kernel, plan_gptq_gemm)
+from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    gptq_gemm_reference,
+    launch_gptq_gemm,
+    pack_for_kernel,
+    plan_gptq_gemm,
+)
 from folovllm.utils import cdiv
 
 # (K, N) of each decoder projection of Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288.
@@ -83,7 +87,7 @@ def bench_gptq_kernel(ms: list[int], bits: int = 4, group_size: int = 128, act_o
             if m <= 16 and device.type == "cuda":
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
             rows.append(row)
-        del layer, dense
+
     return rows
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from folovllm.benchmarks.common import parse_config, provenance, random_workload, save_json
+from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.llm_engine import EngineStats
-from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
 from folovllm.core.kv_cache_utils import PrefixCacheStats, hash_request_tokens

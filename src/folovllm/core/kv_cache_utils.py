@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NewType, Sequence
+from typing import NewType
 
 from folovllm.request import Request
 

@@ -8,8 +8,8 @@ the shape SGLang's RadixAttention keeps as its primary structure.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from folovllm.core.block_pool import BlockPool
 

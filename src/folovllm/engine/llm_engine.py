@@ -18,8 +18,13 @@ from typing import Any
 
 from folovllm.attention.selector import resolve_attention_backend
 from folovllm.config import EngineConfig
-from folovllm.core.kv_cache_manager import (BaseKVCacheManager, ContiguousKVCacheManager,
-                                            KVCacheManager, KVCacheUsage, NoKVCacheManager)
+from folovllm.core.kv_cache_manager import (
+    BaseKVCacheManager,
+    ContiguousKVCacheManager,
+    KVCacheManager,
+    KVCacheUsage,
+    NoKVCacheManager,
+)
 from folovllm.core.kv_cache_utils import PrefixCacheStats
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler

@@ -8,12 +8,11 @@ This is the reference every faster backend is tested against.
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
-from folovllm.attention.backends.abstract import (AttentionBackend, AttentionMetadata, AttentionSpec,
-                                                   store_kv_reference)
+import torch
+
+from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata, AttentionSpec, store_kv_reference
 from folovllm.utils import cdiv, prefix_sums
 
 

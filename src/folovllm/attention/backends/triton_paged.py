@@ -11,8 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata, AttentionSpec
-from folovllm.attention.ops.paged_attn import (PagedAttentionPlan, SplitScratch, check_paged_metadata,
-                                               launch_paged_attention, launch_store_kv, plan_paged_attention)
+from folovllm.attention.ops.paged_attn import (
+    PagedAttentionPlan,
+    SplitScratch,
+    check_paged_metadata,
+    launch_paged_attention,
+    launch_store_kv,
+    plan_paged_attention,
+)
 
 
 @dataclass

@@ -14,8 +14,7 @@ import torch
 import triton
 
 from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
-from folovllm.attention.ops.triton_paged_attn import (_paged_attention_kernel, _reduce_splits_kernel,
-                                                      _store_kv_kernel)
+from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel, _reduce_splits_kernel, _store_kv_kernel
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 

@@ -25,7 +25,6 @@ from folovllm.exceptions import InvalidTypeError
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
 
-
 # Dynamic chunk sizing: the first chunk of a step gets at least this many tokens, so prompts
 # still progress when the decodes alone already take the whole target time.
 MIN_DYNAMIC_CHUNK = 32

@@ -24,12 +24,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from folovllm.config import ModelConfig
 from folovllm.model_executor.layers.quantization import QuantizationConfig, get_quantization_config
-from folovllm.model_executor.model_loader.smollm2 import SMOLLM2_NAME, ensure_smollm2
-from folovllm.model_executor.model_loader.weight_utils import (find_safetensors_files,
-                                                               initialize_dummy_weights,
-                                                               safetensors_weights_iterator)
-from folovllm.model_executor.models import get_model_class
 from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
+from folovllm.model_executor.model_loader.smollm2 import SMOLLM2_NAME, ensure_smollm2
+from folovllm.model_executor.model_loader.weight_utils import (
+    find_safetensors_files,
+    initialize_dummy_weights,
+    safetensors_weights_iterator,
+)
+from folovllm.model_executor.models import get_model_class
 from folovllm.model_executor.presets import preset_config
 
 RANDOM_PREFIX = "random:"

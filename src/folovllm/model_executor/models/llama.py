@@ -19,8 +19,7 @@ from folovllm.attention.backends.abstract import AttentionMetadata
 from folovllm.attention.layer import Attention
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
-from folovllm.model_executor.layers.linear import (Linear, MergedLinear, QKVLinear, VocabEmbedding,
-                                                   copy_weight)
+from folovllm.model_executor.layers.linear import Linear, MergedLinear, QKVLinear, VocabEmbedding, copy_weight
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding, rope_parameters
 
 if TYPE_CHECKING:

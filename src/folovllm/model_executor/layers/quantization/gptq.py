@@ -16,8 +16,12 @@ from torch import nn
 
 from folovllm.model_executor.layers.linear import copy_weight
 from folovllm.model_executor.layers.quantization.base_config import LinearMethodBase, QuantizationConfig
-from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (KERNEL_BITS, gptq_gemm_reference,
-                                                                       launch_gptq_gemm, pack_for_kernel)
+from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    KERNEL_BITS,
+    gptq_gemm_reference,
+    launch_gptq_gemm,
+    pack_for_kernel,
+)
 from folovllm.quantization.packing import pack_rows, unpack_rows
 from folovllm.utils import cdiv
 
