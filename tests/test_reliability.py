@@ -525,7 +525,7 @@ def good_prompts(has_tok: bool):
 
 bad_prompts = st.sampled_from([
     "", "w5 w6", 3.5, None, {}, {"prompt_token_ids": []}, {"prompt_token_ids": [1, VOCAB]}, {"prompt_token_ids": [3, 4.0]},
-    {"prompt_token_ids": [True]}, {"prompt_token_ids": "w5"}, {"prompt_token_ids": [5], "cache_salt": "s"},
+    {"prompt_token_ids": [True]}, {"prompt_token_ids": "w5"}, {"prompt_token_ids": [5], "multi_modal_data": {}},
     {"prompt_token_ids": [9], "prompt": "w5"}, {"prompt": 5}, {"prompt_token_ids": [3] * MAX_LEN}, ["w5"],
 ])
 

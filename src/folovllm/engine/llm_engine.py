@@ -319,6 +319,14 @@ class LLMEngine:
             parent = self.parents.pop(rid, None)
             for child in parent.children if parent else []:
                 self.scheduler.finish_request(child.request_id, RequestStatus.FINISHED_ABORTED)
+        self._drain_if_idle()
+
+    def _drain_if_idle(self) -> None:
+        """No request left: collect the step still in flight (its tokens are nobody's), so an idle
+        engine holds no work and ``has_unfinished_requests()`` is False at once."""
+        if not self.parents and self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._finish(in_flight)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents) or self._in_flight is not None
@@ -351,7 +359,9 @@ class LLMEngine:
         finished, self._in_flight = self._in_flight, (None if sched_out.is_empty else launched)
         if finished is None:
             return self._finish(launched) if sched_out.is_empty else []
-        return self._finish(finished)
+        outputs = self._finish(finished)
+        self._drain_if_idle()  # everything finished with step n: step n+1 computed tokens nobody wants
+        return outputs
 
     def _finish(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens, update the scheduler and build outputs."""
