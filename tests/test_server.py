@@ -308,3 +308,21 @@ def _healthy(url: str) -> bool:
         return httpx2.get(f"{url}/health", timeout=1).status_code == 200
     except httpx2.TransportError:
         return False
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_metrics_report_prefix_cache_queries_and_hits(tiny_checkpoint):
+    """M6 on: a prompt sent twice is a hit the second time, and /metrics counts it (vLLM's counter pair)."""
+    engine = AsyncLLM.from_milestone(str(tiny_checkpoint("llama")), **{**TINY, "milestone": "M6"})
+    with ServerThread(engine, served_model_name="tiny") as server:
+        prompt = [(7 * j) % 400 + 3 for j in range(40)]  # 40 tokens: two full 16-token blocks to share
+        for _ in range(2):
+            _client(server).completions.create(model="tiny", prompt=prompt, max_tokens=2)
+        text = httpx2.get(f"{server.url}/metrics").text
+        stats = engine.engine.prefix_cache_stats
+        assert _metric(text, "folovllm:prefix_cache_queries_total") == stats.queries > 0
+        assert _metric(text, "folovllm:prefix_cache_hits_total") == stats.hits == 32
+    engine.shutdown(drain=False)

@@ -51,6 +51,8 @@ class EngineLoad:
     num_waiting: int
     num_kv_blocks: int
     num_used_kv_blocks: int
+    prefix_cache_queries: int = 0  # running totals, in prompt tokens (M6; zero without prefix caching)
+    prefix_cache_hits: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -308,7 +310,9 @@ class AsyncLLM:
     def _load(self) -> EngineLoad:
         sched = self.engine.scheduler
         usage = self.engine.kv_cache_manager.usage()
-        return EngineLoad(len(sched.running), len(sched.waiting), usage.num_blocks, usage.num_used_blocks)
+        prefix = self.engine.prefix_cache_stats
+        return EngineLoad(len(sched.running), len(sched.waiting), usage.num_blocks, usage.num_used_blocks,
+                          prefix.queries, prefix.hits)
 
     @staticmethod
     def _publish(items: list[tuple[RequestOutputCollector, RequestOutput | BaseException]]) -> None:

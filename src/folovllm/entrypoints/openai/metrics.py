@@ -36,6 +36,12 @@ class ServerMetrics:
                                ["finished_reason"], registry=r)
         self.prompt_tokens = Counter("folovllm:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("folovllm:generation_tokens", "Tokens generated.", registry=r)
+        # vLLM v1's prefix-cache pair: hit rate = hits / queries over any window (both in prompt tokens)
+        self.prefix_queries = Counter("folovllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter("folovllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   registry=r)
+        self._prefix_seen = (0, 0)  # the engine's totals at the last scrape
 
     def track(self, arrival: float) -> "RequestTracker":
         return RequestTracker(self, arrival)
@@ -45,6 +51,10 @@ class ServerMetrics:
         self.num_running.set(load.num_running)
         self.num_waiting.set(load.num_waiting)
         self.kv_usage.set(load.kv_cache_usage)
+        queries, hits = self._prefix_seen
+        self.prefix_queries.inc(max(load.prefix_cache_queries - queries, 0))
+        self.prefix_hits.inc(max(load.prefix_cache_hits - hits, 0))
+        self._prefix_seen = (load.prefix_cache_queries, load.prefix_cache_hits)
         return generate_latest(self.registry)
 
 
