@@ -13,6 +13,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_block_pool import check_invariants
 from test_scheduler import VOCAB, FakeRunner, expected_output, make_request, run, run_async
 
 from folovllm import LLM, SamplingParams
@@ -33,16 +34,9 @@ def cached_scheduler(num_blocks: int, block_size: int, max_model_len: int = 64, 
 def check_cache(kv: KVCacheManager, runner: FakeRunner, salts: tuple[str, ...] = ()) -> None:
     """Ref counts = owners; a block is free-listed iff unused; the hash map names only blocks whose
     K/V (what the fake runner stored) is the prefix their hash names."""
+    check_invariants(kv)  # ref counts = owners, free-listed iff unused, tables cover their tokens
     pool = kv.block_pool
-    free_ids = pool.free_block_queue.block_ids()
-    assert len(free_ids) == len(set(free_ids)) == pool.num_free_blocks
-    owners: dict[int, int] = {}
-    for blocks in kv.req_to_blocks.values():
-        for b in blocks:
-            owners[b.block_id] = owners.get(b.block_id, 0) + 1
     for block in pool.blocks:
-        assert block.ref_cnt == owners.get(block.block_id, 0)
-        assert (block.block_id in free_ids) == (block.ref_cnt == 0)
         assert (block.block_hash is None) or pool.cached_block_hash_to_block[block.block_hash] is block
     size = kv.block_size
     for block_hash, block in pool.cached_block_hash_to_block.items():

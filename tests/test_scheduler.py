@@ -164,6 +164,19 @@ def make_scheduler(kind: str, num_blocks: int, block_size: int, max_model_len: i
     return Scheduler(cfg, kv, max_model_len, recompute_each_step=kind == "none")
 
 
+def build_workload(workload: list[tuple[int, int, int]], seed: int, eos: int | None = None
+                   ) -> tuple[dict[int, list[Request]], dict[str, list[int]]]:
+    """(arrival step, prompt length, max tokens) triples -> requests by arrival step, and each one's
+    output when run alone."""
+    arrivals: dict[int, list[Request]] = {}
+    expected = {}
+    for i, (t, plen, mt) in enumerate(workload):
+        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
+        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, eos=eos))
+        expected[f"r{i}"] = expected_output(prompt, mt, seed, eos)
+    return arrivals, expected
+
+
 workloads = st.lists(st.tuples(st.integers(0, 6),            # arrival step
                                st.integers(1, 40),           # prompt length
                                st.integers(1, 24)),          # max tokens
@@ -179,12 +192,7 @@ def test_random_workloads_finish_once_with_correct_outputs(workload, kind, batch
     per_slab = -(-max_model_len // block_size)
     num_blocks = per_slab if tiny else per_slab * 4
     sched = make_scheduler(kind, num_blocks, block_size, max_model_len, batching)
-    arrivals: dict[int, list[Request]] = {}
-    expected = {}
-    for i, (t, plen, mt) in enumerate(workload):
-        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
-        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed))
-        expected[f"r{i}"] = expected_output(prompt, mt, seed)
+    arrivals, expected = build_workload(workload, seed)
     finished, _ = run(sched, FakeRunner(block_size), arrivals)
     assert finished == expected
     if kind == "paged":
@@ -324,12 +332,7 @@ def test_async_scheduling_finishes_every_request_once_with_sync_outputs(workload
     max_model_len = 64
     per_slab = -(-max_model_len // block_size)
     sched = make_scheduler(kind, per_slab if tiny else per_slab * 4, block_size, max_model_len)
-    arrivals: dict[int, list[Request]] = {}
-    expected = {}
-    for i, (t, plen, mt) in enumerate(workload):
-        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
-        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, eos=eos))
-        expected[f"r{i}"] = expected_output(prompt, mt, seed, eos)
+    arrivals, expected = build_workload(workload, seed, eos)
     finished, _ = run_async(sched, FakeRunner(block_size), arrivals)
     assert finished == expected
     if kind == "paged":
@@ -379,12 +382,7 @@ def test_chunked_workloads_finish_once_with_unchunked_outputs(workload, kind, bl
     max_model_len = 64
     per_slab = -(-max_model_len // block_size)
     sched = chunked(kind, per_slab if tiny else per_slab * 4, block_size, max_model_len, budget, threshold)
-    arrivals: dict[int, list[Request]] = {}
-    expected = {}
-    for i, (t, plen, mt) in enumerate(workload):
-        prompt = [(i * 13 + j * 7) % VOCAB for j in range(plen)]
-        arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, eos=eos))
-        expected[f"r{i}"] = expected_output(prompt, mt, seed, eos)
+    arrivals, expected = build_workload(workload, seed, eos)
     finished, _ = (run_async if asynchronous else run)(sched, FakeRunner(block_size), arrivals)
     assert finished == expected
     if kind == "paged":

@@ -19,7 +19,7 @@ from folovllm.engine.async_llm import AsyncLLM, RequestOutputCollector
 from folovllm.engine.llm_engine import PromptType
 from folovllm.entrypoints.openai.metrics import ServerMetrics
 from folovllm.entrypoints.openai.models.serving import OpenAIServingModels
-from folovllm.entrypoints.openai.protocol import APIError, ErrorInfo, ErrorResponse, SamplingRequest
+from folovllm.entrypoints.openai.protocol import APIError, ErrorInfo, ErrorResponse, SamplingRequest, UsageInfo
 from folovllm.outputs import CompletionOutput, RequestOutput
 from folovllm.sampling_params import SamplingParams
 
@@ -60,6 +60,13 @@ class ChoiceState:
     def is_new(self, delta: CompletionOutput) -> bool:
         """Whether a delta carries anything to send: tokens, or the finish of a choice still open."""
         return self.finish_reason is None and (bool(delta.token_ids) or delta.finish_reason is not None)
+
+
+def count_completion_tokens(usage: UsageInfo, choices: dict[int, ChoiceState]) -> UsageInfo:
+    """Fill ``usage``'s completion and total counts from the choices (its prompt count is the caller's)."""
+    usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return usage
 
 
 class OpenAIServing:

@@ -22,6 +22,7 @@ from folovllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     ChoiceState,
     OpenAIServing,
+    count_completion_tokens,
     error_event,
     sse,
     top_logprobs,
@@ -80,8 +81,7 @@ class OpenAIServingChat(OpenAIServing):
                 choice = choices.setdefault(c.index, ChoiceState())
                 self._advance(choice, c, num_logprobs)
             usage.prompt_tokens = len(out.prompt_token_ids)
-        usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        count_completion_tokens(usage, choices)
         return ChatCompletionResponse(
             id=request_id, created=now(), model=self.models.served_model_name, usage=usage, choices=[
                 ChatCompletionResponseChoice(
@@ -122,8 +122,7 @@ class OpenAIServingChat(OpenAIServing):
                     if events:
                         yield event(events)
             if request.include_usage:
-                usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                count_completion_tokens(usage, choices)
                 yield event([], usage)
         except Exception as err:  # the stream has started: report in-band
             yield error_event(err)

@@ -21,6 +21,7 @@ from folovllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     ChoiceState,
     OpenAIServing,
+    count_completion_tokens,
     error_event,
     sse,
     top_logprobs,
@@ -49,8 +50,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choice = choices.setdefault(i * n + c.index, ChoiceState())
                 self._advance(choice, c, request.logprobs)
             usage.prompt_tokens += len(out.prompt_token_ids) if out.finished else 0
-        usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        count_completion_tokens(usage, choices)
         return CompletionResponse(id=request_id, model=self.models.served_model_name, usage=usage, choices=[
             CompletionResponseChoice(index=k, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
                                      stop_reason=c.stop_reason,
@@ -81,8 +81,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     if events:
                         yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=events))
             if request.include_usage:
-                usage.completion_tokens = sum(len(c.token_ids) for c in choices.values())
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                count_completion_tokens(usage, choices)
                 yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                    usage=usage))
         except Exception as err:  # the stream has started: report in-band
