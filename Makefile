@@ -34,6 +34,7 @@ test: lint unit notebooks book-check
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 unit: setup
 	$(BIN)/python -m pytest tests/ --cov=src/folovllm --cov-report=term --cov-fail-under=$(COV_MIN)

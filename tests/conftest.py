@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run under Triton's own interpreter: ``TRITON_INTER
 before anything imports Triton, so it is set here, first (``tests/test_interpreter.py`` covers the
 fallback for processes that imported Triton for compiling).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,18 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
-_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # Variants cover: plain Llama (untied), llama3 rope scaling (tied; positions past
 # original_max_position_embeddings=32 hit all three frequency bands), Qwen2 q/k/v bias
@@ -30,13 +40,20 @@ _TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 TINY_VARIANTS: dict[str, Callable[[], object]] = {
     "llama": lambda: LlamaConfig(**_TINY, tie_word_embeddings=False, architectures=["LlamaForCausalLM"]),
     "llama3": lambda: LlamaConfig(
-        **_TINY, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32}),
+        **_TINY,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "qwen2": lambda: Qwen2Config(**_TINY, tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"]),
-    "qwen3": lambda: Qwen3Config(**_TINY, head_dim=32, tie_word_embeddings=False,
-                                 architectures=["Qwen3ForCausalLM"]),
+    "qwen3": lambda: Qwen3Config(**_TINY, head_dim=32, tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"]),
 }
 SHARDED = "llama-sharded"
 
@@ -46,8 +63,7 @@ def _tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

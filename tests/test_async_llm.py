@@ -1,5 +1,6 @@
 """``AsyncLLM``: the same tokens as the offline engine, concurrent callers, aborts that free blocks at once,
 failures that stay with their requests, shutdown with and without draining."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,8 +50,9 @@ def test_concurrent_callers_get_the_offline_engines_tokens(llm):
 
     async def main():
         kinds = [RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE]
-        return await asyncio.gather(*[_collect(llm, p, params, f"c{i}", kinds[i % 2], pause=0.02 * (i == 3))
-                                      for i, p in enumerate(PROMPTS)])
+        return await asyncio.gather(
+            *[_collect(llm, p, params, f"c{i}", kinds[i % 2], pause=0.02 * (i == 3)) for i, p in enumerate(PROMPTS)]
+        )
 
     results = asyncio.run(main())
     assert [r[0][0] for r in results] == expected
@@ -70,8 +72,9 @@ def test_bad_input_raises_to_its_caller_and_the_loop_goes_on(llm):
     async def main():
         with pytest.raises(ValueError, match="prompt has 200 tokens; max_model_len is 128"):
             await llm.add_request("long", {"prompt_token_ids": [5] * 200}, SamplingParams())
-        first = asyncio.ensure_future(_collect(llm, PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True),
-                                               "dup", RequestOutputKind.DELTA))
+        first = asyncio.ensure_future(
+            _collect(llm, PROMPTS[0], SamplingParams(max_tokens=30, ignore_eos=True), "dup", RequestOutputKind.DELTA)
+        )
         await asyncio.sleep(0.01)
         with pytest.raises(ValueError, match="request_id 'dup' is already in use"):
             await llm.add_request("dup", PROMPTS[1], SamplingParams())

@@ -1,5 +1,6 @@
 """``folovllm bench serve``: the mixed workload, the percentile fields on hand-made timings, Poisson
 dispatch under a concurrency limit, and both transports end to end on a tiny model."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,7 @@ from folovllm.cli import main
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.entrypoints.openai.api_server import ServerThread
 
-TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-model-len", "128", "--kv-cache-memory",
-        str(2**20)]
+TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-model-len", "128", "--kv-cache-memory", str(2**20)]
 
 
 def test_mixed_workload_is_w_with_seeded_long_prompts():
@@ -67,9 +67,34 @@ def test_poisson_dispatch_respects_the_concurrency_limit():
 
 def test_cli_in_process_configs_json(tmp_path):
     out = tmp_path / "serve.json"
-    rc = main(["bench", "serve", *TINY, "--num-prompts", "12", "--input-len", "4:12", "--output-len", "3:8",
-               "--milestone", "M2", "M4/naive", "--request-rate", "500", "--max-concurrency", "6",
-               "--workload", "mixed", "--long-input-len", "40:60", "--long-fraction", "0.25", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "serve",
+            *TINY,
+            "--num-prompts",
+            "12",
+            "--input-len",
+            "4:12",
+            "--output-len",
+            "3:8",
+            "--milestone",
+            "M2",
+            "M4/naive",
+            "--request-rate",
+            "500",
+            "--max-concurrency",
+            "6",
+            "--workload",
+            "mixed",
+            "--long-input-len",
+            "40:60",
+            "--long-fraction",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "serve" and data["workload"]["name"] == "mixed"
@@ -85,12 +110,18 @@ def test_cli_in_process_configs_json(tmp_path):
 
 def test_http_against_in_process_baseline(tmp_path):
     baseline = tmp_path / "inprocess.json"
-    common = {"num_prompts": 16, "input_len": (4, 12), "output_len": (3, 8), "vocab_size": 500, "seed": 1,
-              "request_rate": 400.0}
-    bench_serve("random:tiny-llama", ["M4"], device="cpu", max_model_len=128, kv_cache_memory=2**20,
-                out=str(baseline), **common)
-    engine = AsyncLLM.from_milestone("random:tiny-llama", "M4", device="cpu", max_model_len=128,
-                                     kv_cache_memory=2**20)
+    common = {
+        "num_prompts": 16,
+        "input_len": (4, 12),
+        "output_len": (3, 8),
+        "vocab_size": 500,
+        "seed": 1,
+        "request_rate": 400.0,
+    }
+    bench_serve(
+        "random:tiny-llama", ["M4"], device="cpu", max_model_len=128, kv_cache_memory=2**20, out=str(baseline), **common
+    )
+    engine = AsyncLLM.from_milestone("random:tiny-llama", "M4", device="cpu", max_model_len=128, kv_cache_memory=2**20)
     try:
         with ServerThread(engine, served_model_name="tiny") as server:
             url = server.url

@@ -1,4 +1,5 @@
 """BlockPool / KVCacheManager invariants under random operation sequences."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,7 @@ def check_invariants(kv: KVCacheManager) -> None:
         assert len(blocks) == cdiv(kv.num_tokens[rid], kv.block_size)  # tables cover exactly the tokens
 
 
-ops = st.lists(st.tuples(st.sampled_from(["grow", "free", "fork"]), st.integers(0, 5), st.integers(1, 20)),
-               max_size=60)
+ops = st.lists(st.tuples(st.sampled_from(["grow", "free", "fork"]), st.integers(0, 5), st.integers(1, 20)), max_size=60)
 
 
 @settings(max_examples=150, deadline=None)

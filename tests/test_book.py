@@ -1,4 +1,5 @@
 """The notebook helpers: real source, model fallback, committed results."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +36,7 @@ def test_regions_anchor_excerpts_on_names_and_elide_later_chapters():
 
 def test_bad_regions_are_reported():
     import pytest
+
     with pytest.raises(ValueError, match="no region 'nope' in this source"):
         book.render_regions(SOURCE, region="nope")
     with pytest.raises(ValueError, match="region 'x' is never closed"):

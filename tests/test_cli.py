@@ -1,4 +1,5 @@
 """The command line and the benchmarks, on tiny CPU models (fields and invariants, not speed)."""
+
 from __future__ import annotations
 
 import json
@@ -17,19 +18,57 @@ def test_help_lists_the_subcommands(capsys):
 
 
 def test_generate_streams_text(tiny_checkpoint, capsys):
-    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5 w6 w7", "--max-tokens", "6",
-               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_checkpoint("llama")),
+            "--prompt",
+            "w5 w6 w7",
+            "--max-tokens",
+            "6",
+            "--max-model-len",
+            "64",
+            "--kv-cache-memory",
+            str(2**20),
+        ]
+    )
     assert rc == 0
     assert len(capsys.readouterr().out.split()) == 6  # the tiny tokenizer decodes one word per token
 
 
 def test_generate_reports_bad_input_as_an_error(tiny_checkpoint, capsys):
-    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--top-p", "0",
-               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_checkpoint("llama")),
+            "--prompt",
+            "w5",
+            "--top-p",
+            "0",
+            "--max-model-len",
+            "64",
+            "--kv-cache-memory",
+            str(2**20),
+        ]
+    )
     assert rc == 2
     assert "top_p must be a finite number in (0, 1], got 0.0" in capsys.readouterr().err
-    rc = main(["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5", "--chat",
-               "--max-model-len", "64", "--kv-cache-memory", str(2**20)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_checkpoint("llama")),
+            "--prompt",
+            "w5",
+            "--chat",
+            "--max-model-len",
+            "64",
+            "--kv-cache-memory",
+            str(2**20),
+        ]
+    )
     assert rc == 2
     assert "--chat needs a model whose tokenizer has a chat template" in capsys.readouterr().err
 
@@ -46,16 +85,42 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):
         parse_config("M3/fast")
     assert parse_config("M5/budget=512/threshold=256/itl=20") == (
-        "M5", {"max_num_batched_tokens": 512, "long_prefill_token_threshold": 256, "target_itl_ms": 20.0}, None)
+        "M5",
+        {"max_num_batched_tokens": 512, "long_prefill_token_threshold": 256, "target_itl_ms": 20.0},
+        None,
+    )
     with pytest.raises(ValueError, match="config variant budget= needs a number, got 'x'"):
         parse_config("M5/budget=x")
 
 
 def test_bench_throughput_json(tmp_path, capsys):
     out = tmp_path / "thr.json"
-    rc = main(["bench", "throughput", "--model", "random:tiny-llama", "--device", "cpu", "--num-prompts", "6",
-               "--input-len", "8:16", "--output-len", "20:30", "--milestone", "M2/sequential@3", "M2", "M3",
-               "--max-model-len", "64", "--kv-cache-memory", str(2**20), "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "throughput",
+            "--model",
+            "random:tiny-llama",
+            "--device",
+            "cpu",
+            "--num-prompts",
+            "6",
+            "--input-len",
+            "8:16",
+            "--output-len",
+            "20:30",
+            "--milestone",
+            "M2/sequential@3",
+            "M2",
+            "M3",
+            "--max-model-len",
+            "64",
+            "--kv-cache-memory",
+            str(2**20),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "throughput" and data["workload"]["num_prompts"] == 6
@@ -71,8 +136,25 @@ def test_bench_throughput_json(tmp_path, capsys):
 
 def test_bench_latency_json(tmp_path, capsys):
     out = tmp_path / "lat.json"
-    rc = main(["bench", "latency", "--model", "random:tiny-qwen3", "--device", "cpu", "--input-len", "8", "16",
-               "--output-len", "4", "--batch-size", "2", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "latency",
+            "--model",
+            "random:tiny-qwen3",
+            "--device",
+            "cpu",
+            "--input-len",
+            "8",
+            "16",
+            "--output-len",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert [r["input_len"] for r in data["results"]] == [8, 16]
@@ -84,8 +166,28 @@ def test_bench_latency_json(tmp_path, capsys):
 
 def test_bench_attention_json(tmp_path, capsys):
     out = tmp_path / "att.json"
-    rc = main(["bench", "attention", "--device", "cpu", "--dtype", "float32", "--num-seqs", "2",
-               "--context-len", "20", "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "attention",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--num-seqs",
+            "2",
+            "--context-len",
+            "20",
+            "--num-heads",
+            "4",
+            "--num-kv-heads",
+            "2",
+            "--head-dim",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["max_abs_diff"] < 1e-4 and row["kv_bytes_read"] == 2 * 2 * 20 * 2 * 32 * 4
@@ -99,8 +201,28 @@ def test_parser_rejects_unknown_bench():
 
 def test_bench_step_json(tmp_path, capsys):
     out = tmp_path / "step.json"
-    rc = main(["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M3", "M4",
-               "--batch-size", "1", "3", "--prompt-len", "8", "--steps", "4", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "step",
+            "--model",
+            "random:tiny-llama",
+            "--device",
+            "cpu",
+            "--milestone",
+            "M3",
+            "M4",
+            "--batch-size",
+            "1",
+            "3",
+            "--prompt-len",
+            "8",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert [(r["milestone"], r["batch_size"]) for r in data["results"]] == [("M3", 1), ("M3", 3), ("M4", 1), ("M4", 3)]
@@ -113,11 +235,47 @@ def test_bench_step_json(tmp_path, capsys):
 
 def test_bench_prefix_json(tmp_path, capsys):
     out = tmp_path / "prefix.json"
-    rc = main(["bench", "prefix", "--model", "random:tiny-llama", "--device", "cpu", "--block-size", "4",
-               "--milestone", "M4", "M6", "--prefix-len", "30", "--suffix-len", "5", "--repeat", "1",
-               "--num-prompts", "6", "--system-len", "20", "--user-len", "3:6", "--output-len", "3",
-               "--conversations", "2", "--turns", "3", "--chat-system-len", "8", "--turn-len", "4",
-               "--reply-len", "4", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "prefix",
+            "--model",
+            "random:tiny-llama",
+            "--device",
+            "cpu",
+            "--block-size",
+            "4",
+            "--milestone",
+            "M4",
+            "M6",
+            "--prefix-len",
+            "30",
+            "--suffix-len",
+            "5",
+            "--repeat",
+            "1",
+            "--num-prompts",
+            "6",
+            "--system-len",
+            "20",
+            "--user-len",
+            "3:6",
+            "--output-len",
+            "3",
+            "--conversations",
+            "2",
+            "--turns",
+            "3",
+            "--chat-system-len",
+            "8",
+            "--turn-len",
+            "4",
+            "--reply-len",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "prefix" and data["commit"] and data["model"] == "random:tiny-llama"

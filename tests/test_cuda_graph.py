@@ -5,6 +5,7 @@ same persistent buffers, the same padding rows, the same metadata planned once p
 for any context length. That is everything a real replay depends on besides the driver;
 on a GPU the last tests capture real graphs and compare tokens with eager mode.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -53,8 +54,17 @@ def generate(llm: LLM, n: int = 5) -> list[list[int]]:
 
 
 def tiny(milestone: str = "M4", **kw) -> LLM:
-    return LLM("random:tiny-qwen3", milestone=milestone, device="cpu", dtype="float32", max_model_len=64,
-               block_size=4, kv_cache_memory=2**21, max_num_seqs=8, **kw)
+    return LLM(
+        "random:tiny-qwen3",
+        milestone=milestone,
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        block_size=4,
+        kv_cache_memory=2**21,
+        max_num_seqs=8,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -64,8 +74,9 @@ def test_padded_replays_generate_what_eager_steps_generate(fused):
     runner = llm.llm_engine.model_runner
     if fused:
         enable_fused_ops(runner.model)
-    runner.cuda_graphs = EagerReplay([1, 2, 4, 8], runner._graph_forward, runner._graph_metadata,
-                                     runner._pad_decode_inputs, runner.device)
+    runner.cuda_graphs = EagerReplay(
+        [1, 2, 4, 8], runner._graph_forward, runner._graph_metadata, runner._pad_decode_inputs, runner.device
+    )
     runner.cuda_graphs.capture()
     assert generate(llm) == expected
     replays = runner.cuda_graphs.replays
@@ -83,6 +94,7 @@ def test_capture_metadata_is_planned_for_any_context():
 def test_long_run_keeps_engine_state_bounded(monkeypatch):
     """A thousand steps leave nothing behind: no per-step record (stats off), no request, block or row."""
     import folovllm.engine.llm_engine as llm_engine
+
     monkeypatch.setattr(llm_engine, "STEP_STATS_LIMIT", 50)
     for collect in (False, True):
         llm = tiny("M3", collect_step_stats=collect)
@@ -104,8 +116,7 @@ def test_long_run_keeps_engine_state_bounded(monkeypatch):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "qwen3-0.6b"])
 def test_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
     def run(**kw):
-        llm = LLM(f"random:{preset}", milestone="M4", max_model_len=256, kv_cache_memory=2**28,
-                  max_num_seqs=16, **kw)
+        llm = LLM(f"random:{preset}", milestone="M4", max_model_len=256, kv_cache_memory=2**28, max_num_seqs=16, **kw)
         n = 11  # 11, 10, ... running sequences: most decode steps need padding
         params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
         outs = llm.generate(prompts(n), params, use_tqdm=False)

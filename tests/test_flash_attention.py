@@ -5,6 +5,7 @@ contract (the backend takes it as ``kernel``), so the split between FA2 and
 the Triton paged kernel (interpreted on CPU) is tested here; with CUDA the
 real FA2 kernel runs against the naive backend.
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,11 +52,14 @@ def run_flash_and_naive(q, k, v, cache, md, scale=0.3):
     return out_f, out_n
 
 
-@pytest.mark.parametrize("q_lens, seq_lens, fa_calls", [
-    ([5, 17, 9], [5, 17, 9], [(3, 31)]),  # fresh prefills only: one FA2 call over the whole batch
-    ([1, 1, 1], [20, 9, 33], []),  # decode only: the paged kernel alone
-    ([1, 5, 17, 1, 40], [20, 9, 17, 33, 40], [(2, 57)]),  # mixed: FA2 takes the two fresh prefills
-])
+@pytest.mark.parametrize(
+    "q_lens, seq_lens, fa_calls",
+    [
+        ([5, 17, 9], [5, 17, 9], [(3, 31)]),  # fresh prefills only: one FA2 call over the whole batch
+        ([1, 1, 1], [20, 9, 33], []),  # decode only: the paged kernel alone
+        ([1, 5, 17, 1, 40], [20, 9, 17, 33, 40], [(2, 57)]),  # mixed: FA2 takes the two fresh prefills
+    ],
+)
 def test_rows_split_between_fa2_and_the_paged_kernel_match_naive(q_lens, seq_lens, fa_calls):
     out_f, out_n = run_flash_and_naive(*make_batch(q_lens, seq_lens, 4, 2, 32, 8, seed=len(q_lens)))
     torch.testing.assert_close(out_f, out_n, atol=ATOL[torch.float32], rtol=0)
@@ -115,11 +119,13 @@ def test_official_package_is_preferred_and_called_causal(monkeypatch):
 
 
 def test_without_a_gpu_flash_attn_is_refused_and_auto_stays_naive():
-    assert flash_attention_unavailable(torch.device("cpu"), torch.bfloat16) == \
-        "FlashAttention-2 needs a CUDA device, got cpu"
+    assert (
+        flash_attention_unavailable(torch.device("cpu"), torch.bfloat16) == "FlashAttention-2 needs a CUDA device, got cpu"
+    )
     if DEVICE.type == "cpu":
-        with pytest.raises(ValueError, match="attention_backend='flash_attn' cannot run here: "
-                                             "FlashAttention-2 needs a CUDA device, got cpu"):
+        with pytest.raises(
+            ValueError, match="attention_backend='flash_attn' cannot run here: FlashAttention-2 needs a CUDA device, got cpu"
+        ):
             LLM("random:tiny-llama", milestone="M4", attention_backend="flash_attn")
     assert resolve_attention_backend(EngineConfig.from_milestone("M4", device="cpu")) == "naive"
 
@@ -138,8 +144,12 @@ def test_engine_with_the_flash_backend_generates_what_m3_generates(tiny_checkpoi
     folder = str(tiny_checkpoint("qwen3"))
     prompts = [{"prompt_token_ids": [(5 * i + 3 * j) % 400 + 3 for j in range(n)]} for i, n in enumerate([4, 11, 7])]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in LLM(folder, milestone="M3", max_model_len=64, block_size=4,
-                                                     kv_cache_memory=2**22).generate(prompts, params, use_tqdm=False)]
+    expected = [
+        o.outputs[0].token_ids
+        for o in LLM(folder, milestone="M3", max_model_len=64, block_size=4, kv_cache_memory=2**22).generate(
+            prompts, params, use_tqdm=False
+        )
+    ]
     llm = LLM(folder, milestone="M4", max_model_len=64, block_size=4, kv_cache_memory=2**22, max_num_seqs=2)
     runner = llm.llm_engine.model_runner
     runner.backend = FlashAttentionBackend(kernel=reference_varlen)
@@ -165,13 +175,18 @@ def test_real_fa2_matches_naive_on_gpu(dtype):
     md = prefill_metadata(lens, DEVICE)
     torch.testing.assert_close(
         torch_flash_varlen(qq, kk, vv, md.query_start_loc, max(lens), 0.1).float(),
-        NaiveAttentionBackend().forward(qq, kk, vv, None, md, 0.1).float(), atol=ATOL[dtype], rtol=0)
+        NaiveAttentionBackend().forward(qq, kk, vv, None, md, 0.1).float(),
+        atol=ATOL[dtype],
+        rtol=0,
+    )
 
 
 def test_bench_prefill_payload_on_cpu():
     from folovllm.benchmarks.attention import bench_prefill_attention
-    payload = bench_prefill_attention([9, 20], num_prompts=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                                      dtype="float32", device="cpu")
+
+    payload = bench_prefill_attention(
+        [9, 20], num_prompts=2, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32", device="cpu"
+    )
     assert payload["benchmark"] == "prefill_attention" and payload["milestone"] == "M4"
     assert [r["prompt_len"] for r in payload["results"]] == [9, 20]
     row = payload["results"][1]

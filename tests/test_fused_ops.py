@@ -3,6 +3,7 @@
 On CPU they run under Triton's interpreter (fp32, so they must agree to rounding);
 with CUDA the same tests run the compiled kernels in bf16 as well.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -76,14 +77,14 @@ def test_rotary_in_place_matches_norm_then_rope(dtype, qk_norm):
             n.to(dtype)
     qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=5)
     positions = torch.tensor([0, 3, 9, 17, 40, 63], device=DEVICE)
-    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
-    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
-    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     ref_q, ref_k = rope.forward_native(positions, q.clone(), k.clone(), rope.cos_sin(positions, dtype), *norms)
     rotary_qk_(q, k, positions, rope.cos_sin_cache, *(None if n is None else n.weight for n in norms))
     torch.testing.assert_close(q, ref_q, **TOL[dtype])
     torch.testing.assert_close(k, ref_k, **TOL[dtype])
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
 
 
 def test_rotary_refuses_mismatched_norms_and_scattered_heads():

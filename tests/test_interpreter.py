@@ -4,6 +4,7 @@ The test session runs with ``TRITON_INTERPRET=1`` (``conftest.py``), Triton's su
 process that imported Triton for compiling first must still run kernels on CPU tensors, through
 the per-launch fallback; that is checked in a fresh interpreter without the variable.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,6 +54,7 @@ def test_session_uses_tritons_own_interpreter_switch():
     from triton.runtime.interpreter import InterpretedFunction
 
     from folovllm.attention.ops.triton_paged_attn import _store_kv_kernel
+
     if torch.cuda.is_available():
         pytest.skip("with a GPU the kernels compile")
     assert os.environ["TRITON_INTERPRET"] == "1"

@@ -1,4 +1,5 @@
 """End-to-end behaviour of ``LLM`` / ``LLMEngine``: HF equality, stops, validation, n>1, preemption."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,9 +19,8 @@ def hf_greedy(folder, prompts: list[list[int]], n: int) -> list[list[int]]:
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+            outs.append(gen[0, len(p) :].tolist())
     return outs
 
 
@@ -51,19 +51,24 @@ def test_smollm2_greedy_matches_hf_generate(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_checkpoint):
-    return LLM(str(tiny_checkpoint("llama")), milestone="M3", max_model_len=64, kv_cache_memory=2**22,
-               block_size=4)
+    return LLM(str(tiny_checkpoint("llama")), milestone="M3", max_model_len=64, kv_cache_memory=2**22, block_size=4)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", None, "prompt must not be empty"),
-    ({"prompt_token_ids": []}, None, "prompt_token_ids must be a non-empty list of token ids"),
-    ({"prompt_token_ids": [1, 512]}, None, r"prompt_token_ids\[1\] is 512, outside the vocabulary \[0, 512\)"),
-    ({"prompt_token_ids": [3] * 64}, None, "prompt has 64 tokens; max_model_len is 64"),
-    ({"prompt_token_ids": [3] * 60}, SamplingParams(max_tokens=5),
-     r"prompt \(60 tokens\) \+ max_tokens \(5\) exceeds max_model_len \(64\)"),
-    (3.5, None, "prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got float"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", None, "prompt must not be empty"),
+        ({"prompt_token_ids": []}, None, "prompt_token_ids must be a non-empty list of token ids"),
+        ({"prompt_token_ids": [1, 512]}, None, r"prompt_token_ids\[1\] is 512, outside the vocabulary \[0, 512\)"),
+        ({"prompt_token_ids": [3] * 64}, None, "prompt has 64 tokens; max_model_len is 64"),
+        (
+            {"prompt_token_ids": [3] * 60},
+            SamplingParams(max_tokens=5),
+            r"prompt \(60 tokens\) \+ max_tokens \(5\) exceeds max_model_len \(64\)",
+        ),
+        (3.5, None, "prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got float"),
+    ],
+)
 def test_bad_input_raises_before_compute_and_engine_keeps_working(tiny_llm, prompt, params, message):
     engine = tiny_llm.llm_engine
     steps = engine.stats.num_steps
@@ -74,15 +79,18 @@ def test_bad_input_raises_before_compute_and_engine_keeps_working(tiny_llm, prom
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.1}, r"temperature must be a finite number in \[0, 3.40282e\+38\], got -0.1"),
-    ({"top_p": 0.0}, r"top_p must be a finite number in \(0, 1\], got 0.0"),
-    ({"top_k": -2}, r"top_k must be an integer in \[-1, 2\*\*63 - 1\], got -2"),
-    ({"min_p": 1.5}, r"min_p must be a finite number in \[0, 1\]"),
-    ({"max_tokens": 0}, r"max_tokens must be an integer in \[1, 2\*\*63 - 1\] or None, got 0"),
-    ({"n": 0}, r"n must be an integer in \[1, 128\], got 0"),
-    ({"stop": [""]}, "stop must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, r"temperature must be a finite number in \[0, 3.40282e\+38\], got -0.1"),
+        ({"top_p": 0.0}, r"top_p must be a finite number in \(0, 1\], got 0.0"),
+        ({"top_k": -2}, r"top_k must be an integer in \[-1, 2\*\*63 - 1\], got -2"),
+        ({"min_p": 1.5}, r"min_p must be a finite number in \[0, 1\]"),
+        ({"max_tokens": 0}, r"max_tokens must be an integer in \[1, 2\*\*63 - 1\] or None, got 0"),
+        ({"n": 0}, r"n must be an integer in \[1, 128\], got 0"),
+        ({"stop": [""]}, "stop must be a non-empty string"),
+    ],
+)
 def test_sampling_params_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -97,19 +105,22 @@ def test_text_prompt_without_tokenizer_is_refused():
 def test_stop_conditions(tiny_llm):
     engine = tiny_llm.llm_engine
     prompt = {"prompt_token_ids": [9, 8, 7]}
-    free_run = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                                 use_tqdm=False)[0].outputs[0]
+    free_run = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert (free_run.finish_reason, len(free_run.token_ids)) == ("length", 12)
     third = free_run.token_ids[2]
     first_hit = free_run.token_ids.index(third)
-    by_id = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[third]),
-                              use_tqdm=False)[0].outputs[0]
-    assert by_id.token_ids == free_run.token_ids[:first_hit + 1]
+    by_id = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[third]), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert by_id.token_ids == free_run.token_ids[: first_hit + 1]
     assert (by_id.finish_reason, by_id.stop_reason) == ("stop", third)
     words = free_run.text.split()
-    by_text = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[words[3]]),
-                                use_tqdm=False)[0].outputs[0]
-    assert by_text.text == free_run.text[:free_run.text.index(words[3])]
+    by_text = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, stop=[words[3]]), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert by_text.text == free_run.text[: free_run.text.index(words[3])]
     assert (by_text.finish_reason, by_text.stop_reason) == ("stop", words[3])
     engine.eos_token_ids = (third,)
     try:
@@ -117,8 +128,9 @@ def test_stop_conditions(tiny_llm):
     finally:
         engine.eos_token_ids = (2,)
     assert by_eos.outputs[0].finish_reason == "stop" and by_eos.outputs[0].stop_reason is None
-    to_the_end = tiny_llm.generate({"prompt_token_ids": [3] * 60}, SamplingParams(max_tokens=None, ignore_eos=True),
-                                   use_tqdm=False)[0].outputs[0]
+    to_the_end = tiny_llm.generate(
+        {"prompt_token_ids": [3] * 60}, SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert (to_the_end.finish_reason, len(to_the_end.token_ids)) == ("length", 4)
 
 
@@ -136,20 +148,21 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = tiny_llm.generate({"prompt_token_ids": [4, 5, 6]}, params, use_tqdm=False)[0].outputs[0].token_ids
     others = [{"prompt_token_ids": [7] * k} for k in range(1, 6)]
-    batch = tiny_llm.generate(others + [{"prompt_token_ids": [4, 5, 6]}],
-                              [SamplingParams(temperature=1.0, max_tokens=10)] * 5 + [params], use_tqdm=False)
+    batch = tiny_llm.generate(
+        others + [{"prompt_token_ids": [4, 5, 6]}],
+        [SamplingParams(temperature=1.0, max_tokens=10)] * 5 + [params],
+        use_tqdm=False,
+    )
     assert batch[-1].outputs[0].token_ids == alone
 
 
 @pytest.mark.parametrize("milestone", ["M2", "M3"])
 def test_n_samples_equal_independent_requests_with_consecutive_seeds(tiny_checkpoint, milestone):
-    llm = LLM(str(tiny_checkpoint("qwen3")), milestone=milestone, max_model_len=64, kv_cache_memory=2**22,
-              block_size=4)
+    llm = LLM(str(tiny_checkpoint("qwen3")), milestone=milestone, max_model_len=64, kv_cache_memory=2**22, block_size=4)
     prompt = {"prompt_token_ids": [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]}
     base = dict(temperature=0.9, top_k=50, max_tokens=12, ignore_eos=True, logprobs=2)
     together = llm.generate(prompt, SamplingParams(n=4, seed=100, **base), use_tqdm=False)[0]
-    alone = [llm.generate(prompt, SamplingParams(seed=100 + i, **base), use_tqdm=False)[0].outputs[0]
-             for i in range(4)]
+    alone = [llm.generate(prompt, SamplingParams(seed=100 + i, **base), use_tqdm=False)[0].outputs[0] for i in range(4)]
     assert [c.index for c in together.outputs] == [0, 1, 2, 3]
     assert [c.token_ids for c in together.outputs] == [a.token_ids for a in alone]
     assert len({tuple(c.token_ids) for c in together.outputs}) > 1
@@ -192,6 +205,7 @@ def test_abort_request_mid_generation(tiny_llm):
 @pytest.mark.slow
 def test_incremental_detokenizer_never_emits_broken_characters(smollm2_dir):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     text = "Café 🤖 naïve — 東京 ok"
     ids = tok(text, add_special_tokens=False).input_ids
@@ -206,8 +220,9 @@ def test_incremental_detokenizer_never_emits_broken_characters(smollm2_dir):
 def test_smollm2_chat_generation_stops_at_eos(smollm2_dir):
     llm = LLM("smollm2-135m", milestone="M3", max_model_len=512)
     tok = llm.get_tokenizer()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == 2
     assert "Paris" in out.text
@@ -218,19 +233,26 @@ def test_async_scheduling_changes_no_output(tiny_checkpoint):
     preemption under a tight pool and an abort all give what the synchronous engine gives."""
     folder = str(tiny_checkpoint("qwen3"))
     prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 3 for j in range(6 + 3 * i)]} for i in range(6)]
-    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True, logprobs=1),
-              SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=9, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[100 + k for k in range(300)]),
-              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-              SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=25, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[100 + k for k in range(300)]),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=25, ignore_eos=True),
+    ]
     results, logprobs = {}, {}
     for async_scheduling in (False, True):
-        llm = LLM(folder, milestone="M3", max_model_len=64, kv_cache_memory=24 * 4 * 2 * 2 * 2 * 16 * 4,
-                  block_size=4, async_scheduling=async_scheduling)
+        llm = LLM(
+            folder,
+            milestone="M3",
+            max_model_len=64,
+            kv_cache_memory=24 * 4 * 2 * 2 * 2 * 16 * 4,
+            block_size=4,
+            async_scheduling=async_scheduling,
+        )
         outs = llm.generate(prompts, params, use_tqdm=False)
-        results[async_scheduling] = [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs]
-                                     for o in outs]
+        results[async_scheduling] = [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
         logprobs[async_scheduling] = outs[1].outputs[0].logprobs
         assert llm.llm_engine.scheduler.num_preemptions > 0
         engine = llm.llm_engine
@@ -252,20 +274,27 @@ def test_async_scheduling_changes_no_output(tiny_checkpoint):
     assert flat[True] == pytest.approx(flat[False], rel=1e-4)
 
 
-@pytest.mark.parametrize("extra", [dict(max_num_batched_tokens=8),
-                                   dict(max_num_batched_tokens=16, long_prefill_token_threshold=5),
-                                   dict(max_num_batched_tokens=12, async_scheduling=False),
-                                   dict(max_num_batched_tokens=32, target_itl_ms=1.0)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(max_num_batched_tokens=8),
+        dict(max_num_batched_tokens=16, long_prefill_token_threshold=5),
+        dict(max_num_batched_tokens=12, async_scheduling=False),
+        dict(max_num_batched_tokens=32, target_itl_ms=1.0),
+    ],
+)
 def test_chunked_prefill_changes_no_output(tiny_checkpoint, extra):
     """Budgets far below the prompt lengths (M5) against whole-prompt steps (M4): greedy, seeded,
     n>1 forks after a chunked prompt, stop strings and token ids, logprobs."""
     folder = str(tiny_checkpoint("qwen3"))
     prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 3 for j in range(20 + 13 * i)]} for i in range(5)]
-    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True, logprobs=1),
-              SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=9, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[100 + k for k in range(300)]),
-              SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=25, ignore_eos=True, stop=["w36"])]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[100 + k for k in range(300)]),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=25, ignore_eos=True, stop=["w36"]),
+    ]
     results, logprobs = {}, {}
     for milestone, kw in (("M4", {}), ("M5", extra)):
         llm = LLM(folder, milestone=milestone, max_model_len=128, kv_cache_memory=2**22, block_size=4, **kw)
@@ -283,9 +312,11 @@ def test_chunked_prefill_lifts_the_budget_check(tiny_checkpoint):
     folder = str(tiny_checkpoint("llama"))
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) must be >= max_model_len \(64\)"):
         LLM(folder, milestone="M4", max_model_len=64, max_num_batched_tokens=16, kv_cache_memory=2**20)
-    llm = LLM(folder, milestone="M5", max_model_len=64, max_num_batched_tokens=16, kv_cache_memory=2**20,
-              collect_step_stats=True)
-    out = llm.generate({"prompt_token_ids": [3] * 40}, SamplingParams(max_tokens=4, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    llm = LLM(
+        folder, milestone="M5", max_model_len=64, max_num_batched_tokens=16, kv_cache_memory=2**20, collect_step_stats=True
+    )
+    out = llm.generate({"prompt_token_ids": [3] * 40}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert len(out.token_ids) == 4
     assert [s.num_tokens for s in llm.llm_engine.step_stats] == [16, 16, 8, 1, 1, 1]

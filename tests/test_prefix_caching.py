@@ -4,6 +4,7 @@ Scheduler tests use ``test_scheduler``'s fake runner, which really reads K/V bac
 through the block tables: a block served from the cache with the wrong content,
 or reused while another request still reads it, changes the outputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,9 @@ from folovllm.core.sched.scheduler import Scheduler
 from folovllm.request import RequestStatus
 
 
-def cached_scheduler(num_blocks: int, block_size: int, max_model_len: int = 64, max_num_seqs: int = 8,
-                     caching: bool = True) -> Scheduler:
+def cached_scheduler(
+    num_blocks: int, block_size: int, max_model_len: int = 64, max_num_seqs: int = 8, caching: bool = True
+) -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_model_len)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size, enable_caching=caching), max_model_len)
 
@@ -63,8 +65,13 @@ def checking(runner: FakeRunner, kv: KVCacheManager, salts: tuple[str, ...] = ()
 # ---- the hash chain ------------------------------------------------------------------------------
 def test_block_hash_is_sha256_over_a_length_prefixed_little_endian_encoding():
     tokens = [1, 2, 70000]
-    expected = hashlib.sha256(NONE_HASH + struct.pack("<I", 3) + b"".join(t.to_bytes(4, "little") for t in tokens)
-                              + struct.pack("<I", 5) + b"alice").digest()
+    expected = hashlib.sha256(
+        NONE_HASH
+        + struct.pack("<I", 3)
+        + b"".join(t.to_bytes(4, "little") for t in tokens)
+        + struct.pack("<I", 5)
+        + b"alice"
+    ).digest()
     assert hash_block_tokens(None, tokens, ("alice",)) == expected
     first = hash_block_tokens(None, [1, 2])
     assert hash_block_tokens(first, [3, 4]) != hash_block_tokens(hash_block_tokens(None, [9, 9]), [3, 4])
@@ -141,11 +148,13 @@ def test_num_cached_tokens_is_exact_and_a_different_salt_never_hits():
     sched = cached_scheduler(64, 4)
     runner = checking(FakeRunner(4), sched.kv_cache_manager, ("u1", "u2"))
     prompt = [(3 * j + 1) % VOCAB for j in range(10)]
-    reqs = {"a": make_request("a", prompt, 5, cache_salt="u1"),
-            "b": make_request("b", prompt[:9] + [50, 51, 52], 5, cache_salt="u1"),
-            "c": make_request("c", prompt, 5, cache_salt="u2"),
-            "d": make_request("d", prompt, 5, cache_salt="u2"),
-            "e": make_request("e", prompt, 5)}
+    reqs = {
+        "a": make_request("a", prompt, 5, cache_salt="u1"),
+        "b": make_request("b", prompt[:9] + [50, 51, 52], 5, cache_salt="u1"),
+        "c": make_request("c", prompt, 5, cache_salt="u2"),
+        "d": make_request("d", prompt, 5, cache_salt="u2"),
+        "e": make_request("e", prompt, 5),
+    }
     starts: dict[str, int] = {}
     execute = runner.execute
 
@@ -173,20 +182,33 @@ def test_a_preempted_request_finds_its_own_blocks_again():
     assert finished == {f"r{i}": expected_output(p, 24) for i, p in enumerate(prompts)}
 
 
-prefix_workloads = st.lists(st.tuples(st.integers(0, 6),   # arrival step
-                                      st.integers(0, 2),   # which shared prefix
-                                      st.integers(0, 30),  # its length
-                                      st.integers(1, 12),  # own suffix length
-                                      st.integers(1, 16),  # max tokens
-                                      st.booleans()),      # with a copy-on-write sibling (n = 2)
-                            min_size=1, max_size=10)
+prefix_workloads = st.lists(
+    st.tuples(
+        st.integers(0, 6),  # arrival step
+        st.integers(0, 2),  # which shared prefix
+        st.integers(0, 30),  # its length
+        st.integers(1, 12),  # own suffix length
+        st.integers(1, 16),  # max tokens
+        st.booleans(),
+    ),  # with a copy-on-write sibling (n = 2)
+    min_size=1,
+    max_size=10,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=prefix_workloads, block_size=st.sampled_from([1, 2, 4]), tiny=st.booleans(),
-       use_async=st.booleans(), salted=st.booleans(), seed=st.integers(0, 3), abort=st.integers(-1, 9))
-def test_random_shared_prefix_workloads_keep_outputs_and_cache_invariants(workload, block_size, tiny, use_async,
-                                                                          salted, seed, abort):
+@given(
+    workload=prefix_workloads,
+    block_size=st.sampled_from([1, 2, 4]),
+    tiny=st.booleans(),
+    use_async=st.booleans(),
+    salted=st.booleans(),
+    seed=st.integers(0, 3),
+    abort=st.integers(-1, 9),
+)
+def test_random_shared_prefix_workloads_keep_outputs_and_cache_invariants(
+    workload, block_size, tiny, use_async, salted, seed, abort
+):
     """Prefix hits, eviction under a tiny pool, preemption, forks, aborts, async scheduling: outputs
     equal running each request alone, and the cache invariants hold after every step."""
     max_model_len = 64
@@ -201,8 +223,7 @@ def test_random_shared_prefix_workloads_keep_outputs_and_cache_invariants(worklo
         arrivals.setdefault(t, []).append(make_request(f"r{i}", prompt, mt, seed=seed, cache_salt=salt))
         expected[f"r{i}"] = expected_output(prompt, mt, seed)
         if forked:
-            arrivals[t].append(make_request(f"r{i}#1", prompt, mt, seed=seed + 1, cache_salt=salt,
-                                            fork_from=f"r{i}"))
+            arrivals[t].append(make_request(f"r{i}#1", prompt, mt, seed=seed + 1, cache_salt=salt, fork_from=f"r{i}"))
             expected[f"r{i}#1"] = expected_output(prompt, mt, seed + 1)
     runner = checking(FakeRunner(block_size), sched.kv_cache_manager, salts)
     aborted = f"r{abort}" if f"r{abort}" in expected else None
@@ -267,12 +288,14 @@ def test_engine_outputs_equal_without_caching_greedy_seeded_n_and_under_eviction
     folder = str(tiny_checkpoint("qwen3"))
     system = [(11 * j) % 500 + 3 for j in range(21)]
     prompts = [{"prompt_token_ids": system + [(5 * i + j) % 500 + 3 for j in range(2 + 3 * i)]} for i in range(6)]
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True),
-              SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=8, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-              SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.9, n=3, seed=11, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.8, seed=3, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+    ]
 
     def outputs(outs):
         return [[c.token_ids for c in o.outputs] for o in outs]
@@ -291,8 +314,7 @@ def test_engine_outputs_equal_without_caching_greedy_seeded_n_and_under_eviction
 
 
 def test_engine_reports_cached_tokens_stats_salt_and_reset(tiny_checkpoint):
-    llm = LLM(str(tiny_checkpoint("llama")), milestone="M6", max_model_len=64, kv_cache_memory=2**22,
-              block_size=4)
+    llm = LLM(str(tiny_checkpoint("llama")), milestone="M6", max_model_len=64, kv_cache_memory=2**22, block_size=4)
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     prompt = [(3 * j) % 500 + 3 for j in range(18)]

@@ -4,6 +4,7 @@ Independence: ``np_quantize_and_pack`` below writes GPTQ checkpoints with numpy 
 (AutoGPTQ's row-by-row packing), so a shared misreading of the format in ``folovllm.quantization.packing``
 and the loader cannot cancel out.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,12 +100,15 @@ def np_quantize_and_pack(w: np.ndarray, g_idx: np.ndarray, bits: int) -> tuple[d
     s, z = scales.astype(np.float32)[g_idx].T, zeros[g_idx].T
     codes = np.clip(np.round(w / s) + z, 0, maxq).astype(np.int64)
     qweight, qzeros = np_pack(codes.T, zeros, bits)
-    return ({"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.astype(np.int32)},
-            (s * (codes - z)).astype(np.float32))
+    return (
+        {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.astype(np.int32)},
+        (s * (codes - z)).astype(np.float32),
+    )
 
 
-def write_np_gptq_checkpoint(src, dst, bits: int = 4, group_size: int = 32, desc_act: bool = False,
-                             config_overrides: dict | None = None) -> dict[str, np.ndarray]:
+def write_np_gptq_checkpoint(
+    src, dst, bits: int = 4, group_size: int = 32, desc_act: bool = False, config_overrides: dict | None = None
+) -> dict[str, np.ndarray]:
     """Quantize a dense HF folder's decoder projections with numpy; returns HF name -> dequantized weight.
 
     With ``desc_act`` each layer input gets a seeded random column order, so ``g_idx`` is a permutation
@@ -130,9 +134,15 @@ def write_np_gptq_checkpoint(src, dst, bits: int = 4, group_size: int = 32, desc
         out.update({f"{prefix}.{key}": t for key, t in tensors.items()})
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
-                                     "desc_act": desc_act, "sym": False, "checkpoint_format": "gptq",
-                                     **(config_overrides or {})}
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": False,
+        "checkpoint_format": "gptq",
+        **(config_overrides or {}),
+    }
     (dst / "config.json").write_text(json.dumps(config))
     return dequantized
 
@@ -148,34 +158,52 @@ def hf_greedy_on(folder, weights: dict[str, np.ndarray], prompts, n: int) -> lis
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-            outs.append(gen[0, len(p):].tolist())
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            outs.append(gen[0, len(p) :].tolist())
     return outs
 
 
 def our_greedy(folder, prompts, milestone: str | None = "M7") -> list[list[int]]:
-    llm = LLM(str(folder), milestone=milestone, device="cpu", dtype="float32", max_model_len=128,
-              kv_cache_memory=2**22, block_size=4)
+    llm = LLM(
+        str(folder),
+        milestone=milestone,
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        kv_cache_memory=2**22,
+        block_size=4,
+    )
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("variant, desc_act", [("llama", False), ("llama", True), ("qwen3", True), ("qwen2", False)])
-def test_independently_packed_checkpoint_matches_hf_on_dequantized_weights(tiny_checkpoint, tmp_path, variant,
-                                                                           desc_act):
+def test_independently_packed_checkpoint_matches_hf_on_dequantized_weights(tiny_checkpoint, tmp_path, variant, desc_act):
     src = tiny_checkpoint(variant)
     dequantized = write_np_gptq_checkpoint(src, tmp_path / "q", desc_act=desc_act)
     assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"bits": 3}, "GPTQ bits=3 cannot be served (3-bit codes straddle 32-bit words, which our kernel does not "
-                  "read); supported: (2, 4, 8)"),
-    ({"checkpoint_format": "gptq_v2"}, "GPTQ checkpoint_format 'gptq_v2' is not supported; supported: 'gptq'"),
-    ({"group_size": 48}, "GPTQ group_size must be -1 or a power of two >= 16, got 48"),
-    ({"quant_method": "awq"}, "quant_method 'awq' is not supported; supported: ['gptq']"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"bits": 3},
+            "GPTQ bits=3 cannot be served (3-bit codes straddle 32-bit words, which our kernel does not "
+            "read); supported: (2, 4, 8)",
+        ),
+        ({"checkpoint_format": "gptq_v2"}, "GPTQ checkpoint_format 'gptq_v2' is not supported; supported: 'gptq'"),
+        ({"group_size": 48}, "GPTQ group_size must be -1 or a power of two >= 16, got 48"),
+        ({"quant_method": "awq"}, "quant_method 'awq' is not supported; supported: ['gptq']"),
+    ],
+)
 def test_loader_refuses_what_it_cannot_serve(tiny_checkpoint, tmp_path, overrides, message):
     write_np_gptq_checkpoint(tiny_checkpoint("llama"), tmp_path / "q", config_overrides=overrides)
     with pytest.raises(ValueError) as err:
@@ -188,8 +216,7 @@ def test_engines_before_m7_refuse_quantized_checkpoints(tiny_checkpoint, tmp_pat
     with pytest.raises(ValueError, match="engines before M7 read dense weights only"):
         LLM(str(tmp_path / "q"), milestone="M3", device="cpu", max_model_len=64, kv_cache_memory=2**20)
     with pytest.raises(ValueError, match="quantization='gptq' needs a quantized checkpoint"):
-        LLM(str(tiny_checkpoint("llama")), device="cpu", quantization="gptq", max_model_len=64,
-            kv_cache_memory=2**20)
+        LLM(str(tiny_checkpoint("llama")), device="cpu", quantization="gptq", max_model_len=64, kv_cache_memory=2**20)
 
 
 # ---------------------------------------------------------------- the kernel (Triton interpreter on CPU)
@@ -205,24 +232,35 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
     return pack_for_kernel(codes, bits), scales, zeros, perm
 
 
-@pytest.mark.parametrize("m, split_k, dequant_tiles", [
-    (1, None, None), (4, 3, False), (16, 2, False),  # decode: scales applied per group, split-K
-    (33, None, None), (70, 1, True),  # GEMM: dequantized tiles
-])
-@pytest.mark.parametrize("bits, group_size, act_order", [(4, 128, False), (4, 32, True), (4, -1, False),
-                                                         (8, 64, True), (2, 16, False)])
+@pytest.mark.parametrize(
+    "m, split_k, dequant_tiles",
+    [
+        (1, None, None),
+        (4, 3, False),
+        (16, 2, False),  # decode: scales applied per group, split-K
+        (33, None, None),
+        (70, 1, True),  # GEMM: dequantized tiles
+    ],
+)
+@pytest.mark.parametrize(
+    "bits, group_size, act_order", [(4, 128, False), (4, 32, True), (4, -1, False), (8, 64, True), (2, 16, False)]
+)
 def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, bits, group_size, act_order):
     k, n = 384, 96  # three 128-row blocks at 4 bits; N not a multiple of the 64-column tile
     k_blocks = -(-k // block_rows(bits))
-    plan = None if split_k is None else GemmPlan(32 if dequant_tiles else 16, 32 if dequant_tiles else 64,
-                                                 dequant_tiles, split_k, -(-k_blocks // split_k), 4, 1)
+    plan = (
+        None
+        if split_k is None
+        else GemmPlan(
+            32 if dequant_tiles else 16, 32 if dequant_tiles else 64, dequant_tiles, split_k, -(-k_blocks // split_k), 4, 1
+        )
+    )
     layer = _random_layer(k, n, bits, group_size, act_order, seed=m + bits)
     qweight, scales, zeros, perm = (None if t is None else t.to(DEVICE) for t in layer)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     got = gptq_gemm(x, qweight, scales, zeros, perm, bias, bits, group_size, plan)
-    want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), perm, bias.double(),
-                               bits, group_size)
+    want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), perm, bias.double(), bits, group_size)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -245,8 +283,9 @@ def _correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
     return (torch.randn(n, k, generator=gen) @ mix) * scale
 
 
-@pytest.mark.parametrize("bits, group_size, desc_act", [(4, 128, False), (4, 32, False), (4, 128, True),
-                                                        (3, 128, False), (4, -1, False)])
+@pytest.mark.parametrize(
+    "bits, group_size, desc_act", [(4, 128, False), (4, 32, False), (4, 128, True), (3, 128, False), (4, -1, False)]
+)
 def test_gptq_reconstructs_layer_outputs_better_than_rtn(bits, group_size, desc_act):
     x = _correlated_inputs(2048, 256, seed=bits)
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(7)) * 0.05
@@ -285,8 +324,10 @@ def test_gptq_beats_rtn_on_smollm2_calibration_inputs():
     hessian = HessianAccumulator(w.shape[1])
     hessian.add_batch(x)
     for bits, group_size in [(4, 128), (3, 128)]:
-        errors = [torch.linalg.norm(x @ (w - qw.dequantize()).T).item()
-                  for qw in (gptq_quantize(w, hessian.hessian, bits, group_size), rtn_quantize(w, bits, group_size))]
+        errors = [
+            torch.linalg.norm(x @ (w - qw.dequantize()).T).item()
+            for qw in (gptq_quantize(w, hessian.hessian, bits, group_size), rtn_quantize(w, bits, group_size))
+        ]
         assert errors[0] < errors[1], (bits, errors)
 
 
@@ -303,22 +344,43 @@ def test_hessian_is_twice_the_mean_outer_product():
 
 @pytest.mark.parametrize("method, extra", [("gptq", ["--desc-act"]), ("rtn", ["--sym"])])
 def test_quantize_cli_writes_a_checkpoint_that_matches_hf_on_its_dequantized_weights(
-        tiny_checkpoint, tmp_path, capsys, method, extra):
+    tiny_checkpoint, tmp_path, capsys, method, extra
+):
     src = tiny_checkpoint("qwen3")
-    rc = main(["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--method", method,
-               "--group-size", "32", "--calib-samples", "4", "--calib-seq-len", "32", *extra])
+    rc = main(
+        [
+            "quantize",
+            "--model",
+            str(src),
+            "--out",
+            str(tmp_path / "q"),
+            "--method",
+            method,
+            "--group-size",
+            "32",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            *extra,
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == 2 * 4 and summary["method"] == method  # qkv, o, gate_up, down per layer
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert {k: config[k] for k in ("quant_method", "bits", "group_size", "checkpoint_format")} == {
-        "quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq"}
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "checkpoint_format": "gptq",
+    }
     assert (tmp_path / "q" / "quantize_config.json").is_file()
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     dequantized = {}
     for name in tensors:
         if name.endswith(".qweight"):
-            prefix = name[:-len(".qweight")]
+            prefix = name[: -len(".qweight")]
             qw, qz = tensors[name].numpy().view(np.uint32), tensors[f"{prefix}.qzeros"].numpy().view(np.uint32)
             g_idx, scales = tensors[f"{prefix}.g_idx"].numpy(), tensors[f"{prefix}.scales"].numpy().astype(np.float32)
             shifts = (np.arange(qw.shape[0] * 8) % 8 * 4).astype(np.uint32)
@@ -334,8 +396,9 @@ def test_quantize_cli_writes_a_checkpoint_that_matches_hf_on_its_dequantized_wei
 
 
 def test_eval_perplexity_cli_prints_json(tiny_checkpoint, capsys):
-    rc = main(["eval", "perplexity", "--model", "random:tiny-llama", "--device", "cpu", "--max-tokens", "100",
-               "--seq-len", "32"])
+    rc = main(
+        ["eval", "perplexity", "--model", "random:tiny-llama", "--device", "cpu", "--max-tokens", "100", "--seq-len", "32"]
+    )
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tokens"] == 99 - 3 and data["windows"] == 4  # windows of 32, 32, 32, 4 tokens

@@ -7,6 +7,7 @@ a one-at-a-time run gives, or raises ``ValueError`` (``InvalidTypeError`` for a 
 field before anything is queued or computed; afterwards the same ``LLM`` serves a good request
 correctly with every KV block back in the pool; and no call runs more steps than its tokens bound.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,11 @@ from folovllm.utils import cdiv
 MAX_LEN, BLOCK, POOL_BLOCKS, VOCAB, MAX_LOGPROBS = 64, 4, 10, 512, 20
 KV_BYTES_PER_TOKEN = {"llama": 512, "random:tiny-llama": 512, "random:tiny-qwen3": 1024}  # fp32, 2 layers
 # CI replays the same examples every run (derandomize); locally hypothesis explores new ones.
-PROFILE = dict(deadline=None, derandomize=bool(os.environ.get("CI")),
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+PROFILE = dict(
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 def make_llm(model: str, milestone: str) -> LLM:
@@ -47,8 +51,11 @@ def make_llm(model: str, milestone: str) -> LLM:
 def kv_all_free(llm: LLM) -> bool:
     engine = llm.llm_engine
     kv = engine.kv_cache_manager
-    free = (kv.block_pool.num_free_blocks == kv.num_blocks if isinstance(kv, KVCacheManager)
-            else len(kv.free_slabs) == kv.num_slabs)
+    free = (
+        kv.block_pool.num_free_blocks == kv.num_blocks
+        if isinstance(kv, KVCacheManager)
+        else len(kv.free_slabs) == kv.num_slabs
+    )
     return free and not kv.num_tokens and not engine.scheduler.requests and not engine.parents
 
 
@@ -89,12 +96,18 @@ def assert_untouched(llm: LLM, call, error: type[Exception], match: str) -> None
 
 
 # ---- the issue's findings, one test each ---------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    ({"seed": 2**64, "temperature": 1.0}, r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None, got "),
-    ({"top_k": 2**63}, r"top_k must be an integer in \[-1, 2\*\*63 - 1\], got 9223372036854775808"),
-    ({"n": 2, "seed": INT64_MAX}, r"seed \+ n - 1 must be at most 2\*\*63 - 1 \(sample i of n uses seed \+ i\), "
-                                  r"got seed=9223372036854775807 with n=2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"seed": 2**64, "temperature": 1.0}, r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None, got "),
+        ({"top_k": 2**63}, r"top_k must be an integer in \[-1, 2\*\*63 - 1\], got 9223372036854775808"),
+        (
+            {"n": 2, "seed": INT64_MAX},
+            r"seed \+ n - 1 must be at most 2\*\*63 - 1 \(sample i of n uses seed \+ i\), "
+            r"got seed=9223372036854775807 with n=2",
+        ),
+    ],
+)
 def test_poisoning_values_are_refused_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
@@ -103,19 +116,25 @@ def test_poisoning_values_are_refused_at_construction(kwargs, match):
 def test_poisoned_params_mutated_after_construction_are_refused_before_the_batch_runs(m3):
     params = SamplingParams(temperature=1.0, seed=1)
     params.seed = 2**64  # dataclasses do not re-check on assignment; the engine re-validates a copy
-    assert_untouched(m3, lambda: m3.generate([GOOD, GOOD], [GREEDY, params], use_tqdm=False), ValueError,
-                     r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None")
+    assert_untouched(
+        m3,
+        lambda: m3.generate([GOOD, GOOD], [GREEDY, params], use_tqdm=False),
+        ValueError,
+        r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None",
+    )
 
 
 @pytest.mark.parametrize("prompt_len, max_tokens, needed", [(44, 1, 12), (30, 20, 13)])
 def test_request_that_cannot_fit_the_whole_pool_is_refused_at_add_time(m3, prompt_len, max_tokens, needed):
     prompt = {"prompt_token_ids": [5] * prompt_len}
-    msg = (rf"prompt \({prompt_len} tokens\) \+ max_tokens \({max_tokens}\) needs {needed} KV blocks of 4 tokens, "
-           rf"but the whole KV cache has {POOL_BLOCKS}")
-    assert_untouched(m3, lambda: m3.llm_engine.add_request("big", prompt, SamplingParams(max_tokens=max_tokens)),
-                     ValueError, msg)
-    assert_untouched(m3, lambda: m3.generate(prompt, SamplingParams(max_tokens=max_tokens), use_tqdm=False),
-                     ValueError, msg)
+    msg = (
+        rf"prompt \({prompt_len} tokens\) \+ max_tokens \({max_tokens}\) needs {needed} KV blocks of 4 tokens, "
+        rf"but the whole KV cache has {POOL_BLOCKS}"
+    )
+    assert_untouched(
+        m3, lambda: m3.llm_engine.add_request("big", prompt, SamplingParams(max_tokens=max_tokens)), ValueError, msg
+    )
+    assert_untouched(m3, lambda: m3.generate(prompt, SamplingParams(max_tokens=max_tokens), use_tqdm=False), ValueError, msg)
 
 
 def test_a_request_that_fills_the_whole_pool_runs_alone(m3):
@@ -125,10 +144,18 @@ def test_a_request_that_fills_the_whole_pool_runs_alone(m3):
 
 @pytest.mark.parametrize("priority", ["high", 1.5, True, None, [1]])
 def test_non_integer_priority_is_refused_before_registration(m3, priority):
-    assert_untouched(m3, lambda: m3.llm_engine.add_request("p", GOOD, GREEDY, priority=priority),
-                     InvalidTypeError, "priority must be an integer")
-    assert_untouched(m3, lambda: m3.generate([GOOD], GREEDY, priority=[priority], use_tqdm=False),
-                     InvalidTypeError, r"priority\[0\] must be an integer")
+    assert_untouched(
+        m3,
+        lambda: m3.llm_engine.add_request("p", GOOD, GREEDY, priority=priority),
+        InvalidTypeError,
+        "priority must be an integer",
+    )
+    assert_untouched(
+        m3,
+        lambda: m3.generate([GOOD], GREEDY, priority=[priority], use_tqdm=False),
+        InvalidTypeError,
+        r"priority\[0\] must be an integer",
+    )
 
 
 def test_huge_n_is_refused_at_once():
@@ -173,16 +200,23 @@ def test_child_ids_are_not_addressable_and_free_ids_can_be_reused(m3):
 def test_generate_queues_nothing_when_any_prompt_of_the_batch_is_bad(m3, bad_index):
     prompts = [GOOD, GOOD, GOOD]
     prompts[bad_index] = {"prompt_token_ids": [5, 512]}
-    assert_untouched(m3, lambda: m3.generate(prompts, GREEDY, use_tqdm=False), ValueError,
-                     rf"prompt_token_ids\[1\] is 512, outside the vocabulary \[0, {VOCAB}\)")
+    assert_untouched(
+        m3,
+        lambda: m3.generate(prompts, GREEDY, use_tqdm=False),
+        ValueError,
+        rf"prompt_token_ids\[1\] is 512, outside the vocabulary \[0, {VOCAB}\)",
+    )
 
 
 def test_generate_does_not_consume_requests_added_through_the_engine(m3):
     engine = m3.llm_engine
     engine.add_request("mine", GOOD, GREEDY)
     steps = engine.stats.num_steps
-    with pytest.raises(RuntimeError, match=r"the engine holds 1 unfinished request\(s\) added through "
-                                           r"LLMEngine.add_request \('mine'\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"the engine holds 1 unfinished request\(s\) added through "
+        r"LLMEngine.add_request \('mine'\)",
+    ):
         m3.generate(GOOD, GREEDY, use_tqdm=False)
     assert engine.stats.num_steps == steps and set(engine.parents) == {"mine"}
     finished = []
@@ -206,19 +240,25 @@ def test_generate_aborts_its_own_requests_when_the_run_fails(m3):
     assert kv_all_free(m3) and len(m3.generate(GOOD, GREEDY, use_tqdm=False)) == 1
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"temperature": math.nan}, ValueError, r"temperature must be a finite number in \[0, 3.40282e\+38\], got nan"),
-    ({"temperature": math.inf}, ValueError, r"temperature must be a finite number in \[0, 3.40282e\+38\], got inf"),
-    ({"top_p": math.nan}, ValueError, r"top_p must be a finite number in \(0, 1\], got nan"),
-    ({"max_tokens": True}, InvalidTypeError, r"max_tokens must be an integer in \[1, 2\*\*63 - 1\] or None, got True"),
-    ({"n": True}, InvalidTypeError, r"n must be an integer in \[1, 128\], got True"),
-    ({"ignore_eos": "no"}, InvalidTypeError, "ignore_eos must be a bool, got 'no'"),
-    ({"stop": 5}, InvalidTypeError, "stop must be a non-empty string or a list of them, got 5"),
-    ({"stop": ["w5", 10**5000]}, InvalidTypeError,  # repr() of that list raises: the message must not
-     r"stop must be a non-empty string or a list of them, got <unprintable list>"),
-    ({"stop_token_ids": [2.0]}, InvalidTypeError, r"stop_token_ids\[0\] must be an integer in \[0, 2\*\*63 - 1\]"),
-    ({"logprobs": -1}, ValueError, r"logprobs must be an integer in \[0, 2\*\*63 - 1\] or None, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temperature": math.nan}, ValueError, r"temperature must be a finite number in \[0, 3.40282e\+38\], got nan"),
+        ({"temperature": math.inf}, ValueError, r"temperature must be a finite number in \[0, 3.40282e\+38\], got inf"),
+        ({"top_p": math.nan}, ValueError, r"top_p must be a finite number in \(0, 1\], got nan"),
+        ({"max_tokens": True}, InvalidTypeError, r"max_tokens must be an integer in \[1, 2\*\*63 - 1\] or None, got True"),
+        ({"n": True}, InvalidTypeError, r"n must be an integer in \[1, 128\], got True"),
+        ({"ignore_eos": "no"}, InvalidTypeError, "ignore_eos must be a bool, got 'no'"),
+        ({"stop": 5}, InvalidTypeError, "stop must be a non-empty string or a list of them, got 5"),
+        (
+            {"stop": ["w5", 10**5000]},
+            InvalidTypeError,  # repr() of that list raises: the message must not
+            r"stop must be a non-empty string or a list of them, got <unprintable list>",
+        ),
+        ({"stop_token_ids": [2.0]}, InvalidTypeError, r"stop_token_ids\[0\] must be an integer in \[0, 2\*\*63 - 1\]"),
+        ({"logprobs": -1}, ValueError, r"logprobs must be an integer in \[0, 2\*\*63 - 1\] or None, got -1"),
+    ],
+)
 def test_silent_nonsense_in_sampling_params_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match) as info:
         SamplingParams(**kwargs)
@@ -226,26 +266,38 @@ def test_silent_nonsense_in_sampling_params_is_refused(kwargs, error, match):
 
 
 def test_stop_strings_need_a_tokenizer(m3_no_tokenizer):
-    assert_untouched(m3_no_tokenizer, lambda: m3_no_tokenizer.generate(GOOD, SamplingParams(stop="w5"), use_tqdm=False),
-                     ValueError, "stop strings need a tokenizer and model 'random:tiny-llama' has none")
+    assert_untouched(
+        m3_no_tokenizer,
+        lambda: m3_no_tokenizer.generate(GOOD, SamplingParams(stop="w5"), use_tqdm=False),
+        ValueError,
+        "stop strings need a tokenizer and model 'random:tiny-llama' has none",
+    )
 
 
-@pytest.mark.parametrize("prompt, match", [
-    ({"prompt_token_ids": [5], "multi_modal_data": "x"},
-     "prompt has unsupported key\\(s\\) 'multi_modal_data'; supported: 'cache_salt', 'prompt', 'prompt_token_ids'"),
-    ({"prompt_token_ids": [5], "cache_salt": 7}, "cache_salt must be a non-empty string, got int"),
-    ({"prompt_token_ids": [5], "prompt": "w6"},
-     "prompt text does not tokenize to prompt_token_ids"),
-    ({}, "prompt must have 'prompt' or 'prompt_token_ids', got an empty dict"),
-])
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        (
+            {"prompt_token_ids": [5], "multi_modal_data": "x"},
+            "prompt has unsupported key\\(s\\) 'multi_modal_data'; supported: 'cache_salt', 'prompt', 'prompt_token_ids'",
+        ),
+        ({"prompt_token_ids": [5], "cache_salt": 7}, "cache_salt must be a non-empty string, got int"),
+        ({"prompt_token_ids": [5], "prompt": "w6"}, "prompt text does not tokenize to prompt_token_ids"),
+        ({}, "prompt must have 'prompt' or 'prompt_token_ids', got an empty dict"),
+    ],
+)
 def test_prompt_dicts_are_checked(m3, prompt, match):
     assert_untouched(m3, lambda: m3.generate(prompt, GREEDY, use_tqdm=False), ValueError, match)
 
 
 def test_prompt_dict_forms_that_agree_give_the_same_output(m3):
     ids = m3.get_tokenizer()("w5 w6 w7").input_ids
-    forms = ["w5 w6 w7", {"prompt": "w5 w6 w7"}, {"prompt_token_ids": ids},
-             {"prompt": "w5 w6 w7", "prompt_token_ids": tuple(ids)}]
+    forms = [
+        "w5 w6 w7",
+        {"prompt": "w5 w6 w7"},
+        {"prompt_token_ids": ids},
+        {"prompt": "w5 w6 w7", "prompt_token_ids": tuple(ids)},
+    ]
     outs = m3.generate(forms, GREEDY, use_tqdm=False)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
     assert [o.prompt for o in outs] == ["w5 w6 w7", "w5 w6 w7", None, "w5 w6 w7"]
@@ -253,35 +305,62 @@ def test_prompt_dict_forms_that_agree_give_the_same_output(m3):
 
 def test_prompt_text_next_to_ids_needs_a_tokenizer(m3_no_tokenizer):
     llm = m3_no_tokenizer
-    assert_untouched(llm, lambda: llm.generate({"prompt_token_ids": [5], "prompt": "w5"}, use_tqdm=False),
-                     ValueError, "prompt text next to prompt_token_ids cannot be checked")
+    assert_untouched(
+        llm,
+        lambda: llm.generate({"prompt_token_ids": [5], "prompt": "w5"}, use_tqdm=False),
+        ValueError,
+        "prompt text next to prompt_token_ids cannot be checked",
+    )
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda llm: llm.generate(GOOD, SamplingParams(stop=5)), InvalidTypeError, "stop must be a non-empty string"),
-    (lambda llm: llm.generate(None), InvalidTypeError,
-     "prompts must be a prompt \\(str or dict\\) or a list of them, got NoneType"),
-    (lambda llm: llm.llm_engine.abort_request(5), InvalidTypeError,
-     "request_ids must be a request id \\(str\\) or a list of them, got 5"),
-    (lambda llm: llm.generate({"prompt_token_ids": [5, 6.0]}), InvalidTypeError,
-     "prompt_token_ids\\[1\\] must be an integer token id, got 6.0"),
-    (lambda llm: llm.generate(GOOD, {"temperature": 0}), InvalidTypeError,
-     "sampling_params must be a SamplingParams, None or a list of them, got dict"),
-    (lambda llm: llm.llm_engine.add_request("x", GOOD, {"temperature": 0}), InvalidTypeError,
-     "sampling_params must be a SamplingParams or None, got dict"),
-    (lambda llm: llm.llm_engine.add_request(5, GOOD), InvalidTypeError, "request_id must be a non-empty string, got 5"),
-    (lambda llm: llm.generate(GOOD, SamplingParams(logprobs=21)), ValueError,
-     rf"logprobs must be at most max_logprobs \({MAX_LOGPROBS}\), got 21"),
-    (lambda llm: llm.generate(GOOD, SamplingParams(stop_token_ids=[VOCAB])), ValueError,
-     rf"stop_token_ids contains {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda llm: llm.generate(GOOD, SamplingParams(stop=5)), InvalidTypeError, "stop must be a non-empty string"),
+        (
+            lambda llm: llm.generate(None),
+            InvalidTypeError,
+            "prompts must be a prompt \\(str or dict\\) or a list of them, got NoneType",
+        ),
+        (
+            lambda llm: llm.llm_engine.abort_request(5),
+            InvalidTypeError,
+            "request_ids must be a request id \\(str\\) or a list of them, got 5",
+        ),
+        (
+            lambda llm: llm.generate({"prompt_token_ids": [5, 6.0]}),
+            InvalidTypeError,
+            "prompt_token_ids\\[1\\] must be an integer token id, got 6.0",
+        ),
+        (
+            lambda llm: llm.generate(GOOD, {"temperature": 0}),
+            InvalidTypeError,
+            "sampling_params must be a SamplingParams, None or a list of them, got dict",
+        ),
+        (
+            lambda llm: llm.llm_engine.add_request("x", GOOD, {"temperature": 0}),
+            InvalidTypeError,
+            "sampling_params must be a SamplingParams or None, got dict",
+        ),
+        (lambda llm: llm.llm_engine.add_request(5, GOOD), InvalidTypeError, "request_id must be a non-empty string, got 5"),
+        (
+            lambda llm: llm.generate(GOOD, SamplingParams(logprobs=21)),
+            ValueError,
+            rf"logprobs must be at most max_logprobs \({MAX_LOGPROBS}\), got 21",
+        ),
+        (
+            lambda llm: llm.generate(GOOD, SamplingParams(stop_token_ids=[VOCAB])),
+            ValueError,
+            rf"stop_token_ids contains {VOCAB}, outside the vocabulary \[0, {VOCAB}\)",
+        ),
+    ],
+)
 def test_unclear_errors_now_name_the_field(m3, call, error, match):
     assert_untouched(m3, lambda: call(m3), error, match)
 
 
 def test_max_logprobs_is_an_engine_option(tiny_checkpoint):
-    llm = LLM(str(tiny_checkpoint("llama")), milestone="M2", max_model_len=MAX_LEN, kv_cache_memory=2**20,
-              max_logprobs=-1)
+    llm = LLM(str(tiny_checkpoint("llama")), milestone="M2", max_model_len=MAX_LEN, kv_cache_memory=2**20, max_logprobs=-1)
     out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=2, logprobs=VOCAB), use_tqdm=False)
     assert [len(lp) for lp in out[0].outputs[0].logprobs] == [VOCAB, VOCAB]
     with pytest.raises(ValueError, match=r"max_logprobs must be an integer >= -1"):
@@ -300,9 +379,12 @@ def test_scheduler_raises_instead_of_spinning_on_a_request_that_cannot_fit():
     sched, big = stalled_scheduler_setup()
     sched.add_request(big)
     runner = FakeRunner(BLOCK)
-    with pytest.raises(RuntimeError, match=r"scheduler stalled: 1 waiting and 0 running request\(s\), none "
-                                           r"schedulable \(KV blocks used 0/4, token budget 64, head of the "
-                                           r"queue 'big'\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"scheduler stalled: 1 waiting and 0 running request\(s\), none "
+        r"schedulable \(KV blocks used 0/4, token budget 64, head of the "
+        r"queue 'big'\)",
+    ):
         for _ in range(20):
             out = sched.schedule()
             sched.update_from_output(out, runner.execute(out))
@@ -322,8 +404,12 @@ lone_workloads = st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12), st.i
 
 
 @settings(max_examples=80, **PROFILE)
-@given(workload=lone_workloads, num_blocks=st.integers(3, 12), batching=st.sampled_from(["static", "continuous"]),
-       policy=st.sampled_from(["fcfs", "priority"]))
+@given(
+    workload=lone_workloads,
+    num_blocks=st.integers(3, 12),
+    batching=st.sampled_from(["static", "continuous"]),
+    policy=st.sampled_from(["fcfs", "priority"]),
+)
 def test_every_request_that_fits_the_pool_alone_finishes_within_a_step_bound(workload, num_blocks, batching, policy):
     """Requests each of which fits the whole pool alone (but not together): all finish, exactly, with at most
     two steps per output token (a step that only preempts is followed by one that runs), never a stall."""
@@ -361,9 +447,10 @@ SPEC = {
     "min_p": (_num, lambda v: 0 <= v <= 1),
     "seed": (lambda v: v is None or _int(v), lambda v: v is None or INT64_MIN <= v <= INT64_MAX),
     "max_tokens": (lambda v: v is None or _int(v), lambda v: v is None or 1 <= v <= INT64_MAX),
-    "stop": (lambda v: v is None or isinstance(v, str) or isinstance(v, (list, tuple))
-             and all(isinstance(s, str) for s in v),
-             lambda v: v is None or (all(v) if isinstance(v, (list, tuple)) else bool(v))),
+    "stop": (
+        lambda v: v is None or isinstance(v, str) or isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+        lambda v: v is None or (all(v) if isinstance(v, (list, tuple)) else bool(v)),
+    ),
     "stop_token_ids": (lambda v: v is None or isinstance(v, (list, tuple)), lambda v: True),  # + per element
     "ignore_eos": (lambda v: isinstance(v, bool), lambda v: True),
     "logprobs": (lambda v: v is None or _int(v), lambda v: v is None or 0 <= v <= INT64_MAX),
@@ -396,8 +483,9 @@ def first_problem(values: dict) -> tuple[str, bool] | None:
     return None
 
 
-wild_ints = st.one_of(st.integers(-3, 200), st.sampled_from([INT64_MAX, INT64_MAX + 1, INT64_MIN, INT64_MIN - 1,
-                                                              2**64, -2**64, 10**5000]))
+wild_ints = st.one_of(
+    st.integers(-3, 200), st.sampled_from([INT64_MAX, INT64_MAX + 1, INT64_MIN, INT64_MIN - 1, 2**64, -(2**64), 10**5000])
+)
 wild_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-0.5, 1.5))
 junk = st.sampled_from([True, False, None, "1", "", b"x", [1], (), {}, {"a": 1}, 1j])
 WILD = {
@@ -408,10 +496,21 @@ WILD = {
     "min_p": st.one_of(wild_floats, wild_ints, junk),
     "seed": st.one_of(st.none(), wild_ints, wild_floats, junk),
     "max_tokens": st.one_of(st.none(), st.integers(1, 8), wild_ints, junk),
-    "stop": st.one_of(st.none(), st.text(max_size=3), st.lists(st.one_of(st.text(max_size=2), wild_ints), max_size=3),
-                      st.tuples(st.text(min_size=1, max_size=2)), junk, wild_ints),
-    "stop_token_ids": st.one_of(st.none(), st.lists(st.one_of(wild_ints, wild_floats, junk), max_size=3),
-                                st.tuples(st.integers(0, 9)), junk, wild_ints),
+    "stop": st.one_of(
+        st.none(),
+        st.text(max_size=3),
+        st.lists(st.one_of(st.text(max_size=2), wild_ints), max_size=3),
+        st.tuples(st.text(min_size=1, max_size=2)),
+        junk,
+        wild_ints,
+    ),
+    "stop_token_ids": st.one_of(
+        st.none(),
+        st.lists(st.one_of(wild_ints, wild_floats, junk), max_size=3),
+        st.tuples(st.integers(0, 9)),
+        junk,
+        wild_ints,
+    ),
     "ignore_eos": st.one_of(st.booleans(), junk, wild_ints),
     "logprobs": st.one_of(st.none(), st.integers(0, 5), wild_ints, junk),
     "output_kind": st.one_of(st.sampled_from(RequestOutputKind), junk, wild_ints),
@@ -523,25 +622,47 @@ def good_prompts(has_tok: bool):
     return st.one_of(*forms)
 
 
-bad_prompts = st.sampled_from([
-    "", "w5 w6", 3.5, None, {}, {"prompt_token_ids": []}, {"prompt_token_ids": [1, VOCAB]}, {"prompt_token_ids": [3, 4.0]},
-    {"prompt_token_ids": [True]}, {"prompt_token_ids": "w5"}, {"prompt_token_ids": [5], "multi_modal_data": {}},
-    {"prompt_token_ids": [9], "prompt": "w5"}, {"prompt": 5}, {"prompt_token_ids": [3] * MAX_LEN}, ["w5"],
-])
+bad_prompts = st.sampled_from(
+    [
+        "",
+        "w5 w6",
+        3.5,
+        None,
+        {},
+        {"prompt_token_ids": []},
+        {"prompt_token_ids": [1, VOCAB]},
+        {"prompt_token_ids": [3, 4.0]},
+        {"prompt_token_ids": [True]},
+        {"prompt_token_ids": "w5"},
+        {"prompt_token_ids": [5], "multi_modal_data": {}},
+        {"prompt_token_ids": [9], "prompt": "w5"},
+        {"prompt": 5},
+        {"prompt_token_ids": [3] * MAX_LEN},
+        ["w5"],
+    ]
+)
 
 
 @st.composite
 def good_params(draw, has_tok: bool) -> SamplingParams:
     """Greedy or seeded, so a one-at-a-time run gives the exact expected output."""
-    kw = dict(n=draw(st.integers(1, 3)), max_tokens=draw(st.sampled_from([1, 2, 3, 5, 8, 36, None])),
-              ignore_eos=draw(st.booleans()), logprobs=draw(st.sampled_from([None, 0, 2])),
-              stop_token_ids=draw(st.sampled_from([None, [7], (9, 11)])))
+    kw = dict(
+        n=draw(st.integers(1, 3)),
+        max_tokens=draw(st.sampled_from([1, 2, 3, 5, 8, 36, None])),
+        ignore_eos=draw(st.booleans()),
+        logprobs=draw(st.sampled_from([None, 0, 2])),
+        stop_token_ids=draw(st.sampled_from([None, [7], (9, 11)])),
+    )
     if draw(st.booleans()):
         kw["temperature"] = 0.0
     else:
-        kw.update(temperature=draw(st.sampled_from([0.7, 1.0])), seed=draw(st.integers(-3, 3)),
-                  top_k=draw(st.sampled_from([0, -1, 5])), top_p=draw(st.sampled_from([1.0, 0.9])),
-                  min_p=draw(st.sampled_from([0.0, 0.1])))
+        kw.update(
+            temperature=draw(st.sampled_from([0.7, 1.0])),
+            seed=draw(st.integers(-3, 3)),
+            top_k=draw(st.sampled_from([0, -1, 5])),
+            top_p=draw(st.sampled_from([1.0, 0.9])),
+            min_p=draw(st.sampled_from([0.0, 0.1])),
+        )
     if has_tok:
         kw["stop"] = draw(st.sampled_from([None, "w9", ["w5", "w77"]]))
     return SamplingParams(**kw)
@@ -553,10 +674,25 @@ def bad_params(draw, has_tok: bool):
     if draw(st.integers(0, 9)) == 0:
         return {"temperature": 0.0}
     p = draw(good_params(has_tok))
-    name, value = draw(st.sampled_from([
-        ("temperature", math.nan), ("n", 0), ("n", 10**9), ("seed", 2**64), ("top_k", 2**63), ("max_tokens", True),
-        ("ignore_eos", "yes"), ("stop", 5), ("logprobs", MAX_LOGPROBS + 1), ("stop_token_ids", [VOCAB]),
-        ("stop", "w5"), ("top_p", 0.0), ("max_tokens", MAX_LEN)]))
+    name, value = draw(
+        st.sampled_from(
+            [
+                ("temperature", math.nan),
+                ("n", 0),
+                ("n", 10**9),
+                ("seed", 2**64),
+                ("top_k", 2**63),
+                ("max_tokens", True),
+                ("ignore_eos", "yes"),
+                ("stop", 5),
+                ("logprobs", MAX_LOGPROBS + 1),
+                ("stop_token_ids", [VOCAB]),
+                ("stop", "w5"),
+                ("top_p", 0.0),
+                ("max_tokens", MAX_LEN),
+            ]
+        )
+    )
     setattr(p, name, value)
     return p
 
@@ -578,14 +714,26 @@ def requests(has_tok: bool):
 
 
 def ops(has_tok: bool):
-    add = st.tuples(st.just("add"), mostly(st.sampled_from(RIDS), st.sampled_from(BAD_RIDS)), requests(has_tok),
-                    mostly(st.integers(-2, 2), st.sampled_from(["high", 1.5, True, None])))
+    add = st.tuples(
+        st.just("add"),
+        mostly(st.sampled_from(RIDS), st.sampled_from(BAD_RIDS)),
+        requests(has_tok),
+        mostly(st.integers(-2, 2), st.sampled_from(["high", 1.5, True, None])),
+    )
     step = st.tuples(st.just("step"), st.integers(1, 4))
-    abort = st.tuples(st.just("abort"), mostly(st.one_of(st.sampled_from(RIDS), st.lists(st.sampled_from(RIDS),
-                                                                                        max_size=3)),
-                                               st.sampled_from([5, [5], None, {"a": 1}])))
-    generate = st.tuples(st.just("generate"), st.lists(requests(has_tok), min_size=1, max_size=3), st.booleans(),
-                         mostly(st.none(), st.sampled_from(["bad-priority", "bad-prompts"])))
+    abort = st.tuples(
+        st.just("abort"),
+        mostly(
+            st.one_of(st.sampled_from(RIDS), st.lists(st.sampled_from(RIDS), max_size=3)),
+            st.sampled_from([5, [5], None, {"a": 1}]),
+        ),
+    )
+    generate = st.tuples(
+        st.just("generate"),
+        st.lists(requests(has_tok), min_size=1, max_size=3),
+        st.booleans(),
+        mostly(st.none(), st.sampled_from(["bad-priority", "bad-prompts"])),
+    )
     return st.lists(weighted((4, add), (2, step), (1, abort), (2, generate)), min_size=1, max_size=10)
 
 
@@ -619,8 +767,11 @@ class Harness:
             assert self.summary(out) == self.reference(case), out.request_id
             return
         assert len(out.outputs) == params.n and all(
-            0 < len(c.token_ids) <= case.max_tokens and all(0 <= t < VOCAB for t in c.token_ids)
-            and c.finish_reason in ("stop", "length") for c in out.outputs), out
+            0 < len(c.token_ids) <= case.max_tokens
+            and all(0 <= t < VOCAB for t in c.token_ids)
+            and c.finish_reason in ("stop", "length")
+            for c in out.outputs
+        ), out
 
     def classify(self, prompt, params) -> Case:
         return classify(prompt, params, self.tok, self.paged)
@@ -644,15 +795,25 @@ class Harness:
 
     def expect_refusal(self, call, names: set[str], error: type[Exception] = ValueError) -> None:
         """``call`` raises ``error`` naming one of ``names``, and changes and computes nothing."""
-        before = (self.engine.stats.num_steps, set(self.engine.parents), set(self.engine.scheduler.requests),
-                  dict(self.engine.kv_cache_manager.num_tokens))
+        before = (
+            self.engine.stats.num_steps,
+            set(self.engine.parents),
+            set(self.engine.scheduler.requests),
+            dict(self.engine.kv_cache_manager.num_tokens),
+        )
         with pytest.raises(error) as info, self.step_budget(0):
             call()
         msg = str(info.value)
-        assert error is RuntimeError or any(re.search(rf"(?<![\w\[]){re.escape(n)}(?![\w])", msg) for n in names), \
-            (names, msg)
-        after = (self.engine.stats.num_steps, set(self.engine.parents), set(self.engine.scheduler.requests),
-                 dict(self.engine.kv_cache_manager.num_tokens))
+        assert error is RuntimeError or any(re.search(rf"(?<![\w\[]){re.escape(n)}(?![\w])", msg) for n in names), (
+            names,
+            msg,
+        )
+        after = (
+            self.engine.stats.num_steps,
+            set(self.engine.parents),
+            set(self.engine.scheduler.requests),
+            dict(self.engine.kv_cache_manager.num_tokens),
+        )
         assert before == after, msg
 
     def check_finished(self, outs) -> None:
@@ -674,13 +835,19 @@ class Harness:
             names.add("priority")
         n = case.params.n if isinstance(case.params, SamplingParams) and not case.defects else 1
         mine = {rid} if n == 1 else {f"{rid}#{i}" for i in range(n)}
-        theirs = set().union(*[{r} if (c.params.n if c.params else 1) == 1 else
-                               {f"{r}#{i}" for i in range(c.params.n)} for r, c in self.live.items()])
+        theirs = set().union(
+            *[
+                {r} if (c.params.n if c.params else 1) == 1 else {f"{r}#{i}" for i in range(c.params.n)}
+                for r, c in self.live.items()
+            ]
+        )
         may_clash = isinstance(rid, str) and (rid in self.live or bool(mine & theirs))
         if names or may_clash:
             try:
-                self.expect_refusal(lambda: self.engine.add_request(rid, case.prompt, case.params, priority),
-                                    names | ({"request_id"} if may_clash else set()))
+                self.expect_refusal(
+                    lambda: self.engine.add_request(rid, case.prompt, case.params, priority),
+                    names | ({"request_id"} if may_clash else set()),
+                )
             except pytest.fail.Exception:
                 assert not names and rid not in self.live, "a bad request was accepted"
                 self.live[rid] = case  # a possible clash that was not (the other sequence had finished)

@@ -1,4 +1,5 @@
 """The batched sampler: exact filter supports, sampling frequencies, seeds and logprobs."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,7 @@ def _md(params: list[SamplingParams], generators: dict[int, torch.Generator] | N
     return SamplingMetadata.from_params(params, generators or {}, "cpu")
 
 
-def _filter(logits: torch.Tensor, temperature: float = 1.0, k: int = 0, p: float = 1.0,
-            min_p: float = 0.0) -> torch.Tensor:
+def _filter(logits: torch.Tensor, temperature: float = 1.0, k: int = 0, p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
     """The sampler's random-row pipeline, through the public filter functions."""
     rows = logits.shape[0]
     out = apply_temperature(logits, torch.full((rows,), temperature))
@@ -39,31 +39,34 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("kw, expected", [
-    ({}, ALL),
-    ({"k": 1}, {1}),
-    ({"k": 3}, {1, 3, 4}),
-    ({"k": 5}, {1, 3, 4, 2, 0}),  # tie at .05: stable sort keeps the lower id
-    ({"k": 6}, ALL),
-    ({"k": 100}, ALL),
-    ({"p": 1.0}, ALL),
-    ({"p": 0.97}, ALL),
-    ({"p": 0.93}, {1, 3, 4, 2, 0}),
-    ({"p": 0.7}, {1, 3, 4}),
-    ({"p": 0.5}, {1, 3}),
-    ({"p": 0.3}, {1}),
-    ({"p": 0.01}, {1}),  # the top token always stays
-    ({"min_p": 0.1}, ALL),
-    ({"min_p": 0.3}, {1, 3, 4}),
-    ({"min_p": 0.5}, {1, 3}),
-    ({"min_p": 1.0}, {1}),
-    # top-p sees top-k's renormalized mass (.5, .3125, .1875): mass before id4 is .8125 >= .7.
-    ({"k": 3, "p": 0.7}, {1, 3}),
-    ({"k": 4, "min_p": 0.3}, {1, 3, 4}),
-    ({"p": 0.93, "min_p": 0.2}, {1, 3, 4, 2}),
-    ({"k": 5, "p": 0.97, "min_p": 0.3}, {1, 3, 4}),
-    ({"k": 1, "p": 0.01, "min_p": 1.0}, {1}),
-])
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({}, ALL),
+        ({"k": 1}, {1}),
+        ({"k": 3}, {1, 3, 4}),
+        ({"k": 5}, {1, 3, 4, 2, 0}),  # tie at .05: stable sort keeps the lower id
+        ({"k": 6}, ALL),
+        ({"k": 100}, ALL),
+        ({"p": 1.0}, ALL),
+        ({"p": 0.97}, ALL),
+        ({"p": 0.93}, {1, 3, 4, 2, 0}),
+        ({"p": 0.7}, {1, 3, 4}),
+        ({"p": 0.5}, {1, 3}),
+        ({"p": 0.3}, {1}),
+        ({"p": 0.01}, {1}),  # the top token always stays
+        ({"min_p": 0.1}, ALL),
+        ({"min_p": 0.3}, {1, 3, 4}),
+        ({"min_p": 0.5}, {1, 3}),
+        ({"min_p": 1.0}, {1}),
+        # top-p sees top-k's renormalized mass (.5, .3125, .1875): mass before id4 is .8125 >= .7.
+        ({"k": 3, "p": 0.7}, {1, 3}),
+        ({"k": 4, "min_p": 0.3}, {1, 3, 4}),
+        ({"p": 0.93, "min_p": 0.2}, {1, 3, 4, 2}),
+        ({"k": 5, "p": 0.97, "min_p": 0.3}, {1, 3, 4}),
+        ({"k": 1, "p": 0.01, "min_p": 1.0}, {1}),
+    ],
+)
 def test_filters_keep_exact_support(kw: dict, expected: set[int]) -> None:
     assert _support(LOGITS, **kw) == expected
 
@@ -112,16 +115,20 @@ def _draw(logits: torch.Tensor, params: SamplingParams, n: int = NUM_DRAWS) -> t
     return torch.bincount(out.sampled_token_ids, minlength=logits.shape[-1])
 
 
-@pytest.mark.parametrize("temperature, k, p, min_p, support", [
-    (1.0, 0, 1.0, 0.0, ALL),
-    (0.7, 4, 1.0, 0.0, {1, 3, 4, 2}),
-    (1.3, 0, 0.8, 0.0, {1, 3, 4, 2}),
-    (1.0, 0, 1.0, 0.3, {1, 3, 4}),
-    (2.0, 5, 0.9, 0.1, {1, 3, 4, 2, 0}),
-    (0.5, 0, 0.8, 0.0, {1, 3}),
-])
-def test_frequencies_match_filtered_distribution(temperature: float, k: int, p: float, min_p: float,
-                                                 support: set[int]) -> None:
+@pytest.mark.parametrize(
+    "temperature, k, p, min_p, support",
+    [
+        (1.0, 0, 1.0, 0.0, ALL),
+        (0.7, 4, 1.0, 0.0, {1, 3, 4, 2}),
+        (1.3, 0, 0.8, 0.0, {1, 3, 4, 2}),
+        (1.0, 0, 1.0, 0.3, {1, 3, 4}),
+        (2.0, 5, 0.9, 0.1, {1, 3, 4, 2, 0}),
+        (0.5, 0, 0.8, 0.0, {1, 3}),
+    ],
+)
+def test_frequencies_match_filtered_distribution(
+    temperature: float, k: int, p: float, min_p: float, support: set[int]
+) -> None:
     params = SamplingParams(temperature=temperature, top_k=k, top_p=p, min_p=min_p)
     assert _support(LOGITS, temperature=temperature, k=k, p=p, min_p=min_p) == support
     counts = _draw(LOGITS, params)
@@ -164,8 +171,7 @@ def test_bf16_logits_are_upcast() -> None:
     assert torch.equal(out.sampled_token_ids[:4], logits[:4].float().argmax(dim=-1))
 
 
-def _run_steps(logits: torch.Tensor, params: list[SamplingParams], seeds: dict[int, int], steps: int = 10
-               ) -> torch.Tensor:
+def _run_steps(logits: torch.Tensor, params: list[SamplingParams], seeds: dict[int, int], steps: int = 10) -> torch.Tensor:
     """``steps`` sampler calls of one batch, each seeded row with its own live generator."""
     generators = {row: _gen(seed) for row, seed in seeds.items()}
     md = _md(params, generators)
@@ -219,9 +225,14 @@ def test_temperature_orders_entropy() -> None:
 
 def test_logprobs_are_raw_log_softmax_of_sampled_token() -> None:
     logits = torch.randn(6, 40, generator=_gen(3)).to(torch.bfloat16)
-    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.5, logprobs=1),
-              SamplingParams(top_k=3, logprobs=5), SamplingParams(top_p=0.3), SamplingParams(min_p=0.5, logprobs=2),
-              SamplingParams(temperature=3.0, seed=1)]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.5, logprobs=1),
+        SamplingParams(top_k=3, logprobs=5),
+        SamplingParams(top_p=0.3),
+        SamplingParams(min_p=0.5, logprobs=2),
+        SamplingParams(temperature=3.0, seed=1),
+    ]
     torch.manual_seed(0)
     out = Sampler()(logits, _md(params, {5: _gen(1)}))
     ref = logits.float().log_softmax(dim=-1)
@@ -244,8 +255,11 @@ def test_logprobs_zero_and_more_than_vocab() -> None:
 
 
 def test_metadata_from_params() -> None:
-    params = [SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.3, logprobs=4),
-              SamplingParams(temperature=0.7, top_k=-1, logprobs=2), SamplingParams(top_p=0.9, min_p=0.1)]
+    params = [
+        SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.3, logprobs=4),
+        SamplingParams(temperature=0.7, top_k=-1, logprobs=2),
+        SamplingParams(top_p=0.9, min_p=0.1),
+    ]
     md = _md(params, {2: _gen(0)})
     assert md.temperature.tolist() == pytest.approx([0.0, 0.7, 1.0])
     assert md.top_k.tolist() == [0, 0, 0] and md.top_k.dtype == torch.int64

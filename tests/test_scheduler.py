@@ -5,6 +5,7 @@ and predicts the next token from the context it reads back *through the block
 table*. Wrong slot mappings, block tables, copy-on-write or preemption bookkeeping
 therefore change the outputs, which the tests compare against running alone.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,7 @@ class FakeRunner:
         for s in sched_out.scheduled:
             if s.block_offset:
                 assert s.req_id in self.tables, "a table change for a request the runner never saw"
-            self.tables[s.req_id] = self.tables.get(s.req_id, [])[:s.block_offset] + s.new_block_ids
+            self.tables[s.req_id] = self.tables.get(s.req_id, [])[: s.block_offset] + s.new_block_ids
         for src, dst in sched_out.block_copies:
             for off in range(self.block_size):
                 if src * self.block_size + off in self.slots:
@@ -61,8 +62,9 @@ class FakeRunner:
                     pos = s.start_pos + i
                     self.slots[table[pos // self.block_size] * self.block_size + pos % self.block_size] = tok
                 seq_len = s.start_pos + s.num_tokens
-                context = [self.slots[table[p // self.block_size] * self.block_size + p % self.block_size]
-                           for p in range(seq_len)]
+                context = [
+                    self.slots[table[p // self.block_size] * self.block_size + p % self.block_size] for p in range(seq_len)
+                ]
             else:
                 assert s.start_pos == 0
                 context = ids
@@ -70,15 +72,21 @@ class FakeRunner:
             tokens.append(next_token(context, seed) if s.sample else None)
         self.last = {s.req_id: t for s, t in zip(sched_out.scheduled, tokens) if t is not None}
         shapes = [(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled]
-        return ModelRunnerOutput(tokens, [None] * len(tokens),
-                                 device_time=self.step_time(shapes) if self.step_time and shapes else None)
+        return ModelRunnerOutput(
+            tokens, [None] * len(tokens), device_time=self.step_time(shapes) if self.step_time and shapes else None
+        )
 
 
-def make_request(rid: str, prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None,
-                 **kw) -> Request:
+def make_request(rid: str, prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None, **kw) -> Request:
     params = SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=eos is None)
-    return Request(request_id=rid, prompt_token_ids=prompt, max_tokens=max_tokens, sampling_params=params,
-                   eos_token_ids=() if eos is None else (eos,), **kw)
+    return Request(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        max_tokens=max_tokens,
+        sampling_params=params,
+        eos_token_ids=() if eos is None else (eos,),
+        **kw,
+    )
 
 
 def expected_output(prompt: list[int], max_tokens: int, seed: int = 0, eos: int | None = None) -> list[int]:
@@ -87,7 +95,7 @@ def expected_output(prompt: list[int], max_tokens: int, seed: int = 0, eos: int 
         seq.append(next_token(seq, seed))
         if seq[-1] == eos:
             break
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def checked_schedule(scheduler: Scheduler):
@@ -106,8 +114,9 @@ def checked_schedule(scheduler: Scheduler):
     return out
 
 
-def run(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Request]] | None = None,
-        max_steps: int = 20_000) -> tuple[dict[str, list[int]], int]:
+def run(
+    scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Request]] | None = None, max_steps: int = 20_000
+) -> tuple[dict[str, list[int]], int]:
     """Drive the scheduler; returns outputs of finished requests and the number of steps."""
     arrivals = arrivals or {}
     finished: dict[str, list[int]] = {}
@@ -128,8 +137,13 @@ def run(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Reque
     return finished, step
 
 
-def run_async(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list[Request]] | None = None,
-              abort_at: dict[int, str] | None = None, max_steps: int = 20_000) -> tuple[dict[str, list[int]], int]:
+def run_async(
+    scheduler: Scheduler,
+    runner: FakeRunner,
+    arrivals: dict[int, list[Request]] | None = None,
+    abort_at: dict[int, str] | None = None,
+    max_steps: int = 20_000,
+) -> tuple[dict[str, list[int]], int]:
     """``run`` with async scheduling: step n+1 is scheduled and executed before step n's tokens reach
     the scheduler (as ``LLMEngine.step`` does with ``async_scheduling``)."""
     arrivals, abort_at = arrivals or {}, abort_at or {}
@@ -154,18 +168,35 @@ def run_async(scheduler: Scheduler, runner: FakeRunner, arrivals: dict[int, list
     return finished, step
 
 
-def make_scheduler(kind: str, num_blocks: int, block_size: int, max_model_len: int, batching="continuous",
-                   max_num_seqs=8, budget=None, policy="fcfs", **chunking) -> Scheduler:
-    kv = {"paged": lambda: KVCacheManager(num_blocks, block_size),
-          "contiguous": lambda: ContiguousKVCacheManager(num_blocks, block_size, max_model_len),
-          "none": NoKVCacheManager}[kind]()
-    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget or max_model_len,
-                          batching=batching, policy=policy, **chunking)
+def make_scheduler(
+    kind: str,
+    num_blocks: int,
+    block_size: int,
+    max_model_len: int,
+    batching="continuous",
+    max_num_seqs=8,
+    budget=None,
+    policy="fcfs",
+    **chunking,
+) -> Scheduler:
+    kv = {
+        "paged": lambda: KVCacheManager(num_blocks, block_size),
+        "contiguous": lambda: ContiguousKVCacheManager(num_blocks, block_size, max_model_len),
+        "none": NoKVCacheManager,
+    }[kind]()
+    cfg = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget or max_model_len,
+        batching=batching,
+        policy=policy,
+        **chunking,
+    )
     return Scheduler(cfg, kv, max_model_len, recompute_each_step=kind == "none")
 
 
-def build_workload(workload: list[tuple[int, int, int]], seed: int, eos: int | None = None
-                   ) -> tuple[dict[int, list[Request]], dict[str, list[int]]]:
+def build_workload(
+    workload: list[tuple[int, int, int]], seed: int, eos: int | None = None
+) -> tuple[dict[int, list[Request]], dict[str, list[int]]]:
     """(arrival step, prompt length, max tokens) triples -> requests by arrival step, and each one's
     output when run alone."""
     arrivals: dict[int, list[Request]] = {}
@@ -177,16 +208,26 @@ def build_workload(workload: list[tuple[int, int, int]], seed: int, eos: int | N
     return arrivals, expected
 
 
-workloads = st.lists(st.tuples(st.integers(0, 6),            # arrival step
-                               st.integers(1, 40),           # prompt length
-                               st.integers(1, 24)),          # max tokens
-                     min_size=1, max_size=10)
+workloads = st.lists(
+    st.tuples(
+        st.integers(0, 6),  # arrival step
+        st.integers(1, 40),  # prompt length
+        st.integers(1, 24),
+    ),  # max tokens
+    min_size=1,
+    max_size=10,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, kind=st.sampled_from(["paged", "contiguous"]),
-       batching=st.sampled_from(["sequential", "static", "continuous"]),
-       block_size=st.sampled_from([1, 4, 16]), tiny=st.booleans(), seed=st.integers(0, 3))
+@given(
+    workload=workloads,
+    kind=st.sampled_from(["paged", "contiguous"]),
+    batching=st.sampled_from(["sequential", "static", "continuous"]),
+    block_size=st.sampled_from([1, 4, 16]),
+    tiny=st.booleans(),
+    seed=st.integers(0, 3),
+)
 def test_random_workloads_finish_once_with_correct_outputs(workload, kind, batching, block_size, tiny, seed):
     max_model_len = 64
     per_slab = -(-max_model_len // block_size)
@@ -324,10 +365,15 @@ def test_contiguous_manager_reserves_whole_slabs():
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, kind=st.sampled_from(["paged", "contiguous"]), block_size=st.sampled_from([1, 4, 16]),
-       tiny=st.booleans(), seed=st.integers(0, 3), eos=st.sampled_from([None, 3, 40]))
-def test_async_scheduling_finishes_every_request_once_with_sync_outputs(workload, kind, block_size, tiny, seed,
-                                                                         eos):
+@given(
+    workload=workloads,
+    kind=st.sampled_from(["paged", "contiguous"]),
+    block_size=st.sampled_from([1, 4, 16]),
+    tiny=st.booleans(),
+    seed=st.integers(0, 3),
+    eos=st.sampled_from([None, 3, 40]),
+)
+def test_async_scheduling_finishes_every_request_once_with_sync_outputs(workload, kind, block_size, tiny, seed, eos):
     """One token in flight per request: outputs, EOS mid-flight, preemption and memory as without it."""
     max_model_len = 64
     per_slab = -(-max_model_len // block_size)
@@ -365,18 +411,36 @@ def test_async_scheduling_never_schedules_past_max_tokens_and_survives_preemptio
 
 
 # ---- M5: chunked prefill ------------------------------------------------------------------------
-def chunked(kind: str, num_blocks: int, block_size: int, max_model_len: int, budget: int, threshold: int = 0,
-            **kw) -> Scheduler:
-    return make_scheduler(kind, num_blocks, block_size, max_model_len, budget=budget, enable_chunked_prefill=True,
-                          long_prefill_token_threshold=threshold, **kw)
+def chunked(
+    kind: str, num_blocks: int, block_size: int, max_model_len: int, budget: int, threshold: int = 0, **kw
+) -> Scheduler:
+    return make_scheduler(
+        kind,
+        num_blocks,
+        block_size,
+        max_model_len,
+        budget=budget,
+        enable_chunked_prefill=True,
+        long_prefill_token_threshold=threshold,
+        **kw,
+    )
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, kind=st.sampled_from(["paged", "contiguous"]), block_size=st.sampled_from([1, 4, 16]),
-       tiny=st.booleans(), seed=st.integers(0, 3), eos=st.sampled_from([None, 3, 40]),
-       budget=st.integers(1, 24), threshold=st.sampled_from([0, 1, 5]), asynchronous=st.booleans())
-def test_chunked_workloads_finish_once_with_unchunked_outputs(workload, kind, block_size, tiny, seed, eos, budget,
-                                                              threshold, asynchronous):
+@given(
+    workload=workloads,
+    kind=st.sampled_from(["paged", "contiguous"]),
+    block_size=st.sampled_from([1, 4, 16]),
+    tiny=st.booleans(),
+    seed=st.integers(0, 3),
+    eos=st.sampled_from([None, 3, 40]),
+    budget=st.integers(1, 24),
+    threshold=st.sampled_from([0, 1, 5]),
+    asynchronous=st.booleans(),
+)
+def test_chunked_workloads_finish_once_with_unchunked_outputs(
+    workload, kind, block_size, tiny, seed, eos, budget, threshold, asynchronous
+):
     """Budgets down to one token per step, sync and async: the outputs of running each request alone,
     every request finished once, no decode skipped while there is room, all memory back."""
     max_model_len = 64
@@ -448,10 +512,14 @@ def test_abort_mid_prefill_frees_its_blocks(asynchronous):
     runner = FakeRunner(4)
     partial = []
     original = runner.execute
-    runner.execute = lambda out: partial.extend(s.start_pos + s.num_tokens for s in out.scheduled
-                                                if s.req_id == "b") or original(out)
-    finished, _ = (run_async if asynchronous else run)(sched, runner, {0: [a, b]}, abort_at={4: "b"}) \
-        if asynchronous else _run_with_abort(sched, runner, {0: [a, b]}, 4, "b")
+    runner.execute = lambda out: (
+        partial.extend(s.start_pos + s.num_tokens for s in out.scheduled if s.req_id == "b") or original(out)
+    )
+    finished, _ = (
+        (run_async if asynchronous else run)(sched, runner, {0: [a, b]}, abort_at={4: "b"})
+        if asynchronous
+        else _run_with_abort(sched, runner, {0: [a, b]}, 4, "b")
+    )
     assert finished == {"a": expected_output([1, 2, 3], 10)}
     assert partial and max(partial) < 40  # aborted while its prompt was half in the cache
     assert sched.kv_cache_manager.block_pool.num_free_blocks == 64 and not sched.requests
@@ -501,8 +569,10 @@ def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
     target; the cost model learns the made-up device from the first prompt's steps and sizes every
     chunk after that to fit."""
     prompts = [[(j * (i + 3)) % VOCAB for j in range(600)] for i in range(4)]
-    arrivals = {0: [make_request(f"d{i}", [i + 1] * 4, 120) for i in range(4)],
-                **{t: [make_request(f"p{i}", p, 4)] for i, (t, p) in enumerate(zip((3, 30, 50, 70), prompts))}}
+    arrivals = {
+        0: [make_request(f"d{i}", [i + 1] * 4, 120) for i in range(4)],
+        **{t: [make_request(f"p{i}", p, 4)] for i, (t, p) in enumerate(zip((3, 30, 50, 70), prompts))},
+    }
     times = {}
     for target in (None, 4.0):
         sched = chunked("paged", 512, 16, 1024, budget=256, target_itl_ms=target)
@@ -516,11 +586,13 @@ def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
             return result
 
         runner.execute = timed
-        fresh = {t: [make_request(r.request_id, r.prompt_token_ids, r.max_tokens) for r in reqs]
-                 for t, reqs in arrivals.items()}
+        fresh = {
+            t: [make_request(r.request_id, r.prompt_token_ids, r.max_tokens) for r in reqs] for t, reqs in arrivals.items()
+        }
         finished, _ = run(sched, runner, fresh)
-        assert finished == {r.request_id: expected_output(r.prompt_token_ids, r.max_tokens)
-                            for reqs in fresh.values() for r in reqs}
+        assert finished == {
+            r.request_id: expected_output(r.prompt_token_ids, r.max_tokens) for reqs in fresh.values() for r in reqs
+        }
         times[target] = measured
         if target is not None:
             coef = sched.cost_model.coef
@@ -531,15 +603,20 @@ def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
     assert sum(t > 3.5e-3 for t in warm) >= 10  # and the chunks fill the target, not a token less than needed
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"long_prefill_token_threshold": 8}, "long_prefill_token_threshold needs enable_chunked_prefill=True"),
-    ({"target_itl_ms": 20.0}, "target_itl_ms needs enable_chunked_prefill=True"),
-    ({"enable_chunked_prefill": True, "target_itl_ms": 0}, "target_itl_ms must be a positive number"),
-    ({"enable_chunked_prefill": True, "long_prefill_token_threshold": -1},
-     "long_prefill_token_threshold must be a non-negative integer"),
-    ({"enable_chunked_prefill": "yes"}, "enable_chunked_prefill must be a bool"),
-    ({"enable_chunked_prefill": True, "batching": "static"}, "enable_chunked_prefill needs batching='continuous'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"long_prefill_token_threshold": 8}, "long_prefill_token_threshold needs enable_chunked_prefill=True"),
+        ({"target_itl_ms": 20.0}, "target_itl_ms needs enable_chunked_prefill=True"),
+        ({"enable_chunked_prefill": True, "target_itl_ms": 0}, "target_itl_ms must be a positive number"),
+        (
+            {"enable_chunked_prefill": True, "long_prefill_token_threshold": -1},
+            "long_prefill_token_threshold must be a non-negative integer",
+        ),
+        ({"enable_chunked_prefill": "yes"}, "enable_chunked_prefill must be a bool"),
+        ({"enable_chunked_prefill": True, "batching": "static"}, "enable_chunked_prefill needs batching='continuous'"),
+    ],
+)
 def test_chunking_options_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**kwargs)

@@ -5,6 +5,7 @@ Without CUDA the kernels run under Triton's interpreter on CPU tensors
 the compiled kernels.
 Shapes stay tiny because the interpreter executes every program in numpy.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,9 +27,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def make_batch(q_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
-               head_dim: int, block_size: int, dtype: torch.dtype = torch.float32, seed: int = 0,
-               device: torch.device = DEVICE):
+def make_batch(
+    q_lens: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device = DEVICE,
+):
     """q/k/v for one step plus a cache whose blocks sit at shuffled physical indices.
 
     The cache starts full of random "stale" values, so reading a wrong block or a
@@ -41,26 +50,38 @@ def make_batch(q_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_he
     block_table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
     used = 0
     for b, n in enumerate(blocks):
-        block_table[b, :n] = physical[used:used + n]
+        block_table[b, :n] = physical[used : used + n]
         used += n
-    slots = [int(block_table[b, p // block_size]) * block_size + p % block_size
-             for b, (n, s) in enumerate(zip(q_lens, seq_lens)) for p in range(s - n, s)]
+    slots = [
+        int(block_table[b, p // block_size]) * block_size + p % block_size
+        for b, (n, s) in enumerate(zip(q_lens, seq_lens))
+        for p in range(s - n, s)
+    ]
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
     md = AttentionMetadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_table=block_table.to(device), slot_mapping=torch.tensor(slots, device=device),
-        query_lens_cpu=list(q_lens), seq_lens_cpu=list(seq_lens), block_size=block_size)
+        block_table=block_table.to(device),
+        slot_mapping=torch.tensor(slots, device=device),
+        query_lens_cpu=list(q_lens),
+        seq_lens_cpu=list(seq_lens),
+        block_size=block_size,
+    )
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype).to(device)
 
     num_tokens = starts[-1]
     cache = rand(2, num_blocks, block_size, num_kv_heads, head_dim)
-    return (rand(num_tokens, num_heads, head_dim) * 2, rand(num_tokens, num_kv_heads, head_dim),
-            rand(num_tokens, num_kv_heads, head_dim), cache, md)
+    return (
+        rand(num_tokens, num_heads, head_dim) * 2,
+        rand(num_tokens, num_kv_heads, head_dim),
+        rand(num_tokens, num_kv_heads, head_dim),
+        cache,
+        md,
+    )
 
 
 def run_both(q, k, v, cache, md, scale=0.3):
@@ -150,8 +171,7 @@ def test_split_k_gives_the_same_result():
     store_kv(k, v, cache, md.slot_mapping)
     whole = paged_attention(q, cache, md, 0.3, num_splits=1)
     for num_splits in (2, 3):
-        torch.testing.assert_close(paged_attention(q, cache, md, 0.3, num_splits=num_splits), whole,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(paged_attention(q, cache, md, 0.3, num_splits=num_splits), whole, atol=1e-5, rtol=0)
 
 
 def test_nothing_outside_the_context_is_read():

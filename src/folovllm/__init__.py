@@ -1,4 +1,5 @@
 """FoloVLLM: a teaching LLM inference engine in the shape of vLLM v1."""
+
 from folovllm.config import EngineConfig
 from folovllm.entrypoints.llm import LLM
 from folovllm.exceptions import InvalidTypeError

@@ -1,4 +1,5 @@
 """Small helpers the chapter notebooks share: show real source, pick a model, read results."""
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,7 @@ def render_regions(text: str, region: str | None = None, as_of: str | None = Non
             indent, name = start.groups()
             later = _LATER.match(name)
             elided = later is not None and as_of is not None and _chapter(later.group(1)) > _chapter(as_of)
-            visible = all(shown for _, shown in stack) and (region is None or _inside(stack, region)
-                                                              or name == region)
+            visible = all(shown for _, shown in stack) and (region is None or _inside(stack, region) or name == region)
             if elided and visible:
                 out.append(f"{indent}# … {later.group(1)} adds {later.group(2)} here\n")
             stack.append((name, not elided))
@@ -105,8 +105,10 @@ def load_results(name: str) -> list[dict[str, Any]]:
     payloads = []
     for path in files:
         data = json.loads(path.read_text())
-        print(f"{path.name}: {data.get('gpu')} | torch {data.get('torch')} | commit {str(data.get('commit'))[:10]}"
-              f" | {data.get('date')}\n  $ {data.get('command')}")
+        print(
+            f"{path.name}: {data.get('gpu')} | torch {data.get('torch')} | commit {str(data.get('commit'))[:10]}"
+            f" | {data.get('date')}\n  $ {data.get('command')}"
+        )
         payloads.append(data)
     return payloads
 

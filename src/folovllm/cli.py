@@ -1,5 +1,6 @@
 """``folovllm`` command line: ``generate``, ``serve``, ``quantize``, ``eval perplexity`` and
 ``bench {latency,throughput,attention,prefill,step,serve,prefix,gptq}``."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,7 @@ from folovllm.config import BUILT_MILESTONES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="HF folder, 'smollm2-135m' (embedded) or 'random:<preset>'")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, 'smollm2-135m' (embedded) or 'random:<preset>'")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 CPU, bf16 GPU)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -76,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights")
     ppl.add_argument("--out", default=None)
 
-    bench = sub.add_parser("bench", help="benchmarks that write results JSON").add_subparsers(
-        dest="bench", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that write results JSON").add_subparsers(dest="bench", required=True)
     lat = bench.add_parser("latency", help="TTFT/TPOT vs HF transformers generate")
     _engine_args(lat)
     lat.add_argument("--input-len", type=int, nargs="+", default=[128])
@@ -95,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--seed", type=int, default=0)
     thr.add_argument("--subset", type=int, default=None, help="keep only the first N prompts of the workload")
     thr.add_argument("--repeat", type=int, default=1, help="runs per config (median and spread reported)")
-    thr.add_argument("--milestone", nargs="+", default=["M2"],
-                     help="configs to compare, e.g. M2/sequential@32 M2/static M2 M3 (@N: first N prompts)")
+    thr.add_argument(
+        "--milestone",
+        nargs="+",
+        default=["M2"],
+        help="configs to compare, e.g. M2/sequential@32 M2/static M2 M3 (@N: first N prompts)",
+    )
     thr.add_argument("--out", default=None)
 
     att = bench.add_parser("attention", help="paged decode kernel: achieved bandwidth")
@@ -120,10 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
     _engine_args(pfx)
-    pfx.add_argument("--milestone", nargs="+", default=["M4", "M6"],
-                     help="configs, the one with prefix caching last (summary ratios: last over first)")
-    pfx.add_argument("--parts", nargs="+", default=["ttft", "throughput", "chat"],
-                     choices=["ttft", "throughput", "chat"])
+    pfx.add_argument(
+        "--milestone",
+        nargs="+",
+        default=["M4", "M6"],
+        help="configs, the one with prefix caching last (summary ratios: last over first)",
+    )
+    pfx.add_argument("--parts", nargs="+", default=["ttft", "throughput", "chat"], choices=["ttft", "throughput", "chat"])
     pfx.add_argument("--prefix-len", type=int, default=4096, help="ttft: shared prefix tokens")
     pfx.add_argument("--suffix-len", type=int, default=128, help="ttft: tokens after the prefix")
     pfx.add_argument("--repeat", type=int, default=3, help="ttft: miss/hit pairs (median reported)")
@@ -157,15 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--num-kv-heads", type=int, default=8)
     pre.add_argument("--head-dim", type=int, default=128)
     pre.add_argument("--block-size", type=int, default=16)
-    pre.add_argument("--backend", nargs="+", default=["naive", "triton", "flash_attn"],
-                     choices=["naive", "triton", "flash_attn"])
+    pre.add_argument(
+        "--backend", nargs="+", default=["naive", "triton", "flash_attn"], choices=["naive", "triton", "flash_attn"]
+    )
     pre.add_argument("--out", default=None)
 
-    ser = bench.add_parser("serve", help="requests arriving over time: TTFT/TPOT/ITL/E2EL percentiles, "
-                                         "in-process or over HTTP")
+    ser = bench.add_parser(
+        "serve", help="requests arriving over time: TTFT/TPOT/ITL/E2EL percentiles, in-process or over HTTP"
+    )
     _engine_args(ser)
-    ser.add_argument("--workload", default="random", choices=["random", "mixed"],
-                     help="random: W-like; mixed: W-like with long prompts mixed in")
+    ser.add_argument(
+        "--workload",
+        default="random",
+        choices=["random", "mixed"],
+        help="random: W-like; mixed: W-like with long prompts mixed in",
+    )
     ser.add_argument("--num-prompts", type=int, default=256)
     ser.add_argument("--input-len", default="100:1024")
     ser.add_argument("--output-len", default="100:1024")
@@ -174,13 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     ser.add_argument("--seed", type=int, default=0)
     ser.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn from [0, N]")
     ser.add_argument("--subset", type=int, default=None, help="keep only the first N requests of the workload")
-    ser.add_argument("--request-rate", type=float, default=math.inf,
-                     help="Poisson arrivals per second (default inf: all at once)")
+    ser.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf: all at once)"
+    )
     ser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
-    ser.add_argument("--milestone", nargs="+", default=[BUILT_MILESTONES[-1]],
-                     help="in-process engine configs, as bench throughput takes them (e.g. M4 M3/naive)")
-    ser.add_argument("--base-url", default=None,
-                     help="benchmark a running `folovllm serve` at this URL instead (e.g. http://127.0.0.1:8000)")
+    ser.add_argument(
+        "--milestone",
+        nargs="+",
+        default=[BUILT_MILESTONES[-1]],
+        help="in-process engine configs, as bench throughput takes them (e.g. M4 M3/naive)",
+    )
+    ser.add_argument(
+        "--base-url",
+        default=None,
+        help="benchmark a running `folovllm serve` at this URL instead (e.g. http://127.0.0.1:8000)",
+    )
     ser.add_argument("--save-detailed", action="store_true", help="keep every inter-token gap of every request")
     ser.add_argument("--baseline", default=None, help="an earlier results file to include and compare with")
     ser.add_argument("--out", default=None)
@@ -190,24 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> None:
     from folovllm.engine.async_llm import AsyncLLM
     from folovllm.entrypoints.openai.api_server import run_server
-    engine = AsyncLLM.from_milestone(args.model, args.milestone, device=args.device, dtype=args.dtype,
-                                     **_overrides(args))
+
+    engine = AsyncLLM.from_milestone(args.model, args.milestone, device=args.device, dtype=args.dtype, **_overrides(args))
     run_server(engine, args.host, args.port, args.served_model_name or args.model, args.log_level)
 
 
 def _generate(args: argparse.Namespace) -> None:
     from folovllm.entrypoints.llm import LLM
     from folovllm.sampling_params import SamplingParams
+
     llm = LLM(args.model, milestone=args.milestone, device=args.device, dtype=args.dtype, **_overrides(args))
     prompt = args.prompt
     tok = llm.get_tokenizer()
     if args.chat:
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("--chat needs a model whose tokenizer has a chat template")
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens)
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
     engine = llm.llm_engine
     engine.add_request("cli", prompt, params)
     printed = 0
@@ -229,57 +255,179 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve(args)
         elif args.command == "quantize":
             from folovllm.quantization.quantize import quantize_model
-            write_results(None, quantize_model(
-                args.model, args.out, args.method, args.bits, args.group_size, args.desc_act, args.sym,
-                args.calib_samples, args.calib_seq_len, args.damp_percent, args.seed, args.device))
+
+            write_results(
+                None,
+                quantize_model(
+                    args.model,
+                    args.out,
+                    args.method,
+                    args.bits,
+                    args.group_size,
+                    args.desc_act,
+                    args.sym,
+                    args.calib_samples,
+                    args.calib_seq_len,
+                    args.damp_percent,
+                    args.seed,
+                    args.device,
+                ),
+            )
         elif args.command == "eval":
             from folovllm.quantization.perplexity import evaluate_perplexity
-            write_results(args.out, evaluate_perplexity(args.model, args.max_tokens, args.seq_len, args.device,
-                                                        args.dtype, args.quantization))
+
+            write_results(
+                args.out,
+                evaluate_perplexity(args.model, args.max_tokens, args.seq_len, args.device, args.dtype, args.quantization),
+            )
         elif args.bench == "serve":
             from folovllm.benchmarks.serve import bench_serve
-            write_results(None, bench_serve(
-                args.model, args.milestone, args.workload, args.num_prompts, parse_range(args.input_len),
-                parse_range(args.output_len), parse_range(args.long_input_len), args.long_fraction, args.seed,
-                args.vocab_size, args.subset, args.request_rate, args.max_concurrency, args.base_url,
-                args.save_detailed, args.baseline, device=args.device, dtype=args.dtype, out=args.out,
-                **_overrides(args)))
+
+            write_results(
+                None,
+                bench_serve(
+                    args.model,
+                    args.milestone,
+                    args.workload,
+                    args.num_prompts,
+                    parse_range(args.input_len),
+                    parse_range(args.output_len),
+                    parse_range(args.long_input_len),
+                    args.long_fraction,
+                    args.seed,
+                    args.vocab_size,
+                    args.subset,
+                    args.request_rate,
+                    args.max_concurrency,
+                    args.base_url,
+                    args.save_detailed,
+                    args.baseline,
+                    device=args.device,
+                    dtype=args.dtype,
+                    out=args.out,
+                    **_overrides(args),
+                ),
+            )
         elif args.bench == "latency":
             from folovllm.benchmarks.latency import bench_latency
-            write_results(args.out, bench_latency(
-                args.model, args.input_len, args.output_len, args.batch_size, device=args.device,
-                dtype=args.dtype, milestone=args.milestone, with_hf=not args.no_hf, **_overrides(args)))
+
+            write_results(
+                args.out,
+                bench_latency(
+                    args.model,
+                    args.input_len,
+                    args.output_len,
+                    args.batch_size,
+                    device=args.device,
+                    dtype=args.dtype,
+                    milestone=args.milestone,
+                    with_hf=not args.no_hf,
+                    **_overrides(args),
+                ),
+            )
         elif args.bench == "throughput":
             from folovllm.benchmarks.throughput import bench_throughput
-            write_results(args.out, bench_throughput(
-                args.model, args.milestone, args.num_prompts, parse_range(args.input_len),
-                parse_range(args.output_len), args.seed, args.subset, device=args.device, dtype=args.dtype,
-                out=args.out, repeat=args.repeat, **_overrides(args)))
+
+            write_results(
+                args.out,
+                bench_throughput(
+                    args.model,
+                    args.milestone,
+                    args.num_prompts,
+                    parse_range(args.input_len),
+                    parse_range(args.output_len),
+                    args.seed,
+                    args.subset,
+                    device=args.device,
+                    dtype=args.dtype,
+                    out=args.out,
+                    repeat=args.repeat,
+                    **_overrides(args),
+                ),
+            )
         elif args.bench == "step":
             from folovllm.benchmarks.step_profile import bench_step
-            write_results(args.out, bench_step(args.model, args.milestone, args.batch_size, args.prompt_len,
-                                               args.steps, device=args.device, dtype=args.dtype, **_overrides(args)))
+
+            write_results(
+                args.out,
+                bench_step(
+                    args.model,
+                    args.milestone,
+                    args.batch_size,
+                    args.prompt_len,
+                    args.steps,
+                    device=args.device,
+                    dtype=args.dtype,
+                    **_overrides(args),
+                ),
+            )
         elif args.bench == "prefix":
             from folovllm.benchmarks.prefix import bench_prefix
-            write_results(args.out, bench_prefix(
-                args.model, args.milestone, tuple(args.parts), args.prefix_len, args.suffix_len, args.repeat,
-                args.num_prompts, args.system_len, parse_range(args.user_len), args.output_len, args.conversations,
-                args.turns, args.chat_system_len, args.turn_len, args.reply_len, args.seed, device=args.device,
-                dtype=args.dtype, out=args.out, **_overrides(args)))
+
+            write_results(
+                args.out,
+                bench_prefix(
+                    args.model,
+                    args.milestone,
+                    tuple(args.parts),
+                    args.prefix_len,
+                    args.suffix_len,
+                    args.repeat,
+                    args.num_prompts,
+                    args.system_len,
+                    parse_range(args.user_len),
+                    args.output_len,
+                    args.conversations,
+                    args.turns,
+                    args.chat_system_len,
+                    args.turn_len,
+                    args.reply_len,
+                    args.seed,
+                    device=args.device,
+                    dtype=args.dtype,
+                    out=args.out,
+                    **_overrides(args),
+                ),
+            )
         elif args.bench == "gptq":
             from folovllm.benchmarks.gptq import bench_gptq
-            write_results(args.out, bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device,
-                                               args.kernels_only))
+
+            write_results(
+                args.out, bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only)
+            )
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
-            write_results(args.out, bench_prefill_attention(
-                args.prompt_len, args.num_prompts, args.num_heads, args.num_kv_heads, args.head_dim,
-                args.block_size, args.dtype, args.device, tuple(args.backend)))
+
+            write_results(
+                args.out,
+                bench_prefill_attention(
+                    args.prompt_len,
+                    args.num_prompts,
+                    args.num_heads,
+                    args.num_kv_heads,
+                    args.head_dim,
+                    args.block_size,
+                    args.dtype,
+                    args.device,
+                    tuple(args.backend),
+                ),
+            )
         else:
             from folovllm.benchmarks.attention import bench_attention_sweep
-            write_results(args.out, bench_attention_sweep(
-                args.num_seqs, args.context_len, args.num_heads, args.num_kv_heads, args.head_dim,
-                args.block_size, args.dtype, args.device))
+
+            write_results(
+                args.out,
+                bench_attention_sweep(
+                    args.num_seqs,
+                    args.context_len,
+                    args.num_heads,
+                    args.num_kv_heads,
+                    args.head_dim,
+                    args.block_size,
+                    args.dtype,
+                    args.device,
+                ),
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ Every field is validated in ``__post_init__`` so a bad value fails with a
 names only: which attention backend a name means here is decided in
 ``attention/selector.py``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -92,11 +93,11 @@ class ModelConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool):
-            raise InvalidTypeError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), "
-                                   f"got {self.max_logprobs!r}")
+            raise InvalidTypeError(
+                f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), got {self.max_logprobs!r}"
+            )
         if self.max_logprobs < -1:
-            raise ValueError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), "
-                             f"got {self.max_logprobs!r}")
+            raise ValueError(f"max_logprobs must be an integer >= -1 (-1: the whole vocabulary), got {self.max_logprobs!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InvalidTypeError(f"seed must be an integer, got {self.seed!r}")
         self.device = resolve_device(self.device)
@@ -133,8 +134,7 @@ class CacheConfig:
         _positive("block_size", self.block_size)
         _positive("kv_cache_memory", self.kv_cache_memory, allow_none=True)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.enable_cow is None:
             self.enable_cow = self.kv_layout == "paged"
         elif self.enable_cow and self.kv_layout != "paged":
@@ -185,8 +185,9 @@ class SchedulerConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
         if self.cuda_graph_sizes is not None:
             if not isinstance(self.cuda_graph_sizes, (list, tuple)) or not self.cuda_graph_sizes:
-                raise ValueError(f"cuda_graph_sizes must be a non-empty list of positive integers, "
-                                 f"got {self.cuda_graph_sizes!r}")
+                raise ValueError(
+                    f"cuda_graph_sizes must be a non-empty list of positive integers, got {self.cuda_graph_sizes!r}"
+                )
             for size in self.cuda_graph_sizes:
                 _positive("cuda_graph_sizes entry", size)
             self.cuda_graph_sizes = sorted(set(self.cuda_graph_sizes))
@@ -207,8 +208,7 @@ class SchedulerConfig:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be a non-negative integer, got {threshold!r}")
         target = self.target_itl_ms
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                                   or not target > 0):
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
             raise ValueError(f"target_itl_ms must be a positive number of milliseconds, got {target!r}")
         for name, on in (("long_prefill_token_threshold", threshold), ("target_itl_ms", target)):
             if on and not self.enable_chunked_prefill:
@@ -237,8 +237,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.milestone is not None and self.milestone not in MILESTONES:
             raise ValueError(f"milestone must be one of {MILESTONES} or None, got {self.milestone!r}")
         if not isinstance(self.collect_step_stats, bool):
@@ -260,8 +259,7 @@ class EngineConfig:
         return MILESTONES.index(as_of) >= MILESTONES.index(milestone)
 
     @classmethod
-    def from_milestone(cls, milestone: str | None = None, model: str = "smollm2-135m",
-                       **overrides: Any) -> "EngineConfig":
+    def from_milestone(cls, milestone: str | None = None, model: str = "smollm2-135m", **overrides: Any) -> "EngineConfig":
         """The engine as of chapter ``milestone`` (None = every built feature on).
 
         ``overrides`` are field names of any of the four configs, e.g.
@@ -270,27 +268,35 @@ class EngineConfig:
         if milestone is not None and milestone not in MILESTONES:
             raise ValueError(f"milestone must be one of {MILESTONES} or None, got {milestone!r}")
         if milestone is not None and milestone not in BUILT_MILESTONES:
-            raise ValueError(
-                f"milestone {milestone} is not built yet; built milestones are {BUILT_MILESTONES}")
+            raise ValueError(f"milestone {milestone} is not built yet; built milestones are {BUILT_MILESTONES}")
         preset = _MILESTONE_PRESETS[milestone or BUILT_MILESTONES[-1]]
-        parts: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {}, "scheduler": {},
-                                            "engine": {"milestone": milestone}}
+        parts: dict[str, dict[str, Any]] = {
+            "model": {"model": model},
+            "cache": {},
+            "scheduler": {},
+            "engine": {"milestone": milestone},
+        }
         for key, value in {**preset, **overrides}.items():
             parts[_owner_of(key)][key] = value
-        return cls(model_config=ModelConfig(**parts["model"]),
-                   cache_config=CacheConfig(**parts["cache"]),
-                   scheduler_config=SchedulerConfig(**parts["scheduler"]),
-                   **parts["engine"])
+        return cls(
+            model_config=ModelConfig(**parts["model"]),
+            cache_config=CacheConfig(**parts["cache"]),
+            scheduler_config=SchedulerConfig(**parts["scheduler"]),
+            **parts["engine"],
+        )
 
     def replace(self, **overrides: Any) -> "EngineConfig":
         """A copy with some fields changed (same field names as ``from_milestone``)."""
         parts = {"model": {}, "cache": {}, "scheduler": {}, "engine": {}}
         for key, value in overrides.items():
             parts[_owner_of(key)][key] = value
-        return replace(self, model_config=replace(self.model_config, **parts["model"]),
-                       cache_config=replace(self.cache_config, **parts["cache"]),
-                       scheduler_config=replace(self.scheduler_config, **parts["scheduler"]),
-                       **parts["engine"])
+        return replace(
+            self,
+            model_config=replace(self.model_config, **parts["model"]),
+            cache_config=replace(self.cache_config, **parts["cache"]),
+            scheduler_config=replace(self.scheduler_config, **parts["scheduler"]),
+            **parts["engine"],
+        )
 
 
 _OWNERS = {
@@ -317,11 +323,16 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
     "M1": {"kv_layout": "contiguous", "batching": "sequential", "attention_backend": "naive", **_EAGER},
     "M2": {"kv_layout": "contiguous", "batching": "continuous", "attention_backend": "naive", **_EAGER},
     "M3": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto", **_EAGER},
-    "M4": {"kv_layout": "paged", "batching": "continuous", "attention_backend": "auto",
-           "enforce_eager": False, "fuse_kernels": True, "async_scheduling": True},
+    "M4": {
+        "kv_layout": "paged",
+        "batching": "continuous",
+        "attention_backend": "auto",
+        "enforce_eager": False,
+        "fuse_kernels": True,
+        "async_scheduling": True,
+    },
 }
-_MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill": True,
-                            "max_num_batched_tokens": 2048}
+_MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill": True, "max_num_batched_tokens": 2048}
 _MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M5"], "enable_prefix_caching": True}
 # M7 = M6 + quantized weights, read from the checkpoint (``EngineConfig.includes("M7")``).
 _MILESTONE_PRESETS["M7"] = dict(_MILESTONE_PRESETS["M6"])

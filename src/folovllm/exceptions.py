@@ -9,6 +9,7 @@ CLI and a server map to "bad request". Misuse of engine *state* (a scheduler
 that cannot progress, ``LLM.generate`` on an engine holding someone else's
 requests) is a ``RuntimeError``.
 """
+
 from __future__ import annotations
 
 

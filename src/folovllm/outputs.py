@@ -1,4 +1,5 @@
 """What ``LLM.generate`` returns: vLLM's ``RequestOutput`` / ``CompletionOutput``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ class RequestOutput:
 
     def __repr__(self) -> str:
         texts = [o.text for o in self.outputs]
-        return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
-                f"outputs={texts!r}, finished={self.finished})")
+        return (
+            f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+            f"outputs={texts!r}, finished={self.finished})"
+        )
 
 
 @dataclass

@@ -4,6 +4,7 @@ vLLM v1's central idea: a request is ``num_computed_tokens`` out of
 ``num_tokens``. Prefill, decode and recompute after preemption are the same
 thing seen at different values of those two numbers.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,9 +28,11 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {RequestStatus.FINISHED_STOPPED: "stop",
-                RequestStatus.FINISHED_LENGTH_CAPPED: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
 
 
 @dataclass

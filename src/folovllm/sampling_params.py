@@ -9,6 +9,7 @@ the field and what it accepts; a wrong type raises ``InvalidTypeError``, both a
 ``ModelConfig.max_logprobs``, token ids against the vocabulary, ``max_tokens``
 against ``max_model_len``) are the engine's to check, in ``process_inputs``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -20,7 +21,7 @@ from typing import Any
 from folovllm.exceptions import InvalidTypeError
 
 _GREEDY_EPS = 1e-5
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # seeds and top_k live in int64 (torch generators, sampler tensors)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds and top_k live in int64 (torch generators, sampler tensors)
 FLOAT32_MAX = 3.4028234663852886e38  # temperature becomes a float32 tensor row
 MAX_N = 128  # samples per request, OpenAI's cap: n=10**9 would build a billion sequences before any check
 
@@ -41,7 +42,7 @@ def show(value: Any, limit: int = 80) -> str:
         text = repr(value)
     except Exception:  # noqa: BLE001 - any failure to print becomes a placeholder, never the error itself
         return f"<unprintable {type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_int(name: str, value: Any, lo: int, hi: int = INT64_MAX, allow_none: bool = False) -> int | None:
@@ -61,8 +62,9 @@ def check_real(name: str, value: Any, lo: float, hi: float, lo_open: bool = Fals
     expected = f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
     if not isinstance(value, Real) or isinstance(value, bool):
         raise InvalidTypeError(f"{name} must be {expected}, got {show(value)}")
-    if not ((isinstance(value, Integral) or math.isfinite(value)) and (lo < value if lo_open else lo <= value)
-            and value <= hi):
+    if not (
+        (isinstance(value, Integral) or math.isfinite(value)) and (lo < value if lo_open else lo <= value) and value <= hi
+    ):
         raise ValueError(f"{name} must be {expected}, got {show(value)}")
     return float(value)
 
@@ -112,8 +114,9 @@ class SamplingParams:
         self.min_p = check_real("min_p", self.min_p, 0.0, 1.0)
         self.seed = check_int("seed", self.seed, INT64_MIN, allow_none=True)
         if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
-            raise ValueError(f"seed + n - 1 must be at most 2**63 - 1 (sample i of n uses seed + i), "
-                             f"got seed={self.seed} with n={self.n}")
+            raise ValueError(
+                f"seed + n - 1 must be at most 2**63 - 1 (sample i of n uses seed + i), got seed={self.seed} with n={self.n}"
+            )
         self.max_tokens = check_int("max_tokens", self.max_tokens, 1, allow_none=True)
         self.stop_strings = self._stop_strings()
         self.stop_token_ids = self._stop_token_ids()

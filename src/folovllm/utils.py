@@ -1,4 +1,5 @@
 """Small arithmetic the engine repeats everywhere, written once."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

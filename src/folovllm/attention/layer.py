@@ -1,4 +1,5 @@
 """The ``Attention`` module the model calls; the runner binds its backend and cache."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,15 +29,18 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
         num_tokens = q.shape[0]
-        out = self.backend.forward(q.view(num_tokens, self.num_heads, self.head_dim),
-                                   k.view(num_tokens, self.num_kv_heads, self.head_dim),
-                                   v.view(num_tokens, self.num_kv_heads, self.head_dim),
-                                   self.kv_cache, attn_metadata, self.scale)
+        out = self.backend.forward(
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+            self.kv_cache,
+            attn_metadata,
+            self.scale,
+        )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
-def bind_attention(layers: list[Attention], backend: AttentionBackend,
-                   kv_caches: list[torch.Tensor] | None = None) -> None:
+def bind_attention(layers: list[Attention], backend: AttentionBackend, kv_caches: list[torch.Tensor] | None = None) -> None:
     """Give every layer the step's backend and, once allocated, its own slice of KV memory."""
     if kv_caches is not None and len(kv_caches) != len(layers):
         raise ValueError(f"{len(kv_caches)} KV caches for {len(layers)} attention layers")
@@ -51,5 +55,8 @@ def prefill_metadata(seq_lens: list[int], device: torch.device | str = "cpu") ->
     return AttentionMetadata(
         query_start_loc=torch.tensor(prefix_sums(seq_lens), dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_table=None, slot_mapping=None,
-        query_lens_cpu=list(seq_lens), seq_lens_cpu=list(seq_lens))
+        block_table=None,
+        slot_mapping=None,
+        query_lens_cpu=list(seq_lens),
+        seq_lens_cpu=list(seq_lens),
+    )

@@ -5,6 +5,7 @@ before any weights load (so an impossible choice fails first) and the runner
 builds the backend with ``get_attn_backend``. Kept free of Triton and CUDA work
 until a backend is actually built.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,23 +32,28 @@ def _varlen_gqa_flag() -> dict[str, bool]:
     Looked up once: the call below sits on the hot path, once per layer per step.
     """
     from torch.nn.attention.varlen import varlen_attn
+
     return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
 
-def torch_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                       max_seqlen: int, scale: float) -> torch.Tensor:
+def torch_flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """Causal varlen attention with PyTorch's FA2 kernels."""
     from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                       window_size=(-1, 0), **_varlen_gqa_flag())
+
+    return varlen_attn(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0), **_varlen_gqa_flag()
+    )
 
 
-def package_flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         max_seqlen: int, scale: float) -> torch.Tensor:
+def package_flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """The same call through the official ``flash_attn`` package."""
     from flash_attn import flash_attn_varlen_func
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  softmax_scale=scale, causal=True)
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
 
 
 def flash_varlen_kernel() -> tuple[str, FlashVarlenFn] | None:
@@ -93,11 +99,14 @@ def get_attn_backend(name: str) -> AttentionBackend:
     """A fresh backend object of ``name`` (as ``resolve_attention_backend`` returns it)."""
     if name == "naive":
         from folovllm.attention.backends.naive import NaiveAttentionBackend
+
         return NaiveAttentionBackend()
     if name == "triton":
         from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend
+
         return TritonPagedAttentionBackend()
     if name == "flash_attn":
         from folovllm.attention.backends.flash_attn import FlashAttentionBackend
+
         return FlashAttentionBackend()
     raise ValueError(f"attention_backend must be 'naive', 'triton' or 'flash_attn', got {name!r}")

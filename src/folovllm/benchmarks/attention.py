@@ -6,6 +6,7 @@ Decode attention reads every cached K/V byte of every sequence once per step
 and does almost no math per byte, so its natural unit is GB/s, compared with
 ``measure_copy_bandwidth`` of the same card.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,12 +30,12 @@ def _check_shape(sizes: list[tuple[str, int]]) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     heads = dict(sizes)
     if heads["num_heads"] % heads["num_kv_heads"]:
-        raise ValueError(f"num_heads ({heads['num_heads']}) must be a multiple of "
-                         f"num_kv_heads ({heads['num_kv_heads']})")
+        raise ValueError(f"num_heads ({heads['num_heads']}) must be a multiple of num_kv_heads ({heads['num_kv_heads']})")
 
 
-def decode_metadata(num_seqs: int, context_len: int, block_size: int,
-                    device: torch.device, generator: torch.Generator) -> AttentionMetadata:
+def decode_metadata(
+    num_seqs: int, context_len: int, block_size: int, device: torch.device, generator: torch.Generator
+) -> AttentionMetadata:
     """One decode token per sequence, each over ``context_len`` tokens in randomly placed blocks."""
     blocks_per_seq = cdiv(context_len, block_size)
     block_table = torch.randperm(num_seqs * blocks_per_seq, generator=generator, device=device)
@@ -44,14 +45,27 @@ def decode_metadata(num_seqs: int, context_len: int, block_size: int,
     return AttentionMetadata(
         query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=device),
         seq_lens=torch.full((num_seqs,), context_len, dtype=torch.int32, device=device),
-        block_table=block_table, slot_mapping=slot_mapping,
-        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[context_len] * num_seqs, block_size=block_size)
+        block_table=block_table,
+        slot_mapping=slot_mapping,
+        query_lens_cpu=[1] * num_seqs,
+        seq_lens_cpu=[context_len] * num_seqs,
+        block_size=block_size,
+    )
 
 
-def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_heads: int,
-                       head_dim: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device | str, num_splits: int | None = None,
-                       warmup: int | None = None, iters: int | None = None) -> dict:
+def bench_paged_decode(
+    num_seqs: int,
+    context_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    num_splits: int | None = None,
+    warmup: int | None = None,
+    iters: int | None = None,
+) -> dict:
     """Time one decode step of attention (median, no K/V store) for both backends.
 
     ``kv_bytes_read`` counts the K and V of every context token once: the least
@@ -62,8 +76,16 @@ def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_h
     fp32 copy of the cache does not fit in memory.
     """
     device = torch.device(device)
-    _check_shape([("num_seqs", num_seqs), ("context_len", context_len), ("num_heads", num_heads),
-                  ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("block_size", block_size)])
+    _check_shape(
+        [
+            ("num_seqs", num_seqs),
+            ("context_len", context_len),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+        ]
+    )
     if warmup is None:
         warmup = 10 if device.type == "cuda" else 1
     if iters is None:
@@ -71,8 +93,7 @@ def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_h
     gen = torch.Generator(device=device).manual_seed(0)
     md = decode_metadata(num_seqs, context_len, block_size, device, gen)
     num_blocks = md.block_table.numel()
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
-                           generator=gen, device=device).to(dtype)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
     q = torch.randn(num_seqs, num_heads, head_dim, generator=gen, device=device).to(dtype)
     scale = head_dim**-0.5
     ones = torch.ones(num_seqs, dtype=torch.int32, device=device)
@@ -86,29 +107,45 @@ def bench_paged_decode(num_seqs: int, context_len: int, num_heads: int, num_kv_h
 
     kv_bytes = 2 * num_seqs * context_len * num_kv_heads * head_dim * kv_cache.element_size()
     time_s = median_time_s(triton_step, device, warmup, iters)
-    naive: dict[str, float | None] = dict.fromkeys(
-        ("naive_time_us", "naive_GBps", "speedup_vs_naive", "max_abs_diff"))
+    naive: dict[str, float | None] = dict.fromkeys(("naive_time_us", "naive_GBps", "speedup_vs_naive", "max_abs_diff"))
     try:
         diff = (triton_step().float() - naive_step().float()).abs().max().item()
         naive_s = median_time_s(naive_step, device, warmup, iters)
-        naive = {"naive_time_us": naive_s * 1e6, "naive_GBps": kv_bytes / naive_s / 1e9,
-                 "speedup_vs_naive": naive_s / time_s, "max_abs_diff": diff}
+        naive = {
+            "naive_time_us": naive_s * 1e6,
+            "naive_GBps": kv_bytes / naive_s / 1e9,
+            "speedup_vs_naive": naive_s / time_s,
+            "max_abs_diff": diff,
+        }
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
     return {
-        "num_seqs": num_seqs, "context_len": context_len, "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size,
-        "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "num_seqs": num_seqs,
+        "context_len": context_len,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "block_size": block_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
         "num_splits": num_splits or choose_num_splits(device, num_seqs, num_kv_heads, 1, context_len),
-        "kv_bytes_read": kv_bytes, "time_us": time_s * 1e6, "achieved_GBps": kv_bytes / time_s / 1e9,
+        "kv_bytes_read": kv_bytes,
+        "time_us": time_s * 1e6,
+        "achieved_GBps": kv_bytes / time_s / 1e9,
         **naive,
     }
 
 
-def bench_attention_sweep(num_seqs: list[int], context_lens: list[int], num_heads: int,
-                          num_kv_heads: int, head_dim: int, block_size: int,
-                          dtype: str | torch.dtype | None = "bfloat16",
-                          device: str | torch.device | None = None) -> dict[str, Any]:
+def bench_attention_sweep(
+    num_seqs: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str | torch.dtype | None = "bfloat16",
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """``bench_paged_decode`` for every (num_seqs, context_len) pair, against the card's copy bandwidth.
 
     Meant for a GPU: on CPU the Triton kernel runs in the interpreter, so keep shapes tiny there.
@@ -121,35 +158,60 @@ def bench_attention_sweep(num_seqs: list[int], context_lens: list[int], num_head
         row = bench_paged_decode(n, ctx, num_heads, num_kv_heads, head_dim, block_size, dt, dev)
         row["fraction_of_copy_bw"] = row["achieved_GBps"] / copy_gbps
         rows.append(row)
-    return {"benchmark": "attention", **provenance(dev, "none (kernel only)", dt), "milestone": "M3",
-            "workload": {"num_seqs": list(num_seqs), "context_lens": list(context_lens), "num_heads": num_heads,
-                         "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size},
-            "copy_GBps": copy_gbps, "results": rows}
+    return {
+        "benchmark": "attention",
+        **provenance(dev, "none (kernel only)", dt),
+        "milestone": "M3",
+        "workload": {
+            "num_seqs": list(num_seqs),
+            "context_lens": list(context_lens),
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "block_size": block_size,
+        },
+        "copy_GBps": copy_gbps,
+        "results": rows,
+    }
 
 
-def prefill_metadata_paged(prompt_lens: list[int], block_size: int, device: torch.device,
-                           generator: torch.Generator) -> AttentionMetadata:
+def prefill_metadata_paged(
+    prompt_lens: list[int], block_size: int, device: torch.device, generator: torch.Generator
+) -> AttentionMetadata:
     """Fresh prefills of ``prompt_lens`` tokens whose cache blocks sit at random places."""
     blocks = [cdiv(n, block_size) for n in prompt_lens]
     physical = torch.randperm(sum(blocks), generator=generator, device=device).to(torch.int32)
     block_table = torch.zeros(len(prompt_lens), max(blocks), dtype=torch.int32, device=device)
     slots, used = [], 0
     for b, (n, nb) in enumerate(zip(prompt_lens, blocks)):
-        block_table[b, :nb] = physical[used:used + nb]
+        block_table[b, :nb] = physical[used : used + nb]
         used += nb
         pos = torch.arange(n, device=device)
         slots.append(block_table[b, pos // block_size].long() * block_size + pos % block_size)
     starts = torch.tensor(prefix_sums(prompt_lens), dtype=torch.int32, device=device)
     lens = torch.tensor(prompt_lens, dtype=torch.int32, device=device)
-    return AttentionMetadata(query_start_loc=starts, seq_lens=lens, block_table=block_table,
-                             slot_mapping=torch.cat(slots), query_lens_cpu=list(prompt_lens),
-                             seq_lens_cpu=list(prompt_lens), block_size=block_size)
+    return AttentionMetadata(
+        query_start_loc=starts,
+        seq_lens=lens,
+        block_table=block_table,
+        slot_mapping=torch.cat(slots),
+        query_lens_cpu=list(prompt_lens),
+        seq_lens_cpu=list(prompt_lens),
+        block_size=block_size,
+    )
 
 
-def bench_prefill_attention(prompt_lens: list[int], num_prompts: int = 1, num_heads: int = 16,
-                            num_kv_heads: int = 8, head_dim: int = 128, block_size: int = 16,
-                            dtype: str | torch.dtype | None = "bfloat16", device: str | torch.device | None = None,
-                            backends: tuple[str, ...] = ("naive", "triton", "flash_attn")) -> dict[str, Any]:
+def bench_prefill_attention(
+    prompt_lens: list[int],
+    num_prompts: int = 1,
+    num_heads: int = 16,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    block_size: int = 16,
+    dtype: str | torch.dtype | None = "bfloat16",
+    device: str | torch.device | None = None,
+    backends: tuple[str, ...] = ("naive", "triton", "flash_attn"),
+) -> dict[str, Any]:
     """One layer's prefill attention (store K/V + attend) per backend: time, TFLOP/s, extra memory.
 
     A step holds ``num_prompts`` fresh prompts of each length. FLOPs count the
@@ -164,10 +226,20 @@ def bench_prefill_attention(prompt_lens: list[int], num_prompts: int = 1, num_he
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    _check_shape([("num_prompts", num_prompts), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
-                  ("head_dim", head_dim), ("block_size", block_size), *(("prompt_len", n) for n in prompt_lens)])
-    skipped = {"flash_attn": flash_attention_unavailable(dev, dt),
-               "triton": None if dev.type == "cuda" else "the interpreter on CPU is not a timing"}
+    _check_shape(
+        [
+            ("num_prompts", num_prompts),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+            *(("prompt_len", n) for n in prompt_lens),
+        ]
+    )
+    skipped = {
+        "flash_attn": flash_attention_unavailable(dev, dt),
+        "triton": None if dev.type == "cuda" else "the interpreter on CPU is not a timing",
+    }
     peak_tflops = measure_matmul_tflops(dev, dt)
     warmup, iters = (3, 10) if dev.type == "cuda" else (1, 2)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -204,12 +276,28 @@ def bench_prefill_attention(prompt_lens: list[int], num_prompts: int = 1, num_he
                 row[name] = "oom"
                 continue
             first = out if first is None else first
-            row[name] = {"time_us": seconds * 1e6, "TFLOPs": flops / seconds / 1e12,
-                         "fraction_of_matmul_peak": flops / seconds / 1e12 / peak_tflops, "peak_MiB": peak,
-                         "max_abs_diff": (out.float() - first.float()).abs().max().item()}
+            row[name] = {
+                "time_us": seconds * 1e6,
+                "TFLOPs": flops / seconds / 1e12,
+                "fraction_of_matmul_peak": flops / seconds / 1e12 / peak_tflops,
+                "peak_MiB": peak,
+                "max_abs_diff": (out.float() - first.float()).abs().max().item(),
+            }
             del out
         rows.append(row)
-    return {"benchmark": "prefill_attention", **provenance(dev, "none (kernel only)", dt), "milestone": "M4",
-            "workload": {"prompt_lens": list(prompt_lens), "num_prompts": num_prompts, "num_heads": num_heads,
-                         "num_kv_heads": num_kv_heads, "head_dim": head_dim, "block_size": block_size},
-            "matmul_TFLOPs": peak_tflops, "backends": list(backends), "results": rows}
+    return {
+        "benchmark": "prefill_attention",
+        **provenance(dev, "none (kernel only)", dt),
+        "milestone": "M4",
+        "workload": {
+            "prompt_lens": list(prompt_lens),
+            "num_prompts": num_prompts,
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "block_size": block_size,
+        },
+        "matmul_TFLOPs": peak_tflops,
+        "backends": list(backends),
+        "results": rows,
+    }

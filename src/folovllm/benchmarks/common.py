@@ -1,4 +1,5 @@
 """Provenance, workloads and the results-JSON format shared by every benchmark."""
+
 from __future__ import annotations
 
 import datetime
@@ -20,8 +21,9 @@ def git_commit() -> str:
     if os.environ.get("FOLOVLLM_COMMIT"):
         return os.environ["FOLOVLLM_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -30,6 +32,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
+
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -47,16 +50,24 @@ def gpu_slug(device: torch.device) -> str:
 def provenance(device: torch.device, model: str, dtype: torch.dtype) -> dict[str, Any]:
     """Everything needed to tell where a number came from and to rerun it."""
     import transformers
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"command": "folovllm " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else
-            " ".join(sys.argv), "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "model": model, "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "command": "folovllm " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else " ".join(sys.argv),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "model": model,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def save_json(path: str, payload: dict[str, Any]) -> None:
@@ -83,9 +94,13 @@ def parse_range(text: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
-def random_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1024),
-                    output_len: tuple[int, int] = (100, 1024), seed: int = 0,
-                    vocab: int = 10000) -> tuple[list[list[int]], list[int]]:
+def random_workload(
+    num_prompts: int = 256,
+    input_len: tuple[int, int] = (100, 1024),
+    output_len: tuple[int, int] = (100, 1024),
+    seed: int = 0,
+    vocab: int = 10000,
+) -> tuple[list[list[int]], list[int]]:
     """nano-vllm's throughput workload: random token prompts, then random output lengths.
 
     With the defaults it asks for exactly 133,966 output tokens.
@@ -96,10 +111,15 @@ def random_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1
     return prompts, outputs
 
 
-def mixed_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 1024),
-                   output_len: tuple[int, int] = (100, 1024), long_input_len: tuple[int, int] = (4096, 8192),
-                   long_fraction: float = 0.1, seed: int = 0, vocab: int = 10000
-                   ) -> tuple[list[list[int]], list[int]]:
+def mixed_workload(
+    num_prompts: int = 256,
+    input_len: tuple[int, int] = (100, 1024),
+    output_len: tuple[int, int] = (100, 1024),
+    long_input_len: tuple[int, int] = (4096, 8192),
+    long_fraction: float = 0.1,
+    seed: int = 0,
+    vocab: int = 10000,
+) -> tuple[list[list[int]], list[int]]:
     """W-like requests, of which ``round(long_fraction * num_prompts)`` get a long prompt instead.
 
     The short requests are exactly ``random_workload``'s; a second generator seeded
@@ -116,9 +136,15 @@ def mixed_workload(num_prompts: int = 256, input_len: tuple[int, int] = (100, 10
 
 
 _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
-    "sync": {"async_scheduling": False}, "eager": {"enforce_eager": True}, "unfused": {"fuse_kernels": False}}
-_SETTINGS = {"budget": ("max_num_batched_tokens", int), "threshold": ("long_prefill_token_threshold", int),
-             "itl": ("target_itl_ms", float)}  # M5's chunking knobs, e.g. M5/budget=512/itl=20
+    "sync": {"async_scheduling": False},
+    "eager": {"enforce_eager": True},
+    "unfused": {"fuse_kernels": False},
+}
+_SETTINGS = {
+    "budget": ("max_num_batched_tokens", int),
+    "threshold": ("long_prefill_token_threshold", int),
+    "itl": ("target_itl_ms", float),
+}  # M5's chunking knobs, e.g. M5/budget=512/itl=20
 
 
 def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:

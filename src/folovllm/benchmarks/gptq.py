@@ -8,6 +8,7 @@ at large M both are compute-bound and dequantizing costs extra work: the crossov
 All weights are random (uniform codes, group 128, symmetric, what RTN gives on random weights):
 speed and memory do not depend on the values, and quantizing an 8B model here would only cost time.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,22 +28,31 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
 from folovllm.utils import cdiv
 
 # (K, N) of each decoder projection of Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288.
-QWEN3_8B_SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 24576),
-                   "down_proj": (12288, 4096)}
-WEIGHTS_NOTE = ("random weights: uniform 4-bit codes, symmetric, group 128 (what RTN of random weights gives); "
-                "speed and memory do not depend on the values")
+QWEN3_8B_SHAPES = {
+    "qkv_proj": (4096, 6144),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (4096, 24576),
+    "down_proj": (12288, 4096),
+}
+WEIGHTS_NOTE = (
+    "random weights: uniform 4-bit codes, symmetric, group 128 (what RTN of random weights gives); "
+    "speed and memory do not depend on the values"
+)
 
 
-def random_gptq_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, device: torch.device,
-                      dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+def random_gptq_layer(
+    k: int, n: int, bits: int, group_size: int, act_order: bool, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> dict[str, Any]:
     """Kernel-layout tensors of a random ``K x N`` layer (``perm`` only with act-order)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     groups = cdiv(k, group_size)
     codes = torch.randint(0, 2**bits, (k, n), generator=gen, device=device)
-    return {"qweight": pack_for_kernel(codes, bits),
-            "scales": torch.full((groups, n), 0.002, dtype=dtype, device=device),
-            "zeros": torch.full((groups, n), 2 ** (bits - 1), dtype=dtype, device=device),
-            "perm": torch.randperm(k, generator=gen, device=device).to(torch.int32) if act_order else None}
+    return {
+        "qweight": pack_for_kernel(codes, bits),
+        "scales": torch.full((groups, n), 0.002, dtype=dtype, device=device),
+        "zeros": torch.full((groups, n), 2 ** (bits - 1), dtype=dtype, device=device),
+        "perm": torch.randperm(k, generator=gen, device=device).to(torch.int32) if act_order else None,
+    }
 
 
 def _graph_replay_matches(fn, device: torch.device) -> bool:
@@ -59,8 +69,14 @@ def _graph_replay_matches(fn, device: torch.device) -> bool:
 
 
 @torch.inference_mode()
-def bench_gptq_kernel(ms: list[int], bits: int = 4, group_size: int = 128, act_order: bool = False,
-                      device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+def bench_gptq_kernel(
+    ms: list[int],
+    bits: int = 4,
+    group_size: int = 128,
+    act_order: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict[str, Any]]:
     """One row per (projection, M): bf16 ``F.linear`` vs the GPTQ kernel, bytes moved, error vs the reference."""
     device = device or torch.device("cuda")
     rows = []
@@ -77,13 +93,28 @@ def bench_gptq_kernel(ms: list[int], bits: int = 4, group_size: int = 128, act_o
             ref = gptq_gemm_reference(x.float(), *args[:4], None, bits, group_size)
             err = ((launch_gptq_gemm(x, *args).float() - ref).abs().max() / ref.abs().max()).item()
             plan = plan_gptq_gemm(m, n, k, bits, device)
-            row = {"layer": name, "m": m, "k": k, "n": n, "bf16_us": dense_s * 1e6, "gptq_us": gptq_s * 1e6,
-                   "speedup": dense_s / gptq_s, "bf16_weight_bytes": dense_bytes, "gptq_weight_bytes": q_bytes,
-                   "gptq_weight_GBps": q_bytes / gptq_s / 1e9, "bf16_weight_GBps": dense_bytes / dense_s / 1e9,
-                   "gptq_TFLOPs": 2 * m * k * n / gptq_s / 1e12, "bf16_TFLOPs": 2 * m * k * n / dense_s / 1e12,
-                   "max_rel_err_vs_reference": err,
-                   "plan": {"split_k": plan.split_k, "dequant_tiles": plan.dequant_tiles,
-                            "block_m": plan.block_m, "block_n": plan.block_n}}
+            row = {
+                "layer": name,
+                "m": m,
+                "k": k,
+                "n": n,
+                "bf16_us": dense_s * 1e6,
+                "gptq_us": gptq_s * 1e6,
+                "speedup": dense_s / gptq_s,
+                "bf16_weight_bytes": dense_bytes,
+                "gptq_weight_bytes": q_bytes,
+                "gptq_weight_GBps": q_bytes / gptq_s / 1e9,
+                "bf16_weight_GBps": dense_bytes / dense_s / 1e9,
+                "gptq_TFLOPs": 2 * m * k * n / gptq_s / 1e12,
+                "bf16_TFLOPs": 2 * m * k * n / dense_s / 1e12,
+                "max_rel_err_vs_reference": err,
+                "plan": {
+                    "split_k": plan.split_k,
+                    "dequant_tiles": plan.dequant_tiles,
+                    "block_m": plan.block_m,
+                    "block_n": plan.block_n,
+                },
+            }
             if m <= 16 and device.type == "cuda":
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
             rows.append(row)
@@ -113,35 +144,65 @@ def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16
         before = _allocated(device)
         loaded = load_model(ModelConfig(model=model, device=device, dtype=dtype, quantization=quant))
         params = dict(loaded.model.named_parameters())
-        linear = {n: p for n, p in params.items() if ".layers." in n and any(
-            proj in n for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))}
-        out[label] = {"weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-                      "decoder_linear_bytes": sum(p.numel() * p.element_size() for p in linear.values()),
-                      "allocated_bytes": _allocated(device) - before}
+        linear = {
+            n: p
+            for n, p in params.items()
+            if ".layers." in n and any(proj in n for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+        }
+        out[label] = {
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+            "decoder_linear_bytes": sum(p.numel() * p.element_size() for p in linear.values()),
+            "allocated_bytes": _allocated(device) - before,
+        }
         cfg = loaded.hf_config
         del loaded, params, linear
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     block_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 16  # K and V, bf16, 16 tokens
     saved = out["bf16"]["weight_bytes"] - out["gptq"]["weight_bytes"]
     _free()
-    return {**out, "ratio_all_weights": out["bf16"]["weight_bytes"] / out["gptq"]["weight_bytes"],
-            "ratio_decoder_linears": out["bf16"]["decoder_linear_bytes"] / out["gptq"]["decoder_linear_bytes"],
-            "saved_bytes": saved, "kv_block_bytes_16_tokens": block_bytes, "kv_blocks_freed": saved // block_bytes,
-            "kv_tokens_freed": saved // block_bytes * 16}
+    return {
+        **out,
+        "ratio_all_weights": out["bf16"]["weight_bytes"] / out["gptq"]["weight_bytes"],
+        "ratio_decoder_linears": out["bf16"]["decoder_linear_bytes"] / out["gptq"]["decoder_linear_bytes"],
+        "saved_bytes": saved,
+        "kv_block_bytes_16_tokens": block_bytes,
+        "kv_blocks_freed": saved // block_bytes,
+        "kv_tokens_freed": saved // block_bytes * 16,
+    }
 
 
-def bench_gptq_tpot(model: str, input_len: int, output_len: int, device: str | None = None,
-                    kv_cache_memory: int = 4 * 2**30) -> list[dict[str, Any]]:
+def bench_gptq_tpot(
+    model: str, input_len: int, output_len: int, device: str | None = None, kv_cache_memory: int = 4 * 2**30
+) -> list[dict[str, Any]]:
     """Batch-1 decode of the whole model: bf16 (M4) vs GPTQ (M7, CUDA graphs) vs GPTQ eager."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
-    for label, kwargs in (("bf16", {"milestone": "M4"}), ("gptq", {"milestone": "M7", "quantization": "gptq"}),
-                          ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True})):
-        result = bench_latency(model, [input_len], output_len, 1, device=device, with_hf=False,
-                               kv_cache_memory=kv_cache_memory, max_num_seqs=8, **kwargs)
-        rows.append({"config": label, **kwargs, "weight_bytes": result["weight_bytes"],
-                     "decode_floor_s": result["decode_floor_s"], **result["results"][0]["folovllm"]})
+    for label, kwargs in (
+        ("bf16", {"milestone": "M4"}),
+        ("gptq", {"milestone": "M7", "quantization": "gptq"}),
+        ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
+    ):
+        result = bench_latency(
+            model,
+            [input_len],
+            output_len,
+            1,
+            device=device,
+            with_hf=False,
+            kv_cache_memory=kv_cache_memory,
+            max_num_seqs=8,
+            **kwargs,
+        )
+        rows.append(
+            {
+                "config": label,
+                **kwargs,
+                "weight_bytes": result["weight_bytes"],
+                "decode_floor_s": result["decode_floor_s"],
+                **result["results"][0]["folovllm"],
+            }
+        )
         _free()
     base = rows[0]["tpot_s"]
     for row in rows:
@@ -149,20 +210,35 @@ def bench_gptq_tpot(model: str, input_len: int, output_len: int, device: str | N
     return rows
 
 
-def bench_gptq(ms: list[int], model: str = "random:qwen3-8b", input_len: int = 128, output_len: int = 128,
-               device: str | None = None, skip_model: bool = False) -> dict[str, Any]:
+def bench_gptq(
+    ms: list[int],
+    model: str = "random:qwen3-8b",
+    input_len: int = 128,
+    output_len: int = 128,
+    device: str | None = None,
+    skip_model: bool = False,
+) -> dict[str, Any]:
     """Kernels (plain and act-order), weight memory and TPOT in one JSON."""
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got {dev}")
     result: dict[str, Any] = {
-        "benchmark": "gptq", **provenance(dev, model, torch.bfloat16), "milestone": "M7", "weights": WEIGHTS_NOTE,
-        "workload": {"kernel_shapes": "Qwen3-8B decoder projections (K, N)", "shapes": QWEN3_8B_SHAPES, "ms": ms,
-                     "bits": 4, "group_size": 128, "tpot": {"input_len": input_len, "output_len": output_len,
-                                                            "batch_size": 1}},
+        "benchmark": "gptq",
+        **provenance(dev, model, torch.bfloat16),
+        "milestone": "M7",
+        "weights": WEIGHTS_NOTE,
+        "workload": {
+            "kernel_shapes": "Qwen3-8B decoder projections (K, N)",
+            "shapes": QWEN3_8B_SHAPES,
+            "ms": ms,
+            "bits": 4,
+            "group_size": 128,
+            "tpot": {"input_len": input_len, "output_len": output_len, "batch_size": 1},
+        },
         "copy_GBps": measure_copy_bandwidth(dev),
         "kernel": bench_gptq_kernel(ms, device=dev),
-        "kernel_act_order": bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)}
+        "kernel_act_order": bench_gptq_kernel([1, 16, 256], act_order=True, device=dev),
+    }
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
         result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)

@@ -5,6 +5,7 @@ device-to-device copy; compute-bound work (prefill) with one large matmul.
 Datasheet peaks are never reached, so a measured ceiling makes "% of roofline"
 honest and reproducible.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -14,8 +15,7 @@ from collections.abc import Callable
 import torch
 
 
-def median_time_s(fn: Callable[[], object], device: torch.device | str,
-                  warmup: int = 3, iters: int = 10) -> float:
+def median_time_s(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA events on GPU, so launches are not timed alone)."""
     device = torch.device(device)
     if warmup < 0 or iters < 1:
@@ -56,8 +56,7 @@ def measure_copy_bandwidth(device: torch.device | str, num_bytes: int | None = N
     return 2 * num_bytes / seconds / 1e9
 
 
-def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                          n: int | None = None) -> float:
+def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
     """Achieved TFLOP/s of an ``n x n @ n x n`` matmul (``2 n^3`` FLOPs); n = 8192 on CUDA, 512 on CPU."""
     device = torch.device(device)
     if n is None:

@@ -3,6 +3,7 @@
 Decode is memory-bound: each step must read every weight once, so
 ``weight_bytes / copy_bandwidth`` is the floor of one decode step.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -31,14 +32,18 @@ def _ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, floa
     _sync(device)
     elapsed = time.perf_counter() - start
     tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
-    return {"ttft_s": statistics.mean(o.metrics.ttft for o in outs),
-            "tpot_s": statistics.mean(tpots) if tpots else None,
-            "e2e_s": elapsed, "output_tokens_per_s": len(prompts) * output_len / elapsed}
+    return {
+        "ttft_s": statistics.mean(o.metrics.ttft for o in outs),
+        "tpot_s": statistics.mean(tpots) if tpots else None,
+        "e2e_s": elapsed,
+        "output_tokens_per_s": len(prompts) * output_len / elapsed,
+    }
 
 
 def _hf_model(llm: LLM):
     """HF transformers' model at the same shapes, dtype and device, holding our weights."""
     from transformers import AutoModelForCausalLM
+
     engine = llm.llm_engine
     cfg = engine.config.model_config
     with torch.device(cfg.device):
@@ -86,27 +91,55 @@ def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) 
         stamps = _TokenTimes()
         _sync(device)
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       eos_token_id=None, pad_token_id=0, streamer=stamps)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            streamer=stamps,
+        )
         _sync(device)
         return start, stamps.times
 
     run(2)
     start, times = run(output_len)
     total = times[-1] - start
-    return {"ttft_s": times[0] - start, "tpot_s": (times[-1] - times[0]) / max(output_len - 1, 1),
-            "e2e_s": total, "output_tokens_per_s": len(prompts) * output_len / total}
+    return {
+        "ttft_s": times[0] - start,
+        "tpot_s": (times[-1] - times[0]) / max(output_len - 1, 1),
+        "e2e_s": total,
+        "output_tokens_per_s": len(prompts) * output_len / total,
+    }
 
 
-def bench_latency(model: str, input_lens: list[int], output_len: int, batch_size: int = 1,
-                  device: str | None = None, dtype: str | None = None, milestone: str | None = None,
-                  with_hf: bool = True, seed: int = 0, **overrides: Any) -> dict[str, Any]:
+def bench_latency(
+    model: str,
+    input_lens: list[int],
+    output_len: int,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+    milestone: str | None = None,
+    with_hf: bool = True,
+    seed: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
     """One row per prompt length: our TTFT/TPOT, HF's, and the decode floor."""
     gen = torch.Generator().manual_seed(seed)
     as_of, variant, _ = parse_config(milestone) if milestone else (None, {}, None)
     overrides = {**variant, **overrides}
-    llm = LLM(model, milestone=as_of, device=device, dtype=dtype, seed=seed,
-              max_model_len=overrides.pop("max_model_len", max(input_lens) + output_len), **overrides)
+    llm = LLM(
+        model,
+        milestone=as_of,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=overrides.pop("max_model_len", max(input_lens) + output_len),
+        **overrides,
+    )
     engine = llm.llm_engine
     dev, dt = engine.config.device, engine.config.model_config.dtype
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
@@ -118,13 +151,24 @@ def bench_latency(model: str, input_lens: list[int], output_len: int, batch_size
         prompts = torch.randint(0, min(engine.vocab_size, 10000), (batch_size, input_len), generator=gen).tolist()
         _ours(llm, prompts, min(output_len, 4))  # warm-up
         ours = _ours(llm, prompts, output_len)
-        row: dict[str, Any] = {"input_len": input_len, "output_len": output_len, "batch_size": batch_size,
-                               "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None}}
+        row: dict[str, Any] = {
+            "input_len": input_len,
+            "output_len": output_len,
+            "batch_size": batch_size,
+            "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None},
+        }
         if hf_model is not None:
             hf = _hf(hf_model, prompts, output_len, dev)
             row["hf_transformers"] = {**hf, "tpot_vs_floor": hf["tpot_s"] / floor}
             row["speedup_tpot_vs_hf"] = hf["tpot_s"] / ours["tpot_s"] if ours["tpot_s"] else None
         rows.append(row)
-    return {"benchmark": "latency", **provenance(dev, model, dt), "milestone": milestone or "latest",
-            "workload": {"input_lens": input_lens, "output_len": output_len, "batch_size": batch_size},
-            "weight_bytes": weight_bytes, "copy_GBps": copy_gbps, "decode_floor_s": floor, "results": rows}
+    return {
+        "benchmark": "latency",
+        **provenance(dev, model, dt),
+        "milestone": milestone or "latest",
+        "workload": {"input_lens": input_lens, "output_len": output_len, "batch_size": batch_size},
+        "weight_bytes": weight_bytes,
+        "copy_GBps": copy_gbps,
+        "decode_floor_s": floor,
+        "results": rows,
+    }

@@ -13,6 +13,7 @@ Three workloads, each run on every config (e.g. ``M4`` without the cache, ``M6``
 Prompts are random token ids (``random:`` models have no tokenizer); the cache
 only compares ids, so the hit pattern is that of real text.
 """
+
 from __future__ import annotations
 
 import gc
@@ -55,8 +56,11 @@ def run_batch(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> tupl
     _sync(llm)
     start = time.perf_counter()
     for rid, prompt, n in zip(ids, prompts, max_tokens):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(
-            temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+        engine.add_request(
+            rid,
+            {"prompt_token_ids": prompt},
+            SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY),
+        )
     done: dict[str, RequestOutput] = {}
     peak = 0
     while engine.has_unfinished_requests():
@@ -77,33 +81,55 @@ def _ttft(llm: LLM, rng: random.Random, vocab: int, prefix_len: int, suffix_len:
         prefix = _tokens(rng, prefix_len, vocab)
         (miss,), _, _ = run_batch(llm, [prefix + _tokens(rng, suffix_len, vocab)], [1])
         (hit,), _, _ = run_batch(llm, [prefix + _tokens(rng, suffix_len, vocab)], [1])
-        rows.append({"miss_ttft_s": miss.metrics.ttft, "hit_ttft_s": hit.metrics.ttft,
-                     "hit_num_cached_tokens": hit.num_cached_tokens})
+        rows.append(
+            {
+                "miss_ttft_s": miss.metrics.ttft,
+                "hit_ttft_s": hit.metrics.ttft,
+                "hit_num_cached_tokens": hit.num_cached_tokens,
+            }
+        )
     rows = rows[1:]
     miss_s = statistics.median(r["miss_ttft_s"] for r in rows)
     hit_s = statistics.median(r["hit_ttft_s"] for r in rows)
-    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "miss_ttft_s": miss_s, "hit_ttft_s": hit_s,
-            "speedup": miss_s / hit_s, "runs": rows}
+    return {
+        "prefix_len": prefix_len,
+        "suffix_len": suffix_len,
+        "miss_ttft_s": miss_s,
+        "hit_ttft_s": hit_s,
+        "speedup": miss_s / hit_s,
+        "runs": rows,
+    }
 
 
-def _throughput(llm: LLM, rng: random.Random, vocab: int, num_prompts: int, system_len: int,
-                user_len: tuple[int, int], output_len: int) -> dict[str, Any]:
+def _throughput(
+    llm: LLM, rng: random.Random, vocab: int, num_prompts: int, system_len: int, user_len: tuple[int, int], output_len: int
+) -> dict[str, Any]:
     system = _tokens(rng, system_len, vocab)
     prompts = [system + _tokens(rng, rng.randint(*user_len), vocab) for _ in range(num_prompts)]
     before = llm.llm_engine.prefix_cache_stats
     outs, elapsed, peak = run_batch(llm, prompts, [output_len] * num_prompts)
     stats = llm.llm_engine.prefix_cache_stats.since(before)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"num_prompts": num_prompts, "system_len": system_len, "user_len": list(user_len),
-            "output_len": output_len, "prompt_tokens": sum(map(len, prompts)), "elapsed_s": elapsed,
-            "output_tokens_per_s": out_tokens / elapsed, "requests_per_s": num_prompts / elapsed,
-            "mean_ttft_s": statistics.mean(o.metrics.ttft for o in outs),
-            "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs), "hit_rate": stats.hit_rate,
-            "evictions": stats.evictions, "peak_kv_blocks_used": peak}
+    return {
+        "num_prompts": num_prompts,
+        "system_len": system_len,
+        "user_len": list(user_len),
+        "output_len": output_len,
+        "prompt_tokens": sum(map(len, prompts)),
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "requests_per_s": num_prompts / elapsed,
+        "mean_ttft_s": statistics.mean(o.metrics.ttft for o in outs),
+        "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
+        "hit_rate": stats.hit_rate,
+        "evictions": stats.evictions,
+        "peak_kv_blocks_used": peak,
+    }
 
 
-def _chat(llm: LLM, rng: random.Random, vocab: int, conversations: int, turns: int, system_len: int,
-          turn_len: int, reply_len: int) -> list[dict[str, Any]]:
+def _chat(
+    llm: LLM, rng: random.Random, vocab: int, conversations: int, turns: int, system_len: int, turn_len: int, reply_len: int
+) -> list[dict[str, Any]]:
     """Every conversation's next turn arrives together; its prompt is the whole conversation so far."""
     system = _tokens(rng, system_len, vocab)
     history = [list(system) for _ in range(conversations)]
@@ -116,44 +142,90 @@ def _chat(llm: LLM, rng: random.Random, vocab: int, conversations: int, turns: i
         stats = llm.llm_engine.prefix_cache_stats.since(before)
         for h, o in zip(history, outs):
             h += o.outputs[0].token_ids
-        rows.append({"turn": turn + 1, "prompt_len": len(outs[0].prompt_token_ids), "elapsed_s": elapsed,
-                     "mean_ttft_s": statistics.mean(o.metrics.ttft for o in outs),
-                     "hit_rate": stats.hit_rate,
-                     "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
-                     "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs)})
+        rows.append(
+            {
+                "turn": turn + 1,
+                "prompt_len": len(outs[0].prompt_token_ids),
+                "elapsed_s": elapsed,
+                "mean_ttft_s": statistics.mean(o.metrics.ttft for o in outs),
+                "hit_rate": stats.hit_rate,
+                "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
+                "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
+            }
+        )
     return rows
 
 
 PARTS = ("ttft", "throughput", "chat")
 
 
-def bench_prefix(model: str, configs: list[str], parts: tuple[str, ...] = PARTS, prefix_len: int = 4096,
-                 suffix_len: int = 128, repeat: int = 3, num_prompts: int = 256, system_len: int = 2048,
-                 user_len: tuple[int, int] = (32, 128), output_len: int = 128, conversations: int = 16,
-                 turns: int = 6, chat_system_len: int = 512, turn_len: int = 64, reply_len: int = 64,
-                 seed: int = 0, device: str | None = None, dtype: str | None = None, out: str | None = None,
-                 **overrides: Any) -> dict[str, Any]:
+def bench_prefix(
+    model: str,
+    configs: list[str],
+    parts: tuple[str, ...] = PARTS,
+    prefix_len: int = 4096,
+    suffix_len: int = 128,
+    repeat: int = 3,
+    num_prompts: int = 256,
+    system_len: int = 2048,
+    user_len: tuple[int, int] = (32, 128),
+    output_len: int = 128,
+    conversations: int = 16,
+    turns: int = 6,
+    chat_system_len: int = 512,
+    turn_len: int = 64,
+    reply_len: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    out: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Each config (``M4``, ``M6``, ``M6/sync``...) runs the chosen parts on one engine, its cache
     reset between parts. With ``out`` the JSON is rewritten after every config."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"parts must be among {PARTS}, got {unknown}")
-    for name, value in (("prefix_len", prefix_len), ("suffix_len", suffix_len), ("repeat", repeat),
-                        ("num_prompts", num_prompts), ("system_len", system_len), ("output_len", output_len),
-                        ("conversations", conversations), ("turns", turns), ("turn_len", turn_len),
-                        ("reply_len", reply_len)):
+    for name, value in (
+        ("prefix_len", prefix_len),
+        ("suffix_len", suffix_len),
+        ("repeat", repeat),
+        ("num_prompts", num_prompts),
+        ("system_len", system_len),
+        ("output_len", output_len),
+        ("conversations", conversations),
+        ("turns", turns),
+        ("turn_len", turn_len),
+        ("reply_len", reply_len),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    need = max(24, prefix_len + suffix_len + 1, system_len + user_len[1] + output_len,
-               chat_system_len + turns * (turn_len + reply_len))
+    need = max(
+        24,
+        prefix_len + suffix_len + 1,
+        system_len + user_len[1] + output_len,
+        chat_system_len + turns * (turn_len + reply_len),
+    )
     overrides.setdefault("max_model_len", need)
     dev = resolve_device(device)
     meta = provenance(dev, model, resolve_dtype(dtype, dev))
-    workload = {"parts": list(parts), "prefix_len": prefix_len, "suffix_len": suffix_len, "repeat": repeat,
-                "num_prompts": num_prompts, "system_len": system_len, "user_len": list(user_len),
-                "output_len": output_len, "conversations": conversations, "turns": turns,
-                "chat_system_len": chat_system_len, "turn_len": turn_len, "reply_len": reply_len, "seed": seed,
-                "overrides": overrides}
+    workload = {
+        "parts": list(parts),
+        "prefix_len": prefix_len,
+        "suffix_len": suffix_len,
+        "repeat": repeat,
+        "num_prompts": num_prompts,
+        "system_len": system_len,
+        "user_len": list(user_len),
+        "output_len": output_len,
+        "conversations": conversations,
+        "turns": turns,
+        "chat_system_len": chat_system_len,
+        "turn_len": turn_len,
+        "reply_len": reply_len,
+        "seed": seed,
+        "overrides": overrides,
+    }
     results: list[dict[str, Any]] = []
     for spec in configs:
         milestone, extra, _ = parse_config(spec)
@@ -164,12 +236,15 @@ def bench_prefix(model: str, configs: list[str], parts: tuple[str, ...] = PARTS,
         warm = _tokens(rng, 16, vocab)
         run_batch(llm, [warm + [1] * 4], [2])  # compile the kernels of a miss, then of a hit
         run_batch(llm, [warm + [2] * 4], [2])
-        row: dict[str, Any] = {"config": spec, "milestone": milestone,
-                               "prefix_caching": engine.config.cache_config.enable_prefix_caching,
-                               "attention_backend": engine.model_runner.backend_name,
-                               "num_kv_blocks": engine.kv_cache_manager.num_blocks,
-                               "block_size": engine.config.cache_config.block_size,
-                               "kv_bytes_per_token": engine.model_runner.kv_bytes_per_token()}
+        row: dict[str, Any] = {
+            "config": spec,
+            "milestone": milestone,
+            "prefix_caching": engine.config.cache_config.enable_prefix_caching,
+            "attention_backend": engine.model_runner.backend_name,
+            "num_kv_blocks": engine.kv_cache_manager.num_blocks,
+            "block_size": engine.config.cache_config.block_size,
+            "kv_bytes_per_token": engine.model_runner.kv_bytes_per_token(),
+        }
         for part in parts:
             llm.reset_prefix_cache()
             if part == "ttft":
@@ -199,8 +274,9 @@ def _payload(meta: dict, workload: dict, results: list[dict]) -> dict[str, Any]:
         a, b = first["throughput"], last["throughput"]
         summary["throughput_speedup"] = b["output_tokens_per_s"] / a["output_tokens_per_s"]
         summary["kv_blocks_saved_at_peak"] = a["peak_kv_blocks_used"] - b["peak_kv_blocks_used"]
-        summary["kv_gib_saved_at_peak"] = (summary["kv_blocks_saved_at_peak"] * last["block_size"]
-                                           * last["kv_bytes_per_token"] / 2**30)
+        summary["kv_gib_saved_at_peak"] = (
+            summary["kv_blocks_saved_at_peak"] * last["block_size"] * last["kv_bytes_per_token"] / 2**30
+        )
     if "chat" in last:
         summary["chat_hit_rate_per_turn"] = [r["hit_rate"] for r in last["chat"]]
     return {"benchmark": "prefix", **meta, "workload": workload, "summary": summary, "results": results}

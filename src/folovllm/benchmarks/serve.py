@@ -10,6 +10,7 @@ Per request: TTFT (send to first token), every inter-token gap (ITL), TPOT
 ((latency - TTFT) / (tokens - 1)) and end-to-end latency (E2EL); aggregated as
 mean/median/std/p90/p99 under vLLM's ``benchmark_serving`` names (``mean_ttft_ms``, ``p99_itl_ms`` ...).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,9 +73,14 @@ class RequestResult:
         return (self.latency - self.ttft) / (n - 1) if n > 1 else None
 
     def record(self, detailed: bool) -> dict[str, Any]:
-        row: dict[str, Any] = {"prompt_len": self.prompt_len, "output_len": len(self.token_times),
-                               "ttft_s": self.ttft if self.token_times else None, "tpot_s": self.tpot,
-                               "e2el_s": self.latency, "error": self.error}
+        row: dict[str, Any] = {
+            "prompt_len": self.prompt_len,
+            "output_len": len(self.token_times),
+            "ttft_s": self.ttft if self.token_times else None,
+            "tpot_s": self.tpot,
+            "e2el_s": self.latency,
+            "error": self.error,
+        }
         if detailed:
             row["itl_s"] = self.itl
         return row
@@ -83,8 +89,9 @@ class RequestResult:
 Send = Callable[[int, list[int], int], Awaitable[RequestResult]]
 
 
-async def run_workload(send: Send, prompts: list[list[int]], outputs: list[int], request_rate: float,
-                       max_concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
+async def run_workload(
+    send: Send, prompts: list[list[int]], outputs: list[int], request_rate: float, max_concurrency: int | None, seed: int
+) -> tuple[list[RequestResult], float]:
     """Dispatch every request at its Poisson arrival time; returns the results and the wall time."""
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -107,10 +114,10 @@ async def run_workload(send: Send, prompts: list[list[int]], outputs: list[int],
 
 def inprocess_sender(engine: AsyncLLM, tag: str) -> Send:
     """Requests straight into ``AsyncLLM.generate`` (greedy, ``ignore_eos``: exactly the asked length)."""
+
     async def send(i: int, prompt: list[int], max_tokens: int) -> RequestResult:
         result = RequestResult(len(prompt), max_tokens, start=time.perf_counter())
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
         try:
             async for out in engine.generate({"prompt_token_ids": prompt}, params, f"{tag}-{i}"):
                 now = time.perf_counter()
@@ -119,14 +126,23 @@ def inprocess_sender(engine: AsyncLLM, tag: str) -> Send:
             result.error = f"{type(err).__name__}: {err}"
         result.end = time.perf_counter()
         return result
+
     return send
 
 
 def http_sender(client: Any, base_url: str, model: str) -> Send:
     """Streaming ``/v1/completions`` with token ids back (``return_token_ids``), stamping each chunk's arrival."""
+
     async def send(i: int, prompt: list[int], max_tokens: int) -> RequestResult:
-        payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                   "ignore_eos": True, "stream": True, "return_token_ids": True}
+        payload = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
         result = RequestResult(len(prompt), max_tokens, start=time.perf_counter())
         try:
             async with client.stream("POST", f"{base_url}/v1/completions", json=payload) as resp:
@@ -138,6 +154,7 @@ def http_sender(client: Any, base_url: str, model: str) -> Send:
             result.error = f"{type(err).__name__}: {err}"
         result.end = time.perf_counter()
         return result
+
     return send
 
 
@@ -145,7 +162,7 @@ async def _read_events(resp: Any, result: RequestResult) -> None:
     async for line in resp.aiter_lines():
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             return
         now = time.perf_counter()
@@ -163,12 +180,21 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     out_tokens = sum(len(r.token_times) for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
     row: dict[str, Any] = {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-        "total_token_throughput": (in_tokens + out_tokens) / duration}
-    series = {"ttft": [r.ttft for r in ok], "tpot": [t for r in ok if (t := r.tpot) is not None],
-              "itl": [g for r in ok for g in r.itl], "e2el": [r.latency for r in ok]}
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+    }
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [t for r in ok if (t := r.tpot) is not None],
+        "itl": [g for r in ok for g in r.itl],
+        "e2el": [r.latency for r in ok],
+    }
     for name, values in series.items():
         ms = np.array(values or [math.nan]) * 1e3
         row[f"mean_{name}_ms"] = float(ms.mean())
@@ -183,9 +209,18 @@ def _warm_up_send(send: Send) -> None:
     asyncio.run(send(-1, [1, 2, 3, 4], 4))
 
 
-def run_inprocess(model: str, spec: str, prompts: list[list[int]], outputs: list[int], request_rate: float,
-                  max_concurrency: int | None, seed: int, device: str | None, dtype: str | None,
-                  overrides: dict[str, Any]) -> tuple[dict[str, Any], list[RequestResult]]:
+def run_inprocess(
+    model: str,
+    spec: str,
+    prompts: list[list[int]],
+    outputs: list[int],
+    request_rate: float,
+    max_concurrency: int | None,
+    seed: int,
+    device: str | None,
+    dtype: str | None,
+    overrides: dict[str, Any],
+) -> tuple[dict[str, Any], list[RequestResult]]:
     """One engine config, built like ``bench throughput`` builds it, behind ``AsyncLLM``."""
     milestone, extra, limit = parse_config(spec)
     prompts, outputs = prompts[:limit], outputs[:limit]
@@ -194,13 +229,20 @@ def run_inprocess(model: str, spec: str, prompts: list[list[int]], outputs: list
     try:
         prompts = [[t % engine.engine.vocab_size for t in p] for p in prompts]  # tiny test vocabularies
         _warm_up_send(inprocess_sender(engine, "warmup"))
-        results, duration = asyncio.run(run_workload(inprocess_sender(engine, "req"), prompts, outputs,
-                                                     request_rate, max_concurrency, seed))
+        results, duration = asyncio.run(
+            run_workload(inprocess_sender(engine, "req"), prompts, outputs, request_rate, max_concurrency, seed)
+        )
         cfg = llm.llm_engine.config
-        row = {"config": spec, "transport": "inprocess", "milestone": milestone,
-               "batching": cfg.scheduler_config.batching, "kv_layout": cfg.cache_config.kv_layout,
-               "attention_backend": llm.llm_engine.model_runner.backend_name,
-               "num_kv_blocks": llm.llm_engine.kv_cache_manager.num_blocks, **summarize(results, duration)}
+        row = {
+            "config": spec,
+            "transport": "inprocess",
+            "milestone": milestone,
+            "batching": cfg.scheduler_config.batching,
+            "kv_layout": cfg.cache_config.kv_layout,
+            "attention_backend": llm.llm_engine.model_runner.backend_name,
+            "num_kv_blocks": llm.llm_engine.kv_cache_manager.num_blocks,
+            **summarize(results, duration),
+        }
     finally:
         engine.shutdown(drain=False)
         del llm, engine
@@ -210,8 +252,9 @@ def run_inprocess(model: str, spec: str, prompts: list[list[int]], outputs: list
     return row, results
 
 
-def run_http(base_url: str, prompts: list[list[int]], outputs: list[int], request_rate: float,
-             max_concurrency: int | None, seed: int) -> tuple[dict[str, Any], list[RequestResult], str]:
+def run_http(
+    base_url: str, prompts: list[list[int]], outputs: list[int], request_rate: float, max_concurrency: int | None, seed: int
+) -> tuple[dict[str, Any], list[RequestResult], str]:
     """The workload against a running server; the model is the one it serves."""
     import httpx2
 
@@ -228,13 +271,28 @@ def run_http(base_url: str, prompts: list[list[int]], outputs: list[int], reques
     return {"config": base_url, "transport": "http", **summarize(results, duration)}, results, model
 
 
-def bench_serve(model: str, configs: list[str], workload: str = "random", num_prompts: int = 256,
-                input_len: tuple[int, int] = (100, 1024), output_len: tuple[int, int] = (100, 1024),
-                long_input_len: tuple[int, int] = (4096, 8192), long_fraction: float = 0.1, seed: int = 0,
-                vocab_size: int = 10000, subset: int | None = None, request_rate: float = math.inf,
-                max_concurrency: int | None = None, base_url: str | None = None, save_detailed: bool = False,
-                baseline: str | None = None, device: str | None = None, dtype: str | None = None,
-                out: str | None = None, **overrides: Any) -> dict[str, Any]:
+def bench_serve(
+    model: str,
+    configs: list[str],
+    workload: str = "random",
+    num_prompts: int = 256,
+    input_len: tuple[int, int] = (100, 1024),
+    output_len: tuple[int, int] = (100, 1024),
+    long_input_len: tuple[int, int] = (4096, 8192),
+    long_fraction: float = 0.1,
+    seed: int = 0,
+    vocab_size: int = 10000,
+    subset: int | None = None,
+    request_rate: float = math.inf,
+    max_concurrency: int | None = None,
+    base_url: str | None = None,
+    save_detailed: bool = False,
+    baseline: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    out: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Run the workload in-process under each config, or once over HTTP when ``base_url`` is given.
 
     ``baseline``: a results file of an earlier run (e.g. in-process) whose rows are
@@ -247,15 +305,24 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
     if workload == "mixed":
-        prompts, outputs = mixed_workload(num_prompts, input_len, output_len, long_input_len, long_fraction, seed,
-                                          vocab_size)
+        prompts, outputs = mixed_workload(
+            num_prompts, input_len, output_len, long_input_len, long_fraction, seed, vocab_size
+        )
     else:
         prompts, outputs = random_workload(num_prompts, input_len, output_len, seed, vocab_size)
     prompts, outputs = prompts[:subset], outputs[:subset]
-    spec = {"name": workload, "num_prompts": len(prompts), "input_len": list(input_len),
-            "output_len": list(output_len), "seed": seed, "vocab_size": vocab_size, "subset": subset,
-            "request_rate": request_rate, "max_concurrency": max_concurrency,
-            **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload == "mixed" else {})}
+    spec = {
+        "name": workload,
+        "num_prompts": len(prompts),
+        "input_len": list(input_len),
+        "output_len": list(output_len),
+        "seed": seed,
+        "vocab_size": vocab_size,
+        "subset": subset,
+        "request_rate": request_rate,
+        "max_concurrency": max_concurrency,
+        **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload == "mixed" else {}),
+    }
     base = _load_baseline(baseline, spec) if baseline else None
     dev = resolve_device(device)
     rows: list[dict[str, Any]] = []
@@ -264,19 +331,25 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
         if base_url:
             row, results, meta_model = run_http(base_url, prompts, outputs, request_rate, max_concurrency, seed)
         else:
-            row, results = run_inprocess(model, config, prompts, outputs, request_rate, max_concurrency, seed,
-                                         device, dtype, overrides)
+            row, results = run_inprocess(
+                model, config, prompts, outputs, request_rate, max_concurrency, seed, device, dtype, overrides
+            )
         row["requests"] = [r.record(save_detailed) for r in results]
         rows.append(row)
-        print(f"[{row['config']}] {row['completed']}/{len(results)} done, {row['output_throughput']:.0f} tok/s, "
-              f"TTFT p99 {row['p99_ttft_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms", file=sys.stderr)
+        print(
+            f"[{row['config']}] {row['completed']}/{len(results)} done, {row['output_throughput']:.0f} tok/s, "
+            f"TTFT p99 {row['p99_ttft_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms",
+            file=sys.stderr,
+        )
         failed = next((r.error for r in results if not r.ok), None)
         if failed:
             print(f"[{row['config']}] first failure: {failed}", file=sys.stderr)
-    payload = {"benchmark": "serve", **provenance(dev, meta_model, resolve_dtype(dtype, dev)),
-               "workload": {**spec, "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(outputs),
-                            "overrides": overrides},
-               "results": rows}
+    payload = {
+        "benchmark": "serve",
+        **provenance(dev, meta_model, resolve_dtype(dtype, dev)),
+        "workload": {**spec, "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(outputs), "overrides": overrides},
+        "results": rows,
+    }
     if base is not None:
         _add_baseline(payload, base, baseline)
     if out:
@@ -284,8 +357,16 @@ def bench_serve(model: str, configs: list[str], workload: str = "random", num_pr
     return payload
 
 
-METRICS_COMPARED = ("mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms",
-                    "median_itl_ms", "mean_e2el_ms", "median_e2el_ms")
+METRICS_COMPARED = (
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "mean_itl_ms",
+    "median_itl_ms",
+    "mean_e2el_ms",
+    "median_e2el_ms",
+)
 
 
 def _load_baseline(path: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -303,5 +384,6 @@ def _add_baseline(payload: dict[str, Any], base: dict[str, Any], path: str) -> N
     payload["baseline"] = {"file": path, "command": base.get("command"), "commit": base.get("commit")}
     payload["overhead_vs_baseline"] = {
         **{f"{k}_delta": row[k] - ref[k] for k in METRICS_COMPARED},
-        "output_throughput_ratio": row["output_throughput"] / ref["output_throughput"]}
+        "output_throughput_ratio": row["output_throughput"] / ref["output_throughput"],
+    }
     payload["results"] = base["results"] + payload["results"]

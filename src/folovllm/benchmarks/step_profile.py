@@ -6,6 +6,7 @@ the engine's own host/forward split) and one more is recorded with
 a timeline of both that the M4 chapter draws. Comparing M3 (eager, unfused) with
 M4 (fused kernels, CUDA graphs) shows what the fast path removed.
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,8 +22,15 @@ from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
 
 # Host calls that put work on the GPU: runtime and driver kernel launches (Triton uses the driver), graph launches.
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
-                "cudaMemcpyAsync", "cudaMemsetAsync")
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+    "cudaMemcpyAsync",
+    "cudaMemsetAsync",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -67,10 +75,13 @@ def _record_step(engine, device: torch.device) -> dict[str, Any]:
         entry[0] += 1
         entry[1] += e.time_range.elapsed_us() / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
-    return {"num_gpu_kernels": len(kernels), "num_host_launches": len(launches),
-            "top_kernels": [{"name": n, "count": c, "total_ms": round(ms, 4)} for n, (c, ms) in top],
-            "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
-            "timeline": {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]}}
+    return {
+        "num_gpu_kernels": len(kernels),
+        "num_host_launches": len(launches),
+        "top_kernels": [{"name": n, "count": c, "total_ms": round(ms, 4)} for n, (c, ms) in top],
+        "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
+        "timeline": {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]},
+    }
 
 
 def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, seed: int = 0) -> dict[str, Any]:
@@ -80,8 +91,10 @@ def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, 
     gen = torch.Generator().manual_seed(seed)
     budget = engine.max_model_len - prompt_len
     if budget < steps + 8:
-        raise ValueError(f"max_model_len ({engine.max_model_len}) leaves no room for {steps + 8} decode steps "
-                         f"after a {prompt_len}-token prompt")
+        raise ValueError(
+            f"max_model_len ({engine.max_model_len}) leaves no room for {steps + 8} decode steps "
+            f"after a {prompt_len}-token prompt"
+        )
     params = SamplingParams(temperature=0.0, max_tokens=budget, ignore_eos=True)
     ids = [f"profile-{i}" for i in range(batch_size)]
     for rid in ids:
@@ -100,21 +113,40 @@ def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, 
     _sync(device)
     wall_ms = (time.perf_counter() - start) / steps * 1e3
     st = engine.stats
-    row = {"batch_size": batch_size, "prompt_len": prompt_len, "wall_ms_per_step": wall_ms,
-           "host_ms_per_step": st.host_time / st.num_steps * 1e3,
-           "forward_ms_per_step": st.forward_time / st.num_steps * 1e3, **_record_step(engine, device)}
+    row = {
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "wall_ms_per_step": wall_ms,
+        "host_ms_per_step": st.host_time / st.num_steps * 1e3,
+        "forward_ms_per_step": st.forward_time / st.num_steps * 1e3,
+        **_record_step(engine, device),
+    }
     engine.abort_request(ids)
     return row
 
 
-def bench_step(model: str, configs: list[str], batch_sizes: list[int], prompt_len: int = 128, steps: int = 20,
-               device: str | None = None, dtype: str | None = None, **overrides: Any) -> dict[str, Any]:
+def bench_step(
+    model: str,
+    configs: list[str],
+    batch_sizes: list[int],
+    prompt_len: int = 128,
+    steps: int = 20,
+    device: str | None = None,
+    dtype: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step."""
     rows, meta, floor = [], None, None
     for milestone in configs:
         as_of, variant, _ = parse_config(milestone)
-        llm = LLM(model, milestone=as_of, device=device, dtype=dtype, max_num_seqs=max(batch_sizes),
-                  **{"max_model_len": prompt_len + steps + 64, **variant, **overrides})
+        llm = LLM(
+            model,
+            milestone=as_of,
+            device=device,
+            dtype=dtype,
+            max_num_seqs=max(batch_sizes),
+            **{"max_model_len": prompt_len + steps + 64, **variant, **overrides},
+        )
         engine = llm.llm_engine
         if meta is None:
             dev, dt = engine.config.device, engine.config.model_config.dtype
@@ -124,9 +156,13 @@ def bench_step(model: str, configs: list[str], batch_sizes: list[int], prompt_le
             floor["weights_floor_ms"] = weight_bytes / (floor["copy_GBps"] * 1e9) * 1e3
         graphs = engine.model_runner.cuda_graphs
         for bs in batch_sizes:
-            row = {"milestone": milestone, "attention_backend": engine.model_runner.backend_name,
-                   "cuda_graphs": graphs is not None, "fused_kernels": engine.model_runner.fused,
-                   **profile_decode(llm, bs, prompt_len, steps)}
+            row = {
+                "milestone": milestone,
+                "attention_backend": engine.model_runner.backend_name,
+                "cuda_graphs": graphs is not None,
+                "fused_kernels": engine.model_runner.fused,
+                **profile_decode(llm, bs, prompt_len, steps),
+            }
             row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
             rows.append(row)
         if graphs is not None:
@@ -137,6 +173,11 @@ def bench_step(model: str, configs: list[str], batch_sizes: list[int], prompt_le
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     summary = {f"{r['milestone']}@{r['batch_size']}": round(r["wall_ms_per_step"], 3) for r in rows}
-    return {"benchmark": "decode_step", **meta, "workload": {"batch_sizes": batch_sizes, "prompt_len": prompt_len,
-                                                             "steps": steps, "overrides": overrides},
-            "floor": floor, "wall_ms_per_step": summary, "results": rows}
+    return {
+        "benchmark": "decode_step",
+        **meta,
+        "workload": {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "steps": steps, "overrides": overrides},
+        "floor": floor,
+        "wall_ms_per_step": summary,
+        "results": rows,
+    }

@@ -6,6 +6,7 @@ fast-path piece switched off (``M4/sync``). Besides
 tokens/s it reports how close the run came to the workload's hardware floor
 and how much of each step was host (Python) time.
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,8 +25,9 @@ from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
 
 
-def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_gbps: float,
-                   matmul_tflops: float) -> dict[str, float]:
+def workload_floor(
+    llm: LLM, prompts: list[list[int]], outputs: list[int], copy_gbps: float, matmul_tflops: float
+) -> dict[str, float]:
     """The fastest this workload can run on this card, from bytes and FLOPs.
 
     Decode: every step reads all weights once, and every generated token reads
@@ -41,12 +43,17 @@ def workload_floor(llm: LLM, prompts: list[list[int]], outputs: list[int], copy_
     kv_read = sum(kv_per_token * (len(p) * o + o * (o - 1) // 2) for p, o in zip(prompts, outputs))
     num_layers, _, head_dim = engine.model_runner.kv_shape
     num_heads = engine.hf_config.num_attention_heads
-    prefill_flops = sum(2 * num_params * len(p) + 2 * num_layers * num_heads * head_dim * len(p) ** 2
-                        for p in prompts)
+    prefill_flops = sum(2 * num_params * len(p) + 2 * num_layers * num_heads * head_dim * len(p) ** 2 for p in prompts)
     decode_s = (max(outputs) * weight_bytes + kv_read) / (copy_gbps * 1e9)
     prefill_s = prefill_flops / (matmul_tflops * 1e12)
-    return {"weight_bytes": weight_bytes, "kv_bytes_read": kv_read, "prefill_flops": prefill_flops,
-            "floor_decode_s": decode_s, "floor_prefill_s": prefill_s, "floor_s": decode_s + prefill_s}
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_read": kv_read,
+        "prefill_flops": prefill_flops,
+        "floor_decode_s": decode_s,
+        "floor_prefill_s": prefill_s,
+        "floor_s": decode_s + prefill_s,
+    }
 
 
 def _timed_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
@@ -61,8 +68,16 @@ def _timed_generate(llm: LLM, prompts: list[list[int]], params: list[SamplingPar
     return time.perf_counter() - start, sum(len(r.outputs[0].token_ids) for r in results)
 
 
-def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[int], device: str | None,
-               dtype: str | None, overrides: dict[str, Any], repeat: int = 1) -> tuple[LLM, dict[str, Any]]:
+def run_config(
+    model: str,
+    spec: str,
+    prompts: list[list[int]],
+    outputs: list[int],
+    device: str | None,
+    dtype: str | None,
+    overrides: dict[str, Any],
+    repeat: int = 1,
+) -> tuple[LLM, dict[str, Any]]:
     """Build the engine of ``spec``, warm it up, then run the workload ``repeat`` times on it.
 
     The row reports the median run and the spread of all runs; per-step figures
@@ -84,15 +99,25 @@ def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[in
     st = engine.stats
     rates = sorted(n / t for t, n in runs)
     return llm, {
-        "config": spec, "milestone": milestone, "num_prompts": len(prompts),
-        "batching": engine.config.scheduler_config.batching, "kv_layout": engine.config.cache_config.kv_layout,
+        "config": spec,
+        "milestone": milestone,
+        "num_prompts": len(prompts),
+        "batching": engine.config.scheduler_config.batching,
+        "kv_layout": engine.config.cache_config.kv_layout,
         "attention_backend": engine.model_runner.backend_name,
-        "num_kv_blocks": engine.kv_cache_manager.num_blocks, "block_size": engine.config.cache_config.block_size,
-        "repeats": repeat, "elapsed_s": elapsed, "elapsed_s_runs": [t for t, _ in runs],
-        "requests_per_s": len(prompts) / elapsed, "output_tokens": out_tokens,
-        "output_tokens_per_s": out_tokens / elapsed, "output_tokens_per_s_min": rates[0],
-        "output_tokens_per_s_max": rates[-1], "total_tokens_per_s": (out_tokens + in_tokens) / elapsed,
-        "num_steps": st.num_steps // repeat, "max_concurrent_seqs": st.max_scheduled_seqs,
+        "num_kv_blocks": engine.kv_cache_manager.num_blocks,
+        "block_size": engine.config.cache_config.block_size,
+        "repeats": repeat,
+        "elapsed_s": elapsed,
+        "elapsed_s_runs": [t for t, _ in runs],
+        "requests_per_s": len(prompts) / elapsed,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "output_tokens_per_s_min": rates[0],
+        "output_tokens_per_s_max": rates[-1],
+        "total_tokens_per_s": (out_tokens + in_tokens) / elapsed,
+        "num_steps": st.num_steps // repeat,
+        "max_concurrent_seqs": st.max_scheduled_seqs,
         "mean_batch_size": st.num_scheduled_seqs / st.num_steps,
         "num_preemptions": (engine.scheduler.num_preemptions - preemptions_before) // repeat,
         "host_ms_per_step": 1e3 * st.host_time / st.num_steps,
@@ -101,11 +126,20 @@ def run_config(model: str, spec: str, prompts: list[list[int]], outputs: list[in
     }
 
 
-def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
-                     input_len: tuple[int, int] = (100, 1024), output_len: tuple[int, int] = (100, 1024),
-                     seed: int = 0, subset: int | None = None, device: str | None = None,
-                     dtype: str | None = None, out: str | None = None, repeat: int = 1,
-                     **overrides: Any) -> dict[str, Any]:
+def bench_throughput(
+    model: str,
+    configs: list[str],
+    num_prompts: int = 256,
+    input_len: tuple[int, int] = (100, 1024),
+    output_len: tuple[int, int] = (100, 1024),
+    seed: int = 0,
+    subset: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    out: str | None = None,
+    repeat: int = 1,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Run the workload under each configuration; ``subset`` keeps only the first N prompts.
 
     A configuration ``SPEC@N`` runs only the first N prompts (sequential runs of the
@@ -132,8 +166,9 @@ def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
         results.append(row)
         print(f"[{spec}] {row['output_tokens_per_s']:.0f} output tok/s in {row['elapsed_s']:.1f} s", file=sys.stderr)
         if out:
-            save_json(out, _payload(meta, prompts, outputs, input_len, output_len, seed, subset, overrides,
-                                    hardware, results))
+            save_json(
+                out, _payload(meta, prompts, outputs, input_len, output_len, seed, subset, overrides, hardware, results)
+            )
         del llm
         gc.collect()
         if torch.cuda.is_available():
@@ -141,14 +176,34 @@ def bench_throughput(model: str, configs: list[str], num_prompts: int = 256,
     return _payload(meta, prompts, outputs, input_len, output_len, seed, subset, overrides, hardware, results)
 
 
-def _payload(meta: dict, prompts: list[list[int]], outputs: list[int], input_len: tuple[int, int],
-             output_len: tuple[int, int], seed: int, subset: int | None, overrides: dict,
-             hardware: dict, results: list[dict]) -> dict[str, Any]:
+def _payload(
+    meta: dict,
+    prompts: list[list[int]],
+    outputs: list[int],
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    seed: int,
+    subset: int | None,
+    overrides: dict,
+    hardware: dict,
+    results: list[dict],
+) -> dict[str, Any]:
     base = results[0]["output_tokens_per_s"]
     for row in results:
         row["speedup_vs_first"] = row["output_tokens_per_s"] / base
-    return {"benchmark": "throughput", **meta,
-            "workload": {"num_prompts": len(prompts), "input_len": list(input_len), "output_len": list(output_len),
-                         "seed": seed, "subset": subset, "prompt_tokens": sum(map(len, prompts)),
-                         "output_tokens": sum(outputs), "overrides": overrides},
-            "hardware": hardware, "results": results}
+    return {
+        "benchmark": "throughput",
+        **meta,
+        "workload": {
+            "num_prompts": len(prompts),
+            "input_len": list(input_len),
+            "output_len": list(output_len),
+            "seed": seed,
+            "subset": subset,
+            "prompt_tokens": sum(map(len, prompts)),
+            "output_tokens": sum(outputs),
+            "overrides": overrides,
+        },
+        "hardware": hardware,
+        "results": results,
+    }

@@ -6,6 +6,7 @@ hits it. With caching on, a freed full block keeps its hash and its K/V: it
 sits in the free queue, least recently freed first, and is evicted (its hash
 forgotten) only when ``get_new_blocks`` hands it out for new tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ class BlockPool:
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached_block_hash_to_block.get(block_hash)
 
-    def cache_full_block(self, block: KVCacheBlock, block_hash: BlockHash, parent_hash: BlockHash | None,
-                         token_ids: tuple[int, ...]) -> bool:
+    def cache_full_block(
+        self, block: KVCacheBlock, block_hash: BlockHash, parent_hash: BlockHash | None, token_ids: tuple[int, ...]
+    ) -> bool:
         """Name ``block`` by the prefix it now holds; False if it is already named or another block holds it."""
         if block.block_hash is not None or block_hash in self.cached_block_hash_to_block:
             return False
@@ -131,6 +133,7 @@ class BlockPool:
             block.block_hash, block.parent_hash, block.token_ids = None, None, ()
         self.cached_block_hash_to_block.clear()
         return True
+
     # endregion
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:

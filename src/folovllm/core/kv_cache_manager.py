@@ -10,6 +10,7 @@
 All three speak in block ids of the same cache tensor, so the model runner
 and every attention kernel work unchanged whichever policy is in charge.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -47,8 +48,9 @@ class BaseKVCacheManager(ABC):
         self._reported: dict[str, int] = {}  # leading block-table entries the runner already holds
 
     @abstractmethod
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] | None = None
+    ) -> bool:
         """Make room for ``num_new_tokens`` after the computed ones; False (and no change) if full.
 
         ``new_computed_blocks``: what ``get_computed_blocks`` found for a request being admitted
@@ -103,8 +105,9 @@ class NoKVCacheManager(BaseKVCacheManager):
     def __init__(self) -> None:
         super().__init__(num_blocks=0, block_size=1)
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] | None = None
+    ) -> bool:
         return True
 
     def free(self, request: Request) -> None:
@@ -127,12 +130,14 @@ class ContiguousKVCacheManager(BaseKVCacheManager):
         if self.num_slabs < 1:
             raise ValueError(
                 f"kv_cache_memory holds {num_blocks} blocks, fewer than one max_model_len slab "
-                f"({self.blocks_per_slab} blocks); raise kv_cache_memory or lower max_model_len")
+                f"({self.blocks_per_slab} blocks); raise kv_cache_memory or lower max_model_len"
+            )
         self.free_slabs: deque[int] = deque(range(self.num_slabs))
         self.slab_of: dict[str, int] = {}
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] | None = None
+    ) -> bool:
         rid = request.request_id
         if rid not in self.slab_of:
             if not self.free_slabs:
@@ -183,8 +188,9 @@ class KVCacheManager(BaseKVCacheManager):
         self._stats = PrefixCacheStats()
         # endregion
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] | None = None
+    ) -> bool:
         rid = request.request_id
         blocks = self.req_to_blocks.get(rid, [])
         # region M6: a prefix-cache hit starts the block table
@@ -195,16 +201,20 @@ class KVCacheManager(BaseKVCacheManager):
             blocks = list(hits)
         # endregion
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new_tokens
-        if end <= len(blocks) * self.block_size and start // self.block_size == (end - 1) // self.block_size \
-                and blocks[start // self.block_size].ref_cnt == 1:
+        if (
+            end <= len(blocks) * self.block_size
+            and start // self.block_size == (end - 1) // self.block_size
+            and blocks[start // self.block_size].ref_cnt == 1
+        ):
             self.num_tokens[rid] = end  # the common decode step: room in an unshared last block
             if self.enable_caching:
                 self._cache_full_blocks(request, blocks, end)
             return True
         # region copy-on-write
         # Blocks this step writes into that another sequence still reads: copy them first.
-        shared = [i for i in range(start // self.block_size, min(len(blocks), cdiv(end, self.block_size)))
-                  if blocks[i].ref_cnt > 1]
+        shared = [
+            i for i in range(start // self.block_size, min(len(blocks), cdiv(end, self.block_size))) if blocks[i].ref_cnt > 1
+        ]
         num_new_blocks = cdiv(end, self.block_size) - len(blocks)
         # endregion
         # A hit on a cached block nobody uses takes it out of the free queue: one free block fewer.
@@ -246,7 +256,7 @@ class KVCacheManager(BaseKVCacheManager):
             return [], 0
         hashes = hash_request_tokens(request, self.block_size)
         hits = []
-        for block_hash in hashes[:(request.num_tokens - 1) // self.block_size]:
+        for block_hash in hashes[: (request.num_tokens - 1) // self.block_size]:
             block = self.block_pool.get_cached_block(block_hash)
             if block is None:
                 break
@@ -269,8 +279,9 @@ class KVCacheManager(BaseKVCacheManager):
         hashes = hash_request_tokens(request, self.block_size)
         tokens, size = request.all_token_ids, self.block_size
         for i in range(done, num_full):
-            self.block_pool.cache_full_block(blocks[i], hashes[i], hashes[i - 1] if i else None,
-                                             tuple(tokens[i * size:(i + 1) * size]))
+            self.block_pool.cache_full_block(
+                blocks[i], hashes[i], hashes[i - 1] if i else None, tuple(tokens[i * size : (i + 1) * size])
+            )
         self.num_cached_block[rid] = num_full
 
     @property
@@ -280,6 +291,7 @@ class KVCacheManager(BaseKVCacheManager):
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()
+
     # endregion
 
     def free(self, request: Request) -> None:
@@ -304,7 +316,7 @@ class KVCacheManager(BaseKVCacheManager):
         """``child`` shares the blocks holding its first ``num_computed_tokens`` tokens."""
         if child.request_id in self.req_to_blocks:
             raise ValueError(f"request {child.request_id!r} already holds blocks; cannot fork into it")
-        shared = self.req_to_blocks[parent.request_id][:cdiv(child.num_computed_tokens, self.block_size)]
+        shared = self.req_to_blocks[parent.request_id][: cdiv(child.num_computed_tokens, self.block_size)]
         self.block_pool.touch(shared)
         self.req_to_blocks[child.request_id] = list(shared)
         self.num_tokens[child.request_id] = child.num_computed_tokens

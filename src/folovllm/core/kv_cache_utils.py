@@ -8,6 +8,7 @@ KV to another), so it is SHA-256 over a canonical byte encoding, never
 Python's ``hash`` (64 bits, and salted per process) or ``pickle`` (its bytes
 are not a canonical form of the value).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,7 @@ BlockHash = NewType("BlockHash", bytes)  # 32 bytes of SHA-256: names a whole pr
 NONE_HASH = BlockHash(hashlib.sha256(b"folovllm prefix cache root").digest())
 
 
-def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int],
-                      extra_keys: Sequence[str] = ()) -> BlockHash:
+def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: Sequence[str] = ()) -> BlockHash:
     """SHA-256 of ``parent || len || token ids || extra keys``, every field length-prefixed.
 
     Fixed-width little-endian ids and length prefixes make the encoding injective:
@@ -53,8 +53,9 @@ def hash_request_tokens(request: Request, block_size: int) -> list[BlockHash]:
     tokens = request.all_token_ids
     for i in range(len(hashes), len(tokens) // block_size):
         extra = (request.cache_salt,) if i == 0 and request.cache_salt is not None else ()
-        hashes.append(hash_block_tokens(hashes[-1] if hashes else None,
-                                        tokens[i * block_size:(i + 1) * block_size], extra))
+        hashes.append(
+            hash_block_tokens(hashes[-1] if hashes else None, tokens[i * block_size : (i + 1) * block_size], extra)
+        )
     return hashes
 
 
@@ -77,5 +78,9 @@ class PrefixCacheStats:
 
     def since(self, earlier: "PrefixCacheStats") -> "PrefixCacheStats":
         """The counts between an earlier snapshot and this one."""
-        return PrefixCacheStats(self.requests - earlier.requests, self.queries - earlier.queries,
-                                self.hits - earlier.hits, self.evictions - earlier.evictions)
+        return PrefixCacheStats(
+            self.requests - earlier.requests,
+            self.queries - earlier.queries,
+            self.hits - earlier.hits,
+            self.evictions - earlier.evictions,
+        )

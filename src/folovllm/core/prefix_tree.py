@@ -6,6 +6,7 @@ chapter and for checks) only follows those parent links. Merging every run of
 blocks that always go together (one child, same ref count) gives a radix tree,
 the shape SGLang's RadixAttention keeps as its primary structure.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,7 +44,7 @@ class PrefixTreeNode:
                 span = f"block {ids[0]}" if len(ids) == 1 else f"blocks {','.join(map(str, shown))} ({len(ids)})"
                 text = decode(child.token_ids) if decode else " ".join(map(str, child.token_ids))
                 text = text.replace("\n", "\\n")
-                text = text if len(text) <= width else text[:width - 3] + "..."
+                text = text if len(text) <= width else text[: width - 3] + "..."
                 state = "evictable" if child.evictable else f"ref {child.ref_cnt}"
                 lines.append(f"{indent}{'└── ' if last else '├── '}{span}, {state}: {text!r}")
                 draw(child, indent + ("    " if last else "│   "))

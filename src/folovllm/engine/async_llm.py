@@ -17,6 +17,7 @@ two queues:
 the engine is always asked for cumulative outputs (or FINAL_ONLY's one), and DELTA
 is cut by the collector, once per read however many steps passed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,16 +96,24 @@ class RequestOutputCollector:
         for c in output.outputs:
             tokens, chars = self._sent.get(c.index, (0, 0))
             n = len(c.token_ids)
-            completions.append(replace(c, text=c.text[chars:], token_ids=c.token_ids[tokens:],
-                                       logprobs=None if c.logprobs is None else c.logprobs[tokens:n]))
+            completions.append(
+                replace(
+                    c,
+                    text=c.text[chars:],
+                    token_ids=c.token_ids[tokens:],
+                    logprobs=None if c.logprobs is None else c.logprobs[tokens:n],
+                )
+            )
             self._sent[c.index] = (n, len(c.text))
         return replace(output, outputs=completions)
 
 
 def _snapshot(output: RequestOutput) -> RequestOutput:
     """The engine keeps appending to a request's logprobs list: cut it at this output's tokens."""
-    return replace(output, outputs=[c if c.logprobs is None else replace(c, logprobs=c.logprobs[:len(c.token_ids)])
-                                    for c in output.outputs])
+    return replace(
+        output,
+        outputs=[c if c.logprobs is None else replace(c, logprobs=c.logprobs[: len(c.token_ids)]) for c in output.outputs],
+    )
 
 
 _STOP = object()
@@ -132,6 +141,7 @@ class AsyncLLM:
     @classmethod
     def from_milestone(cls, model: str = "smollm2-135m", milestone: str | None = None, **kwargs: Any) -> "AsyncLLM":
         from folovllm.entrypoints.llm import LLM
+
         return cls(LLM(model, milestone=milestone, **kwargs).llm_engine)
 
     @property
@@ -151,8 +161,9 @@ class AsyncLLM:
         return self._thread.is_alive() and self._dead is None
 
     # ---- the asyncio side ---------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptType,
-                          sampling_params: SamplingParams | None = None) -> RequestOutputCollector:
+    async def add_request(
+        self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None
+    ) -> RequestOutputCollector:
         """Queue a request; returns once the engine accepted it. Bad input raises ``ValueError`` here."""
         params = sampling_params or SamplingParams()
         collector = RequestOutputCollector(request_id, params.output_kind)
@@ -168,8 +179,9 @@ class AsyncLLM:
         await self._call(add)
         return collector
 
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens arrive (as ``sampling_params.output_kind`` says), the last one ``finished``.
 
         Leaving early aborts the request, and its KV blocks are freed before the next
@@ -311,8 +323,9 @@ class AsyncLLM:
         sched = self.engine.scheduler
         usage = self.engine.kv_cache_manager.usage()
         prefix = self.engine.prefix_cache_stats
-        return EngineLoad(len(sched.running), len(sched.waiting), usage.num_blocks, usage.num_used_blocks,
-                          prefix.queries, prefix.hits)
+        return EngineLoad(
+            len(sched.running), len(sched.waiting), usage.num_blocks, usage.num_used_blocks, prefix.queries, prefix.hits
+        )
 
     @staticmethod
     def _publish(items: list[tuple[RequestOutputCollector, RequestOutput | BaseException]]) -> None:

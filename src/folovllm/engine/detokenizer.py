@@ -4,6 +4,7 @@ Decoding one token at a time breaks multi-byte characters and the spaces a
 BPE merges in; so we decode a short window before the new tokens and emit
 only text that is complete (no trailing U+FFFD replacement character).
 """
+
 from __future__ import annotations
 
 _CONTEXT_TOKENS = 5
@@ -27,11 +28,11 @@ class IncrementalDetokenizer:
         if self.stop_reason is not None:
             raise ValueError("the sequence already stopped at a stop string; no more tokens can be added")
         self.token_ids.append(token_id)
-        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.token_ids[self.prefix_offset:])
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
-        delta = full[len(prefix):]
+        delta = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return self._add_text(delta)
 

@@ -7,6 +7,7 @@ anything is registered: a bad request raises ``ValueError`` naming the field and
 never disturbs the ones already running, and a request that passes can always run
 to the end (it fits the whole KV cache alone, its values fit the sampler's tensors).
 """
+
 from __future__ import annotations
 
 import time
@@ -142,15 +143,17 @@ class LLMEngine:
             raise ValueError(
                 f"max_num_batched_tokens ({sched_cfg.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}): without chunked prefill a whole prompt runs in one step "
-                "(enable_chunked_prefill=True lifts this)")
+                "(enable_chunked_prefill=True lifts this)"
+            )
         self.vocab_size = loaded.hf_config.vocab_size
         max_logprobs = config.model_config.max_logprobs
         self.max_logprobs = self.vocab_size if max_logprobs == -1 else max_logprobs
         self.eos_token_ids = _eos_ids(loaded)
         self.model_runner = ModelRunner(config, loaded)
         self.kv_cache_manager = self._make_kv_cache_manager()
-        self.scheduler = Scheduler(sched_cfg, self.kv_cache_manager, self.max_model_len,
-                                   recompute_each_step=config.cache_config.kv_layout == "none")
+        self.scheduler = Scheduler(
+            sched_cfg, self.kv_cache_manager, self.max_model_len, recompute_each_step=config.cache_config.kv_layout == "none"
+        )
         self.parents: dict[str, _ParentRequest] = {}
         self.stats = EngineStats()
         self.step_stats: deque[StepStats] = deque(maxlen=STEP_STATS_LIMIT if config.collect_step_stats else 0)
@@ -164,8 +167,10 @@ class LLMEngine:
         runner = self.model_runner
         num_blocks = runner.kv_cache_budget_bytes() // (cache.block_size * runner.kv_bytes_per_token())
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory is too small for one block of {cache.block_size} tokens "
-                             f"({cache.block_size * runner.kv_bytes_per_token()} bytes)")
+            raise ValueError(
+                f"kv_cache_memory is too small for one block of {cache.block_size} tokens "
+                f"({cache.block_size * runner.kv_bytes_per_token()} bytes)"
+            )
         runner.initialize_kv_cache(num_blocks)
         if cache.kv_layout == "contiguous":
             return ContiguousKVCacheManager(num_blocks, cache.block_size, self.max_model_len)
@@ -183,18 +188,22 @@ class LLMEngine:
         params = self._check_params(params)
         text, ids = self._prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
-                             "which leaves no room to generate")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which leaves no room to generate"
+            )
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         if len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len ({self.max_model_len})"
+            )
         kv = self.kv_cache_manager
         needed = cdiv(len(ids) + max_tokens, kv.block_size)
         if kv.num_blocks and needed > kv.num_blocks:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks of "
-                             f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: lower "
-                             "max_tokens or raise kv_cache_memory")
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) needs {needed} KV blocks of "
+                f"{kv.block_size} tokens, but the whole KV cache has {kv.num_blocks}: lower "
+                "max_tokens or raise kv_cache_memory"
+            )
         return ProcessedInputs(text, ids, params, max_tokens, _cache_salt(prompt))
 
     def _check_params(self, params: SamplingParams | None) -> SamplingParams:
@@ -204,8 +213,7 @@ class LLMEngine:
             raise InvalidTypeError(f"sampling_params must be a SamplingParams or None, got {type(params).__name__}")
         params = replace(params)  # re-runs every check on the current values; the request owns this copy
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError(f"stop strings need a tokenizer and model {self.model_name!r} has none; "
-                             "use stop_token_ids")
+            raise ValueError(f"stop strings need a tokenizer and model {self.model_name!r} has none; use stop_token_ids")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
@@ -219,12 +227,14 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self._tokenize(prompt)
         if not isinstance(prompt, dict):
-            raise InvalidTypeError("prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', "
-                             f"got {type(prompt).__name__}")
+            raise InvalidTypeError(
+                f"prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}"
+            )
         unknown = sorted(map(repr, set(prompt) - PROMPT_KEYS))
         if unknown:
-            raise ValueError(f"prompt has unsupported key(s) {', '.join(unknown)}; "
-                             f"supported: {', '.join(map(repr, sorted(PROMPT_KEYS)))}")
+            raise ValueError(
+                f"prompt has unsupported key(s) {', '.join(unknown)}; supported: {', '.join(map(repr, sorted(PROMPT_KEYS)))}"
+            )
         text = prompt.get("prompt")
         if "prompt" in prompt and not isinstance(text, str):
             raise InvalidTypeError(f"prompt['prompt'] must be a string, got {type(text).__name__}")
@@ -235,19 +245,23 @@ class LLMEngine:
         ids = self._check_token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
         if text is not None:
             if self.tokenizer is None:
-                raise ValueError(f"prompt text next to prompt_token_ids cannot be checked: model {self.model_name!r} "
-                                 "has no tokenizer; pass prompt_token_ids alone")
+                raise ValueError(
+                    f"prompt text next to prompt_token_ids cannot be checked: model {self.model_name!r} "
+                    "has no tokenizer; pass prompt_token_ids alone"
+                )
             if self.tokenizer(text).input_ids != ids:
-                raise ValueError("prompt text does not tokenize to prompt_token_ids; pass the text the ids "
-                                 "came from, or either one alone")
+                raise ValueError(
+                    "prompt text does not tokenize to prompt_token_ids; pass the text the ids came from, or either one alone"
+                )
         return text, ids
 
     def _tokenize(self, text: str) -> list[int]:
         if not text:
             raise ValueError("prompt must not be empty")
         if self.tokenizer is None:
-            raise ValueError(f"prompt is text but model {self.model_name!r} has no tokenizer; "
-                             "pass {'prompt_token_ids': [...]} instead")
+            raise ValueError(
+                f"prompt is text but model {self.model_name!r} has no tokenizer; pass {{'prompt_token_ids': [...]}} instead"
+            )
         return self._check_token_ids(self.tokenizer(text).input_ids, "the tokenized prompt")
 
     def _check_token_ids(self, ids: Any, what: str) -> list[int]:
@@ -262,8 +276,9 @@ class LLMEngine:
                 raise ValueError(f"{what}[{i}] is {show(t)}, outside the vocabulary [0, {self.vocab_size})")
         return [int(t) for t in ids]
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams | None = None, priority: int = 0
+    ) -> None:
         """Validate, then queue; a request that raises leaves the engine exactly as it was."""
         self.add_processed_request(request_id, self.process_inputs(prompt, params), priority)
 
@@ -290,22 +305,33 @@ class LLMEngine:
         if clash is not None:
             owner = live[clash]
             whose = f"request {owner.parent_id!r}" + (f", sample {owner.index}" if clash != owner.parent_id else "")
-            raise ValueError(f"request_id {request_id!r} clashes with sequence {clash!r} ({whose}), which is "
-                             "unfinished; pick another id")
+            raise ValueError(
+                f"request_id {request_id!r} clashes with sequence {clash!r} ({whose}), which is unfinished; pick another id"
+            )
         cow = self.config.cache_config.enable_cow and self.kv_cache_manager.can_fork()
         children: list[Request] = []
         for i, child_id in enumerate(child_ids):
-            children.append(Request(
-                request_id=child_id, prompt_token_ids=list(inputs.prompt_token_ids),
-                sampling_params=params if params.n == 1 else params.for_child(i), max_tokens=inputs.max_tokens,
-                eos_token_ids=self.eos_token_ids, priority=priority, prompt=inputs.prompt,
-                parent_id=request_id, index=i, cache_salt=inputs.cache_salt,
-                fork_from=children[0].request_id if cow and i > 0 else None))
-        parent = _ParentRequest(request_id, inputs.prompt, list(inputs.prompt_token_ids), children,
-                                params.output_kind)
+            children.append(
+                Request(
+                    request_id=child_id,
+                    prompt_token_ids=list(inputs.prompt_token_ids),
+                    sampling_params=params if params.n == 1 else params.for_child(i),
+                    max_tokens=inputs.max_tokens,
+                    eos_token_ids=self.eos_token_ids,
+                    priority=priority,
+                    prompt=inputs.prompt,
+                    parent_id=request_id,
+                    index=i,
+                    cache_salt=inputs.cache_salt,
+                    fork_from=children[0].request_id if cow and i > 0 else None,
+                )
+            )
+        parent = _ParentRequest(request_id, inputs.prompt, list(inputs.prompt_token_ids), children, params.output_kind)
         if self.tokenizer is not None:
-            parent.detokenizers = {c.request_id: IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids,
-                                                                        params.stop_strings) for c in children}
+            parent.detokenizers = {
+                c.request_id: IncrementalDetokenizer(self.tokenizer, inputs.prompt_token_ids, params.stop_strings)
+                for c in children
+            }
         self.parents[request_id] = parent
         for child in children:
             self.scheduler.add_request(child)
@@ -341,6 +367,7 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; False (nothing done) while requests still hold blocks."""
         return self.kv_cache_manager.reset_prefix_cache()
+
     # endregion
 
     # ---- one step ---------------------------------------------------------------
@@ -392,14 +419,29 @@ class LLMEngine:
             self.stats.kv_usage_samples += 1
         return usage
 
-    def _record_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput, schedule_time: float,
-                     forward_time: float, update_time: float, usage: KVCacheUsage | None) -> None:
-        self.step_stats.append(StepStats(
-            step=self._step, scheduled=[(s.req_id, s.num_tokens, s.is_prefill) for s in sched_out.scheduled],
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            preempted=sched_out.preempted_req_ids, schedule_time=schedule_time,
-            prepare_time=runner_out.prepare_time, forward_time=forward_time,
-            update_time=update_time, kv_usage=usage))
+    def _record_step(
+        self,
+        sched_out: SchedulerOutput,
+        runner_out: ModelRunnerOutput,
+        schedule_time: float,
+        forward_time: float,
+        update_time: float,
+        usage: KVCacheUsage | None,
+    ) -> None:
+        self.step_stats.append(
+            StepStats(
+                step=self._step,
+                scheduled=[(s.req_id, s.num_tokens, s.is_prefill) for s in sched_out.scheduled],
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                preempted=sched_out.preempted_req_ids,
+                schedule_time=schedule_time,
+                prepare_time=runner_out.prepare_time,
+                forward_time=forward_time,
+                update_time=update_time,
+                kv_usage=usage,
+            )
+        )
 
     def _make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
         touched: dict[str, _ParentRequest] = {}
@@ -428,13 +470,27 @@ class LLMEngine:
         for child in parent.children:
             detok = parent.detokenizers.get(child.request_id)
             lps = child.logprobs if child.sampling_params.logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=child.index, text=detok.text if detok else "", token_ids=list(child.output_token_ids),
-                finish_reason=child.status.finish_reason, stop_reason=child.stop_reason, logprobs=lps,
-                cumulative_logprob=sum(d[t] for d, t in zip(lps, child.output_token_ids)) if lps else None))
+            completions.append(
+                CompletionOutput(
+                    index=child.index,
+                    text=detok.text if detok else "",
+                    token_ids=list(child.output_token_ids),
+                    finish_reason=child.status.finish_reason,
+                    stop_reason=child.stop_reason,
+                    logprobs=lps,
+                    cumulative_logprob=sum(d[t] for d, t in zip(lps, child.output_token_ids)) if lps else None,
+                )
+            )
         finished = all(c.is_finished for c in parent.children)
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions,
-                             finished, _summary(parent.children), parent.children[0].num_cached_tokens)
+        return RequestOutput(
+            parent.request_id,
+            parent.prompt,
+            parent.prompt_token_ids,
+            completions,
+            finished,
+            _summary(parent.children),
+            parent.children[0].num_cached_tokens,
+        )
 
 
 def _summary(children: list[Request]) -> RequestMetricsSummary:
@@ -449,7 +505,8 @@ def _summary(children: list[Request]) -> RequestMetricsSummary:
         e2e_latency=max(ends) - m0.arrival_time if all(e is not None for e in ends) else None,
         num_prompt_tokens=children[0].num_prompt_tokens,
         num_output_tokens=sum(c.num_output_tokens for c in children),
-        num_preemptions=sum(c.num_preemptions for c in children))
+        num_preemptions=sum(c.num_preemptions for c in children),
+    )
 
 
 def _cache_salt(prompt: PromptType) -> str | None:

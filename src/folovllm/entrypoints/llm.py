@@ -1,4 +1,5 @@
 """``LLM``: vLLM's offline API on top of ``LLMEngine``."""
+
 from __future__ import annotations
 
 import itertools
@@ -24,11 +25,19 @@ class LLM:
     Extra keyword arguments are ``EngineConfig`` field names.
     """
 
-    def __init__(self, model: str = "smollm2-135m", *, milestone: str | None = None,
-                 device: str | None = None, dtype: str | torch.dtype | None = None, seed: int = 0,
-                 **engine_overrides: Any) -> None:
-        config = EngineConfig.from_milestone(milestone, model=model, device=device or "auto",
-                                             dtype=dtype or "auto", seed=seed, **engine_overrides)
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        milestone: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        **engine_overrides: Any,
+    ) -> None:
+        config = EngineConfig.from_milestone(
+            milestone, model=model, device=device or "auto", dtype=dtype or "auto", seed=seed, **engine_overrides
+        )
         torch.manual_seed(seed)
         self.llm_engine = LLMEngine(config)
         self._counter = itertools.count()
@@ -36,9 +45,13 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams | None] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         """One ``RequestOutput`` per prompt, in input order.
 
         The whole batch is validated before any of it is queued, so a bad prompt
@@ -55,7 +68,8 @@ class LLM:
             raise RuntimeError(
                 f"the engine holds {len(pending)} unfinished request(s) added through LLMEngine.add_request "
                 f"({', '.join(map(repr, pending[:3]))}{', ...' if len(pending) > 3 else ''}); LLM.generate would "
-                "run them and drop their outputs: step the engine until they finish, or abort them, first")
+                "run them and drop their outputs: step the engine until they finish, or abort them, first"
+            )
         prompts = _as_list("prompts", prompts, (str, dict), "a prompt (str or dict) or a list of them")
         if not prompts:
             raise ValueError("prompts must not be empty")

@@ -5,6 +5,7 @@
 out for evaluation (~30k tokens) and never seen by calibration (~83k tokens). Models without a
 tokenizer (``random:`` presets) get seeded random token ids instead.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,7 @@ def token_stream(tokenizer: Any, split: str) -> list[int]:
     return [t for topic in ids for t in topic]
 
 
-def calibration_ids(tokenizer: Any | None, vocab_size: int, num_samples: int, seq_len: int,
-                    seed: int = 0) -> torch.Tensor:
+def calibration_ids(tokenizer: Any | None, vocab_size: int, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``[num_samples, seq_len]`` windows of the calibration split at seeded random offsets."""
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 2, got {num_samples}, {seq_len}")
@@ -44,11 +44,10 @@ def calibration_ids(tokenizer: Any | None, vocab_size: int, num_samples: int, se
     if len(stream) < seq_len:
         raise ValueError(f"calib seq_len {seq_len} is longer than the calibration text ({len(stream)} tokens)")
     starts = torch.randint(0, len(stream) - seq_len + 1, (num_samples,), generator=gen)
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def evaluation_ids(tokenizer: Any | None, vocab_size: int, max_tokens: int | None = None,
-                   seed: int = 1) -> torch.Tensor:
+def evaluation_ids(tokenizer: Any | None, vocab_size: int, max_tokens: int | None = None, seed: int = 1) -> torch.Tensor:
     """The held-out split as one token stream (its first ``max_tokens``); random ids without a tokenizer."""
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")

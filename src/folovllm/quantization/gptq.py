@@ -12,6 +12,7 @@ complement); GPTQ observes that in a fixed column order the rows it needs are th
 upper Cholesky factor of ``H⁻¹`` (``[H_F⁻¹]_{ij} = U_ii U_ij``), so one Cholesky replaces ``in``
 downdates. Updates to columns beyond the current block are batched into one matmul per block.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -46,8 +47,10 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> torc
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as err:
-        raise ValueError(f"the Hessian is not positive definite even with damp_percent={damp_percent}; "
-                         "use more calibration tokens or a larger damp_percent") from err
+        raise ValueError(
+            f"the Hessian is not positive definite even with damp_percent={damp_percent}; "
+            "use more calibration tokens or a larger damp_percent"
+        ) from err
 
 
 @contextmanager
@@ -63,9 +66,16 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
-                  sym: bool = False, desc_act: bool = False, damp_percent: float = 0.01,
-                  block_size: int = 128) -> QuantizedWeight:
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    desc_act: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` given its inputs' ``hessian [in, in]``.
 
     ``desc_act`` (act-order) quantizes the columns with the largest inputs (largest ``H_ii``) first,
@@ -98,7 +108,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
             err1 = torch.zeros_like(w1)
             for i in range(b1 - b0):
                 if group_size != -1 and (b0 + i) % group_size == 0:
-                    scale, zero = find_params(w1[:, i:i + group_size], bits, sym)
+                    scale, zero = find_params(w1[:, i : i + group_size], bits, sym)
                     scales.append(scale)
                     zeros.append(zero)
                 code = quantize_codes(w1[:, i], scale, zero, bits)
@@ -109,5 +119,4 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
             w[:, b1:] -= err1 @ u[b0:b1, b1:]  # the block's updates to every later column, at once
     inv = torch.argsort(perm)
     g_idx = (torch.arange(cols, device=w.device) // size)[inv]
-    return QuantizedWeight(codes[:, inv], torch.stack(scales), torch.stack(zeros), g_idx.to(torch.int32),
-                           bits, group_size)
+    return QuantizedWeight(codes[:, inv], torch.stack(scales), torch.stack(zeros), g_idx.to(torch.int32), bits, group_size)

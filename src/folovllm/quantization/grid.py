@@ -4,6 +4,7 @@ A weight ``w`` is stored as an integer code ``q`` in ``[0, 2^bits - 1]`` and rea
 ``s * (q - z)``. Groups run along the input dimension (``group_size`` columns of one output row
 share ``s`` and ``z``; ``-1`` = one group per row), which is what every GPTQ kernel expects.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ Per linear layer with ``in`` inputs, ``out`` outputs and ``groups`` groups:
 
 Everything is done on int64 bit streams, so every bit width has one code path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,14 +54,17 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def pack_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """``QuantizedWeight`` -> the four checkpoint tensors (names as in the checkpoint, without the prefix)."""
-    return {"qweight": pack_rows(qw.codes.T, qw.bits),
-            "qzeros": pack_rows((qw.zeros - 1).T, qw.bits).T.contiguous(),
-            "scales": qw.scales.half(),
-            "g_idx": qw.g_idx.to(torch.int32)}
+    return {
+        "qweight": pack_rows(qw.codes.T, qw.bits),
+        "qzeros": pack_rows((qw.zeros - 1).T, qw.bits).T.contiguous(),
+        "scales": qw.scales.half(),
+        "g_idx": qw.g_idx.to(torch.int32),
+    }
 
 
-def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                bits: int, group_size: int) -> QuantizedWeight:
+def unpack_gptq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int
+) -> QuantizedWeight:
     """The four checkpoint tensors -> ``QuantizedWeight`` (zero points read back as stored + 1).
 
     ``.dequantize()`` of the result is the fp32 ``[out, in]`` weight the checkpoint stands for.

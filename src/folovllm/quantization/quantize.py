@@ -6,6 +6,7 @@ computes with its quantized weight. So each layer's inputs come from the model r
 own, already quantized, earlier layers (GPTQ's sequential scheme), and no activations are kept
 beyond the current layer. RTN needs no data and skips the pass.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,14 +37,25 @@ METHODS = ("gptq", "rtn")
 
 def decoder_linears(model: nn.Module) -> dict[str, Linear]:
     """The projections GPTQ quantizes: every dense ``Linear`` of the decoder layers (not ``lm_head``)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, Linear) and ".layers." in f".{name}" and m.quant_method is None}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, Linear) and ".layers." in f".{name}" and m.quant_method is None
+    }
 
 
 @torch.no_grad()
-def quantize_weights(model: nn.Module, method: str = "gptq", bits: int = 4, group_size: int = 128,
-                     sym: bool = False, desc_act: bool = False, calib: torch.Tensor | None = None,
-                     damp_percent: float = 0.01, progress: bool = True) -> dict[str, QuantizedWeight]:
+def quantize_weights(
+    model: nn.Module,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    desc_act: bool = False,
+    calib: torch.Tensor | None = None,
+    damp_percent: float = 0.01,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
     """Quantize every decoder projection of ``model`` in place (its weight becomes the dequantized one).
 
     ``calib [num_samples, seq_len]`` token ids drive GPTQ; the result maps module names to the
@@ -73,9 +85,12 @@ def quantize_weights(model: nn.Module, method: str = "gptq", bits: int = 4, grou
     else:
         if calib is None:
             raise ValueError("GPTQ needs calibration token ids (calib)")
-        hooks = [layer.register_forward_pre_hook(
-            lambda layer, args, name=name: None if name in results else quantize(name, layer, args[0]))
-            for name, layer in linears.items()]
+        hooks = [
+            layer.register_forward_pre_hook(
+                lambda layer, args, name=name: None if name in results else quantize(name, layer, args[0])
+            )
+            for name, layer in linears.items()
+        ]
         try:
             device = next(model.parameters()).device
             ids = calib.to(device).reshape(-1)
@@ -105,8 +120,9 @@ def quantized_state_dict(model: nn.Module, results: dict[str, QuantizedWeight]) 
     return {name: t.detach().cpu().clone() for name, t in tensors.items()}  # slices of one parameter share storage
 
 
-def save_quantized(loaded: LoadedModel, results: dict[str, QuantizedWeight], quant_config: dict[str, Any],
-                   out_dir: str | Path) -> Path:
+def save_quantized(
+    loaded: LoadedModel, results: dict[str, QuantizedWeight], quant_config: dict[str, Any], out_dir: str | Path
+) -> Path:
     """Write ``model.safetensors``, ``config.json`` (with ``quantization_config``), ``quantize_config.json``
     and the tokenizer: a folder AutoGPTQ, GPTQModel, vLLM, transformers and we all read."""
     out = Path(out_dir)
@@ -123,10 +139,21 @@ def save_quantized(loaded: LoadedModel, results: dict[str, QuantizedWeight], qua
     return out
 
 
-def quantize_model(model: str, out_dir: str | Path, method: str = "gptq", bits: int = 4, group_size: int = 128,
-                   desc_act: bool = False, sym: bool = False, calib_samples: int = 32, calib_seq_len: int = 256,
-                   damp_percent: float = 0.01, seed: int = 0, device: str | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+def quantize_model(
+    model: str,
+    out_dir: str | Path,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    desc_act: bool = False,
+    sym: bool = False,
+    calib_samples: int = 32,
+    calib_seq_len: int = 256,
+    damp_percent: float = 0.01,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Load ``model`` (fp32 on CPU), quantize it, write the checkpoint; returns a summary."""
     check_quant_args(bits, group_size)
     if method not in METHODS:
@@ -139,14 +166,36 @@ def quantize_model(model: str, out_dir: str | Path, method: str = "gptq", bits: 
     if method == "gptq":
         calib = calibration_ids(loaded.tokenizer, loaded.hf_config.vocab_size, calib_samples, calib_seq_len, seed)
     results = quantize_weights(loaded.model, method, bits, group_size, sym, desc_act, calib, damp_percent, progress)
-    quant_config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                    "sym": sym, "damp_percent": damp_percent, "true_sequential": True, "static_groups": False,
-                    "lm_head": False, "checkpoint_format": "gptq",
-                    "meta": {"quantizer": "folovllm", "method": method,
-                             "calib_samples": calib_samples if calib is not None else 0,
-                             "calib_seq_len": calib_seq_len if calib is not None else 0, "seed": seed}}
+    quant_config = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "damp_percent": damp_percent,
+        "true_sequential": True,
+        "static_groups": False,
+        "lm_head": False,
+        "checkpoint_format": "gptq",
+        "meta": {
+            "quantizer": "folovllm",
+            "method": method,
+            "calib_samples": calib_samples if calib is not None else 0,
+            "calib_seq_len": calib_seq_len if calib is not None else 0,
+            "seed": seed,
+        },
+    }
     path = save_quantized(loaded, results, quant_config, out_dir)
-    return {"out": str(path), "model": model, "method": method, "bits": bits, "group_size": group_size,
-            "desc_act": desc_act, "sym": sym, "layers": len(results),
-            "calib_tokens": 0 if calib is None else calib.numel(), "seconds": time.perf_counter() - start,
-            "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+    return {
+        "out": str(path),
+        "model": model,
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "layers": len(results),
+        "calib_tokens": 0 if calib is None else calib.numel(),
+        "seconds": time.perf_counter() - start,
+        "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    }

@@ -1,4 +1,5 @@
 """Round to nearest (RTN): every weight to its nearest grid point, independently. The baseline GPTQ must beat."""
+
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,12 @@ def rtn_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym
     size = cols if group_size == -1 else group_size
     codes, scales, zeros = [], [], []
     for start in range(0, cols, size):
-        block = w[:, start:start + size]
+        block = w[:, start : start + size]
         scale, zero = find_params(block, bits, sym)
         codes.append(quantize_codes(block, scale, zero, bits))
         scales.append(scale)
         zeros.append(zero)
     g_idx = torch.arange(cols, device=w.device) // size
-    return QuantizedWeight(torch.cat(codes, dim=1), torch.stack(scales), torch.stack(zeros),
-                           g_idx.to(torch.int32), bits, group_size)
+    return QuantizedWeight(
+        torch.cat(codes, dim=1), torch.stack(scales), torch.stack(zeros), g_idx.to(torch.int32), bits, group_size
+    )

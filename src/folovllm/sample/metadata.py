@@ -1,4 +1,5 @@
 """``SamplingMetadata``: the per-request ``SamplingParams`` of one step, as batch tensors."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class SamplingMetadata:
     max_num_logprobs: int | None  # None: no row asked for logprobs
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], generators: dict[int, torch.Generator],
-                    device: torch.device | str) -> "SamplingMetadata":
+    def from_params(
+        cls, params: list[SamplingParams], generators: dict[int, torch.Generator], device: torch.device | str
+    ) -> "SamplingMetadata":
         """Stack the params of the batch's rows; ``generators`` maps row -> seeded generator."""
         bad_rows = [row for row in generators if not 0 <= row < len(params)]
         if bad_rows:
@@ -40,13 +42,12 @@ class SamplingMetadata:
         random = [p for p in params if not p.greedy]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor([0.0 if p.greedy else float(p.temperature) for p in params],
-                                     dtype=torch.float32, device=device),
+            temperature=torch.tensor(
+                [0.0 if p.greedy else float(p.temperature) for p in params], dtype=torch.float32, device=device
+            ),
             top_k=torch.tensor([0 if p.greedy else p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([1.0 if p.greedy else float(p.top_p) for p in params],
-                               dtype=torch.float32, device=device),
-            min_p=torch.tensor([0.0 if p.greedy else float(p.min_p) for p in params],
-                               dtype=torch.float32, device=device),
+            top_p=torch.tensor([1.0 if p.greedy else float(p.top_p) for p in params], dtype=torch.float32, device=device),
+            min_p=torch.tensor([0.0 if p.greedy else float(p.min_p) for p in params], dtype=torch.float32, device=device),
             all_greedy=not random,
             all_random=len(random) == len(params),
             no_top_k=all(p.top_k == 0 for p in random),

@@ -5,6 +5,7 @@ race. Greedy rows take the argmax of the raw logits. Filters set dropped logits 
 so the softmax gives them probability 0. Every filter is a pure function so the book can
 plot what each one leaves.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,17 +105,19 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != md.temperature.shape[0]:
-            raise ValueError(f"logits must be [num_reqs={md.temperature.shape[0]}, vocab_size], "
-                             f"got {tuple(logits.shape)}")
+            raise ValueError(f"logits must be [num_reqs={md.temperature.shape[0]}, vocab_size], got {tuple(logits.shape)}")
         logits = logits.float()
         sampled = self._sample(logits, md)
         if md.max_num_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         raw_logprobs = logits.log_softmax(dim=-1)
         topk_logprobs, topk_ids = raw_logprobs.topk(min(md.max_num_logprobs, logits.shape[-1]), dim=-1)
-        return SamplerOutput(sampled_token_ids=sampled,
-                             logprobs=raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1),
-                             topk_token_ids=topk_ids, topk_logprobs=topk_logprobs)
+        return SamplerOutput(
+            sampled_token_ids=sampled,
+            logprobs=raw_logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1),
+            topk_token_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+        )
 
     @staticmethod
     def _sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -10,6 +10,7 @@ switch to the interpreter for the duration of one call (``_interpreting``).
 Two interpreter bugs of Triton 3.6 are patched around every CPU launch, whichever
 way it was reached: scalar indexing under numpy >= 2.4 and ``tl.dot`` on bf16.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

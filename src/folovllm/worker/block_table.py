@@ -6,6 +6,7 @@ steps). The table rows live in one numpy array; a step's ``[num_seqs, width]``
 block table is a gather of rows, and its slot mapping is computed from it
 with array arithmetic, not per-token Python.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,14 +32,16 @@ class BlockTable:
             row = self.row_of.get(s.req_id)
             if row is None:
                 if s.block_offset:
-                    raise ValueError(f"request {s.req_id!r} changes its block table from entry "
-                                     f"{s.block_offset} but the runner has no table for it")
+                    raise ValueError(
+                        f"request {s.req_id!r} changes its block table from entry "
+                        f"{s.block_offset} but the runner has no table for it"
+                    )
                 if not self._free_rows:
                     raise ValueError(f"more than {len(self.num_blocks)} requests hold block tables")
                 row = self.row_of[s.req_id] = self._free_rows.pop()
             end = s.block_offset + len(s.new_block_ids)
             if s.new_block_ids:
-                self.table[row, s.block_offset:end] = s.new_block_ids
+                self.table[row, s.block_offset : end] = s.new_block_ids
             self.num_blocks[row] = end
             rows[i] = row
         return rows

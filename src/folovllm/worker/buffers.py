@@ -6,6 +6,7 @@ is allocated once at its largest size: a pinned host tensor (written through a
 numpy view, which is cheap) and its device twin. A CUDA graph captures the
 device twin's address, so replays read whatever the step copied into it.
 """
+
 from __future__ import annotations
 
 import numpy as np

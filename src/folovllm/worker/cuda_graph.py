@@ -17,6 +17,7 @@ Prefills and mixed steps have ragged shapes with too many variants to capture
 and are compute-bound anyway, so they stay eager (vLLM's "piecewise" graphs are
 the refinement). Graphs share one memory pool and are captured largest first.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,9 +48,14 @@ class _Graph:
 class CUDAGraphRunner:
     """Captures ``forward(num_seqs, metadata)`` at each size and replays the smallest one that fits."""
 
-    def __init__(self, sizes: list[int], forward: Callable[[int, Any], torch.Tensor],
-                 capture_metadata: Callable[[int], AttentionMetadata], reset_inputs: Callable[[int], None],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        forward: Callable[[int, Any], torch.Tensor],
+        capture_metadata: Callable[[int], AttentionMetadata],
+        reset_inputs: Callable[[int], None],
+        device: torch.device,
+    ) -> None:
         self.sizes = sizes
         self._forward = forward
         self._capture_metadata = capture_metadata
@@ -86,8 +92,9 @@ class CUDAGraphRunner:
             self.graphs[size] = _Graph(graph, output, metadata)
         torch.cuda.synchronize(self.device)
         # The driver's view misses memory the allocator had cached; its own view misses cuBLAS workspaces.
-        self.memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0],
-                                torch.cuda.memory_reserved(self.device) - reserved_before)
+        self.memory_bytes = max(
+            free_before - torch.cuda.mem_get_info(self.device)[0], torch.cuda.memory_reserved(self.device) - reserved_before
+        )
         self.capture_seconds = time.perf_counter() - start
 
     def replay(self, size: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ buffers and sent with one copy each; block tables are updated from the
 scheduler's changes; decode steps replay a CUDA graph when one is captured;
 the sampled ids come back with the step's only device-to-host copy.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -94,8 +95,9 @@ class ModelRunner:
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.block_tables = BlockTable(max_seqs, self.max_blocks_per_req)
         self.block_table = CpuGpuBuffer(max_seqs, self.max_blocks_per_req, dtype=torch.int32, device=dev)
-        self._block_table_stage = CpuGpuBuffer(max_seqs * self.max_blocks_per_req, dtype=torch.int32,
-                                               device=torch.device("cpu"))
+        self._block_table_stage = CpuGpuBuffer(
+            max_seqs * self.max_blocks_per_req, dtype=torch.int32, device=torch.device("cpu")
+        )
         # Sampled ids land in pinned host memory (a copy into pageable memory would block the host).
         # Two, because with async scheduling step n+1's copy is queued before step n's is read.
         pin = dev.type == "cuda"
@@ -114,8 +116,12 @@ class ModelRunner:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return (self.device.type == "cuda" and not self.config.model_config.enforce_eager
-                and self.config.cache_config.kv_layout != "none" and self.backend.supports_cuda_graphs)
+        return (
+            self.device.type == "cuda"
+            and not self.config.model_config.enforce_eager
+            and self.config.cache_config.kv_layout != "none"
+            and self.backend.supports_cuda_graphs
+        )
 
     def kv_cache_budget_bytes(self) -> int:
         """Bytes for KV blocks: fixed by ``kv_cache_memory``, a CPU default, or GPU profiling."""
@@ -142,15 +148,19 @@ class ModelRunner:
         self.graph_memory_estimate = self._estimate_graph_memory() if self.uses_cuda_graphs else 0
         free = int(total * utilization) - peak - self.graph_memory_estimate
         if free <= 0:
-            raise ValueError(f"gpu_memory_utilization={utilization} leaves no memory for the KV cache "
-                             f"(weights + peak activations = {peak / 2**30:.2f} GiB)")
+            raise ValueError(
+                f"gpu_memory_utilization={utilization} leaves no memory for the KV cache "
+                f"(weights + peak activations = {peak / 2**30:.2f} GiB)"
+            )
         return free
 
     def _estimate_graph_memory(self) -> int:
         """Capture the largest decode graph once over a one-block stand-in cache, measure, throw it away."""
         num_layers, num_kv_heads, head_dim = self.kv_shape
-        stand_in = [torch.zeros(2, 1, self.block_size, num_kv_heads, head_dim, dtype=self.dtype,
-                                device=self.device) for _ in range(num_layers)]
+        stand_in = [
+            torch.zeros(2, 1, self.block_size, num_kv_heads, head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(num_layers)
+        ]
         bind_attention(self.model.attention_layers(), self.backend, stand_in)
         probe = self._make_graph_runner()
         probe.capture([probe.sizes[-1]])
@@ -165,13 +175,15 @@ class ModelRunner:
         pos = torch.cat([torch.arange(n, device=self.device) for n in seq_lens])
         common = prefill_metadata(seq_lens, self.device)
         hidden = self.model(ids, pos, self.model.attention_layers()[0].backend.build(common, self.attn_spec))
-        self.model.compute_logits(hidden[-len(seq_lens):])
+        self.model.compute_logits(hidden[-len(seq_lens) :])
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate one ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer, bind it, capture graphs."""
         num_layers, num_kv_heads, head_dim = self.kv_shape
-        self.kv_caches = [torch.zeros(2, num_blocks, self.block_size, num_kv_heads, head_dim,
-                                      dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, self.block_size, num_kv_heads, head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(num_layers)
+        ]
         bind_attention(self.model.attention_layers(), self.backend, self.kv_caches)
         if self.uses_cuda_graphs:
             self.cuda_graphs = self._make_graph_runner()
@@ -193,9 +205,14 @@ class ModelRunner:
     def _graph_metadata(self, size: int):
         """Attention metadata over the persistent buffers' first ``size`` rows, planned for any context."""
         common = AttentionMetadata(
-            query_start_loc=self.query_start_loc.gpu[:size + 1], seq_lens=self.seq_lens.gpu[:size],
-            block_table=self.block_table.gpu[:size], slot_mapping=self.slot_mapping.gpu[:size],
-            query_lens_cpu=[1] * size, seq_lens_cpu=[1] * size, block_size=self.block_size)
+            query_start_loc=self.query_start_loc.gpu[: size + 1],
+            seq_lens=self.seq_lens.gpu[:size],
+            block_table=self.block_table.gpu[:size],
+            slot_mapping=self.slot_mapping.gpu[:size],
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[1] * size,
+            block_size=self.block_size,
+        )
         return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
 
     def _graph_forward(self, size: int, metadata) -> torch.Tensor:
@@ -207,14 +224,15 @@ class ModelRunner:
         self.positions.np[num_real:size] = 0
         self.slot_mapping.np[num_real:size] = -1
         self.seq_lens.np[num_real:size] = 0
-        self.query_start_loc.np[:size + 1] = np.arange(size + 1)
+        self.query_start_loc.np[: size + 1] = np.arange(size + 1)
         for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
             buf.copy_to_gpu(size)
         self.query_start_loc.copy_to_gpu(size + 1)
 
     # ---- one step ----------------------------------------------------------------
-    def prepare_inputs(self, sched: SchedulerOutput, pad_to: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare_inputs(
+        self, sched: SchedulerOutput, pad_to: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step into ``input_ids[T]``, ``positions[T]`` and the step's common attention metadata.
 
         Everything is computed with numpy into the persistent buffers, then copied
@@ -227,13 +245,16 @@ class ModelRunner:
         num_tokens = int(query_lens.sum())
         qsl = self.query_start_loc.np
         qsl[0] = 0
-        np.cumsum(query_lens, out=qsl[1:n + 1])
+        np.cumsum(query_lens, out=qsl[1 : n + 1])
         if num_tokens == n:  # decode: one token per request
             self.input_ids.np[:n] = [r.token_ids[0] if r.token_ids else 0 for r in reqs]
             positions = starts
         else:
-            self.input_ids.np[:num_tokens] = list(itertools.chain.from_iterable(
-                r.token_ids if len(r.token_ids) == r.num_tokens else [*r.token_ids, 0] for r in reqs))
+            self.input_ids.np[:num_tokens] = list(
+                itertools.chain.from_iterable(
+                    r.token_ids if len(r.token_ids) == r.num_tokens else [*r.token_ids, 0] for r in reqs
+                )
+            )
             req_of_token = np.repeat(np.arange(n), query_lens)
             positions = np.arange(num_tokens) - qsl[req_of_token] + starts[req_of_token]
         self.positions.np[:num_tokens] = positions
@@ -255,16 +276,22 @@ class ModelRunner:
         if self.kv_caches:
             slot_mapping = self.slot_mapping.gpu[:num_tokens]
         md = AttentionMetadata(
-            query_start_loc=self.query_start_loc.gpu[:n + 1], seq_lens=self.seq_lens.gpu[:n],
-            block_table=block_table, slot_mapping=slot_mapping, query_lens_cpu=query_lens.tolist(),
-            seq_lens_cpu=self.seq_lens.np[:n].tolist(), block_size=self.block_size if self.kv_caches else 0)
+            query_start_loc=self.query_start_loc.gpu[: n + 1],
+            seq_lens=self.seq_lens.gpu[:n],
+            block_table=block_table,
+            slot_mapping=slot_mapping,
+            query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=self.seq_lens.np[:n].tolist(),
+            block_size=self.block_size if self.kv_caches else 0,
+        )
         return self.input_ids.gpu[:size], self.positions.gpu[:size], md
 
     def _fill_in_flight_tokens(self, reqs: list) -> None:
         """Async scheduling: a request's newest token may still be on the device, sampled by the step
         launched just before this one; copy it into this step's input ids there (no host round trip)."""
-        waiting_for = [(self.query_start_loc.np[b + 1] - 1, r.req_id) for b, r in enumerate(reqs)
-                       if len(r.token_ids) < r.num_tokens]
+        waiting_for = [
+            (self.query_start_loc.np[b + 1] - 1, r.req_id) for b, r in enumerate(reqs) if len(r.token_ids) < r.num_tokens
+        ]
         if not waiting_for:
             return
         try:
@@ -274,13 +301,14 @@ class ModelRunner:
         dst = torch.tensor([d for d, _ in waiting_for], dtype=torch.int64, device=self.device)
         self.input_ids.gpu.index_copy_(0, dst, self._last_sampled[torch.tensor(src, device=self.device)])
 
-    def _block_table_and_slots(self, sched: SchedulerOutput, positions: np.ndarray, query_lens: np.ndarray,
-                               num_tokens: int) -> tuple[torch.Tensor, np.ndarray]:
+    def _block_table_and_slots(
+        self, sched: SchedulerOutput, positions: np.ndarray, query_lens: np.ndarray, num_tokens: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """The step's ``[num_seqs, width]`` block table (gathered rows, one copy) and each token's slot."""
         rows = self.block_tables.update(sched)
         n = len(rows)
         width = max(1, int(self.block_tables.num_blocks[rows].max()))
-        stage = self._block_table_stage.np[:n * width].reshape(n, width)
+        stage = self._block_table_stage.np[: n * width].reshape(n, width)
         np.take(self.block_tables.table[:, :width], rows, axis=0, out=stage)
         token_rows = rows if num_tokens == n else np.repeat(rows, query_lens)
         slots = self.block_tables.table[token_rows, positions // self.block_size].astype(np.int64)
@@ -289,7 +317,7 @@ class ModelRunner:
         if gpu.device.type == "cpu":
             gpu.copy_(torch.from_numpy(stage))
         else:
-            gpu.copy_(self._block_table_stage.cpu[:n * width].view(n, width), non_blocking=True)
+            gpu.copy_(self._block_table_stage.cpu[: n * width].view(n, width), non_blocking=True)
         return gpu, slots
 
     def _sampling_metadata(self, sched: SchedulerOutput, rows: list[int]) -> SamplingMetadata:
@@ -336,7 +364,7 @@ class ModelRunner:
             step.started = torch.cuda.Event(enable_timing=True)
             step.started.record()
         if graph_size is not None:
-            hidden = self.cuda_graphs.replay(graph_size)[:len(reqs)]
+            hidden = self.cuda_graphs.replay(graph_size)[: len(reqs)]
         else:
             hidden = self.model(input_ids, positions, attn_metadata)
         self._last_sampled_row = {}
@@ -350,7 +378,7 @@ class ModelRunner:
                 sampled = step.sampler_output.sampled_token_ids
             self._last_sampled = sampled
             self._last_sampled_row = {reqs[b].req_id: row for row, b in enumerate(rows)}
-            step.tokens = self._sampled_host[self._sampled_flip][:len(rows)]
+            step.tokens = self._sampled_host[self._sampled_flip][: len(rows)]
             self._sampled_flip ^= 1
             step.tokens.copy_(sampled, non_blocking=True)
         if self.device.type == "cuda":
@@ -369,8 +397,13 @@ class ModelRunner:
             step.done.synchronize()
         if step.started is not None:
             step.device_time = step.started.elapsed_time(step.done) / 1e3
-        out = ModelRunnerOutput(tokens, logprobs, prepare_time=step.prepare_time, device_time=step.device_time,
-                                forward_time=time.perf_counter() - step.launched_at if reqs else 0.0)
+        out = ModelRunnerOutput(
+            tokens,
+            logprobs,
+            prepare_time=step.prepare_time,
+            device_time=step.device_time,
+            forward_time=time.perf_counter() - step.launched_at if reqs else 0.0,
+        )
         if not step.rows:
             return out
         sampled = step.tokens.tolist()
@@ -391,12 +424,11 @@ class ModelRunner:
         if len(rows) == common.num_seqs and common.num_tokens == common.num_seqs:
             return hidden
         idx = self.logits_indices
-        idx.np[:len(rows)] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
+        idx.np[: len(rows)] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
         return hidden[idx.copy_to_gpu(len(rows))]
 
     @staticmethod
-    def _collect_logprobs(sched: SchedulerOutput, rows: list[int], sampled: list[int], out,
-                          logprobs: list) -> None:
+    def _collect_logprobs(sched: SchedulerOutput, rows: list[int], sampled: list[int], out, logprobs: list) -> None:
         """{token_id: logprob} for the sampled token plus the top-``logprobs`` alternatives."""
         sampled_lp = out.logprobs.tolist()
         top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
@@ -410,4 +442,3 @@ class ModelRunner:
                 entry.update(zip(top_ids[row][:k], top_lp[row][:k]))
             entry[sampled[row]] = sampled_lp[row]
             logprobs[b] = entry
-

@@ -12,6 +12,7 @@ metadata-builder pattern). ``build_for_capture`` is the CUDA-graph variant:
 everything fixed by the padded batch size alone, nothing taken from this
 step's lengths on the host.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -89,8 +90,15 @@ class AttentionBackend(ABC, Generic[M]):
         replay with), never on the lengths it holds at capture time."""
         raise ValueError(f"the {self.name} backend cannot be captured in a CUDA graph")
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                metadata: M | AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        metadata: M | AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``[T, Hq, D]``.
 
         ``metadata`` is what ``build`` returned; a plain ``AttentionMetadata`` is
@@ -103,8 +111,9 @@ class AttentionBackend(ABC, Generic[M]):
         return self.attend(q, k, v, kv_cache, metadata, scale)
 
     @abstractmethod
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-               metadata: M, scale: float) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None, metadata: M, scale: float
+    ) -> torch.Tensor:
         """``forward`` with this backend's own metadata: the per-layer hot path."""
 
 

@@ -18,6 +18,7 @@ The FA2 kernel is the official ``flash_attn`` package when it is installed,
 else PyTorch's own build (``torch.nn.attention.varlen.varlen_attn``). Both
 need a CUDA GPU of compute capability 8.0 or newer and fp16/bf16 tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,9 +79,14 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
             rows = torch.tensor(cached, device=device)
             split.cached_tokens = tokens(cached)
             part = AttentionMetadata(
-                query_start_loc=cu(cached), seq_lens=md.seq_lens[rows], block_table=md.block_table[rows],
-                slot_mapping=None, query_lens_cpu=[md.query_lens_cpu[b] for b in cached],
-                seq_lens_cpu=[md.seq_lens_cpu[b] for b in cached], block_size=md.block_size)
+                query_start_loc=cu(cached),
+                seq_lens=md.seq_lens[rows],
+                block_table=md.block_table[rows],
+                slot_mapping=None,
+                query_lens_cpu=[md.query_lens_cpu[b] for b in cached],
+                seq_lens_cpu=[md.seq_lens_cpu[b] for b in cached],
+                block_size=md.block_size,
+            )
         split.cached = build_paged_metadata(part, spec)
     return split
 
@@ -99,8 +105,7 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
         if kernel is None:
             found = flash_varlen_kernel()
             if found is None:
-                raise ValueError("attention_backend='flash_attn' needs the flash_attn package or "
-                                 "torch.nn.attention.varlen")
+                raise ValueError("attention_backend='flash_attn' needs the flash_attn package or torch.nn.attention.varlen")
             self.kernel_name, kernel = found
         else:
             self.kernel_name = getattr(kernel, "__name__", "custom")
@@ -109,13 +114,20 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
     def build(self, common: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMetadata:
         return split_rows(common, spec)
 
-    def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec,
-                          max_seq_len: int) -> FlashAttentionMetadata:
-        return FlashAttentionMetadata(common.slot_mapping, None, None, 0, None,
-                                      build_paged_metadata(common, spec, max_seq_len))
+    def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int) -> FlashAttentionMetadata:
+        return FlashAttentionMetadata(
+            common.slot_mapping, None, None, 0, None, build_paged_metadata(common, spec, max_seq_len)
+        )
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-               metadata: FlashAttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        metadata: FlashAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         if kv_cache is not None:
             if metadata.slot_mapping is None:
                 raise ValueError("metadata.slot_mapping is required to store K/V in the cache")

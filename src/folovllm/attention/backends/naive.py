@@ -6,6 +6,7 @@ matmul for all sequences. Decode rows and prefill rows are handled as two
 groups so one long prompt does not pad every decode row to its length.
 This is the reference every faster backend is tested against.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from folovllm.utils import cdiv, prefix_sums
 
 def paged_slots(block_table: torch.Tensor, max_seq_len: int, block_size: int) -> torch.Tensor:
     """Flat cache slot of every position ``[B, L]`` (L = whole blocks covering max_seq_len)."""
-    blocks = block_table[:, :cdiv(max_seq_len, block_size)].long()
+    blocks = block_table[:, : cdiv(max_seq_len, block_size)].long()
     offsets = torch.arange(block_size, device=blocks.device)
     return (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
 
 
-def gather_paged_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
-                    max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_paged_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, max_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of each sequence as ``[B, L, Hkv, D]``: a copy of the blocks in use only."""
     return _gather(kv_cache, paged_slots(block_table, max_seq_len, kv_cache.shape[2]))
 
@@ -45,8 +47,9 @@ def _ragged_index(starts: list[int], lens: list[int], device: torch.device) -> t
     return start + torch.minimum(cols, last)
 
 
-def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor,
-                  seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Causal attention over padded rows: ``q [B, Lq, Hq, D]``, ``k, v [B, Lk, Hkv, D]``.
 
     Query ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_lens[b] + i``
@@ -80,13 +83,14 @@ class _Group:
         if md.block_table is None:  # no cache: each sequence attends over its own fresh K/V
             self.kv_index = _ragged_index(row_starts, s_lens, device)
         else:
-            self.kv_index = paged_slots(md.block_table[torch.tensor(rows, device=device)], max(s_lens),
-                                        md.block_size)
+            self.kv_index = paged_slots(md.block_table[torch.tensor(rows, device=device)], max(s_lens), md.block_size)
         offsets = torch.arange(sum(q_lens), device=device) - torch.repeat_interleave(
-            self.q_lens.cumsum(0) - self.q_lens, self.q_lens)
+            self.q_lens.cumsum(0) - self.q_lens, self.q_lens
+        )
         self.token_idx = torch.repeat_interleave(torch.tensor(row_starts, device=device), self.q_lens) + offsets
-        self.padded_idx = torch.repeat_interleave(
-            torch.arange(len(rows), device=device) * max(q_lens), self.q_lens) + offsets
+        self.padded_idx = (
+            torch.repeat_interleave(torch.arange(len(rows), device=device) * max(q_lens), self.q_lens) + offsets
+        )
 
 
 @dataclass
@@ -106,11 +110,19 @@ class NaiveAttentionBackend(AttentionBackend[NaiveAttentionMetadata]):
         decode = [b for b, n in enumerate(common.query_lens_cpu) if n == 1]
         prefill = [b for b, n in enumerate(common.query_lens_cpu) if n > 1]
         device = common.seq_lens.device
-        return NaiveAttentionMetadata(common.slot_mapping,
-                                      [_Group(rows, starts, common, device) for rows in (decode, prefill) if rows])
+        return NaiveAttentionMetadata(
+            common.slot_mapping, [_Group(rows, starts, common, device) for rows in (decode, prefill) if rows]
+        )
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-               metadata: NaiveAttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        metadata: NaiveAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         if kv_cache is not None:
             store_kv_reference(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
@@ -122,4 +134,3 @@ class NaiveAttentionBackend(AttentionBackend[NaiveAttentionMetadata]):
             res = attend_padded(q[group.q_index], kp, vp, group.q_lens, group.s_lens, scale).to(q.dtype)
             out[group.token_idx] = res.reshape(-1, *res.shape[2:])[group.padded_idx]
         return out
-

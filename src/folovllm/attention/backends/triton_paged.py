@@ -4,6 +4,7 @@ Decode rows, prefills and chunked prefills of one batch go through the same
 launch; the kernel reads K/V through the block table, so the cache is never
 gathered into a padded copy as the naive backend does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,21 +31,21 @@ class TritonAttentionMetadata:
     scratch: SplitScratch | None
 
 
-def build_paged_metadata(common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int | None = None,
-                         num_splits: int | None = None) -> TritonAttentionMetadata:
+def build_paged_metadata(
+    common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int | None = None, num_splits: int | None = None
+) -> TritonAttentionMetadata:
     """Plan the paged kernel for ``common``; ``max_seq_len`` overrides its longest context (capture)."""
     device = common.seq_lens.device
     check_paged_metadata(common, device, common.block_size)
-    plan = plan_paged_attention(spec, common.block_size, device, common.num_seqs, common.max_query_len,
-                                max_seq_len or common.max_seq_len, num_splits)
-    return TritonAttentionMetadata(common, plan, SplitScratch.allocate(plan, common.num_tokens, spec.num_heads,
-                                                                       device))
+    plan = plan_paged_attention(
+        spec, common.block_size, device, common.num_seqs, common.max_query_len, max_seq_len or common.max_seq_len, num_splits
+    )
+    return TritonAttentionMetadata(common, plan, SplitScratch.allocate(plan, common.num_tokens, spec.num_heads, device))
 
 
 def paged_attend(q: torch.Tensor, kv_cache: torch.Tensor, md: TritonAttentionMetadata, scale: float) -> torch.Tensor:
     c = md.common
-    return launch_paged_attention(q, kv_cache, md.plan, c.query_start_loc, c.seq_lens, c.block_table, scale,
-                                  md.scratch)
+    return launch_paged_attention(q, kv_cache, md.plan, c.query_start_loc, c.seq_lens, c.block_table, scale, md.scratch)
 
 
 class TritonPagedAttentionBackend(AttentionBackend[TritonAttentionMetadata]):
@@ -57,12 +58,18 @@ class TritonPagedAttentionBackend(AttentionBackend[TritonAttentionMetadata]):
             raise ValueError("metadata.block_table and metadata.slot_mapping are required by the triton backend")
         return build_paged_metadata(common, spec)
 
-    def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec,
-                          max_seq_len: int) -> TritonAttentionMetadata:
+    def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int) -> TritonAttentionMetadata:
         return build_paged_metadata(common, spec, max_seq_len)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-               metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        metadata: TritonAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         if kv_cache is None:
             raise ValueError("kv_cache is required by the triton backend (kv_layout='none' has no cache)")
         launch_store_kv(k, v, kv_cache, metadata.common.slot_mapping)

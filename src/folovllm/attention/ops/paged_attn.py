@@ -5,6 +5,7 @@ benchmarks). Backends plan once per step (``plan_paged_attention``) and call the
 unchecked ``launch_*`` functions from every layer, so a layer costs one launch
 and no host arithmetic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,9 +63,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     _check_inputs(kv_cache, k=k, v=v)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     if k.shape != v.shape or k.shape[1] != num_kv_heads:
-        raise ValueError(
-            f"k and v must both be [T, {num_kv_heads}, {head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
+        raise ValueError(f"k and v must both be [T, {num_kv_heads}, {head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must have shape ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
     if k.shape[0]:
@@ -88,9 +87,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(
-    device: torch.device, num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int
-) -> int:
+def choose_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int) -> int:
     """Split-K slices per context: >1 only for decode batches too small to fill the GPU's SMs twice over.
 
     A power of two (each value compiles its own kernel), at most ``MAX_SPLITS``,

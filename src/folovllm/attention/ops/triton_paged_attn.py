@@ -12,6 +12,7 @@
 Nothing here reads a tensor on the host: every length comes from device memory,
 so a launch can be captured in a CUDA graph and replayed with new lengths.
 """
+
 from __future__ import annotations
 
 import triton
@@ -19,10 +20,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_kv_kernel(K, V, KV_cache, slot_mapping, kv_stride,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_kv_kernel(
+    K,
+    V,
+    KV_cache,
+    slot_mapping,
+    kv_stride,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per token: copy its ``[Hkv, D]`` K and V rows into flat slot ``slot_mapping[t]``.
 
     The cache is contiguous, so slot ``s`` starts at ``s * Hkv * D``; V sits ``kv_stride`` after K.
@@ -44,14 +56,35 @@ def _store_kv_kernel(K, V, KV_cache, slot_mapping, kv_stride,
 
 @triton.jit
 def _paged_attention_kernel(
-        Q, KV_cache, Out, Acc_part, M_part, L_part,
-        block_table, seq_lens, query_start_loc,
-        scale_log2, num_q_tiles, kv_stride,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, Q_TILE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+    Q,
+    KV_cache,
+    Out,
+    Acc_part,
+    M_part,
+    L_part,
+    block_table,
+    seq_lens,
+    query_start_loc,
+    scale_log2,
+    num_q_tiles,
+    kv_stride,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    Q_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Attention of ``Q_TILE`` query tokens x the ``GROUP`` query heads of one KV head.
 
     Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``. Row ``r`` of the
@@ -82,8 +115,11 @@ def _paged_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     tok64 = (q_start + tok).to(tl.int64)
-    q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     # endregion
 
     # region loop over the context
@@ -124,8 +160,11 @@ def _paged_attention_kernel(
     # region epilogue
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
     else:
         part = (tok64 * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS + split
         tl.store(M_part + part, m_i, mask=row_ok)
@@ -135,9 +174,18 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _reduce_splits_kernel(Out, Acc_part, M_part, L_part, stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _reduce_splits_kernel(
+    Out,
+    Acc_part,
+    M_part,
+    L_part,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """One program per (token, query head): rescale each split to the global max and sum.
 
     A split that saw no key holds ``m = -1e30, l = 0`` and weighs nothing.
@@ -154,5 +202,4 @@ def _reduce_splits_kernel(Out, Acc_part, M_part, L_part, stride_ot, stride_oh,
     w = tl.exp2(m - tl.max(m, 0))
     denom = tl.sum(l * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)  # padding rows: no context
-    tl.store(Out + t.to(tl.int64) * stride_ot + h * stride_oh + d,
-             out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(Out + t.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)

@@ -12,6 +12,7 @@ step and asks how many prefill tokens still fit under a target step time.
 Decode-only steps cannot tell ``c2`` from ``c3`` (``q_i = 1``), so the model
 answers only once the steps it saw span every feature (``ready``).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The plain data the scheduler hands the model runner each step."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ prefill (M5) a prompt that does not fit takes what is left and continues next
 step; with ``target_itl_ms`` the budget is also a time, spent by a cost model.
 It never touches a tensor.
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,13 @@ class _StepBudget:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: BaseKVCacheManager,
-                 max_model_len: int, recompute_each_step: bool = False) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: BaseKVCacheManager,
+        max_model_len: int,
+        recompute_each_step: bool = False,
+    ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
@@ -85,8 +91,7 @@ class Scheduler:
 
     def _enqueue(self, request: Request) -> None:
         if self.config.policy == "priority":
-            pos = next((i for i, r in enumerate(self.waiting) if request.sort_key() < r.sort_key()),
-                       len(self.waiting))
+            pos = next((i for i, r in enumerate(self.waiting) if request.sort_key() < r.sort_key()), len(self.waiting))
             self.waiting.insert(pos, request)
         else:
             self.waiting.append(request)
@@ -143,11 +148,12 @@ class Scheduler:
             scheduled=[self._describe(req, n) for req, n in step.scheduled],
             preempted_req_ids=[r.request_id for r in step.preempted],
             finished_req_ids=self._finished_since_last_step,
-            block_copies=self.kv_cache_manager.take_block_copies())
+            block_copies=self.kv_cache_manager.take_block_copies(),
+        )
         self._finished_since_last_step = []
         for (req, n), sched in zip(step.scheduled, out.scheduled):
             req.num_computed_tokens += n  # counted as computed once scheduled (vLLM v1): the runner will
-            if sched.sample:              # have computed them before anything reads this request again
+            if sched.sample:  # have computed them before anything reads this request again
                 req.num_output_placeholders += 1
         return out
 
@@ -156,8 +162,7 @@ class Scheduler:
 
         Zero when the tokens in flight will already finish it (``max_tokens`` or the context limit)."""
         pending = req.num_output_placeholders
-        if pending and (req.num_output_tokens + pending >= req.max_tokens
-                        or req.num_tokens + pending >= self.max_model_len):
+        if pending and (req.num_output_tokens + pending >= req.max_tokens or req.num_tokens + pending >= self.max_model_len):
             return 0
         return req.num_tokens + pending - req.num_computed_tokens
 
@@ -228,8 +233,10 @@ class Scheduler:
             wanted = self._num_new_tokens(req)
             num_new = self._chunk_size(req, wanted, step)
             over_budget = wanted > 0 and num_new == 0
-            if (not num_new  # (0: no budget left, or its token in flight will finish it)
-                    or not self.kv_cache_manager.allocate_slots(req, num_new, cached)):
+            if (
+                not num_new  # (0: no budget left, or its token in flight will finish it)
+                or not self.kv_cache_manager.allocate_slots(req, num_new, cached)
+            ):
                 if forked:
                     self.kv_cache_manager.free(req)
                 req.num_computed_tokens = 0
@@ -258,23 +265,35 @@ class Scheduler:
         raise RuntimeError(
             f"scheduler stalled: {len(self.waiting)} waiting and {len(self.running)} running request(s), none "
             f"schedulable (KV blocks used {usage.num_used_blocks}/{usage.num_blocks}, token budget "
-            f"{self.config.max_num_batched_tokens}, head of the queue {head!r})")
+            f"{self.config.max_num_batched_tokens}, head of the queue {head!r})"
+        )
 
     def _describe(self, req: Request, num_new: int) -> ScheduledRequest:
         """What the runner needs; a token still being sampled is left out of ``token_ids`` (the runner
         takes it from the previous step's output on the device)."""
         start = req.num_computed_tokens
         offset, new_blocks = self.kv_cache_manager.take_new_block_ids(req.request_id)
-        return ScheduledRequest(req_id=req.request_id, token_ids=req.all_token_ids[start:start + num_new],
-                                num_tokens=num_new, start_pos=start, num_prompt_tokens=req.num_prompt_tokens,
-                                block_offset=offset, new_block_ids=new_blocks, sampling_params=req.sampling_params,
-                                sample=start + num_new == req.num_tokens + req.num_output_placeholders)
+        return ScheduledRequest(
+            req_id=req.request_id,
+            token_ids=req.all_token_ids[start : start + num_new],
+            num_tokens=num_new,
+            start_pos=start,
+            num_prompt_tokens=req.num_prompt_tokens,
+            block_offset=offset,
+            new_block_ids=new_blocks,
+            sampling_params=req.sampling_params,
+            sample=start + num_new == req.num_tokens + req.num_output_placeholders,
+        )
 
     def _try_fork(self, req: Request) -> bool:
         """Copy-on-write: share the leader's prompt blocks, recompute only the last prompt token."""
         leader = self.requests.get(req.fork_from) if req.fork_from else None
-        if (leader is None or leader.status != RequestStatus.RUNNING or req.num_computed_tokens
-                or leader.num_computed_tokens < req.num_prompt_tokens):
+        if (
+            leader is None
+            or leader.status != RequestStatus.RUNNING
+            or req.num_computed_tokens
+            or leader.num_computed_tokens < req.num_prompt_tokens
+        ):
             return False
         req.num_computed_tokens = req.num_prompt_tokens - 1
         self.kv_cache_manager.fork(leader, req)
@@ -290,6 +309,7 @@ class Scheduler:
         blocks, num_cached = self.kv_cache_manager.get_computed_blocks(req)
         req.num_computed_tokens = num_cached
         return blocks
+
     # endregion
 
     def _preempt(self, req: Request) -> None:
@@ -311,10 +331,10 @@ class Scheduler:
         updated = []
         now = time.perf_counter()
         if self.config.target_itl_ms is not None and runner_out.device_time is not None:
-            self.cost_model.observe([(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled],
-                                    runner_out.device_time)
-        for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids,
-                                          runner_out.logprobs):
+            self.cost_model.observe(
+                [(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled], runner_out.device_time
+            )
+        for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids, runner_out.logprobs):
             req = self.requests.get(sched.req_id)
             if req is None:  # finished or aborted while its step was in flight
                 continue
@@ -348,4 +368,3 @@ class Scheduler:
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
-

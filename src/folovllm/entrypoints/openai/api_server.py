@@ -6,6 +6,7 @@ error format (FastAPI's default 422 is not what OpenAI clients expect). SIGTERM 
 Ctrl-C: uvicorn stops accepting connections, lets running responses finish, then
 the engine loop stops.
 """
+
 from __future__ import annotations
 
 import signal
@@ -81,11 +82,15 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"{type(exc).__name__}: {exc}", type="internal_error")
 
 
-def run_server(engine: AsyncLLM, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-               log_level: str = "info") -> None:
+def run_server(
+    engine: AsyncLLM,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
     """Serve until SIGTERM/SIGINT; running responses finish first (uvicorn's graceful shutdown)."""
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, served_model_name), host=host, port=port,
-                                           log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, served_model_name), host=host, port=port, log_level=log_level))
     # Once drained, uvicorn raises the signal that stopped it again, for the handler that was there
     # before: make that handler a no-op so ``run`` returns, the engine loop stops, and the exit status is 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -102,10 +107,17 @@ class ServerThread:
     ``port=0`` takes a free port. The engine stays the caller's: stopping the server does not stop it.
     """
 
-    def __init__(self, engine: AsyncLLM, host: str = "127.0.0.1", port: int = 0,
-                 served_model_name: str | None = None, log_level: str = "warning") -> None:
-        self.server = uvicorn.Server(uvicorn.Config(build_app(engine, served_model_name), host=host, port=port,
-                                                    log_level=log_level))
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        served_model_name: str | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        self.server = uvicorn.Server(
+            uvicorn.Config(build_app(engine, served_model_name), host=host, port=port, log_level=log_level)
+        )
         self.thread = threading.Thread(target=self.server.run, name="folovllm-server", daemon=True)
 
     def start(self, timeout: float = 30.0) -> "ServerThread":

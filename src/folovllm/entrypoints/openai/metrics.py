@@ -4,6 +4,7 @@ Latencies are measured where the client sees them: from the moment the HTTP
 request was parsed to each output leaving for the socket. Queue lengths and KV
 usage are read from the engine thread between two steps, only when scraped.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,28 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.outputs import RequestOutput
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class ServerMetrics:
@@ -26,21 +47,28 @@ class ServerMetrics:
         self.num_running = Gauge("folovllm:num_requests_running", "Requests in the running batch.", registry=r)
         self.num_waiting = Gauge("folovllm:num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
         self.kv_usage = Gauge("folovllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", registry=r)
-        self.ttft = Histogram("folovllm:time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("folovllm:inter_token_latency_seconds", "Time between two output tokens.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("folovllm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.success = Counter("folovllm:request_success", "Finished sequences by finish reason.",
-                               ["finished_reason"], registry=r)
+        self.ttft = Histogram(
+            "folovllm:time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "folovllm:inter_token_latency_seconds", "Time between two output tokens.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "folovllm:e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.success = Counter(
+            "folovllm:request_success", "Finished sequences by finish reason.", ["finished_reason"], registry=r
+        )
         self.prompt_tokens = Counter("folovllm:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("folovllm:generation_tokens", "Tokens generated.", registry=r)
         # vLLM v1's prefix-cache pair: hit rate = hits / queries over any window (both in prompt tokens)
-        self.prefix_queries = Counter("folovllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      registry=r)
-        self.prefix_hits = Counter("folovllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                   registry=r)
+        self.prefix_queries = Counter(
+            "folovllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter("folovllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
         self._prefix_seen = (0, 0)  # the engine's totals at the last scrape
 
     def track(self, arrival: float) -> "RequestTracker":

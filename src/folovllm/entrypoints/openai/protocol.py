@@ -3,6 +3,7 @@
 Requests forbid unknown fields (OpenAI answers "Unrecognized request argument"), so
 a misspelt option is an error instead of a silent default.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,14 @@ class ErrorResponse(OpenAIBaseModel):
 class APIError(Exception):
     """An error the client caused or must know about; the app turns it into ``ErrorResponse``."""
 
-    def __init__(self, message: str, status_code: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
@@ -75,10 +82,20 @@ class SamplingRequest(OpenAIBaseModel):
         Streamed or not, the serving classes add up deltas (one code path; metrics see every token)."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-                              stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-                              output_kind=RequestOutputKind.DELTA)
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
 
     @property
     def include_usage(self) -> bool:

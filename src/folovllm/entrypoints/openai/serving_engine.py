@@ -4,6 +4,7 @@ Check the model name, turn the request into ``SamplingParams`` (a bad field is a
 HTTP 400 naming it), queue every prompt before the first byte of the response (so a
 bad prompt is a 400, not a broken stream), then read all prompts' outputs as they come.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -75,8 +76,9 @@ class OpenAIServing:
         self.models = models
         self.metrics = metrics
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                        prompt_field: str) -> SamplingParams:
+    def sampling_params(
+        self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_field: str
+    ) -> SamplingParams:
         self.models.check(request.model)
         try:
             return request.to_sampling_params(max_tokens, logprobs)
@@ -90,8 +92,9 @@ class OpenAIServing:
             return f"token_id:{token_id}"
         return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
-    async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                    request: BaseModel, prompt_field: str) -> list[RequestOutputCollector]:
+    async def start(
+        self, request_id: str, prompts: list[PromptType], params: SamplingParams, request: BaseModel, prompt_field: str
+    ) -> list[RequestOutputCollector]:
         """Queue every prompt as ``{request_id}-{i}``; if one is refused, none stays queued."""
         collectors: list[RequestOutputCollector] = []
         try:
@@ -103,8 +106,9 @@ class OpenAIServing:
             raise bad_request(err, request, prompt_field) from None
         return collectors
 
-    async def outputs(self, collectors: list[RequestOutputCollector], arrival: float
-                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(
+        self, collectors: list[RequestOutputCollector], arrival: float
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, delta output) of every prompt as tokens arrive; metrics recorded on the way."""
         trackers = [self.metrics.track(arrival) for _ in collectors]
         async with aclosing(merge_async_iterators([self.engine.outputs(c) for c in collectors])) as merged:
@@ -167,6 +171,7 @@ async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncItera
 
 async def until_disconnected(raw_request: Request, work: Awaitable[T]) -> T | None:
     """Run ``work`` unless the client hangs up first; then cancel it (which aborts its requests)."""
+
     async def hang_up() -> None:
         while (await raw_request.receive())["type"] != "http.disconnect":
             pass

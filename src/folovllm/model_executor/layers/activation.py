@@ -1,4 +1,5 @@
 """The gated activation of Llama-style MLPs."""
+
 from __future__ import annotations
 
 import torch
@@ -16,4 +17,5 @@ class SiluAndMul(CustomOp):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         from folovllm.model_executor.layers.ops.activation import silu_and_mul
+
         return silu_and_mul(x)

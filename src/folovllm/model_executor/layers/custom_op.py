@@ -4,6 +4,7 @@
 runs on CPU; ``forward_fused`` is the M4 fast path. ``enable_fused_ops`` flips a
 whole model at once (the M4 preset on a GPU), so the model file never changes.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,5 @@
 """RMSNorm, optionally fused with the residual add that always precedes it."""
+
 from __future__ import annotations
 
 import torch
@@ -25,14 +26,17 @@ class RMSNorm(CustomOp):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_native(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
 
-    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_fused(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from folovllm.model_executor.layers.ops.rms_norm import rms_norm
+
         return rms_norm(x, self.weight, self.eps, residual)

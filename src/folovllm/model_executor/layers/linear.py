@@ -9,6 +9,7 @@ With a ``quant_config`` (M7) a linear method owns the weights instead: it create
 them (each with a ``weight_loader`` that knows its own shard layout), post-processes
 them after loading and does the matmul, so the model code stays the same.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -24,16 +25,16 @@ if TYPE_CHECKING:
 def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     """Copy a checkpoint tensor into a parameter (or a shard of one), refusing a shape mismatch."""
     if target.shape != loaded.shape:
-        raise ValueError(f"tensor {name!r} has shape {tuple(loaded.shape)}, "
-                         f"expected {tuple(target.shape)}")
+        raise ValueError(f"tensor {name!r} has shape {tuple(loaded.shape)}, expected {tuple(target.shape)}")
     target.copy_(loaded)
 
 
 class Linear(nn.Module):
     """``y = x W^T (+ b)`` with ``W [output_size, input_size]``, or whatever ``quant_config``'s method stores."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
@@ -52,8 +53,9 @@ class Linear(nn.Module):
 class MergedLinear(Linear):
     """Several projections of one input stacked along the output dim (``gate_up_proj``)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__(input_size, sum(output_sizes), bias, quant_config)
         self.output_sizes = list(output_sizes)
         self.shard_ids: list[int | str] = list(range(len(output_sizes)))
@@ -68,8 +70,15 @@ class MergedLinear(Linear):
 class QKVLinear(MergedLinear):
     """Q, K and V stacked into one ``qkv_proj``; with GQA the K/V shards are narrower."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, quant_config)
         self.q_size, self.kv_size = q_size, kv_size

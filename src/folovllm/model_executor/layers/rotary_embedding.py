@@ -5,6 +5,7 @@ at construction; a forward only indexes them with the step's positions, so a
 token's rotation depends on its position alone, never on how the batch is laid out.
 The fused kernel (M4) reads the same table and also applies Qwen3's q/k norm.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,7 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     transformers 5 keeps them in ``rope_parameters``; older configs split them
     into ``rope_theta`` and ``rope_scaling`` (whose type key may be ``type``).
     """
-    params = dict(getattr(hf_config, "rope_parameters", None)
-                  or getattr(hf_config, "rope_scaling", None) or {})
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
     params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     return params
@@ -58,8 +58,7 @@ class RotaryEmbedding(CustomOp):
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor is not supported, got "
-                             f"{params['partial_rotary_factor']!r}")
+            raise ValueError(f"partial_rotary_factor is not supported, got {params['partial_rotary_factor']!r}")
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
         self.head_dim = head_dim
@@ -68,8 +67,7 @@ class RotaryEmbedding(CustomOp):
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
-                             persistent=False)
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``cos, sin [T, 1, head_dim // 2]`` for the given positions, in the activations' dtype
@@ -79,21 +77,41 @@ class RotaryEmbedding(CustomOp):
         cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
 
-    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                       cos_sin: tuple[torch.Tensor, torch.Tensor], q_norm: nn.Module | None = None,
-                       k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_native(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``q [T, Hq, D]``, ``k [T, Hkv, D]`` rotated (after the optional per-head norms): new tensors."""
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
 
-    def forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                      cos_sin: None, q_norm: nn.Module | None = None,
-                      k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_fused(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin: None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same, in place, in one kernel for both q and k."""
         from folovllm.model_executor.layers.ops.rotary import rotary_qk_
-        rotary_qk_(q, k, positions, self.cos_sin_cache, None if q_norm is None else q_norm.weight,
-                   None if k_norm is None else k_norm.weight, 1e-6 if q_norm is None else q_norm.eps)
+
+        rotary_qk_(
+            q,
+            k,
+            positions,
+            self.cos_sin_cache,
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
+            1e-6 if q_norm is None else q_norm.eps,
+        )
         return q, k
 
 

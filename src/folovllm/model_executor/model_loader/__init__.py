@@ -8,6 +8,7 @@
 A checkpoint whose ``config.json`` carries a ``quantization_config`` (M7) builds quantized
 linear layers; each layer's method post-processes its tensors once they are all loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def load_model(model_config: ModelConfig, allow_quantized: bool = True) -> Loade
     ``model_config.quantization`` asks for it."""
     name = model_config.model
     if name.startswith(RANDOM_PREFIX):
-        return _load_random(model_config, name[len(RANDOM_PREFIX):])
+        return _load_random(model_config, name[len(RANDOM_PREFIX) :])
     if name == SMOLLM2_NAME:
         return _load_folder(model_config, ensure_smollm2(), SMOLLM2_NAME, allow_quantized)
     path = Path(name).expanduser()
@@ -65,8 +66,9 @@ def load_model(model_config: ModelConfig, allow_quantized: bool = True) -> Loade
 
 def _load_folder(model_config: ModelConfig, path: Path, name: str, allow_quantized: bool = True) -> LoadedModel:
     if not path.is_dir():
-        raise ValueError(f"model {str(path)!r} is not an existing folder "
-                         f"(nor {SMOLLM2_NAME!r} or '{RANDOM_PREFIX}<preset>')")
+        raise ValueError(
+            f"model {str(path)!r} is not an existing folder (nor {SMOLLM2_NAME!r} or '{RANDOM_PREFIX}<preset>')"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json")
     files = find_safetensors_files(path)
@@ -75,8 +77,7 @@ def _load_folder(model_config: ModelConfig, path: Path, name: str, allow_quantiz
     quant_config = get_quantization_config(model_config.quantization, hf_config, str(path), allow_quantized)
     model = _build(model_cls, hf_config, model_config, quant_config)
     model.load_weights(safetensors_weights_iterator(files))
-    tokenizer = (AutoTokenizer.from_pretrained(path)
-                 if any((path / f).is_file() for f in TOKENIZER_FILES) else None)
+    tokenizer = AutoTokenizer.from_pretrained(path) if any((path / f).is_file() for f in TOKENIZER_FILES) else None
     return _finish(model, hf_config, tokenizer, path, name, model_config, quant_config)
 
 
@@ -99,8 +100,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _build(model_cls: type[nn.Module], hf_config: Any, model_config: ModelConfig,
-           quant_config: QuantizationConfig | None = None) -> nn.Module:
+def _build(
+    model_cls: type[nn.Module], hf_config: Any, model_config: ModelConfig, quant_config: QuantizationConfig | None = None
+) -> nn.Module:
     """Create the parameters directly on the target device and in the target dtype."""
     with _default_dtype(model_config.dtype), torch.device(model_config.device):
         return model_cls(hf_config, quant_config=quant_config)
@@ -113,13 +115,26 @@ def process_weights_after_loading(model: nn.Module) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
-def _finish(model: nn.Module, hf_config: Any, tokenizer: Any | None, path: Path | None, name: str,
-            model_config: ModelConfig, quant_config: QuantizationConfig | None = None) -> LoadedModel:
+def _finish(
+    model: nn.Module,
+    hf_config: Any,
+    tokenizer: Any | None,
+    path: Path | None,
+    name: str,
+    model_config: ModelConfig,
+    quant_config: QuantizationConfig | None = None,
+) -> LoadedModel:
     process_weights_after_loading(model)
     limit = model_config.max_model_len or math.inf
-    return LoadedModel(model=model.eval(), hf_config=hf_config, tokenizer=tokenizer, path=path,
-                       name=name, max_model_len=int(min(hf_config.max_position_embeddings, limit)),
-                       quant_config=quant_config)
+    return LoadedModel(
+        model=model.eval(),
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        path=path,
+        name=name,
+        max_model_len=int(min(hf_config.max_position_embeddings, limit)),
+        quant_config=quant_config,
+    )
 
 
 __all__ = ["LoadedModel", "load_model", "ensure_smollm2"]

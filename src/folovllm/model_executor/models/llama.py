@@ -7,6 +7,7 @@ on a flattened batch of T tokens from any number of requests; only the
 ``Attention`` layer (through ``attn_metadata``) knows where one sequence ends.
 Parameter names follow HF's, except the merged ``qkv_proj`` and ``gate_up_proj``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -42,8 +43,9 @@ def num_kv_heads_of(hf_config: Any) -> int:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
-                 quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, quant_config)
         self.down_proj = Linear(intermediate_size, hidden_size, bias, quant_config)
@@ -56,22 +58,31 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """qkv projection, optional per-head q/k norm, RoPE, then the engine's ``Attention``."""
 
-    def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.rotary_emb = rotary_emb  # shared by every layer
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = num_kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
-        self.qkv_proj = QKVLinear(hf_config.hidden_size, self.head_dim, self.num_heads,
-                                  self.num_kv_heads, qkv_bias, quant_config)
+        self.qkv_proj = QKVLinear(
+            hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, quant_config
+        )
         self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias, quant_config)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, cos_sin: Any,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, cos_sin: Any, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -85,16 +96,30 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so each add fuses into a norm."""
 
-    def __init__(self, hf_config: Any, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 mlp_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm, quant_config)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias, quant_config)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                cos_sin: Any, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: Any,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -105,19 +130,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, hf_config: Any, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
-                 qk_norm: bool, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config), hf_config.max_position_embeddings,
-                                          rope_parameters(hf_config))
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config)
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config)
-            for _ in range(hf_config.num_hidden_layers))
+            for _ in range(hf_config.num_hidden_layers)
+        )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)  # once per forward, shared by the layers
         residual = None
@@ -152,8 +185,7 @@ class LlamaForCausalLM(nn.Module):
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
         return attention_bias, attention_bias, bool(getattr(hf_config, "mlp_bias", False))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
         """``input_ids, positions [T]`` -> hidden states ``[T, hidden_size]``."""
         return self.model(input_ids, positions, attn_metadata)
 
@@ -231,5 +263,4 @@ def _check_supported(hf_config: Any) -> None:
         raise ValueError("use_sliding_window=True is not supported (every layer attends to the full context)")
     num_heads, num_kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
-                         f"num_key_value_heads ({num_kv_heads})")
+        raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")

@@ -1,4 +1,5 @@
 """``GET /health`` (200 while the engine loop runs, 503 after) and ``GET /metrics`` (Prometheus text)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response

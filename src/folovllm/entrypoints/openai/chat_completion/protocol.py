@@ -1,4 +1,5 @@
 """``POST /v1/chat/completions`` schemas: OpenAI's chat API (text content), plus vLLM's extra fields."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -20,8 +21,11 @@ class ChatMessageParam(OpenAIBaseModel):
 
     def as_dict(self) -> dict[str, str]:
         """What a chat template reads: text parts joined by newlines."""
-        content = self.content if isinstance(self.content, str) or self.content is None else \
-            "\n".join(p.text for p in self.content)
+        content = (
+            self.content
+            if isinstance(self.content, str) or self.content is None
+            else "\n".join(p.text for p in self.content)
+        )
         return {"role": self.role, "content": content or ""}
 
 

@@ -1,4 +1,5 @@
 """``POST /v1/completions``: JSON, or server-sent events when ``stream`` is true."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response

@@ -1,4 +1,5 @@
 """``POST /v1/completions`` schemas: OpenAI's legacy completions, plus vLLM's extra fields."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,7 +11,8 @@ from folovllm.entrypoints.openai.protocol import OpenAIBaseModel, SamplingReques
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a text, several texts, token ids, or several lists of token ids")
+        description="a text, several texts, token ids, or several lists of token ids"
+    )
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, description="the sampled token's logprob plus this many alternatives")
 

@@ -2,6 +2,7 @@
 
 Choice ``i * n + j`` is sample ``j`` of prompt ``i`` (OpenAI's order for several prompts).
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,9 @@ class OpenAIServingCompletion(OpenAIServing):
             return self._stream(request, request_id, params.n, outputs)
         return await self._full(request, request_id, params.n, outputs)
 
-    async def _full(self, request: CompletionRequest, request_id: str, n: int,
-                    outputs: AsyncIterator[tuple[int, RequestOutput]]) -> CompletionResponse:
+    async def _full(
+        self, request: CompletionRequest, request_id: str, n: int, outputs: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> CompletionResponse:
         choices: dict[int, ChoiceState] = {}
         usage = UsageInfo()
         async for i, out in outputs:
@@ -51,14 +53,26 @@ class OpenAIServingCompletion(OpenAIServing):
                 self._advance(choice, c, request.logprobs)
             usage.prompt_tokens += len(out.prompt_token_ids) if out.finished else 0
         count_completion_tokens(usage, choices)
-        return CompletionResponse(id=request_id, model=self.models.served_model_name, usage=usage, choices=[
-            CompletionResponseChoice(index=k, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
-                                     stop_reason=c.stop_reason,
-                                     token_ids=c.token_ids if request.return_token_ids else None)
-            for k, c in sorted(choices.items())])
+        return CompletionResponse(
+            id=request_id,
+            model=self.models.served_model_name,
+            usage=usage,
+            choices=[
+                CompletionResponseChoice(
+                    index=k,
+                    text=c.text,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    token_ids=c.token_ids if request.return_token_ids else None,
+                )
+                for k, c in sorted(choices.items())
+            ],
+        )
 
-    async def _stream(self, request: CompletionRequest, request_id: str, n: int,
-                      outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    async def _stream(
+        self, request: CompletionRequest, request_id: str, n: int, outputs: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> AsyncIterator[str]:
         """One event per new piece of a choice (a token, or a finish), usage last if asked, then ``[DONE]``."""
         created, model = now(), self.models.served_model_name
         choices: dict[int, ChoiceState] = {}
@@ -73,23 +87,27 @@ class OpenAIServingCompletion(OpenAIServing):
                             continue
                         start = len(choice.token_ids)
                         logprobs = self._advance(choice, c, request.logprobs)
-                        events.append(CompletionResponseChoice(
-                            index=i * n + c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                            token_ids=choice.token_ids[start:] if request.return_token_ids else None))
+                        events.append(
+                            CompletionResponseChoice(
+                                index=i * n + c.index,
+                                text=c.text,
+                                logprobs=logprobs,
+                                finish_reason=c.finish_reason,
+                                stop_reason=c.stop_reason,
+                                token_ids=choice.token_ids[start:] if request.return_token_ids else None,
+                            )
+                        )
                     usage.prompt_tokens += len(out.prompt_token_ids) if out.finished else 0
                     if events:
                         yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=events))
             if request.include_usage:
                 count_completion_tokens(usage, choices)
-                yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                   usage=usage))
+                yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as err:  # the stream has started: report in-band
             yield error_event(err)
         yield SSE_DONE
 
-    def _advance(self, choice: ChoiceState, delta: CompletionOutput, num_logprobs: int | None
-                 ) -> CompletionLogProbs | None:
+    def _advance(self, choice: ChoiceState, delta: CompletionOutput, num_logprobs: int | None) -> CompletionLogProbs | None:
         """Add a delta to a choice; returns the delta's logprobs in OpenAI's legacy format."""
         choice.add(delta)
         if delta.logprobs is None or num_logprobs is None:

@@ -1,4 +1,5 @@
 """``GET /v1/models`` schemas (OpenAI's, plus vLLM's ``max_model_len``)."""
+
 from __future__ import annotations
 
 from typing import Literal

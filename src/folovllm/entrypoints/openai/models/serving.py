@@ -1,4 +1,5 @@
 """The one model this server runs, under the name clients must use."""
+
 from __future__ import annotations
 
 from folovllm.entrypoints.openai.models.protocol import ModelCard, ModelList
@@ -13,8 +14,13 @@ class OpenAIServingModels:
     def check(self, name: str | None) -> None:
         """``None`` means this server's model (as vLLM allows); another name is OpenAI's 404."""
         if name is not None and name != self.served_model_name:
-            raise APIError(f"The model `{name}` does not exist; this server runs `{self.served_model_name}`.",
-                           status_code=404, type="invalid_request_error", param="model", code="model_not_found")
+            raise APIError(
+                f"The model `{name}` does not exist; this server runs `{self.served_model_name}`.",
+                status_code=404,
+                type="invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
 
     def list(self) -> ModelList:
         return ModelList(data=[self.card])

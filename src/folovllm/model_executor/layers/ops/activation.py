@@ -1,4 +1,5 @@
 """``silu(gate) * up`` on the merged ``gate_up_proj`` output: one kernel instead of chunk, silu, mul."""
+
 from __future__ import annotations
 
 import torch
@@ -29,5 +30,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
         for_device(_silu_and_mul_kernel, x.device)[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4
+        )
     return out.view(*x.shape[:-1], inter)

@@ -5,6 +5,7 @@ kernel and move the ``[T, H]`` activation through HBM again. Rounding follows th
 PyTorch reference exactly: the sum is rounded to the activation dtype, the norm is
 taken in fp32 and rounded before the weight multiplies it (as HF does).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,19 @@ from folovllm.triton_utils import for_device
 
 
 @triton.jit
-def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, eps, HIDDEN: tl.constexpr,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _rms_norm_kernel(
+    X,
+    Residual,
+    Weight,
+    Out,
+    stride_x,
+    stride_r,
+    stride_o,
+    eps,
+    HIDDEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     """One program per token: ``residual += x`` (in place), ``out = norm(residual) * weight``."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -33,8 +45,9 @@ def _rms_norm_kernel(X, Residual, Weight, Out, stride_x, stride_r, stride_o, eps
     tl.store(Out + row * stride_o + cols, (normed * w.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``norm(x) * weight``; with ``residual``: ``(norm(x + residual) * weight, x + residual)``.
 
     ``residual`` is updated in place (it is the running residual stream). Rows of
@@ -51,8 +64,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = x2  # never read
     if x2.shape[0]:
         for_device(_rms_norm_kernel, x.device)[(x2.shape[0],)](
-            x2, r2, weight, out, x2.stride(0), r2.stride(0), out.stride(0), eps,
-            HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-            num_warps=4 if hidden <= 2048 else 8)
+            x2,
+            r2,
+            weight,
+            out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            eps,
+            HIDDEN=hidden,
+            BLOCK=triton.next_power_of_2(hidden),
+            HAS_RESIDUAL=residual is not None,
+            num_warps=4 if hidden <= 2048 else 8,
+        )
     out = out.view(x.shape)
     return out if residual is None else (out, residual)

@@ -6,6 +6,7 @@ program per token loads every head of q and k once from the ``qkv`` projection
 output, normalizes and rotates them in fp32 and writes them back in place, so
 q, k and v stay views of that one buffer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,20 @@ from folovllm.triton_utils import for_device
 
 
 @triton.jit
-def _rope_heads(Base, Positions, CosSin, NormW, row, stride_t, eps, NUM_HEADS: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+def _rope_heads(
+    Base,
+    Positions,
+    CosSin,
+    NormW,
+    row,
+    stride_t,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
     """Rotate (and first normalize) the ``NUM_HEADS`` heads of one token that start at ``Base``."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, HALF)[None, :]
@@ -41,19 +54,37 @@ def _rope_heads(Base, Positions, CosSin, NormW, row, stride_t, eps, NUM_HEADS: t
 
 
 @triton.jit
-def _rotary_qk_kernel(Q, K, Positions, CosSin, QNormW, KNormW, stride_q, stride_k, eps,
-                      NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HAS_NORM: tl.constexpr):
+def _rotary_qk_kernel(
+    Q,
+    K,
+    Positions,
+    CosSin,
+    QNormW,
+    KNormW,
+    stride_q,
+    stride_k,
+    eps,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
-    _rope_heads(Q, Positions, CosSin, QNormW, row, stride_q, eps, NUM_Q_HEADS, HEAD_DIM, BLOCK_HQ,
-                HEAD_DIM // 2, HAS_NORM)
-    _rope_heads(K, Positions, CosSin, KNormW, row, stride_k, eps, NUM_KV_HEADS, HEAD_DIM, BLOCK_HK,
-                HEAD_DIM // 2, HAS_NORM)
+    _rope_heads(Q, Positions, CosSin, QNormW, row, stride_q, eps, NUM_Q_HEADS, HEAD_DIM, BLOCK_HQ, HEAD_DIM // 2, HAS_NORM)
+    _rope_heads(K, Positions, CosSin, KNormW, row, stride_k, eps, NUM_KV_HEADS, HEAD_DIM, BLOCK_HK, HEAD_DIM // 2, HAS_NORM)
 
 
-def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-               q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-               eps: float = 1e-6) -> None:
+def rotary_qk_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
     """Rotate ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` in place by ``positions [T]``.
 
     ``cos_sin_cache [max_pos, D]`` holds cos for the first half, sin for the second
@@ -70,7 +101,20 @@ def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
         return
     has_norm = q_norm_weight is not None
     for_device(_rotary_qk_kernel, q.device)[(num_tokens,)](
-        q, k, positions, cos_sin_cache, q_norm_weight if has_norm else q, k_norm_weight if has_norm else k,
-        q.stride(0), k.stride(0), eps, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        HAS_NORM=has_norm, num_warps=4)
+        q,
+        k,
+        positions,
+        cos_sin_cache,
+        q_norm_weight if has_norm else q,
+        k_norm_weight if has_norm else k,
+        q.stride(0),
+        k.stride(0),
+        eps,
+        NUM_Q_HEADS=num_q_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
+        BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        HAS_NORM=has_norm,
+        num_warps=4,
+    )

@@ -4,6 +4,7 @@ The config is parsed from the checkpoint's ``quantization_config``; for each lin
 out a linear method that owns the layer's weights from creation to matmul. ``Linear`` only calls
 the method, so the model code never changes per format.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -6,6 +6,7 @@ of them, as dense weights fill row ranges), then, once loaded, unpacks and repac
 kernel: act-order rows sorted by group (the input columns follow through ``perm``), 16-row slices
 per bit field, zero points unpacked (stored ``zero - 1`` in the checkpoint) next to the scales.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ class GPTQConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "GPTQConfig":
         fmt = config.get("checkpoint_format", "gptq")
         if fmt != "gptq" or config.get("is_marlin_format"):
-            raise ValueError(f"GPTQ checkpoint_format {fmt!r}{' (marlin)' if config.get('is_marlin_format') else ''} "
-                             "is not supported; supported: 'gptq'")
+            raise ValueError(
+                f"GPTQ checkpoint_format {fmt!r}{' (marlin)' if config.get('is_marlin_format') else ''} "
+                "is not supported; supported: 'gptq'"
+            )
         if config.get("lm_head"):
             raise ValueError("GPTQ checkpoints with a quantized lm_head (lm_head=true) are not supported")
         if config.get("dynamic"):
@@ -67,13 +70,24 @@ class GPTQConfig(QuantizationConfig):
         for key in ("bits", "group_size"):
             if key not in config:
                 raise ValueError(f"GPTQ quantization_config has no {key!r}")
-        return cls(bits=config["bits"], group_size=config["group_size"], desc_act=bool(config.get("desc_act", False)),
-                   sym=bool(config.get("sym", True)))
+        return cls(
+            bits=config["bits"],
+            group_size=config["group_size"],
+            desc_act=bool(config.get("desc_act", False)),
+            sym=bool(config.get("sym", True)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of a checkpoint we write."""
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act,
-                "sym": self.sym, "checkpoint_format": "gptq", "lm_head": False}
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "checkpoint_format": "gptq",
+            "lm_head": False,
+        }
 
     def get_linear_method(self) -> "GPTQLinearMethod":
         return GPTQLinearMethod(self)
@@ -98,8 +112,10 @@ def _shared_loader(layer: nn.Module, param: nn.Parameter):
 
     def load(loaded: torch.Tensor, shard: int | str | None, name: str) -> None:
         if shard is not None and layer.g_idx_source is not None and not torch.equal(param.data, loaded.to(param.device)):
-            raise ValueError(f"{name} differs from {layer.g_idx_source}: projections merged into one layer "
-                             "must share one act-order permutation")
+            raise ValueError(
+                f"{name} differs from {layer.g_idx_source}: projections merged into one layer "
+                "must share one act-order permutation"
+            )
         copy_weight(param.data, loaded, name)
         layer.g_idx_source = name
 
@@ -113,20 +129,24 @@ class GPTQLinearMethod(LinearMethodBase):
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
         bits, pack = self.config.bits, 32 // self.config.bits
         if input_size % pack or output_size % pack:
-            raise ValueError(f"GPTQ {bits}-bit packing needs input and output sizes divisible by {pack}, "
-                             f"got {input_size} x {output_size}")
+            raise ValueError(
+                f"GPTQ {bits}-bit packing needs input and output sizes divisible by {pack}, got {input_size} x {output_size}"
+            )
         groups = 1 if self.config.group_size == -1 else cdiv(input_size, self.config.group_size)
         layer.act_dtype = torch.get_default_dtype()
         layer.g_idx_source = None
-        tensors = {"qweight": ((input_size // pack, output_size), torch.int32, 1, 1),
-                   "qzeros": ((groups, output_size // pack), torch.int32, 1, pack),
-                   "scales": ((groups, output_size), torch.float16, 1, 1),
-                   "g_idx": ((input_size,), torch.int32, None, 1)}
+        tensors = {
+            "qweight": ((input_size // pack, output_size), torch.int32, 1, 1),
+            "qzeros": ((groups, output_size // pack), torch.int32, 1, pack),
+            "scales": ((groups, output_size), torch.float16, 1, 1),
+            "g_idx": ((input_size,), torch.int32, None, 1),
+        }
         for name, (shape, dtype, output_dim, factor) in tensors.items():
             param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
-            param.weight_loader = (_shared_loader(layer, param) if output_dim is None
-                                   else _sharded_loader(layer, param, output_dim, factor))
+            param.weight_loader = (
+                _shared_loader(layer, param) if output_dim is None else _sharded_loader(layer, param, output_dim, factor)
+            )
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Checkpoint tensors -> kernel layout: ``qweight`` repacked, ``zeros`` unpacked, ``perm`` for act-order.
@@ -138,13 +158,17 @@ class GPTQLinearMethod(LinearMethodBase):
         g_idx = layer.g_idx.data.to(torch.int64)
         perm = torch.argsort(g_idx, stable=True)
         if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // size):
-            raise ValueError(f"g_idx of a {k}-input layer does not put {size} rows in each group "
-                             f"(group_size={self.config.group_size}): cannot be served")
+            raise ValueError(
+                f"g_idx of a {k}-input layer does not put {size} rows in each group "
+                f"(group_size={self.config.group_size}): cannot be served"
+            )
         scale_dtype = torch.float32 if layer.act_dtype == torch.float32 else torch.float16
-        tensors = {"qweight": pack_for_kernel(unpack_rows(layer.qweight.data, bits, k)[perm], bits),
-                   "scales": layer.scales.data.to(scale_dtype),
-                   "zeros": (unpack_rows(layer.qzeros.data.T, bits, n).T + 1).to(scale_dtype).contiguous(),
-                   "perm": None if torch.equal(perm, torch.arange(k, device=perm.device)) else perm.to(torch.int32)}
+        tensors = {
+            "qweight": pack_for_kernel(unpack_rows(layer.qweight.data, bits, k)[perm], bits),
+            "scales": layer.scales.data.to(scale_dtype),
+            "zeros": (unpack_rows(layer.qzeros.data.T, bits, n).T + 1).to(scale_dtype).contiguous(),
+            "perm": None if torch.equal(perm, torch.arange(k, device=perm.device)) else perm.to(torch.int32),
+        }
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             delattr(layer, name)  # the checkpoint layout is not kept: one copy of the weight in memory
         for name, tensor in tensors.items():
@@ -162,7 +186,7 @@ class GPTQLinearMethod(LinearMethodBase):
         """Uniformly random codes around a symmetric zero point; the scale gives the weights ``std`` spread."""
         bits = self.config.bits
         levels = 2**bits
-        layer.qweight.data.random_(-2**31, 2**31, generator=generator)
+        layer.qweight.data.random_(-(2**31), 2**31, generator=generator)
         zero = torch.full((layer.qzeros.shape[0], layer.output_size), levels // 2 - 1, device=layer.qzeros.device)
         layer.qzeros.data.copy_(pack_rows(zero.T, bits).T)
         layer.scales.data.fill_(std / ((levels**2 - 1) / 12) ** 0.5)  # a uniform code's standard deviation

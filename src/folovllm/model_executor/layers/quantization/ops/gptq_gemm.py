@@ -5,6 +5,7 @@ The checkpoint packs eight consecutive input rows per word; the kernel wants eac
 operand to be 16 consecutive rows taken from one bit field of 16 consecutive words, so the linear
 method repacks once after loading (``pack_for_kernel``), as vLLM repacks for its own kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,9 +53,16 @@ def unpack_from_kernel(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor
     return ((words >> shifts) & (2**bits - 1)).reshape(-1, qweight.shape[1])[:k]
 
 
-def gptq_gemm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                        group_size: int) -> torch.Tensor:
+def gptq_gemm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
     """Dequantize the whole weight, then one matmul: what the kernel must equal (and the CPU path)."""
     k = x.shape[-1]
     groups = torch.arange(k, device=x.device) // (k if group_size == -1 else group_size)
@@ -92,8 +100,7 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
     tiles = cdiv(n, 64)
     split = 1
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
-    while (split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target
-           and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT):
+    while split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT:
         split *= 2
     per_split = cdiv(k_blocks, split)
     return GemmPlan(16, 64, False, cdiv(k_blocks, per_split), per_split, 4, 4)
@@ -108,16 +115,26 @@ def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     counters = _counters.get(device)
     if counters is None or counters.numel() < num_tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("GPTQ split-K counters must be allocated by a warm-up launch before CUDA graph "
-                               "capture (a graph keeps the old address)")
+            raise RuntimeError(
+                "GPTQ split-K counters must be allocated by a warm-up launch before CUDA graph "
+                "capture (a graph keeps the old address)"
+            )
         counters = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
         _counters[device] = counters
     return counters
 
 
-def launch_gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-                     plan: GemmPlan | None = None) -> torch.Tensor:
+def launch_gptq_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    plan: GemmPlan | None = None,
+) -> torch.Tensor:
     """The kernel, unchecked: ``x [M, K]`` (unit stride along K) -> ``[M, N]`` in ``x``'s dtype."""
     m, k = x.shape
     n = qweight.shape[1]
@@ -141,9 +158,17 @@ def launch_gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return out
 
 
-def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-              plan: GemmPlan | None = None) -> torch.Tensor:
+def gptq_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    plan: GemmPlan | None = None,
+) -> torch.Tensor:
     """``x [..., K] @ W`` with ``W`` in the kernel layout; every input checked first (tests, benchmarks)."""
     if bits not in KERNEL_BITS:
         raise ValueError(f"bits must be one of {KERNEL_BITS}, got {bits}")

@@ -16,6 +16,7 @@ Decode (few rows of X) is bound by the weight bytes: the planner then splits K a
 writes its fp32 partial sum, and the last to arrive adds them up in split order (deterministic) and
 resets the counter, so one launch does it all and a CUDA graph can replay it.
 """
+
 from __future__ import annotations
 
 import triton
@@ -24,11 +25,31 @@ import triton.language as tl
 
 @triton.jit
 def _gptq_gemm_kernel(
-        X, QWeight, Scales, Zeros, Perm, Bias, Out, Partials, Counters,
-        M, N, K, stride_xm, blocks_per_split,
-        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
-        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DEQUANT_TILES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    X,
+    QWeight,
+    Scales,
+    Zeros,
+    Perm,
+    Bias,
+    Out,
+    Partials,
+    Counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    blocks_per_split,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DEQUANT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One ``[BLOCK_M, BLOCK_N]`` output tile over one K range; grid ``(M tiles, N tiles, SPLIT_K)``.
 
     Word row ``16 b + t`` of ``QWeight [K_blocks * 16, N]`` holds, in bit field ``j``, the code of
