@@ -27,6 +27,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     gptq_gemm,
     gptq_gemm_reference,
     pack_for_kernel,
+    plan_gptq_gemm,
     unpack_from_kernel,
 )
 from folovllm.quantization.gptq import HessianAccumulator, gptq_quantize
@@ -233,28 +234,30 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
 
 
 @pytest.mark.parametrize(
-    "m, split_k, dequant_tiles",
+    "m, split_k, dequant_tiles, gemv",
     [
-        (1, None, None),
-        (4, 3, False),
-        (16, 2, False),  # decode: scales applied per group, split-K
-        (33, None, None),
-        (70, 1, True),  # GEMM: dequantized tiles
+        (1, None, None, None),  # the default plan: the FMA kernel, one split on CPU
+        (1, 3, False, True),  # FMA kernel, split-K
+        (3, 2, False, True),  # FMA kernel, rows of X padded to a 4-row tile
+        (4, 3, False, False),
+        (16, 2, False, False),  # decode: tl.dot, scales applied per group, split-K
+        (33, None, None, None),
+        (70, 1, True, False),  # GEMM: dequantized tiles
     ],
 )
 @pytest.mark.parametrize(
     "bits, group_size, act_order", [(4, 128, False), (4, 32, True), (4, -1, False), (8, 64, True), (2, 16, False)]
 )
-def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, bits, group_size, act_order):
+def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, bits, group_size, act_order):
     k, n = 384, 96  # three 128-row blocks at 4 bits; N not a multiple of the 64-column tile
     k_blocks = -(-k // block_rows(bits))
-    plan = (
-        None
-        if split_k is None
-        else GemmPlan(
-            32 if dequant_tiles else 16, 32 if dequant_tiles else 64, dequant_tiles, split_k, -(-k_blocks // split_k), 4, 1
-        )
-    )
+    if split_k is None:
+        plan = None
+    elif gemv:
+        plan = GemmPlan(1 << (m - 1).bit_length(), 64, False, split_k, -(-k_blocks // split_k), 4, 1, gemv=True)
+    else:
+        block = 32 if dequant_tiles else 16
+        plan = GemmPlan(block, 32 if dequant_tiles else 64, dequant_tiles, split_k, -(-k_blocks // split_k), 4, 1)
     layer = _random_layer(k, n, bits, group_size, act_order, seed=m + bits)
     qweight, scales, zeros, perm = (None if t is None else t.to(DEVICE) for t in layer)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
@@ -419,3 +422,13 @@ def test_bench_gptq_parts_run_on_cpu(monkeypatch):
     assert memory["ratio_decoder_linears"] > 3  # tiny K: padding to 128-row blocks and per-group scales dominate
     tpot = bench.bench_gptq_tpot("random:tiny-llama", 8, 4, device="cpu", kv_cache_memory=2**20)
     assert [r["config"] for r in tpot] == ["bf16", "gptq", "gptq-eager"] and tpot[0]["tpot_speedup_vs_bf16"] == 1
+
+
+def test_gptq_sweep_plans_cover_both_decode_kernels():
+    from folovllm.benchmarks.gptq import sweep_plans
+
+    plans = sweep_plans(1, 4096, 4096, 4, 132, torch.device("cpu"))
+    assert plans[0] == plan_gptq_gemm(1, 4096, 4096, 4, torch.device("cpu"))  # the default is timed first
+    assert all(p.gemv and p.block_m == 1 for p in plans) and len(set(plans)) == len(plans)
+    assert {p.block_n for p in plans} == {64, 128, 256} and max(p.split_k for p in plans) > 1
+    assert not any(p.gemv for p in sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu")))

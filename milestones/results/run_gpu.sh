@@ -64,9 +64,15 @@ PY
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 --milestone M4 M4/sync M3 \
       --out "$OUT/M4-fastpath-W-$gpu.json" ;;
   m6)
-    # Prefix caching: TTFT hit vs miss (4k prefix + 128), 256 requests sharing a 2k system prompt,
-    # 16 six-turn chats; M4 (no cache) then M6 on the same prompts, one engine each (~3-4 min)
-    bench prefix --model random:qwen3-8b --milestone M4 M6 --out "$OUT/M6-prefix-$gpu.json" > /dev/null ;;
+    # Prefix caching: TTFT hit vs miss (4k prefix + 128, one hit profiled), 128 requests sharing a 2k system
+    # prompt, 16 six-turn chats; M4 (no cache) then M6 on the same prompts, one engine each (~3 min)
+    bench prefix --model random:qwen3-8b --milestone M4 M6 --num-prompts 128 \
+      --out "$OUT/M6-prefix-$gpu.json" > "$OUT/prefix.log" 2>&1 ;;
+  gptqsweep)
+    # M7: every decode launch plan of the W4A16 kernel at M = 1, 4, 16 on Qwen3-8B's shapes (the default
+    # plans in gptq_gemm.py come from this), kernels only
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel" 2>&1 | tail -2
+    bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1 ;;
   repeats)
     # Issue #12: M3's attribution (paging vs kernel) from 3 repeats, median and spread, in one run
     bench throughput --model random:qwen3-0.6b --max-model-len 2048 --kv-cache-memory 4294967296 \

@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--input-len", type=int, default=128)
     gq.add_argument("--output-len", type=int, default=128)
     gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
+    gq.add_argument("--sweep", action="store_true", help="also time every decode launch plan at M = 1, 4, 16")
     gq.add_argument("--out", default=None)
 
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
@@ -393,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from folovllm.benchmarks.gptq import bench_gptq
 
             write_results(
-                args.out, bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only)
+                args.out,
+                bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only, args.sweep),
             )
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention

@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, median_time_s
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    GemmPlan,
+    block_rows,
     gptq_gemm_reference,
     launch_gptq_gemm,
     pack_for_kernel,
     plan_gptq_gemm,
+    split_k_for,
 )
 from folovllm.utils import cdiv
 
@@ -122,6 +125,63 @@ def bench_gptq_kernel(
     return rows
 
 
+def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
+    """Decode launch plans worth timing at ``m`` rows: the default, then the FMA kernel (``m <= 4``) or
+    ``tl.dot`` tiles over tile width, warps, pipeline stages and the programs-per-SM target of the K split."""
+    k_blocks = cdiv(k, block_rows(bits))
+    plans = [plan_gptq_gemm(m, n, k, bits, device)]  # the default first
+    block_m = 1 << (m - 1).bit_length() if m <= 4 else 16
+    for block_n in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (2, 4):
+                for per_sm in (2, 8):
+                    split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms)
+                    plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, stages, gemv=m <= 4))
+    return list(dict.fromkeys(plans))  # per_sm targets that give the same split are one plan
+
+
+@torch.inference_mode()
+def bench_gptq_sweep(
+    ms: list[int],
+    bits: int = 4,
+    group_size: int = 128,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict[str, Any]]:
+    """Every plan of ``sweep_plans`` on every Qwen3-8B shape: the data the default decode plans come from."""
+    device = device or torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = []
+    for name, (k, n) in QWEN3_8B_SHAPES.items():
+        layer = random_gptq_layer(k, n, bits, group_size, False, device, dtype)
+        args = (layer["qweight"], layer["scales"], layer["zeros"], None, None, bits, group_size)
+        dense = torch.randn(n, k, dtype=dtype, device=device) * 0.02
+        for m in ms:
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            bf16_s = median_time_s(lambda: F.linear(x, dense), device, warmup=5, iters=30)
+            ref = gptq_gemm_reference(x.float(), *args[:4], None, bits, group_size)
+            for plan in sweep_plans(m, k, n, bits, num_sms, device):
+                try:
+                    got = launch_gptq_gemm(x, *args, plan=plan)
+                except Exception as exc:  # a tile that does not fit in shared memory or registers
+                    rows.append({"layer": name, "m": m, "plan": plan.__dict__, "error": str(exc)[:200]})
+                    continue
+                err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                gptq_s = median_time_s(lambda: launch_gptq_gemm(x, *args, plan=plan), device, warmup=3, iters=20)
+                rows.append(
+                    {
+                        "layer": name,
+                        "m": m,
+                        "plan": plan.__dict__,
+                        "gptq_us": gptq_s * 1e6,
+                        "bf16_us": bf16_s * 1e6,
+                        "speedup": bf16_s / gptq_s,
+                        "max_rel_err": err,
+                    }
+                )
+    return rows
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -217,8 +277,10 @@ def bench_gptq(
     output_len: int = 128,
     device: str | None = None,
     skip_model: bool = False,
+    sweep: bool = False,
 ) -> dict[str, Any]:
-    """Kernels (plain and act-order), weight memory and TPOT in one JSON."""
+    """Kernels (plain and act-order), weight memory and TPOT in one JSON; ``sweep`` adds every decode
+    plan of ``sweep_plans`` at M = 1, 4, 16."""
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got {dev}")
@@ -239,6 +301,8 @@ def bench_gptq(
         "kernel": bench_gptq_kernel(ms, device=dev),
         "kernel_act_order": bench_gptq_kernel([1, 16, 256], act_order=True, device=dev),
     }
+    if sweep:
+        result["sweep"] = bench_gptq_sweep([1, 4, 16], device=dev)
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
         result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)

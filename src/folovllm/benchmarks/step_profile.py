@@ -53,14 +53,22 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
 
 def _record_step(engine, device: torch.device) -> dict[str, Any]:
     """Run one step under ``torch.profiler``; kernels, launches and a timeline relative to the step's start."""
+    return record_profile(engine.step, device)
+
+
+def record_profile(fn, device: torch.device, timeline: bool = True) -> dict[str, Any]:
+    """Run ``fn()`` under ``torch.profiler``: GPU kernels (count, busy time, the 15 costliest by name),
+    host launches, wall time, and (``timeline``) every kernel's and launch's span."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
-        engine.step()
+        fn()
         _sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     launches = [e for e in events if e.name in LAUNCH_CALLS]
@@ -75,13 +83,16 @@ def _record_step(engine, device: torch.device) -> dict[str, Any]:
         entry[0] += 1
         entry[1] += e.time_range.elapsed_us() / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
-    return {
+    row = {
         "num_gpu_kernels": len(kernels),
         "num_host_launches": len(launches),
         "top_kernels": [{"name": n, "count": c, "total_ms": round(ms, 4)} for n, (c, ms) in top],
         "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
-        "timeline": {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]},
+        "profiled_wall_ms": wall_ms,
     }
+    if timeline:
+        row["timeline"] = {"gpu_kernels": [span(e) for e in kernels], "host_launches": [span(e) for e in launches]}
+    return row
 
 
 def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, seed: int = 0) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from functools import cache
 
 import torch
 
-from folovllm.model_executor.layers.quantization.ops.triton_gptq import _gptq_gemm_kernel
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import _gptq_gemm_kernel, _gptq_gemv_kernel
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
 SLICE_ROWS = 16  # K of one tl.dot: rows of X per slice
 DECODE_MAX_M = 16  # up to here one M tile holds every row: the split-K plan
+GEMV_MAX_M = 4  # up to here FMAs without tensor cores (a 16-row tl.dot would be mostly padding)
 PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
@@ -82,6 +83,7 @@ class GemmPlan:
     blocks_per_split: int
     num_warps: int
     num_stages: int
+    gemv: bool = False  # the FMA kernel (``block_m`` rows of X per program) instead of the tl.dot one
 
 
 @cache
@@ -89,21 +91,34 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def split_k_for(tiles: int, k_blocks: int, target_programs: int) -> tuple[int, int]:
+    """``(split_k, blocks_per_split)``: double the K split while the grid stays within ``target_programs``
+    and every split keeps at least ``_MIN_BLOCKS_PER_SPLIT`` blocks."""
+    split = 1
+    while (
+        split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target_programs and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT
+    ):
+        split *= 2
+    per_split = cdiv(k_blocks, split)
+    return cdiv(k_blocks, per_split), per_split
+
+
 def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
-    """Decode (``m <= 16``): 64-column tiles, scales applied to the product, and enough K splits for
-    ~4 programs per SM, since only the weight stream matters. Prefill: large tiles of dequantized
-    weights, no split (enough tiles; compute-bound)."""
+    """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
+    weights, with scales applied to the product per group; up to ``GEMV_MAX_M`` rows the FMA kernel,
+    above it 16-row ``tl.dot`` tiles. Prefill: large tiles of dequantized weights, no split (enough
+    tiles; compute-bound). Tile sizes from a sweep on an H200 (``bench gptq --sweep``)."""
     k_blocks = cdiv(k, block_rows(bits))
     if m > DECODE_MAX_M:
         block_m = 64 if m <= 64 else 128
         return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
-    tiles = cdiv(n, 64)
-    split = 1
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
-    while split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT:
-        split *= 2
-    per_split = cdiv(k_blocks, split)
-    return GemmPlan(16, 64, False, cdiv(k_blocks, per_split), per_split, 4, 4)
+    if m <= GEMV_MAX_M:
+        block_m, block_n = 1 << (m - 1).bit_length(), 128
+        split, per_split = split_k_for(cdiv(n, block_n), k_blocks, target)
+        return GemmPlan(block_m, block_n, False, split, per_split, 4, 3, gemv=True)
+    split, per_split = split_k_for(cdiv(n, 64), k_blocks, target)
+    return GemmPlan(16, 64, False, split, per_split, 4, 4)
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -146,15 +161,20 @@ def launch_gptq_gemm(
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, grid[0] * grid[1])
     group = PER_CHANNEL if group_size == -1 else group_size
-    for_device(_gptq_gemm_kernel, x.device)[grid](
-        x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out,
-        partials, counters, m, n, k, x.stride(0), plan.blocks_per_split,
+    common = dict(
         BITS=bits, GROUP_SIZE=group, SLICES_PER_GROUP=min(max(group // SLICE_ROWS, 1), 32 // bits),
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DEQUANT_TILES=plan.dequant_tiles,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        SPLIT_K=plan.split_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        SPLIT_K=plan.split_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
+    args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
+            counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
+    if plan.gemv:
+        for_device(_gptq_gemv_kernel, x.device)[grid](*args, **common)
+    else:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        for_device(_gptq_gemm_kernel, x.device)[grid](
+            *args, DEQUANT_TILES=plan.dequant_tiles, DOT_PRECISION=precision, **common
+        )
     return out
 
 

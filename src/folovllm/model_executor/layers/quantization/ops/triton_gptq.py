@@ -103,16 +103,27 @@ def _gptq_gemm_kernel(
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
+    _store_tile(acc, Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _store_tile(
+    acc, Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr
+):
+    """Write one fp32 output tile: directly, or (split-K) as a partial that the tile's last split adds up.
+
+    Each split writes its partial, then counts its arrival; the last to arrive sums all partials in
+    split order (deterministic) and resets the counter for the next launch (CUDA-graph replay)."""
     out_mask = m_ok[:, None] & n_ok[None, :]
     store_mask = out_mask
     if SPLIT_K > 1:
         partials = Partials + rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(partials + split * M * N, acc, mask=out_mask)
         tl.debug_barrier()  # all of this program's partial is written before its arrival is counted
-        tile = pid_m * tl.num_programs(1) + pid_n
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the tile's last split: every other partial is visible now
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros_like(acc)
             for other in tl.static_range(SPLIT_K):
                 acc += tl.load(partials + other * M * N, mask=out_mask, other=0.0)
             tl.atomic_xchg(Counters + tile, 0)  # ready for the next launch
@@ -120,3 +131,76 @@ def _gptq_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _gptq_gemv_kernel(
+    X,
+    QWeight,
+    Scales,
+    Zeros,
+    Perm,
+    Bias,
+    Out,
+    Partials,
+    Counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    blocks_per_split,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Decode at M <= 4 without ``tl.dot``: ``BLOCK_M`` rows of X against ``BLOCK_N`` columns over one K range.
+
+    A tensor-core tile would pad one row of X to 16; here each code is used where it sits, with plain
+    fused multiply-adds into a ``[BLOCK_M, 16, BLOCK_N]`` accumulator that is reduced over its 16 rows
+    once, at the end. Per weight that is a shift, a mask, an OR and a subtract (the code becomes a float
+    by setting it into the mantissa of 2^23, which avoids the slow integer-to-float conversion) and one
+    FMA; scales and zero points touch the accumulator once per group, as in the decode branch above.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    ROWS: tl.constexpr = 16
+    BLOCK_K: tl.constexpr = ROWS * PACK
+    split = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    t = tl.arange(0, ROWS)
+    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    last_group = (K - 1) // GROUP_SIZE
+    acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
+    first = split * blocks_per_split
+    for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
+        words = tl.load(QWeight + (blk * ROWS + t)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+        part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            k = blk * BLOCK_K + j * ROWS + t
+            k_ok = k < K
+            if HAS_PERM:
+                k_x = tl.load(Perm + k, mask=k_ok, other=0)
+            else:
+                k_x = k
+            x = tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            q = (((words >> (j * BITS)) & MAXQ) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if j % SLICES_PER_GROUP == 0:
+                g = tl.minimum((blk * BLOCK_K + j * ROWS) // GROUP_SIZE, last_group)
+                s = tl.load(Scales + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(Zeros + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            part += q[None, :, :] * x[:, :, None]
+            x_sum += x
+            if (j + 1) % SLICES_PER_GROUP == 0:
+                acc += (part - x_sum[:, :, None] * z[None, None, :]) * s[None, None, :]
+                part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+    _store_tile(tl.sum(acc, axis=1), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
