@@ -429,6 +429,27 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
 
     plans = sweep_plans(1, 4096, 4096, 4, 132, torch.device("cpu"))
     assert plans[0] == plan_gptq_gemm(1, 4096, 4096, 4, torch.device("cpu"))  # the default is timed first
-    assert all(p.gemv and p.block_m == 1 for p in plans) and len(set(plans)) == len(plans)
+    assert len(set(plans)) == len(plans) and {p.gemv for p in plans} == {True, False}
+    assert all(p.block_m == (1 if p.gemv else 16) for p in plans)
     assert {p.block_n for p in plans} == {64, 128, 256} and max(p.split_k for p in plans) > 1
     assert not any(p.gemv for p in sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu")))
+
+
+def test_gptq_sweep_picks_and_saves_the_fastest_correct_plan(monkeypatch, tmp_path):
+    from folovllm.benchmarks import gptq as bench
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    monkeypatch.setattr(bench, "QWEN3_8B_SHAPES", {"tiny": (256, 64)})
+    monkeypatch.setattr(bench, "sweep_plans", lambda m, k, n, bits, sms, dev: [
+        GemmPlan(1, 64, False, 1, 2, 4, 1, gemv=True), GemmPlan(16, 64, False, 2, 1, 4, 1)])  # fmt: skip
+    rows = bench.bench_gptq_sweep([1], device=torch.device("cpu"), dtype=torch.float32)
+    assert len(rows) == 2 and all(r["max_rel_err"] < 1e-5 for r in rows)
+    rows[0]["gptq_us"], rows[1]["gptq_us"] = 2.0, 1.0
+    rows.append({**rows[0], "gptq_us": 0.5, "max_rel_err": 0.5})  # fastest, but wrong: never chosen
+    best = bench.best_plans(rows)
+    assert best == {"bits=4,m=1,k=256,n=64": rows[1]["plan"]}
+    monkeypatch.setattr(ops, "TUNED_DIR", tmp_path)
+    path = ops.write_tuned_plans("NVIDIA Test GPU", best, {"commit": "x"})
+    assert path == tmp_path / "gptq_decode_NVIDIA_Test_GPU.json"
+    assert ops._tuned_plans(path) == {"bits=4,m=1,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1)}
+    assert ops.tuned_key(4, 3, 256, 64) == "bits=4,m=4,k=256,n=64" and ops.tuned_key(4, 9, 1, 2).startswith("bits=4,m=16")

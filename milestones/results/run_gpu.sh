@@ -133,14 +133,15 @@ PY
       M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
       --out "$OUT/M5-serve-mixed-$gpu.json" > /dev/null ;;
   gptq)
-    # M7: kernel tests compiled on the GPU, then kernels vs cuBLAS, weight memory and batch-1 TPOT (one JSON),
-    # then workload W (64-prompt subset) bf16 vs GPTQ on random:qwen3-8b.
-    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel" 2>&1 | tail -3
-    bench gptq --out "$OUT/M7-$gpu.json" > /dev/null
-    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
-      --subset 64 --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" > /dev/null
-    bench throughput --model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 \
-      --subset 64 --milestone M7 --quantization gptq --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null ;;
+    # M7: the decode-plan sweep (writes the tuned plans under quantization/ops/configs/), then kernels vs cuBLAS
+    # timed in CUDA graphs, weight memory and batch-1 TPOT (one JSON), then workload W (64-prompt subset)
+    # bf16 vs GPTQ on random:qwen3-8b. Kernel tests: stage gptqsweep.
+    timeout 330 python3 -m folovllm bench gptq --sweep --out "$OUT/M7-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    w="--model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 --subset 64"
+    timeout 100 python3 -m folovllm bench throughput $w --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" >/dev/null
+    timeout 100 python3 -m folovllm bench throughput $w --milestone M7 --quantization gptq \
+      --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null; echo "throughput: exit $?" ;;
   final)
     # The last device minutes of the session, trimmed to fit: M7's kernels/memory/TPOT, M6's TTFT hit vs miss
     # and shared-prompt throughput, M5 vs M4 on the mixed workload (each bounded; JSONs land as they finish)

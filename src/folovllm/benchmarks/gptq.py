@@ -12,14 +12,17 @@ speed and memory do not depend on the values, and quantizing an 8B model here wo
 from __future__ import annotations
 
 import gc
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from folovllm.benchmarks.common import provenance
-from folovllm.benchmarks.hardware import measure_copy_bandwidth, median_time_s
+from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s, measure_copy_bandwidth, median_time_s
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    GEMV_MAX_M,
     GemmPlan,
     block_rows,
     gptq_gemm_reference,
@@ -27,6 +30,8 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     pack_for_kernel,
     plan_gptq_gemm,
     split_k_for,
+    tuned_key,
+    write_tuned_plans,
 )
 from folovllm.utils import cdiv
 
@@ -71,6 +76,44 @@ def _graph_replay_matches(fn, device: torch.device) -> bool:
     return bool(torch.equal(out, expected))
 
 
+class _Operands:
+    """Copies of one projection's weights, bf16 and GPTQ, enough of each to stream from HBM as decode does
+    (``copies_beyond_l2``); the kernels are timed by ``graph_time_s`` over all copies."""
+
+    def __init__(self, k: int, n: int, bits: int, group_size: int, act_order: bool, device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        self.bits, self.group_size, self.device = bits, group_size, device
+        first = random_gptq_layer(k, n, bits, group_size, act_order, device, dtype)
+        self.gptq_bytes = sum(t.numel() * t.element_size() for t in first.values() if t is not None)
+        self.dense_bytes = k * n * torch.finfo(dtype).bits // 8
+        on_gpu = device.type == "cuda"
+        copies = copies_beyond_l2(self.gptq_bytes, device) if on_gpu else 1
+        self.layers = [first] + [random_gptq_layer(k, n, bits, group_size, act_order, device, dtype, seed=i)
+                                 for i in range(1, copies)]  # fmt: skip
+        gen = torch.Generator(device=device).manual_seed(0)
+        dense_copies = copies_beyond_l2(self.dense_bytes, device) if on_gpu else 1
+        self.dense = [torch.randn(n, k, dtype=dtype, device=device, generator=gen) * 0.02 for _ in range(dense_copies)]
+
+    def args(self, layer: dict[str, Any]) -> tuple:
+        return (layer["qweight"], layer["scales"], layer["zeros"], layer["perm"], None, self.bits, self.group_size)
+
+    def time_dense(self, x: torch.Tensor) -> float:
+        if self.device.type != "cuda":
+            return median_time_s(lambda: F.linear(x, self.dense[0]), self.device, warmup=1, iters=3)
+        return graph_time_s([partial(F.linear, x, w) for w in self.dense], self.device)
+
+    def time_gptq(self, x: torch.Tensor, plan: GemmPlan | None = None) -> float:
+        if self.device.type != "cuda":
+            return median_time_s(lambda: launch_gptq_gemm(x, *self.args(self.layers[0]), plan=plan), self.device, 1, 3)
+        fns = [partial(launch_gptq_gemm, x, *self.args(layer), plan=plan) for layer in self.layers]
+        return graph_time_s(fns, self.device)
+
+    def max_rel_err(self, x: torch.Tensor, plan: GemmPlan | None = None) -> float:
+        args = self.args(self.layers[0])
+        ref = gptq_gemm_reference(x.float(), *args[:4], None, self.bits, self.group_size)
+        return ((launch_gptq_gemm(x, *args, plan=plan).float() - ref).abs().max() / ref.abs().max()).item()
+
+
 @torch.inference_mode()
 def bench_gptq_kernel(
     ms: list[int],
@@ -80,21 +123,15 @@ def bench_gptq_kernel(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict[str, Any]]:
-    """One row per (projection, M): bf16 ``F.linear`` vs the GPTQ kernel, bytes moved, error vs the reference."""
+    """One row per (projection, M): bf16 ``F.linear`` vs the GPTQ kernel (GPU time from CUDA-graph replays
+    over weights that do not fit in L2), bytes moved, error vs the reference."""
     device = device or torch.device("cuda")
     rows = []
     for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layer = random_gptq_layer(k, n, bits, group_size, act_order, device, dtype)
-        dense = torch.randn(n, k, dtype=dtype, device=device) * 0.02
-        dense_bytes = dense.numel() * dense.element_size()
-        q_bytes = sum(t.numel() * t.element_size() for t in layer.values() if t is not None)
-        args = (layer["qweight"], layer["scales"], layer["zeros"], layer["perm"], None, bits, group_size)
+        ops = _Operands(k, n, bits, group_size, act_order, device, dtype)
         for m in ms:
             x = torch.randn(m, k, dtype=dtype, device=device)
-            dense_s = median_time_s(lambda: F.linear(x, dense), device, warmup=5, iters=30)
-            gptq_s = median_time_s(lambda: launch_gptq_gemm(x, *args), device, warmup=5, iters=30)
-            ref = gptq_gemm_reference(x.float(), *args[:4], None, bits, group_size)
-            err = ((launch_gptq_gemm(x, *args).float() - ref).abs().max() / ref.abs().max()).item()
+            dense_s, gptq_s = ops.time_dense(x), ops.time_gptq(x)
             plan = plan_gptq_gemm(m, n, k, bits, device)
             row = {
                 "layer": name,
@@ -104,82 +141,76 @@ def bench_gptq_kernel(
                 "bf16_us": dense_s * 1e6,
                 "gptq_us": gptq_s * 1e6,
                 "speedup": dense_s / gptq_s,
-                "bf16_weight_bytes": dense_bytes,
-                "gptq_weight_bytes": q_bytes,
-                "gptq_weight_GBps": q_bytes / gptq_s / 1e9,
-                "bf16_weight_GBps": dense_bytes / dense_s / 1e9,
+                "bf16_weight_bytes": ops.dense_bytes,
+                "gptq_weight_bytes": ops.gptq_bytes,
+                "gptq_weight_GBps": ops.gptq_bytes / gptq_s / 1e9,
+                "bf16_weight_GBps": ops.dense_bytes / dense_s / 1e9,
                 "gptq_TFLOPs": 2 * m * k * n / gptq_s / 1e12,
                 "bf16_TFLOPs": 2 * m * k * n / dense_s / 1e12,
-                "max_rel_err_vs_reference": err,
-                "plan": {
-                    "split_k": plan.split_k,
-                    "dequant_tiles": plan.dequant_tiles,
-                    "block_m": plan.block_m,
-                    "block_n": plan.block_n,
-                },
+                "max_rel_err_vs_reference": ops.max_rel_err(x),
+                "plan": dict(plan.__dict__),
             }
             if m <= 16 and device.type == "cuda":
+                args = ops.args(ops.layers[0])
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
             rows.append(row)
-
+        del ops
+        _free()
     return rows
 
 
 def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
-    """Decode launch plans worth timing at ``m`` rows: the default, then the FMA kernel (``m <= 4``) or
-    ``tl.dot`` tiles over tile width, warps, pipeline stages and the programs-per-SM target of the K split."""
+    """Decode launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``)
+    and ``tl.dot`` tiles over tile width, warps and the programs-per-SM target of the K split."""
     k_blocks = cdiv(k, block_rows(bits))
-    plans = [plan_gptq_gemm(m, n, k, bits, device)]  # the default first
-    block_m = 1 << (m - 1).bit_length() if m <= 4 else 16
-    for block_n in (64, 128, 256):
-        for warps in (4, 8):
-            for stages in (2, 4):
+    plans = [plan_gptq_gemm(m, n, k, bits, device)]
+    for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
+        block_m = 1 << (m - 1).bit_length() if gemv else 16
+        for block_n in (64, 128, 256):
+            for warps in (4, 8):
                 for per_sm in (2, 8):
                     split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms)
-                    plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, stages, gemv=m <= 4))
-    return list(dict.fromkeys(plans))  # per_sm targets that give the same split are one plan
+                    plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv=gemv))
+    return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 
 @torch.inference_mode()
-def bench_gptq_sweep(
-    ms: list[int],
-    bits: int = 4,
-    group_size: int = 128,
-    device: torch.device | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-) -> list[dict[str, Any]]:
-    """Every plan of ``sweep_plans`` on every Qwen3-8B shape: the data the default decode plans come from."""
+def bench_gptq_sweep(ms: list[int], bits: int = 4, group_size: int = 128, device: torch.device | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:  # fmt: skip
+    """Every plan of ``sweep_plans`` on every Qwen3-8B shape, timed as ``bench_gptq_kernel`` times: the data
+    the tuned decode plans (``TUNED_PLANS``) come from."""
     device = device or torch.device("cuda")
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     rows = []
     for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layer = random_gptq_layer(k, n, bits, group_size, False, device, dtype)
-        args = (layer["qweight"], layer["scales"], layer["zeros"], None, None, bits, group_size)
-        dense = torch.randn(n, k, dtype=dtype, device=device) * 0.02
+        ops = _Operands(k, n, bits, group_size, False, device, dtype)
         for m in ms:
             x = torch.randn(m, k, dtype=dtype, device=device)
-            bf16_s = median_time_s(lambda: F.linear(x, dense), device, warmup=5, iters=30)
-            ref = gptq_gemm_reference(x.float(), *args[:4], None, bits, group_size)
+            bf16_s = ops.time_dense(x)
             for plan in sweep_plans(m, k, n, bits, num_sms, device):
                 try:
-                    got = launch_gptq_gemm(x, *args, plan=plan)
+                    err = ops.max_rel_err(x, plan)
+                    gptq_s = ops.time_gptq(x, plan)
                 except Exception as exc:  # a tile that does not fit in shared memory or registers
-                    rows.append({"layer": name, "m": m, "plan": plan.__dict__, "error": str(exc)[:200]})
+                    rows.append({"layer": name, "k": k, "n": n, "m": m, "plan": plan.__dict__, "error": str(exc)[:200]})
                     continue
-                err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-                gptq_s = median_time_s(lambda: launch_gptq_gemm(x, *args, plan=plan), device, warmup=3, iters=20)
-                rows.append(
-                    {
-                        "layer": name,
-                        "m": m,
-                        "plan": plan.__dict__,
-                        "gptq_us": gptq_s * 1e6,
-                        "bf16_us": bf16_s * 1e6,
-                        "speedup": bf16_s / gptq_s,
-                        "max_rel_err": err,
-                    }
-                )
+                rows.append({"layer": name, "k": k, "n": n, "m": m, "plan": dict(plan.__dict__), "gptq_us": gptq_s * 1e6,
+                             "bf16_us": bf16_s * 1e6, "speedup": bf16_s / gptq_s, "max_rel_err": err})  # fmt: skip
+        del ops
+        _free()
     return rows
+
+
+def best_plans(sweep: list[dict[str, Any]], bits: int = 4) -> dict[str, dict[str, Any]]:
+    """The fastest correct plan per (bits, M, K, N) of a sweep, keyed as ``plan_gptq_gemm`` looks them up."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in sweep:
+        if "error" in row or row["max_rel_err"] > 1e-2:
+            continue
+        key = tuned_key(bits, row["m"], row["k"], row["n"])
+        if key not in best or row["gptq_us"] < best[key]["gptq_us"]:
+            best[key] = {"gptq_us": row["gptq_us"], "plan": row["plan"]}
+    return {key: value["plan"] for key, value in sorted(best.items())}
 
 
 def _free() -> None:
@@ -298,11 +329,14 @@ def bench_gptq(
             "tpot": {"input_len": input_len, "output_len": output_len, "batch_size": 1},
         },
         "copy_GBps": measure_copy_bandwidth(dev),
-        "kernel": bench_gptq_kernel(ms, device=dev),
-        "kernel_act_order": bench_gptq_kernel([1, 16, 256], act_order=True, device=dev),
     }
-    if sweep:
+    if sweep:  # first, so that the kernel table below runs the plans it tunes
         result["sweep"] = bench_gptq_sweep([1, 4, 16], device=dev)
+        source = {key: result[key] for key in ("commit", "date", "gpu")}
+        path = write_tuned_plans(torch.cuda.get_device_name(dev), best_plans(result["sweep"]), source)
+        result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))
+    result["kernel"] = bench_gptq_kernel(ms, device=dev)
+    result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
         result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)

@@ -16,7 +16,8 @@ import torch
 
 
 def median_time_s(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA events on GPU, so launches are not timed alone)."""
+    """Median time of ``fn()`` in seconds: CUDA events on GPU, which include the host's launch of a kernel
+    shorter than that launch (``graph_time_s`` times the GPU alone), wall clock on CPU."""
     device = torch.device(device)
     if warmup < 0 or iters < 1:
         raise ValueError(f"warmup must be >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
@@ -38,6 +39,42 @@ def median_time_s(fn: Callable[[], object], device: torch.device | str, warmup: 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def graph_time_s(fns: list[Callable[[], object]], device: torch.device | str, replays: int = 10) -> float:
+    """GPU time of one call, averaged over ``fns`` captured back to back in one CUDA graph and replayed.
+
+    Events around a single eager launch time the host's launch as well, which for a kernel of a few
+    microseconds is most of what they see (a Triton launch costs tens of microseconds of Python);
+    decode runs its kernels from a graph, so this is the time that matters there. Give ``fns`` that
+    read different copies of their weights, more bytes in all than the L2 cache holds, or the replays
+    would read weights from L2 as a real model's next layer never does.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"graph_time_s needs a CUDA device, got {device}")
+    for fn in fns:  # compile, allocate scratch outside the capture
+        fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * len(fns))
+
+
+def copies_beyond_l2(num_bytes: int, device: torch.device, at_least: int = 2, at_most: int = 16) -> int:
+    """How many copies of a ``num_bytes`` operand add up to four times the L2 cache (within bounds)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(at_least, min(at_most, -(-4 * l2 // max(num_bytes, 1))))
 
 
 def measure_copy_bandwidth(device: torch.device | str, num_bytes: int | None = None) -> float:

@@ -8,8 +8,10 @@ method repacks once after loading (``pack_for_kernel``), as vLLM repacks for its
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ GEMV_MAX_M = 4  # up to here FMAs without tensor cores (a 16-row tl.dot would be
 PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
+TUNED_DIR = Path(__file__).parent / "configs"  # decode plans measured per GPU model (``bench gptq --sweep``)
 
 
 def block_rows(bits: int) -> int:
@@ -103,15 +106,51 @@ def split_k_for(tiles: int, k_blocks: int, target_programs: int) -> tuple[int, i
     return cdiv(k_blocks, per_split), per_split
 
 
+def tuned_key(bits: int, m: int, k: int, n: int) -> str:
+    """A tuned plan covers ``m`` = 1, 2..4 or 5..16 rows of one ``K x N`` weight."""
+    return f"bits={bits},m={1 if m == 1 else 4 if m <= GEMV_MAX_M else DECODE_MAX_M},k={k},n={n}"
+
+
+def tuned_plans_path(gpu_name: str) -> Path:
+    """``configs/gptq_decode_NVIDIA_H200.json``: one file per GPU model, as vLLM keys its tuned kernel configs."""
+    return TUNED_DIR / f"gptq_decode_{gpu_name.replace(' ', '_')}.json"
+
+
+@cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+@cache
+def _tuned_plans(path: Path) -> dict[str, GemmPlan]:
+    if not path.is_file():
+        return {}
+    return {key: GemmPlan(**plan) for key, plan in json.loads(path.read_text())["plans"].items()}
+
+
+def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Path:
+    """Save the fastest plans of a sweep for this GPU model; later launches in any process use them."""
+    path = tuned_plans_path(gpu_name)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"source": source, "plans": plans}, indent=1) + "\n")
+    _tuned_plans.cache_clear()
+    return path
+
+
 def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
     """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
     weights, with scales applied to the product per group; up to ``GEMV_MAX_M`` rows the FMA kernel,
     above it 16-row ``tl.dot`` tiles. Prefill: large tiles of dequantized weights, no split (enough
-    tiles; compute-bound). Tile sizes from a sweep on an H200 (``bench gptq --sweep``)."""
+    tiles; compute-bound). A GPU model with tuned plans (``bench gptq --sweep`` writes them) uses those
+    for the shapes it was tuned on."""
     k_blocks = cdiv(k, block_rows(bits))
     if m > DECODE_MAX_M:
         block_m = 64 if m <= 64 else 128
         return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
+    if device.type == "cuda":
+        tuned = _tuned_plans(tuned_plans_path(_gpu_name(device))).get(tuned_key(bits, m, k, n))
+        if tuned is not None:
+            return tuned
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
     if m <= GEMV_MAX_M:
         block_m, block_n = 1 << (m - 1).bit_length(), 128
