@@ -108,6 +108,19 @@ def test_cli_in_process_configs_json(tmp_path):
     assert data["results"][1]["attention_backend"] == "naive"
 
 
+def test_several_rates_give_one_row_per_config_and_rate(tmp_path):
+    out = tmp_path / "curve.json"
+    load = ["--num-prompts", "6", "--input-len", "4:12", "--output-len", "3:6", "--seed", "1"]
+    rc = main(["bench", "serve", *TINY, *load, "--milestone", "M2", "M3", "--request-rate", "200", "inf", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["workload"]["request_rate"] == [200.0, math.inf]
+    rows = [(r["config"], r["request_rate"], r["completed"], r["failed"]) for r in data["results"]]
+    assert rows == [("M2", 200.0, 6, 0), ("M2", math.inf, 6, 0), ("M3", 200.0, 6, 0), ("M3", math.inf, 6, 0)]
+    outputs = random_workload(6, (4, 12), (3, 6), seed=1)[1]
+    assert all([q["output_len"] for q in r["requests"]] == outputs for r in data["results"])
+
+
 def test_http_against_in_process_baseline(tmp_path):
     baseline = tmp_path / "inprocess.json"
     common = {
@@ -139,8 +152,10 @@ def test_http_against_in_process_baseline(tmp_path):
 
 
 def test_bad_options_are_errors(capsys):
-    assert main(["bench", "serve", *TINY, "--request-rate", "0"]) == 2
+    assert main(["bench", "serve", *TINY, "--request-rate", "4", "0"]) == 2
     assert "request_rate must be positive (inf: all at once), got 0.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="request_rate needs at least one rate"):
+        bench_serve("random:tiny-llama", ["M4"], request_rate=[])
     with pytest.raises(ValueError, match="workload must be one of"):
         bench_serve("random:tiny-llama", ["M4"], workload="bursty")
     with pytest.raises(ValueError, match="max_concurrency must be a positive integer"):

@@ -55,7 +55,7 @@ def test_chapter_model_falls_back_without_smollm2(monkeypatch, capsys):
 
 
 def test_load_results_reads_committed_json_with_provenance(capsys):
-    results = book.load_results("M2-")
+    results = book.load_results("M2-h200")  # not M2-curve (bench serve)
     assert results and all(r["benchmark"] == "throughput" for r in results)
     assert "commit" in capsys.readouterr().out
 

@@ -82,6 +82,7 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
     assert parse_config("M2/sequential@8") == ("M2", {"batching": "sequential"}, 8)
     assert parse_config("M3/naive") == ("M3", {"attention_backend": "naive"}, None)
     assert parse_config("M4/sync/eager") == ("M4", {"async_scheduling": False, "enforce_eager": True}, None)
+    assert parse_config("M3/block=32@4") == ("M3", {"block_size": 32}, 4)
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):
         parse_config("M3/fast")
     assert parse_config("M5/budget=512/threshold=256/itl=20") == (
@@ -230,6 +231,17 @@ def test_bench_step_json(tmp_path, capsys):
         assert row["wall_ms_per_step"] > 0 and row["host_ms_per_step"] > 0
         assert not row["cuda_graphs"] and row["num_gpu_kernels"] == 0  # CPU: eager, no GPU
     assert data["floor"]["weights_floor_ms"] > 0
+    capsys.readouterr()
+
+
+def test_bench_step_block_sizes_without_timeline(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M3/block=4", "M3/block=32"]
+    rc = main([*argv, "--batch-size", "2", "--prompt-len", "40", "--steps", "3", "--no-timeline", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["milestone"], r["block_size"]) for r in rows] == [("M3/block=4", 4), ("M3/block=32", 32)]
+    assert all("timeline" not in r and r["wall_ms_per_step"] > 0 for r in rows)
     capsys.readouterr()
 
 

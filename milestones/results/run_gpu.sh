@@ -51,6 +51,14 @@ PY
       --subset 32 --repeat 3 --milestone M2 M2/static M3/naive M3 --out "$OUT/M2M3-repeats-$gpu.json" > /dev/null
     bench step --model random:qwen3-0.6b --milestone M3 M4/sync M4 --batch-size 1 64 256 \
       --out "$OUT/M4-step-$gpu.json" > /dev/null ;;
+  m2m3curves)
+    # #12: M2 under load (one engine; Poisson 2..32 req/s, then all at once: throughput vs TTFT/TPOT percentiles)
+    # and M3's KV block size on the GPU (decode steps of 256 requests after 1k-token prompts, block sizes 8..128:
+    # step wall time and the paged kernel's GPU time). Estimated 2-3 min on an H200 (not yet run).
+    bench serve --model random:qwen3-0.6b --max-model-len 2048 --milestone M2 --num-prompts 32 --output-len 32:128 \
+      --request-rate 2 4 8 16 32 inf --out "$OUT/M2-curve-$gpu.json" > /dev/null
+    bench step --model random:qwen3-0.6b --milestone M3/block=8 M3/block=16 M3/block=32 M3/block=64 M3/block=128 \
+      --batch-size 256 --prompt-len 1024 --no-timeline --out "$OUT/M3-blocksize-$gpu.json" > /dev/null ;;
   fastpath)
     # M4 part 2: fused kernels, CUDA graphs, async scheduling; each piece switched off in turn (M4/sync)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_ops.py \

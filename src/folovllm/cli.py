@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--batch-size", type=int, nargs="+", default=[1, 64, 256])
     stp.add_argument("--prompt-len", type=int, default=128)
     stp.add_argument("--steps", type=int, default=20)
+    stp.add_argument("--no-timeline", action="store_true", help="keep kernel counts and top kernels, not every event")
     stp.add_argument("--out", default=None)
 
     pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
@@ -188,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     ser.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn from [0, N]")
     ser.add_argument("--subset", type=int, default=None, help="keep only the first N requests of the workload")
     ser.add_argument(
-        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf: all at once)"
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="Poisson arrivals per second (default inf: all at once); several: one row per (config, rate)",
     )
     ser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     ser.add_argument(
@@ -359,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.steps,
                     device=args.device,
                     dtype=args.dtype,
+                    timeline=not args.no_timeline,
                     **_overrides(args),
                 ),
             )

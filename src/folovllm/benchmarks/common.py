@@ -141,18 +141,20 @@ _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "unfused": {"fuse_kernels": False},
 }
 _SETTINGS = {
+    "block": ("block_size", int),
     "budget": ("max_num_batched_tokens", int),
     "threshold": ("long_prefill_token_threshold", int),
     "itl": ("target_itl_ms", float),
-}  # M5's chunking knobs, e.g. M5/budget=512/itl=20
+}  # the KV block size (M3/block=32) and M5's chunking knobs (M5/budget=512/itl=20)
 
 
 def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
 
-    Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a switch that turns
-    one of M4's fast-path pieces off (``M4/sync``, ``M4/eager``, ``M4/unfused``) or one of M5's
-    chunking settings (``M5/budget=512``, ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
+    Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a KV block size
+    (``M3/block=32``), a switch that turns one of M4's fast-path pieces off (``M4/sync``,
+    ``M4/eager``, ``M4/unfused``) or one of M5's chunking settings (``M5/budget=512``,
+    ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, _, limit = spec.partition("@")
     milestone, *variants = spec.split("/")

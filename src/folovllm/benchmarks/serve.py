@@ -1,10 +1,11 @@
 """``folovllm bench serve``: requests arriving over time, latencies as each client sees them.
 
 Arrivals are a Poisson process at ``request_rate`` (``inf``: all at once), at most
-``max_concurrency`` in flight. The same workload goes through one of two transports:
-in-process through ``AsyncLLM`` (one row per engine config, as ``bench throughput``
-takes them) or over HTTP to a running ``folovllm serve`` (``base_url``), streaming,
-so their difference is what the server costs per request and per token.
+``max_concurrency`` in flight; several rates give one row per (config, rate), the points
+of a throughput-latency curve, from one engine per config. The same workload goes through
+one of two transports: in-process through ``AsyncLLM`` (one engine per config, as
+``bench throughput`` takes them) or over HTTP to a running ``folovllm serve`` (``base_url``),
+streaming, so their difference is what the server costs per request and per token.
 
 Per request: TTFT (send to first token), every inter-token gap (ITL), TPOT
 ((latency - TTFT) / (tokens - 1)) and end-to-end latency (E2EL); aggregated as
@@ -20,7 +21,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,19 +210,22 @@ def _warm_up_send(send: Send) -> None:
     asyncio.run(send(-1, [1, 2, 3, 4], 4))
 
 
+Run = tuple[dict[str, Any], list[RequestResult]]  # one (config, rate) row and its requests
+
+
 def run_inprocess(
     model: str,
     spec: str,
     prompts: list[list[int]],
     outputs: list[int],
-    request_rate: float,
+    request_rates: Sequence[float],
     max_concurrency: int | None,
     seed: int,
     device: str | None,
     dtype: str | None,
     overrides: dict[str, Any],
-) -> tuple[dict[str, Any], list[RequestResult]]:
-    """One engine config, built like ``bench throughput`` builds it, behind ``AsyncLLM``."""
+) -> list[Run]:
+    """One engine config, built like ``bench throughput`` builds it, behind ``AsyncLLM``; the workload at each rate."""
     milestone, extra, limit = parse_config(spec)
     prompts, outputs = prompts[:limit], outputs[:limit]
     llm = LLM(model, milestone=milestone, device=device, dtype=dtype, **extra, **overrides)
@@ -229,11 +233,8 @@ def run_inprocess(
     try:
         prompts = [[t % engine.engine.vocab_size for t in p] for p in prompts]  # tiny test vocabularies
         _warm_up_send(inprocess_sender(engine, "warmup"))
-        results, duration = asyncio.run(
-            run_workload(inprocess_sender(engine, "req"), prompts, outputs, request_rate, max_concurrency, seed)
-        )
         cfg = llm.llm_engine.config
-        row = {
+        about = {
             "config": spec,
             "transport": "inprocess",
             "milestone": milestone,
@@ -241,34 +242,47 @@ def run_inprocess(
             "kv_layout": cfg.cache_config.kv_layout,
             "attention_backend": llm.llm_engine.model_runner.backend_name,
             "num_kv_blocks": llm.llm_engine.kv_cache_manager.num_blocks,
-            **summarize(results, duration),
         }
+        runs = []
+        for k, rate in enumerate(request_rates):
+            send = inprocess_sender(engine, f"req{k}")
+            results, duration = asyncio.run(run_workload(send, prompts, outputs, rate, max_concurrency, seed))
+            runs.append(({**about, "request_rate": rate, **summarize(results, duration)}, results))
     finally:
         engine.shutdown(drain=False)
         del llm, engine
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return row, results
+    return runs
 
 
 def run_http(
-    base_url: str, prompts: list[list[int]], outputs: list[int], request_rate: float, max_concurrency: int | None, seed: int
-) -> tuple[dict[str, Any], list[RequestResult], str]:
-    """The workload against a running server; the model is the one it serves."""
+    base_url: str,
+    prompts: list[list[int]],
+    outputs: list[int],
+    request_rates: Sequence[float],
+    max_concurrency: int | None,
+    seed: int,
+) -> tuple[list[Run], str]:
+    """The workload against a running server at each rate; the model is the one it serves."""
     import httpx2
 
-    async def main() -> tuple[list[RequestResult], float, str]:
+    async def main() -> tuple[list[tuple[list[RequestResult], float]], str]:
         limits = httpx2.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
         async with httpx2.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
             models = (await client.get(f"{base_url}/v1/models")).json()["data"]
             send = http_sender(client, base_url, models[0]["id"])
             await send(-1, [1, 2, 3, 4], 4)  # warm-up: connection, first-request paths
-            results, duration = await run_workload(send, prompts, outputs, request_rate, max_concurrency, seed)
-            return results, duration, models[0]["id"]
+            timed = [await run_workload(send, prompts, outputs, rate, max_concurrency, seed) for rate in request_rates]
+            return timed, models[0]["id"]
 
-    results, duration, model = asyncio.run(main())
-    return {"config": base_url, "transport": "http", **summarize(results, duration)}, results, model
+    timed, model = asyncio.run(main())
+    runs = [
+        ({"config": base_url, "transport": "http", "request_rate": rate, **summarize(results, duration)}, results)
+        for rate, (results, duration) in zip(request_rates, timed)
+    ]
+    return runs, model
 
 
 def bench_serve(
@@ -283,7 +297,7 @@ def bench_serve(
     seed: int = 0,
     vocab_size: int = 10000,
     subset: int | None = None,
-    request_rate: float = math.inf,
+    request_rate: float | Sequence[float] = math.inf,
     max_concurrency: int | None = None,
     base_url: str | None = None,
     save_detailed: bool = False,
@@ -295,13 +309,18 @@ def bench_serve(
 ) -> dict[str, Any]:
     """Run the workload in-process under each config, or once over HTTP when ``base_url`` is given.
 
-    ``baseline``: a results file of an earlier run (e.g. in-process) whose rows are
-    kept in this file, its last row compared with this run's first (``overhead_vs_baseline``).
+    Several ``request_rate`` values give one row per (config, rate), in that order, each config's
+    engine built once. ``baseline``: a results file of an earlier run (e.g. in-process) whose rows
+    are kept in this file, its last row compared with this run's first (``overhead_vs_baseline``).
     """
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
-    if not request_rate > 0:
-        raise ValueError(f"request_rate must be positive (inf: all at once), got {request_rate!r}")
+    rates = [request_rate] if isinstance(request_rate, (int, float)) else list(request_rate)
+    if not rates:
+        raise ValueError("request_rate needs at least one rate")
+    for rate in rates:
+        if not rate > 0:
+            raise ValueError(f"request_rate must be positive (inf: all at once), got {rate!r}")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
     if workload == "mixed":
@@ -319,7 +338,7 @@ def bench_serve(
         "seed": seed,
         "vocab_size": vocab_size,
         "subset": subset,
-        "request_rate": request_rate,
+        "request_rate": rates[0] if len(rates) == 1 else rates,
         "max_concurrency": max_concurrency,
         **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload == "mixed" else {}),
     }
@@ -329,21 +348,21 @@ def bench_serve(
     meta_model = model
     for config in [base_url] if base_url else configs:
         if base_url:
-            row, results, meta_model = run_http(base_url, prompts, outputs, request_rate, max_concurrency, seed)
+            runs, meta_model = run_http(base_url, prompts, outputs, rates, max_concurrency, seed)
         else:
-            row, results = run_inprocess(
-                model, config, prompts, outputs, request_rate, max_concurrency, seed, device, dtype, overrides
+            runs = run_inprocess(model, config, prompts, outputs, rates, max_concurrency, seed, device, dtype, overrides)
+        for row, results in runs:
+            row["requests"] = [r.record(save_detailed) for r in results]
+            rows.append(row)
+            print(
+                f"[{row['config']} @ {row['request_rate']} req/s] {row['completed']}/{len(results)} done, "
+                f"{row['output_throughput']:.0f} tok/s, TTFT p99 {row['p99_ttft_ms']:.1f} ms, "
+                f"ITL p99 {row['p99_itl_ms']:.1f} ms",
+                file=sys.stderr,
             )
-        row["requests"] = [r.record(save_detailed) for r in results]
-        rows.append(row)
-        print(
-            f"[{row['config']}] {row['completed']}/{len(results)} done, {row['output_throughput']:.0f} tok/s, "
-            f"TTFT p99 {row['p99_ttft_ms']:.1f} ms, ITL p99 {row['p99_itl_ms']:.1f} ms",
-            file=sys.stderr,
-        )
-        failed = next((r.error for r in results if not r.ok), None)
-        if failed:
-            print(f"[{row['config']}] first failure: {failed}", file=sys.stderr)
+            failed = next((r.error for r in results if not r.ok), None)
+            if failed:
+                print(f"[{row['config']}] first failure: {failed}", file=sys.stderr)
     payload = {
         "benchmark": "serve",
         **provenance(dev, meta_model, resolve_dtype(dtype, dev)),

@@ -144,9 +144,14 @@ def bench_step(
     steps: int = 20,
     device: str | None = None,
     dtype: str | None = None,
+    timeline: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step."""
+    """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step.
+
+    ``timeline=False`` drops each row's kernel and launch timeline (thousands of numbers per eager
+    step) and keeps the counts, the busy time and the top kernels.
+    """
     rows, meta, floor = [], None, None
     for milestone in configs:
         as_of, variant, _ = parse_config(milestone)
@@ -169,12 +174,15 @@ def bench_step(
         for bs in batch_sizes:
             row = {
                 "milestone": milestone,
+                "block_size": engine.config.cache_config.block_size,
                 "attention_backend": engine.model_runner.backend_name,
                 "cuda_graphs": graphs is not None,
                 "fused_kernels": engine.model_runner.fused,
                 **profile_decode(llm, bs, prompt_len, steps),
             }
             row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
+            if not timeline:
+                del row["timeline"]
             rows.append(row)
         if graphs is not None:
             rows[-1]["cuda_graph_capture_s"] = graphs.capture_seconds
