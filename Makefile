@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 # `run_gpu.sh serve` installs it there with pip install --no-index --find-links .whl.
 SERVE_PINS = $(shell grep -E '^(fastapi|uvicorn|prometheus-client|httpx2|openai)==' requirements.txt)
 
-.PHONY: setup test lint unit notebooks book-check book clean wheelhouse
+.PHONY: setup test lint unit notebooks book-check book clean wheelhouse interop
 
 setup: $(STAMP)
 
@@ -48,6 +48,18 @@ book-check: setup
 
 book: setup
 	$(BIN)/jupyter-book build .
+
+# Optional, not in `make test`: GPTQ checkpoints both ways with GPTQModel and transformers on CPU, in a
+# venv of their own (requirements-interop.txt: GPTQModel pins its own numpy); installing takes a few minutes.
+INTEROP_VENV ?= .venv-interop
+
+$(INTEROP_VENV)/.setup-stamp: requirements-interop.txt
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -r requirements-interop.txt
+	touch $@
+
+interop: $(INTEROP_VENV)/.setup-stamp
+	PYTHONPATH=src $(INTEROP_VENV)/bin/python -m pytest tests/test_gptq_interop.py -v -p no:cacheprovider
 
 wheelhouse:
 	$(PYTHON) -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \

@@ -31,7 +31,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     unpack_from_kernel,
 )
 from folovllm.quantization.gptq import HessianAccumulator, gptq_quantize
-from folovllm.quantization.packing import pack_gptq, pack_rows, unpack_gptq, unpack_rows
+from folovllm.quantization.packing import pack_gptq, pack_rows, pack_zeros, unpack_gptq, unpack_rows, unpack_zeros
 from folovllm.quantization.rtn import rtn_quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU box the kernel tests run compiled
@@ -65,6 +65,26 @@ def test_pack_gptq_round_trips_and_matches_independent_packer():
     assert (qw.dequantize() - w).abs().max() <= qw.scales.max() / 2 * 1.001  # RTN: at most half a step off
 
 
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), groups=st.integers(1, 3), seed=st.integers(0, 99))
+def test_zero_points_round_trip_including_zero(bits, groups, seed):
+    zeros = torch.randint(0, 2**bits, (groups, 64), generator=torch.Generator().manual_seed(seed))
+    zeros[:, ::5] = 0  # stored as -1: GPTQModel's per-word subtraction borrows from the next field
+    assert torch.equal(unpack_zeros(pack_zeros(zeros, bits), bits, 64), zeros)
+
+
+def test_zero_points_read_as_gptqmodel_stores_them():
+    """Zero points [0, 5, 1, 15, 0, 0, 2, 3] (lowest field first), GPTQModel's ``qzeros -= 0x11111111``,
+    built by hand: fields 0, 4 and 5 wrap (0 - 1) and borrow from fields 1, 5 and 6."""
+    zeros = [0, 5, 1, 15, 0, 0, 2, 3]
+    word = (sum(z << (4 * i) for i, z in enumerate(zeros)) - 0x11111111) % 2**32
+    assert word == 0x20EF_E03F  # fields from the top: 2, 0, E, F, E, 0, 3, F
+    qzeros = torch.tensor([[word]], dtype=torch.int32)
+    assert unpack_zeros(qzeros, 4, 8).tolist() == [zeros]
+    assert (unpack_rows(qzeros.T, 4, 8).T + 1).tolist() != [zeros]  # a per-field + 1 misreads it
+    assert torch.equal(pack_zeros(torch.tensor([zeros]), 4), qzeros)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kernel_layout_round_trips(bits):
     codes = torch.randint(0, 2**bits, (300, 24), generator=torch.Generator().manual_seed(bits))
@@ -75,7 +95,8 @@ def test_kernel_layout_round_trips(bits):
 
 
 def np_pack(codes_in_out: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """AutoGPTQ's loops: input row ``i`` goes to word ``i // pack`` at bit ``bits * (i % pack)``; zeros - 1 along out."""
+    """AutoGPTQ's loops: input row ``i`` goes to word ``i // pack`` at bit ``bits * (i % pack)``; zeros along out,
+    then GPTQModel's ``qzeros -= 0x11111111`` (zero - 1 per word: a zero point of 0 borrows from its neighbour)."""
     pack = 32 // bits
     k, n = codes_in_out.shape
     qweight = np.zeros((k // pack, n), dtype=np.uint32)
@@ -83,7 +104,8 @@ def np_pack(codes_in_out: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.
         qweight[i // pack] |= codes_in_out[i].astype(np.uint32) << np.uint32(bits * (i % pack))
     qzeros = np.zeros((zeros.shape[0], n // pack), dtype=np.uint32)
     for j in range(n):
-        qzeros[:, j // pack] |= (zeros[:, j] - 1).astype(np.uint32) << np.uint32(bits * (j % pack))
+        qzeros[:, j // pack] |= zeros[:, j].astype(np.uint32) << np.uint32(bits * (j % pack))
+    qzeros -= np.uint32(sum(1 << (bits * j) for j in range(pack)))  # wraps modulo 2^32, as int32 words do
     return qweight.view(np.int32), qzeros.view(np.int32)
 
 
@@ -97,7 +119,7 @@ def np_quantize_and_pack(w: np.ndarray, g_idx: np.ndarray, bits: int) -> tuple[d
         cols = w[:, g_idx == g]
         lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
         scales[g] = ((hi - lo) / maxq).astype(np.float16)
-        zeros[g] = np.clip(np.round(-lo / scales[g].astype(np.float32)), 1, maxq)
+        zeros[g] = np.clip(np.round(-lo / scales[g].astype(np.float32)), 0, maxq)  # 0 for rows without negatives
     s, z = scales.astype(np.float32)[g_idx].T, zeros[g_idx].T
     codes = np.clip(np.round(w / s) + z, 0, maxq).astype(np.int64)
     qweight, qzeros = np_pack(codes.T, zeros, bits)
@@ -148,13 +170,19 @@ def write_np_gptq_checkpoint(
     return dequantized
 
 
-def hf_greedy_on(folder, weights: dict[str, np.ndarray], prompts, n: int) -> list[list[int]]:
+def hf_with_weights(folder, weights: dict[str, np.ndarray]) -> torch.nn.Module:
     """HF transformers (fp32, CPU) on the dense checkpoint with ``weights`` swapped in."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, w in weights.items():
             params[name].copy_(torch.from_numpy(w))
+    return model
+
+
+def hf_greedy_on(folder, weights: dict[str, np.ndarray], prompts, n: int) -> list[list[int]]:
+    """Greedy tokens of ``hf_with_weights(folder, weights)``."""
+    model = hf_with_weights(folder, weights)
     outs = []
     with torch.inference_mode():
         for p in prompts:
@@ -189,6 +217,29 @@ def our_greedy(folder, prompts, milestone: str | None = "M7") -> list[list[int]]
 def test_independently_packed_checkpoint_matches_hf_on_dequantized_weights(tiny_checkpoint, tmp_path, variant, desc_act):
     src = tiny_checkpoint(variant)
     dequantized = write_np_gptq_checkpoint(src, tmp_path / "q", desc_act=desc_act)
+    assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+def with_nonnegative_rows(src, dst):
+    """A copy of a dense HF folder whose projections have every 8th output row (from row 3) without negative
+    weights: asymmetric grids give those rows zero point 0, the field that ``qzeros`` stores as -1."""
+    shutil.copytree(src, dst)
+    dense = {name: t.numpy() for name, t in load_file(str(dst / "model.safetensors")).items()}
+    for name, w in dense.items():
+        if name.split(".")[-2] in PROJECTIONS:
+            w[3::8] = np.abs(w[3::8])
+    save_file(dense, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_rows_with_zero_point_zero_match_hf_on_dequantized_weights(tiny_checkpoint, tmp_path):
+    """Rows without negative weights get zero point 0 on an asymmetric grid that does not move it to 1
+    (GPTQModel's), stored with GPTQModel's borrow; the loader reads them back (a per-field + 1 would not)."""
+    src = with_nonnegative_rows(tiny_checkpoint("llama"), tmp_path / "dense")
+    dequantized = write_np_gptq_checkpoint(src, tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    qzeros = [t for name, t in tensors.items() if name.endswith(".qzeros")]
+    assert all((unpack_zeros(q, 4, q.shape[1] * 8)[:, 3::8] == 0).all() for q in qzeros)
     assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
 
 

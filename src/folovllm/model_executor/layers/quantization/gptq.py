@@ -4,7 +4,7 @@
 gives each linear layer the checkpoint's four tensors (merged q/k/v and gate/up fill column ranges
 of them, as dense weights fill row ranges), then, once loaded, unpacks and repacks them for the
 kernel: act-order rows sorted by group (the input columns follow through ``perm``), 16-row slices
-per bit field, zero points unpacked (stored ``zero - 1`` in the checkpoint) next to the scales.
+per bit field, zero points unpacked (stored ``zero - 1`` in the checkpoint, see ``unpack_zeros``) next to the scales.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     launch_gptq_gemm,
     pack_for_kernel,
 )
-from folovllm.quantization.packing import pack_rows, unpack_rows
+from folovllm.quantization.packing import pack_zeros, unpack_rows, unpack_zeros
 from folovllm.utils import cdiv
 
 KERNELS = ("auto", "triton", "torch")
@@ -166,7 +166,7 @@ class GPTQLinearMethod(LinearMethodBase):
         tensors = {
             "qweight": pack_for_kernel(unpack_rows(layer.qweight.data, bits, k)[perm], bits),
             "scales": layer.scales.data.to(scale_dtype),
-            "zeros": (unpack_rows(layer.qzeros.data.T, bits, n).T + 1).to(scale_dtype).contiguous(),
+            "zeros": unpack_zeros(layer.qzeros.data, bits, n).to(scale_dtype).contiguous(),
             "perm": None if torch.equal(perm, torch.arange(k, device=perm.device)) else perm.to(torch.int32),
         }
         for name in ("qweight", "qzeros", "scales", "g_idx"):
@@ -187,8 +187,8 @@ class GPTQLinearMethod(LinearMethodBase):
         bits = self.config.bits
         levels = 2**bits
         layer.qweight.data.random_(-(2**31), 2**31, generator=generator)
-        zero = torch.full((layer.qzeros.shape[0], layer.output_size), levels // 2 - 1, device=layer.qzeros.device)
-        layer.qzeros.data.copy_(pack_rows(zero.T, bits).T)
+        zero = torch.full((layer.qzeros.shape[0], layer.output_size), levels // 2, device=layer.qzeros.device)
+        layer.qzeros.data.copy_(pack_zeros(zero, bits))
         layer.scales.data.fill_(std / ((levels**2 - 1) / 12) ** 0.5)  # a uniform code's standard deviation
         size = layer.input_size if self.config.group_size == -1 else self.config.group_size
         layer.g_idx.data.copy_(torch.arange(layer.input_size, device=layer.g_idx.device) // size)
