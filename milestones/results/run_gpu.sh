@@ -118,11 +118,8 @@ else:
     bench serve $load --base-url http://127.0.0.1:8000 --baseline "$OUT/serving-inprocess-$gpu.json" \
       --out "$OUT/serving-$gpu.json" > /dev/null
     kill -TERM $server; wait $server; echo "server exit $? (0: SIGTERM drained)" ;;
-  m5)
-    # M5 chunked prefill on the mixed workload (15% of the prompts 4k-8k tokens among W-like short ones,
-    # Poisson arrivals at a rate where M4 is loaded), one process, one JSON: M4 vs M5 (budget 2048),
-    # the chunk-size sweep 256..8192, and dynamic sizing (target ITL 10 / 20 ms under an 8192 ceiling)
-    # against those fixed budgets. Needs `bench serve` (serving branch). ~5 min on an H200.
+  m5check)
+    # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
 from folovllm import LLM, SamplingParams
 prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 10000 for j in range(700 + 900 * i)]} for i in range(4)]
@@ -134,12 +131,20 @@ for name, kw in {"M4": {}, "M5/budget=256": dict(max_num_batched_tokens=256)}.it
 same = sum(a == b for x, y in zip(runs["M4"], runs["M5/budget=256"]) for a, b in zip(x, y))
 print(f"M5/budget=256: {same}/{sum(map(len, runs['M4']))} greedy tokens equal to M4 (bf16, prompts 700-3400)")
 PY
-    model="--model random:qwen3-0.6b --max-model-len 9216"
-    load="--workload mixed --num-prompts 200 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0"
-    # the first (12 requests) pays Triton's JIT for chunk shapes; the rows after it are the measurement
-    bench serve $model $load --milestone M5/budget=512@12 M4 M5 M5/budget=256 M5/budget=512 M5/budget=1024 \
-      M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
-      --out "$OUT/M5-serve-mixed-$gpu.json" > /dev/null ;;
+ ;;
+  m5)
+    # M5 chunked prefill on the mixed workload (15% of the prompts 4k-8k tokens among W-like short ones,
+    # Poisson arrivals at 16 req/s, where M4 is loaded), one process, one JSON: M4 vs M5 (budget 2048),
+    # the chunk-size sweep 256..8192, and dynamic sizing (target ITL 10 / 20 ms under an 8192 ceiling)
+    # against those fixed budgets. The first row (12 requests) pays Triton's JIT for chunk shapes. ~4 min.
+    bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed --num-prompts 100 \
+      --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --milestone M5/budget=512@12 M4 M5 \
+      M5/budget=256 M5/budget=512 M5/budget=1024 M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 \
+      M5/budget=8192/itl=20 --out "$OUT/M5-serve-mixed-$gpu.json" > "$OUT/serve.log" 2>&1 ;;
+  llama)
+    # #11: batch-1 TPOT and TTFT of the M4 fast path on random:llama-3.2-1b (target TPOT <= 1.5 ms), HF alongside
+    bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 2048 --output-len 128 \
+      --out "$OUT/M4-fastpath-latency-llama-3.2-1b-$gpu.json" > "$OUT/lat.log" 2>&1 ;;
   gptq)
     # M7: the decode-plan sweep (writes the tuned plans under quantization/ops/configs/), then kernels vs cuBLAS
     # timed in CUDA graphs, weight memory and batch-1 TPOT (one JSON), then workload W (64-prompt subset)
