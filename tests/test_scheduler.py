@@ -564,43 +564,61 @@ def linear_step_time(shapes) -> float:
     return 2e-3 + sum(1e-5 * q + 1e-7 * seq + 1e-8 * q * seq for q, seq in shapes)
 
 
-def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
-    """Four decoders and 600-token prompts arriving now and then: a 256-token budget overshoots a 4 ms
-    target; the cost model learns the made-up device from the first prompt's steps and sizes every
-    chunk after that to fit."""
+def eager_step_time(shapes) -> float:
+    """A GPU-like device: decode-only steps replay a CUDA graph; a step with any prefill runs the eager forward
+    and pays 12 ms more, whatever its size."""
+    return linear_step_time(shapes) + (12e-3 if any(q > 1 for q, _ in shapes) else 0.0)
+
+
+def run_timed(target_itl_ms: float | None, step_time) -> tuple[Scheduler, list[float]]:
+    """Four decoders and 600-token prompts arriving now and then, on a made-up device; every step's time."""
     prompts = [[(j * (i + 3)) % VOCAB for j in range(600)] for i in range(4)]
     arrivals = {
         0: [make_request(f"d{i}", [i + 1] * 4, 120) for i in range(4)],
         **{t: [make_request(f"p{i}", p, 4)] for i, (t, p) in enumerate(zip((3, 30, 50, 70), prompts))},
     }
-    times = {}
-    for target in (None, 4.0):
-        sched = chunked("paged", 512, 16, 1024, budget=256, target_itl_ms=target)
-        runner = FakeRunner(16, step_time=linear_step_time)
-        measured = []
-        original = runner.execute
+    sched = chunked("paged", 512, 16, 1024, budget=256, target_itl_ms=target_itl_ms)
+    runner = FakeRunner(16, step_time=step_time)
+    measured = []
+    original = runner.execute
 
-        def timed(out):
-            result = original(out)
-            measured.append(result.device_time)
-            return result
+    def timed(out):
+        result = original(out)
+        measured.append(result.device_time)
+        return result
 
-        runner.execute = timed
-        fresh = {
-            t: [make_request(r.request_id, r.prompt_token_ids, r.max_tokens) for r in reqs] for t, reqs in arrivals.items()
-        }
-        finished, _ = run(sched, runner, fresh)
-        assert finished == {
-            r.request_id: expected_output(r.prompt_token_ids, r.max_tokens) for reqs in fresh.values() for r in reqs
-        }
-        times[target] = measured
-        if target is not None:
-            coef = sched.cost_model.coef
-            assert coef == pytest.approx([2e-3, 1e-5, 1e-7, 1e-8], rel=1e-6)
-    assert max(times[None]) > 4e-3
-    warm = times[4.0][30:]  # fitted from the first prompt's steps
+    runner.execute = timed
+    finished, _ = run(sched, runner, arrivals)
+    assert finished == {
+        r.request_id: expected_output(r.prompt_token_ids, r.max_tokens) for reqs in arrivals.values() for r in reqs
+    }
+    return sched, measured
+
+
+def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
+    """A 256-token budget overshoots a 4 ms target; the cost model learns the made-up device from the first
+    prompt's steps and sizes every chunk after that to fit."""
+    _, fixed = run_timed(None, linear_step_time)
+    sched, dynamic = run_timed(4.0, linear_step_time)
+    assert sched.cost_model.coef == pytest.approx([2e-3, 0.0, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)
+    assert max(fixed) > 4e-3
+    warm = dynamic[30:]  # fitted from the first prompt's steps
     assert max(warm) <= 4e-3
     assert sum(t > 3.5e-3 for t in warm) >= 10  # and the chunks fill the target, not a token less than needed
+    assert sched.num_target_out_of_reach == 0
+
+
+def test_dynamic_chunk_sizing_prices_the_eager_step_and_gives_up_a_target_out_of_reach():
+    """With a 12 ms cost for any step that carries a prefill, a 20 ms target is held by smaller chunks; a 10 ms
+    target cannot be held by any mixed step, so the token budget sizes the chunks (no prompt is starved)."""
+    sched, held = run_timed(20.0, eager_step_time)
+    assert sched.cost_model.coef == pytest.approx([2e-3, 12e-3, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)
+    assert max(held[30:]) <= 20e-3 and sched.num_target_out_of_reach == 0
+    _, fixed = run_timed(None, eager_step_time)
+    sched, given_up = run_timed(10.0, eager_step_time)
+    assert sched.num_target_out_of_reach > 0
+    mixed = [t for t in given_up[30:] if t > 14e-3 - 1e-9]  # every step with a prefill is over 10 ms
+    assert len(mixed) <= len([t for t in fixed[30:] if t > 14e-3 - 1e-9])  # no more of them than the fixed budget
 
 
 @pytest.mark.parametrize(

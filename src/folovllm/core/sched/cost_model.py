@@ -3,12 +3,16 @@
 A step runs ``T`` new tokens for requests whose contexts end at ``seq_len_i``
 (``q_i`` new tokens each). Its time is modelled as
 
-    t = c0 + c1 * T + c2 * sum(seq_len_i) + c3 * sum(q_i * seq_len_i)
+    t = c0 + cp * [any q_i > 1] + c1 * T + c2 * sum(seq_len_i) + c3 * sum(q_i * seq_len_i)
 
-``c0`` is what every step pays (weights read once, launches), ``c1`` the
-linear layers' work per token, ``c2`` reading a request's KV once, ``c3``
-attention's work per (query, key) pair. The scheduler feeds it every measured
-step and asks how many prefill tokens still fit under a target step time.
+``c0`` is what every step pays (weights read once, launches), ``cp`` what a step
+pays once for carrying any prefill (on a GPU such a step runs the eager forward,
+not a decode step's CUDA graph, and with a small model the host's launches then
+set its pace), ``c1`` the linear layers' work per token, ``c2`` reading a
+request's KV once, ``c3`` attention's work per (query, key) pair. Without ``cp``
+the fit blames the eager forward on whatever grows with prefills (context reads)
+and then allows them almost nothing. The scheduler feeds it every measured step
+and asks how many prefill tokens still fit under a target step time.
 Decode-only steps cannot tell ``c2`` from ``c3`` (``q_i = 1``), so the model
 answers only once the steps it saw span every feature (``ready``).
 """
@@ -25,7 +29,7 @@ Shape = tuple[int, int]  # (new tokens, context length after them) of one reques
 
 
 class StepCostModel:
-    NUM_FEATURES = 4
+    NUM_FEATURES = 5
 
     def __init__(self, window: int = 256, min_samples: int = 8) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
@@ -38,7 +42,7 @@ class StepCostModel:
     def features(shapes: list[Shape]) -> np.ndarray:
         q = np.array([s[0] for s in shapes], dtype=np.float64)
         seq = np.array([s[1] for s in shapes], dtype=np.float64)
-        return np.array([1.0, q.sum(), seq.sum(), (q * seq).sum()])
+        return np.array([1.0, float((q > 1).any()), q.sum(), seq.sum(), (q * seq).sum()])
 
     def observe(self, shapes: list[Shape], seconds: float) -> None:
         """One measured step."""
@@ -53,7 +57,7 @@ class StepCostModel:
 
     @property
     def coef(self) -> np.ndarray | None:
-        """``[c0, c1, c2, c3]`` in seconds (negative fits clipped to 0), or None until ``ready``."""
+        """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0), or None until ``ready``."""
         if self._stale:
             self._coef = self._fit()
             self._stale = False
@@ -77,14 +81,19 @@ class StepCostModel:
         """Predicted seconds for a step of these requests (``ready`` first)."""
         return float(self.features(shapes) @ self.coef)
 
+    @property
+    def prefill_cost(self) -> float:
+        """``cp``: what the first prefill chunk of a step adds before its tokens cost anything."""
+        return float(self.coef[1])
+
     def request_cost(self, num_tokens: int, seq_len: int) -> float:
         """What one request's ``num_tokens`` (context ending at ``seq_len``) add to a step, in seconds."""
-        _, c1, c2, c3 = self.coef
+        _, _, c1, c2, c3 = self.coef
         return c1 * num_tokens + c2 * seq_len + c3 * num_tokens * seq_len
 
     def max_chunk(self, num_computed: int, seconds: float) -> int:
         """The most new tokens a request with ``num_computed`` cached tokens can run within ``seconds``."""
-        _, c1, c2, c3 = self.coef
+        _, _, c1, c2, c3 = self.coef
         # c3*q^2 + (c1 + c2 + c3*n)*q + c2*n - seconds <= 0, with n = num_computed
         a, b, c = c3, c1 + c2 + c3 * num_computed, c2 * num_computed - seconds
         if c > 0:

@@ -50,9 +50,11 @@ class _StepBudget:
         self.scheduled.append((req, num_tokens))
         self.scheduled_ids.add(req.request_id)
         self.tokens_left -= num_tokens
-        self.num_chunks += num_tokens > 1
         if self.time_left is not None:
+            first_chunk = num_tokens > 1 and not self.num_chunks
             self.time_left -= self.cost_model.request_cost(num_tokens, req.num_computed_tokens + num_tokens)
+            self.time_left -= self.cost_model.prefill_cost if first_chunk else 0.0
+        self.num_chunks += num_tokens > 1
 
 
 class Scheduler:
@@ -75,6 +77,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
         self.cost_model = StepCostModel()  # fed with every measured step when ``target_itl_ms`` is set
+        self.num_target_out_of_reach = 0  # prefill chunks sized by the token budget alone (``_target_out_of_reach``)
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -184,10 +187,19 @@ class Scheduler:
         if cfg.long_prefill_token_threshold:
             num_new = min(num_new, cfg.long_prefill_token_threshold)
         num_new = min(num_new, step.tokens_left)
-        if step.time_left is not None and num_new > 1:
-            fits = step.cost_model.max_chunk(req.num_computed_tokens, step.time_left)
+        if step.time_left is not None and num_new > 1 and not self._target_out_of_reach():
+            time_left = step.time_left - (0.0 if step.num_chunks else step.cost_model.prefill_cost)
+            fits = step.cost_model.max_chunk(req.num_computed_tokens, time_left)
             num_new = min(num_new, max(fits, 0 if step.num_chunks else MIN_DYNAMIC_CHUNK))
         return num_new
+
+    def _target_out_of_reach(self) -> bool:
+        """No step that carries a prefill can meet ``target_itl_ms``, whatever its chunk: the target is then
+        given up for the token budget, since slicing prompts thinner would only make more such steps."""
+        model = self.cost_model
+        out = float(model.coef[0]) + model.prefill_cost >= self.config.target_itl_ms / 1e3
+        self.num_target_out_of_reach += out
+        return out
 
     def _schedule_running(self, step: _StepBudget) -> None:
         """Decodes first, then the prompts still being prefilled (a long prompt never stalls a decode).
