@@ -141,6 +141,13 @@ PY
       --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --milestone M5/budget=512@12 M4 M5 \
       M5/budget=256 M5/budget=512 M5/budget=1024 M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 \
       M5/budget=8192/itl=20 --out "$OUT/M5-serve-mixed-$gpu.json" > "$OUT/serve.log" 2>&1 ;;
+  m5dynamic)
+    # M5 dynamic chunk sizing after the cost model learned the eager step's price (commit a0436ce): the same mixed
+    # workload as stage m5, with M4, M5 and the 8192 budget beside the targets 10 / 15 / 20 ms, in one process.
+    bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed --num-prompts 100 \
+      --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --milestone M5/budget=512@12 M4 M5 \
+      M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
+      --out "$OUT/M5-dynamic-$gpu.json" > "$OUT/dynamic.log" 2>&1 ;;
   llama)
     # #11: batch-1 TPOT and TTFT of the M4 fast path on random:llama-3.2-1b (target TPOT <= 1.5 ms), HF alongside
     bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 2048 --output-len 128 \
