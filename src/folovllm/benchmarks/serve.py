@@ -244,9 +244,10 @@ def run_inprocess(
             "num_kv_blocks": llm.llm_engine.kv_cache_manager.num_blocks,
         }
         runs = []
-        for k, rate in enumerate(request_rates):
-            send = inprocess_sender(engine, f"req{k}")
-            results, duration = asyncio.run(run_workload(send, prompts, outputs, rate, max_concurrency, seed))
+        for k, rate in enumerate(request_rates):  # no local keeps the engine alive past ``finally`` (its memory)
+            results, duration = asyncio.run(
+                run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)
+            )
             runs.append(({**about, "request_rate": rate, **summarize(results, duration)}, results))
     finally:
         engine.shutdown(drain=False)
