@@ -160,3 +160,30 @@ def test_bad_options_are_errors(capsys):
         bench_serve("random:tiny-llama", ["M4"], workload="bursty")
     with pytest.raises(ValueError, match="max_concurrency must be a positive integer"):
         bench_serve("random:tiny-llama", ["M4"], max_concurrency=0)
+
+
+def test_each_engine_is_gone_before_its_memory_is_released(monkeypatch):
+    """``run_inprocess`` frees an engine's GPU memory in ``finally`` (gc, then ``empty_cache``): nothing of
+    the run may still reference the engine there, or the next config would find its KV cache allocated."""
+    import gc
+    import weakref
+
+    from folovllm.benchmarks import serve
+
+    engines: list[weakref.ref] = []
+    real_init, real_collect = serve.AsyncLLM.__init__, gc.collect
+
+    def tracked_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        engines.append(weakref.ref(self))
+
+    def collect_and_check(*args):
+        real_collect(*args)
+        assert engines and engines[-1]() is None, "an AsyncLLM survived its run's teardown"
+
+    monkeypatch.setattr(serve.AsyncLLM, "__init__", tracked_init)
+    monkeypatch.setattr(serve.gc, "collect", collect_and_check)
+    data = bench_serve(
+        "random:tiny-llama", ["M4", "M4"], device="cpu", num_prompts=3, output_len=(2, 3), request_rate=[math.inf, 50.0]
+    )
+    assert len(data["results"]) == 4 and len(engines) == 2
