@@ -638,3 +638,29 @@ def test_dynamic_chunk_sizing_prices_the_eager_step_and_gives_up_a_target_out_of
 def test_chunking_options_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**kwargs)
+
+
+def test_cost_model_without_prefills_in_its_window_is_not_ready_and_never_raises():
+    """On the H200 a window of decode-only steps left the prefill column all zero; scaled by its maximum it
+    became NaN and least squares raised inside the scheduler (requests failed). Such a window is rank-deficient:
+    the model is simply not ready until a step with a prefill arrives again."""
+    from folovllm.core.sched.cost_model import StepCostModel
+
+    model = StepCostModel(window=16, min_samples=8)
+
+    def decode(i: int) -> list[tuple[int, int]]:
+        return [(1, 200 + 7 * i + 13 * j) for j in range(1 + i % 4)]
+
+    def mixed(i: int) -> list[tuple[int, int]]:
+        return decode(i) + [(64 + 8 * i, 500 + 50 * i)]
+
+    for i in range(12):
+        for shapes in (decode(i), mixed(i)):
+            model.observe(shapes, linear_step_time(shapes))
+    assert model.ready
+    for i in range(16):  # only decodes: the prefill column leaves the window
+        model.observe(decode(i), linear_step_time(decode(i)))
+    assert not model.ready
+    for i in range(6):
+        model.observe(mixed(i), linear_step_time(mixed(i)))
+    assert model.ready and model.coef == pytest.approx([2e-3, 0.0, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)

@@ -72,7 +72,11 @@ class StepCostModel:
             return None
         x, y = np.stack(self._rows), np.array(self._times)
         scale = np.abs(x).max(axis=0)  # columns in comparable units, so the rank test means something
-        sol, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=1e-6)
+        scale[scale == 0] = 1.0  # a feature no step in the window had (e.g. no prefill): rank-deficient, not NaN
+        try:
+            sol, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=1e-6)
+        except np.linalg.LinAlgError:  # the scheduler must never fail on its cost model: size by tokens instead
+            return None
         if rank < self.NUM_FEATURES:
             return None
         return np.maximum(sol / scale, 0.0)
