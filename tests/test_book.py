@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from folovllm import book
 from folovllm.core.block_pool import BlockPool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SOURCE = """def schedule(self):
     budget = 8
@@ -69,3 +72,17 @@ def test_run_async_works_inside_a_running_loop():
         return book.run_async(inner())
 
     assert asyncio.run(outer()) == 7
+
+
+def test_every_figure_a_chapter_draws_is_committed():
+    """A chapter executed with ``MPLBACKEND=Agg`` and no ``%matplotlib inline`` stores no figures, and strict
+    nbval cannot notice (the cells still run). Every cell that calls ``plt.show()`` must carry an image."""
+    import json
+
+    missing = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] == "code" and "plt.show()" in "".join(cell["source"]):
+                if not any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+                    missing.append(f"{path.name} cell {i}")
+    assert not missing, "cells that draw a figure but have none committed: " + ", ".join(missing)
