@@ -22,7 +22,7 @@ from folovllm.utils import cdiv
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
 SLICE_ROWS = 16  # K of one tl.dot: rows of X per slice
 DECODE_MAX_M = 16  # up to here one M tile holds every row: the split-K plan
-GEMV_MAX_M = 4  # up to here FMAs without tensor cores (a 16-row tl.dot would be mostly padding)
+GEMV_MAX_M = 4  # the FMA kernel's most rows (a 16-row tl.dot would be mostly padding); tuned plans choose
 PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
@@ -139,8 +139,8 @@ def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Pa
 
 def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
     """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
-    weights, with scales applied to the product per group; up to ``GEMV_MAX_M`` rows the FMA kernel,
-    above it 16-row ``tl.dot`` tiles. Prefill: large tiles of dequantized weights, no split (enough
+    weights, with scales applied to the product per group; one row runs the FMA kernel, more rows
+    16-row ``tl.dot`` tiles. Prefill: large tiles of dequantized weights, no split (enough
     tiles; compute-bound). A GPU model with tuned plans (``bench gptq --sweep`` writes them) uses those
     for the shapes it was tuned on."""
     k_blocks = cdiv(k, block_rows(bits))
@@ -152,10 +152,9 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
         if tuned is not None:
             return tuned
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
-    if m <= GEMV_MAX_M:
-        block_m, block_n = 1 << (m - 1).bit_length(), 128
-        split, per_split = split_k_for(cdiv(n, block_n), k_blocks, target)
-        return GemmPlan(block_m, block_n, False, split, per_split, 4, 3, gemv=True)
+    if m == 1:  # untuned, the FMA kernel at one row only: at 4 rows the H200 sweep timed it 30-50x slower than tl.dot
+        split, per_split = split_k_for(cdiv(n, 128), k_blocks, target)
+        return GemmPlan(1, 128, False, split, per_split, 4, 3, gemv=True)
     split, per_split = split_k_for(cdiv(n, 64), k_blocks, target)
     return GemmPlan(16, 64, False, split, per_split, 4, 4)
 
