@@ -305,3 +305,12 @@ def test_bench_prefix_json(tmp_path, capsys):
     assert data["summary"]["kv_blocks_saved_at_peak"] > 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "prefix", "--parts", "nothing"])
+
+
+def test_bench_latency_times_a_full_prefill_with_prefix_caching():
+    """With M6's prefix cache the warm-up's blocks would turn the timed prompt into a hit (on the H200 the
+    GPTQ TPOT run timed a 5.3 s TTFT: a compile for a prefill shape the warm-up never ran)."""
+    from folovllm.benchmarks.latency import bench_latency
+
+    data = bench_latency("random:tiny-llama", [40], 4, device="cpu", milestone="M6", with_hf=False, block_size=4)
+    assert data["results"][0]["folovllm"]["num_cached_tokens"] == 0
