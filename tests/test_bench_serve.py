@@ -147,6 +147,8 @@ def test_http_against_in_process_baseline(tmp_path):
     assert all(len(r["itl_s"]) == r["output_len"] - 1 for r in http["requests"])
     overhead = data["overhead_vs_baseline"]
     assert overhead["mean_ttft_ms_delta"] == pytest.approx(http["mean_ttft_ms"] - inproc["mean_ttft_ms"])
+    assert overhead["p99_tpot_ms_delta"] == pytest.approx(http["p99_tpot_ms"] - inproc["p99_tpot_ms"])
+    assert len(overhead) == 13  # mean, median and p99 of TTFT, TPOT, ITL and E2EL, and the throughput ratio
     with pytest.raises(ValueError, match="ran a different workload"):
         bench_serve("unused", [], base_url=url, baseline=str(baseline), **{**common, "num_prompts": 4})
 
@@ -187,3 +189,21 @@ def test_each_engine_is_gone_before_its_memory_is_released(monkeypatch):
         "random:tiny-llama", ["M4", "M4"], device="cpu", num_prompts=3, output_len=(2, 3), request_rate=[math.inf, 50.0]
     )
     assert len(data["results"]) == 4 and len(engines) == 2
+
+
+def test_engine_steps_and_cost_model_are_recorded_per_row(tmp_path):
+    """``--collect-step-stats`` summarizes each row's own engine steps (decode-only apart from steps with prompt
+    tokens, the split behind M5's ITL tail), and a dynamic config records its fitted step-cost model."""
+    out = tmp_path / "steps.json"
+    load = ["--num-prompts", "6", "--input-len", "20:40", "--output-len", "4:8", "--seed", "2", "--collect-step-stats"]
+    rc = main(["bench", "serve", *TINY, *load, "--milestone", "M5/budget=16", "M5/budget=16/itl=50", "--out", str(out)])
+    assert rc == 0
+    fixed, dynamic = json.loads(out.read_text())["results"]
+    for row in (fixed, dynamic):
+        steps = row["engine_steps"]
+        assert steps["decode_only"]["steps"] > 0 and steps["with_prompt_tokens"]["steps"] >= 6 * 20 // 16
+        assert steps["decode_only"]["mean_tokens"] <= 6 and steps["with_prompt_tokens"]["mean_tokens"] <= 16
+    assert "cost_model" not in fixed
+    model = dynamic["cost_model"]
+    assert len(model["terms"]) == 5 and model["num_samples"] > 0
+    assert model["coef_s"] is None or len(model["coef_s"]) == 5

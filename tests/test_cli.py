@@ -297,6 +297,7 @@ def test_bench_prefix_json(tmp_path, capsys):
     assert m6["ttft"]["runs"][0]["hit_num_cached_tokens"] == 28  # 7 full blocks of the 30-token prefix
     profile = m6["ttft"]["hit_profile"]  # the profiled hit: one step, its host and forward time, no GPU kernels
     assert profile["steps"] == 1 and profile["host_ms"] > 0 and profile["num_gpu_kernels"] == 0
+    assert profile["host_launch_ms"] == 0 and profile["profiled_wall_ms"] > 0
     assert m4["throughput"]["cached_tokens"] == 0 and m6["throughput"]["cached_tokens"] == 5 * 20
     # Turn 1 hits the 8-token system prompt for the second conversation only; later turns hit the
     # conversation so far (each prompt of turn t+1 extends the prompt and answer of turn t).

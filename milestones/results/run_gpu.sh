@@ -148,6 +148,13 @@ PY
       --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --milestone M5/budget=512@12 M4 M5 \
       M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
       --out "$OUT/M5-dynamic-$gpu.json" > "$OUT/dynamic.log" 2>&1 ;;
+  m5steps)
+    # Not yet run. #13 next: the same mixed workload with the engine's own step records per row (decode-only
+    # steps vs steps with prompt tokens: what sets the 33-40 ms ITL tail) and the dynamic mode's fitted cost
+    # model, after the LinAlgError fix; 3 rows, ~2 min.
+    bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed --num-prompts 100 \
+      --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
+      --milestone M5/budget=512@12 M4 M5 M5/budget=8192/itl=20 --out "$OUT/M5-steps-$gpu.json" > "$OUT/steps.log" 2>&1 ;;
   llama)
     # #11: batch-1 TPOT and TTFT of the M4 fast path on random:llama-3.2-1b (target TPOT <= 1.5 ms), HF alongside
     bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 2048 --output-len 128 \

@@ -24,7 +24,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size", "quantization")
+    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size", "quantization", "collect_step_stats")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Poisson arrivals per second (default inf: all at once); several: one row per (config, rate)",
     )
     ser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    ser.add_argument(
+        "--collect-step-stats",
+        action="store_true",
+        default=None,
+        help="in-process: summarize the engine's own steps per row (decode-only vs with prompt tokens)",
+    )
     ser.add_argument(
         "--milestone",
         nargs="+",

@@ -32,6 +32,7 @@ import torch
 from folovllm.benchmarks.common import mixed_workload, parse_config, provenance, random_workload, save_json
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.async_llm import AsyncLLM
+from folovllm.engine.llm_engine import LLMEngine, StepStats
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -213,6 +214,46 @@ def _warm_up_send(send: Send) -> None:
 Run = tuple[dict[str, Any], list[RequestResult]]  # one (config, rate) row and its requests
 
 
+def step_summary(stats: list[StepStats]) -> dict[str, Any]:
+    """The engine's own steps of one run, decode-only apart from those carrying prompt tokens: how many,
+    their tokens, and the forward time the engine measured (ms; p50/p99) next to its host time."""
+
+    def kind(steps: list[StepStats]) -> dict[str, Any]:
+        if not steps:
+            return {"steps": 0}
+        forward = np.array([st.forward_time for st in steps]) * 1e3
+        return {
+            "steps": len(steps),
+            "mean_tokens": float(np.mean([st.num_tokens for st in steps])),
+            "mean_forward_ms": float(forward.mean()),
+            "p50_forward_ms": float(np.percentile(forward, 50)),
+            "p99_forward_ms": float(np.percentile(forward, 99)),
+            "mean_host_ms": float(np.mean([st.host_time for st in steps]) * 1e3),
+        }
+
+    mixed = [st for st in stats if any(prefill for _, _, prefill in st.scheduled)]
+    decode = [st for st in stats if st.scheduled and not any(prefill for _, _, prefill in st.scheduled)]
+    return {"decode_only": kind(decode), "with_prompt_tokens": kind(mixed)}
+
+
+def _engine_records(engine: LLMEngine) -> dict[str, Any]:
+    """What the engine kept about the run just finished: step summaries (``collect_step_stats``) and the
+    dynamic chunk sizing's fitted step-cost model (``target_itl_ms``)."""
+    out: dict[str, Any] = {}
+    if engine.config.collect_step_stats:
+        out["engine_steps"] = step_summary(list(engine.step_stats))
+    if engine.config.scheduler_config.target_itl_ms is not None:
+        sched = engine.scheduler
+        coef = sched.cost_model.coef
+        out["cost_model"] = {
+            "coef_s": None if coef is None else [float(c) for c in coef],
+            "terms": ["fixed", "any prompt tokens", "per token", "per context token", "per (query, key) pair"],
+            "num_samples": sched.cost_model.num_samples,
+            "num_target_out_of_reach": sched.num_target_out_of_reach,
+        }
+    return out
+
+
 def run_inprocess(
     model: str,
     spec: str,
@@ -245,10 +286,12 @@ def run_inprocess(
         }
         runs = []
         for k, rate in enumerate(request_rates):  # no local keeps the engine alive past ``finally`` (its memory)
+            llm.llm_engine.step_stats.clear()  # this rate's steps only (not the warm-up's, not the last rate's)
             results, duration = asyncio.run(
                 run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)
             )
-            runs.append(({**about, "request_rate": rate, **summarize(results, duration)}, results))
+            row = {**about, "request_rate": rate, **summarize(results, duration), **_engine_records(llm.llm_engine)}
+            runs.append((row, results))
     finally:
         engine.shutdown(drain=False)
         del llm, engine
@@ -377,16 +420,9 @@ def bench_serve(
     return payload
 
 
-METRICS_COMPARED = (
-    "mean_ttft_ms",
-    "median_ttft_ms",
-    "mean_tpot_ms",
-    "median_tpot_ms",
-    "mean_itl_ms",
-    "median_itl_ms",
-    "mean_e2el_ms",
-    "median_e2el_ms",
-)
+METRICS_COMPARED = tuple(
+    f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "p99")
+)  # what a server adds, at the center and in the tail
 
 
 def _load_baseline(path: str, spec: dict[str, Any]) -> dict[str, Any]:

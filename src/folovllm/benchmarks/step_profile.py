@@ -58,7 +58,8 @@ def _record_step(engine, device: torch.device) -> dict[str, Any]:
 
 def record_profile(fn, device: torch.device, timeline: bool = True) -> dict[str, Any]:
     """Run ``fn()`` under ``torch.profiler``: GPU kernels (count, busy time, the 15 costliest by name),
-    host launches, wall time, and (``timeline``) every kernel's and launch's span."""
+    host launches (count, time inside them: the rest of the host's time is Python and waiting), wall time,
+    and (``timeline``) every kernel's and launch's span."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -86,6 +87,7 @@ def record_profile(fn, device: torch.device, timeline: bool = True) -> dict[str,
     row = {
         "num_gpu_kernels": len(kernels),
         "num_host_launches": len(launches),
+        "host_launch_ms": sum(e.time_range.elapsed_us() for e in launches) / 1e3,  # inside the driver calls alone
         "top_kernels": [{"name": n, "count": c, "total_ms": round(ms, 4)} for n, (c, ms) in top],
         "gpu_busy_ms": _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]),
         "profiled_wall_ms": wall_ms,
