@@ -178,7 +178,7 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
 def bench_gptq_sweep(ms: list[int], bits: int = 4, group_size: int = 128, device: torch.device | None = None,
                      dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:  # fmt: skip
     """Every plan of ``sweep_plans`` on every Qwen3-8B shape, timed as ``bench_gptq_kernel`` times: the data
-    the tuned decode plans (``TUNED_PLANS``) come from."""
+    the tuned decode plans (``write_tuned_plans``) come from."""
     device = device or torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     rows = []
@@ -192,7 +192,9 @@ def bench_gptq_sweep(ms: list[int], bits: int = 4, group_size: int = 128, device
                     err = ops.max_rel_err(x, plan)
                     gptq_s = ops.time_gptq(x, plan)
                 except Exception as exc:  # a tile that does not fit in shared memory or registers
-                    rows.append({"layer": name, "k": k, "n": n, "m": m, "plan": plan.__dict__, "error": str(exc)[:200]})
+                    rows.append(
+                        {"layer": name, "k": k, "n": n, "m": m, "plan": dict(plan.__dict__), "error": str(exc)[:200]}
+                    )
                     continue
                 rows.append({"layer": name, "k": k, "n": n, "m": m, "plan": dict(plan.__dict__), "gptq_us": gptq_s * 1e6,
                              "bf16_us": bf16_s * 1e6, "speedup": bf16_s / gptq_s, "max_rel_err": err})  # fmt: skip

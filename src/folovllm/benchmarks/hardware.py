@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from folovllm.utils import cdiv
+
 
 def median_time_s(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, iters: int = 10) -> float:
     """Median time of ``fn()`` in seconds: CUDA events on GPU, which include the host's launch of a kernel
@@ -74,7 +76,7 @@ def graph_time_s(fns: list[Callable[[], object]], device: torch.device | str, re
 def copies_beyond_l2(num_bytes: int, device: torch.device, at_least: int = 2, at_most: int = 16) -> int:
     """How many copies of a ``num_bytes`` operand add up to four times the L2 cache (within bounds)."""
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(at_least, min(at_most, -(-4 * l2 // max(num_bytes, 1))))
+    return max(at_least, min(at_most, cdiv(4 * l2, max(num_bytes, 1))))
 
 
 def measure_copy_bandwidth(device: torch.device | str, num_bytes: int | None = None) -> float:

@@ -51,11 +51,6 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def _record_step(engine, device: torch.device) -> dict[str, Any]:
-    """Run one step under ``torch.profiler``; kernels, launches and a timeline relative to the step's start."""
-    return record_profile(engine.step, device)
-
-
 def record_profile(fn, device: torch.device, timeline: bool = True) -> dict[str, Any]:
     """Run ``fn()`` under ``torch.profiler``: GPU kernels (count, busy time, the 15 costliest by name),
     host launches (count, time inside them: the rest of the host's time is Python and waiting), wall time,
@@ -97,7 +92,9 @@ def record_profile(fn, device: torch.device, timeline: bool = True) -> dict[str,
     return row
 
 
-def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, seed: int = 0) -> dict[str, Any]:
+def profile_decode(
+    llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, seed: int = 0, timeline: bool = True
+) -> dict[str, Any]:
     """Decode-step figures for ``batch_size`` running requests of ``prompt_len``-token prompts."""
     engine = llm.llm_engine
     device = engine.config.device
@@ -132,7 +129,7 @@ def profile_decode(llm: LLM, batch_size: int, prompt_len: int, steps: int = 20, 
         "wall_ms_per_step": wall_ms,
         "host_ms_per_step": st.host_time / st.num_steps * 1e3,
         "forward_ms_per_step": st.forward_time / st.num_steps * 1e3,
-        **_record_step(engine, device),
+        **record_profile(engine.step, device, timeline),
     }
     engine.abort_request(ids)
     return row
@@ -180,11 +177,9 @@ def bench_step(
                 "attention_backend": engine.model_runner.backend_name,
                 "cuda_graphs": graphs is not None,
                 "fused_kernels": engine.model_runner.fused,
-                **profile_decode(llm, bs, prompt_len, steps),
+                **profile_decode(llm, bs, prompt_len, steps, timeline=timeline),
             }
             row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
-            if not timeline:
-                del row["timeline"]
             rows.append(row)
         if graphs is not None:
             rows[-1]["cuda_graph_capture_s"] = graphs.capture_seconds

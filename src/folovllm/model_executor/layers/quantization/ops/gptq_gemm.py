@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -117,11 +117,6 @@ def tuned_plans_path(gpu_name: str) -> Path:
 
 
 @cache
-def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-@cache
 def _tuned_plans(path: Path) -> dict[str, GemmPlan]:
     if not path.is_file():
         return {}
@@ -134,9 +129,11 @@ def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Pa
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"source": source, "plans": plans}, indent=1) + "\n")
     _tuned_plans.cache_clear()
+    plan_gptq_gemm.cache_clear()
     return path
 
 
+@lru_cache(maxsize=4096)  # called by every eager launch; a pure function of its arguments
 def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
     """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
     weights, with scales applied to the product per group; one row runs the FMA kernel, more rows
@@ -148,7 +145,7 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
         block_m = 64 if m <= 64 else 128
         return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
     if device.type == "cuda":
-        tuned = _tuned_plans(tuned_plans_path(_gpu_name(device))).get(tuned_key(bits, m, k, n))
+        tuned = _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(bits, m, k, n))
         if tuned is not None:
             return tuned
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
