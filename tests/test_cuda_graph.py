@@ -1,4 +1,5 @@
-"""M4 part 2's decode path: padded batch sizes, capture-time metadata, fused kernels, bounded state.
+"""CUDA graphs: padded decode batches (M4), padded mixed steps (M5), capture-time metadata, fused kernels,
+bounded state.
 
 A CUDA graph cannot be captured on CPU, so the CPU tests replay "graphs" eagerly: the
 same persistent buffers, the same padding rows, the same metadata planned once per size
@@ -15,7 +16,7 @@ pytest.importorskip("triton")
 
 from folovllm import LLM, SamplingParams  # noqa: E402
 from folovllm.model_executor.layers.custom_op import enable_fused_ops  # noqa: E402
-from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes  # noqa: E402
+from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes, mixed_capture_sizes  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -25,10 +26,10 @@ class EagerReplay(CUDAGraphRunner):
 
     replays: list[int]
 
-    def capture(self, sizes=None) -> None:
+    def capture(self, sizes=None, pool=None) -> None:
         self.replays = []
         for size in sizes or self.sizes:
-            self._reset_inputs(size)
+            self.pad_inputs(size)
             self.graphs[size] = self._capture_metadata(size)
 
     def replay(self, size: int) -> torch.Tensor:
@@ -42,6 +43,8 @@ def test_capture_sizes_ladder_and_padding():
     assert capture_sizes(6, [4, 1, 64]) == [1, 4, 6]
     runner = CUDAGraphRunner([1, 2, 4, 8], None, None, None, torch.device("cpu"))
     assert [runner.padded_size(n) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, None]
+    assert mixed_capture_sizes(2048)[:4] == [16, 32, 64, 128] and mixed_capture_sizes(2048)[-3:] == [1536, 1792, 2048]
+    assert mixed_capture_sizes(600) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 600]
 
 
 def prompts(n: int) -> list[dict]:
@@ -89,6 +92,33 @@ def test_capture_metadata_is_planned_for_any_context():
     md = runner._graph_metadata(4)
     assert md.common.block_table.shape == (4, runner.max_blocks_per_req)  # full width: any context fits
     assert md.plan.grid == (4, 2, 1)  # 4 sequences x 2 KV heads, no split-K on CPU
+    mixed = runner._mixed_graph_metadata(64)  # 64 tokens in up to max_num_seqs=8 sequences
+    assert mixed.common.num_seqs == 8 and mixed.common.slot_mapping.shape == (64,) and mixed.plan.search
+    assert mixed.plan.grid == (64 // mixed.plan.q_tile + 8, 2, 1)
+
+
+def test_padded_mixed_replays_generate_what_eager_steps_generate():
+    """M5 with every step replayed: chunks of long prompts beside decodes, padded to token-count sizes."""
+    n = 6
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True) for i in range(n)]
+
+    def run(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts(n), params, use_tqdm=False)]
+
+    expected = run(tiny("M3", attention_backend="triton"))
+    llm = tiny("M5", attention_backend="triton", max_num_batched_tokens=12)
+    runner = llm.llm_engine.model_runner
+    runner.cuda_graphs = EagerReplay(
+        [1, 2, 4, 8], runner._graph_forward, runner._graph_metadata, runner._pad_decode_inputs, runner.device
+    )
+    runner.mixed_graphs = EagerReplay(
+        [5, 10, 12], runner._graph_forward, runner._mixed_graph_metadata, runner._pad_mixed_inputs, runner.device
+    )
+    for graphs in (runner.cuda_graphs, runner.mixed_graphs):
+        graphs.capture()
+    assert run(llm) == expected
+    mixed = runner.mixed_graphs.replays
+    assert runner.cuda_graphs.replays and set(mixed) <= {5, 10, 12} and 12 in mixed  # 12: full budget steps
 
 
 def test_long_run_keeps_engine_state_bounded(monkeypatch):
@@ -127,4 +157,25 @@ def test_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
     graphs = runner.cuda_graphs
     # (a tiny model's graphs may fit memory the allocator already holds: 0 bytes is a fair reading)
     assert graphs is not None and sorted(graphs.graphs) == graphs.sizes and graphs.memory_bytes >= 0
+    assert graphed == eager
+    assert runner.mixed_graphs is None  # M4 captures decode steps only
+
+
+@pytest.mark.skipif(not CUDA, reason="captures real CUDA graphs")
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "qwen3-0.6b"])
+def test_mixed_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
+    """M5 with a 64-token budget: prompt chunks and decodes share steps, every step replays a graph."""
+    n = 11
+    params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
+    long_prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 3 for j in range(20 + 17 * i)]} for i in range(n)]
+
+    def run(**kw):
+        llm = LLM(f"random:{preset}", milestone="M5", max_model_len=256, kv_cache_memory=2**28, max_num_seqs=16,
+                  max_num_batched_tokens=64, **kw)  # fmt: skip
+        outs = llm.generate(long_prompts, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.llm_engine.model_runner
+
+    eager, _ = run(enforce_eager=True)
+    graphed, runner = run()
+    assert runner.mixed_graphs is not None and runner.mixed_graphs.sizes == [16, 32, 64]
     assert graphed == eager

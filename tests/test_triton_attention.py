@@ -16,10 +16,19 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton")
 
 
-from folovllm.attention.backends.abstract import AttentionMetadata, store_kv_reference  # noqa: E402
+from folovllm.attention.backends.abstract import (  # noqa: E402
+    AttentionMetadata,
+    AttentionSpec,  # noqa: E402
+    store_kv_reference,
+)
 from folovllm.attention.backends.naive import NaiveAttentionBackend  # noqa: E402
 from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend  # noqa: E402
-from folovllm.attention.ops.paged_attn import paged_attention, store_kv  # noqa: E402
+from folovllm.attention.ops.paged_attn import (  # noqa: E402
+    launch_paged_attention,
+    paged_attention,
+    plan_paged_attention,
+    store_kv,
+)
 from folovllm.benchmarks.attention import bench_attention_sweep, bench_paged_decode  # noqa: E402
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops, median_time_s  # noqa: E402
 
@@ -172,6 +181,26 @@ def test_split_k_gives_the_same_result():
     whole = paged_attention(q, cache, md, 0.3, num_splits=1)
     for num_splits in (2, 3):
         torch.testing.assert_close(paged_attention(q, cache, md, 0.3, num_splits=num_splits), whole, atol=1e-5, rtol=0)
+
+
+def test_a_plan_for_larger_bounds_serves_a_padded_batch():
+    """What a CUDA graph of a mixed step replays: a launch planned once for T tokens and S sequences
+    runs a smaller batch; padding sequences have no query and no context, padding tokens no sequence."""
+    q_lens, seq_lens = [1, 7, 1, 20], [30, 12, 5, 45]
+    q, k, v, cache, md = make_batch(q_lens, seq_lens, 4, 2, 32, 8, seed=3)
+    store_kv(k, v, cache, md.slot_mapping)
+    expected = paged_attention(q, cache, md, 0.3)
+    num_tokens, num_seqs, real = 64, 9, sum(q_lens)
+    plan = plan_paged_attention(AttentionSpec(4, 2, 32, torch.float32), 8, DEVICE, num_seqs, num_tokens, 64,
+                                num_tokens=num_tokens)  # fmt: skip
+    assert plan.search and plan.grid[0] == num_tokens // plan.q_tile + num_seqs
+    padded_q = torch.cat([q, torch.randn(num_tokens - real, 4, 32, device=DEVICE)])
+    pad = num_seqs - len(q_lens)
+    query_start_loc = torch.cat([md.query_start_loc, torch.full((pad,), real, dtype=torch.int32, device=DEVICE)])
+    lens = torch.cat([md.seq_lens, torch.zeros(pad, dtype=torch.int32, device=DEVICE)])
+    table = torch.cat([md.block_table, torch.zeros(pad, md.block_table.shape[1], dtype=torch.int32, device=DEVICE)])
+    out = launch_paged_attention(padded_q, cache, plan, query_start_loc, lens, table, 0.3, None)
+    assert torch.equal(out[:real], expected)
 
 
 def test_nothing_outside_the_context_is_read():

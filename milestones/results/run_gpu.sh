@@ -118,6 +118,20 @@ else:
     bench serve $load --base-url http://127.0.0.1:8000 --baseline "$OUT/serving-inprocess-$gpu.json" \
       --out "$OUT/serving-$gpu.json" > /dev/null
     kill -TERM $server; wait $server; echo "server exit $? (0: SIGTERM drained)" ;;
+  fullgraphs)
+    # Full CUDA graphs for mixed steps (cudagraph_mode="FULL", M5 on): GPU tests (graph tokens == eager tokens
+    # for decode and mixed steps; the kernel's binary-search grid), then M6's TTFT hit vs miss and the
+    # six-turn chats with M4, M6 with M4's decode-only graphs, and M6 (qwen3-8b, one process).
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_triton_attention.py 2>&1 | tail -3
+    timeout 300 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6/decode-graphs M6 \
+      --parts ttft chat --out "$OUT/M6-fullgraphs-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
+  m5full)
+    # The mixed workload of stage m5 with the engine's step records: M4, M5 with decode-only graphs, M5
+    # (full graphs), budget 512 and dynamic sizing at 10 / 20 ms, one process (the first row pays the JIT).
+    timeout 420 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
+      --milestone M5/budget=512@12 M4 M5/decode-graphs M5 M5/budget=512 M5/budget=8192/itl=10 \
+      M5/budget=8192/itl=20 --out "$OUT/M5-fullgraphs-$gpu.json" > "$OUT/serve.log" 2>&1; echo "serve: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

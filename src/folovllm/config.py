@@ -22,6 +22,7 @@ BATCHING_MODES = ("sequential", "static", "continuous")
 KV_LAYOUTS = ("none", "contiguous", "paged")
 POLICIES = ("fcfs", "priority")
 QUANTIZATION_METHODS = ("gptq",)
+CUDAGRAPH_MODES = ("FULL_DECODE_ONLY", "FULL")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -64,8 +65,10 @@ class ModelConfig:
     ``model`` is a local HF folder, ``"smollm2-135m"`` (the embedded model) or
     ``"random:<preset>"`` (a real architecture with seeded random weights).
     On a GPU, ``fuse_kernels`` runs the decoder's glue (norms, activation, RoPE) as
-    fused Triton kernels and, unless ``enforce_eager`` (vLLM's name), decode steps
-    replay CUDA graphs (M4 part 2). On CPU both are ignored.
+    fused Triton kernels and, unless ``enforce_eager`` (vLLM's name), steps replay
+    CUDA graphs: decode steps only with ``cudagraph_mode="FULL_DECODE_ONLY"`` (M4),
+    every step of up to ``max_cudagraph_capture_size`` tokens with ``"FULL"`` (M5:
+    prefill chunks and mixed steps too; vLLM's names). On CPU all are ignored.
     ``max_logprobs`` caps ``SamplingParams.logprobs`` (vLLM's default, the
     OpenAI API's limit; -1 = the whole vocabulary).
 
@@ -80,6 +83,8 @@ class ModelConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
     fuse_kernels: bool = True
+    cudagraph_mode: str = "FULL"
+    max_cudagraph_capture_size: int = 2048
     max_logprobs: int = 20
     quantization: str | None = None
 
@@ -89,6 +94,9 @@ class ModelConfig:
         for name in ("enforce_eager", "fuse_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cudagraph_mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
+        _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
@@ -329,10 +337,17 @@ _MILESTONE_PRESETS: dict[str, dict[str, Any]] = {
         "attention_backend": "auto",
         "enforce_eager": False,
         "fuse_kernels": True,
+        "cudagraph_mode": "FULL_DECODE_ONLY",
         "async_scheduling": True,
     },
 }
-_MILESTONE_PRESETS["M5"] = {**_MILESTONE_PRESETS["M4"], "enable_chunked_prefill": True, "max_num_batched_tokens": 2048}
+# M5's steps mix prompt chunks with decodes, so they are captured too (a chunk is at most the budget).
+_MILESTONE_PRESETS["M5"] = {
+    **_MILESTONE_PRESETS["M4"],
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 2048,
+    "cudagraph_mode": "FULL",
+}
 _MILESTONE_PRESETS["M6"] = {**_MILESTONE_PRESETS["M5"], "enable_prefix_caching": True}
 # M7 = M6 + quantized weights, read from the checkpoint (``EngineConfig.includes("M7")``).
 _MILESTONE_PRESETS["M7"] = dict(_MILESTONE_PRESETS["M6"])

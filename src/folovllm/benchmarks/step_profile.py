@@ -169,7 +169,8 @@ def bench_step(
             weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
             floor = {"weight_bytes": weight_bytes, "copy_GBps": measure_copy_bandwidth(dev)}
             floor["weights_floor_ms"] = weight_bytes / (floor["copy_GBps"] * 1e9) * 1e3
-        graphs = engine.model_runner.cuda_graphs
+        runner = engine.model_runner
+        graphs = runner.cuda_graphs
         for bs in batch_sizes:
             row = {
                 "milestone": milestone,
@@ -182,8 +183,8 @@ def bench_step(
             row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
             rows.append(row)
         if graphs is not None:
-            rows[-1]["cuda_graph_capture_s"] = graphs.capture_seconds
-            rows[-1]["cuda_graph_memory_MiB"] = graphs.memory_bytes / 2**20
+            rows[-1]["cuda_graph_capture_s"] = runner.graph_capture_seconds
+            rows[-1]["cuda_graph_memory_MiB"] = runner.graph_memory_bytes / 2**20
         del llm, engine
         gc.collect()
         if torch.cuda.is_available():

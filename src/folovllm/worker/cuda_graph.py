@@ -1,21 +1,23 @@
-"""CUDA graphs for decode steps: the whole model forward replayed with one launch.
+"""CUDA graphs: a whole model forward replayed with one launch.
 
-A decode step of a small model is hundreds of tiny kernels; launched one by one
-from Python, the GPU waits on the host between them. A CUDA graph records the
+A step of a small model is hundreds of tiny kernels; launched one by one from
+Python, the GPU waits on the host between them. A CUDA graph records the
 launches of one forward once and replays them as a unit. What a graph records is
 fixed: kernel arguments, grid sizes and every tensor's address. So:
 
 * inputs live in persistent buffers (``worker/buffers.py``) whose device twins
   the graph reads; a step copies its values in, then replays;
-* one graph per batch size of a ladder (1, 2, 4, 8, 16, ...); a step of 13
-  sequences replays the 16 graph, its 3 padding rows carry slot -1 (nothing
-  stored) and context length 0 (nothing attended);
+* one graph per size of a ladder; a step pads up to the next captured size with
+  rows that store nothing (slot -1) and attend to nothing (context length 0);
 * attention is planned for the size and the longest context the graph will ever
   see (``AttentionBackend.build_for_capture``): lengths are read on the device.
 
-Prefills and mixed steps have ragged shapes with too many variants to capture
-and are compute-bound anyway, so they stay eager (vLLM's "piecewise" graphs are
-the refinement). Graphs share one memory pool and are captured largest first.
+Two ladders (vLLM's ``cudagraph_mode``): decode steps by batch size (1, 2, 4,
+8, ... sequences of one token, M4), and with ``"FULL"`` any step by its token
+count (M5: prompt chunks and mixed steps), attention planned for as many
+sequences as the step could hold. Steps past the largest size run eagerly; they
+are big enough to keep the GPU busy without help. All graphs share one memory
+pool and are captured largest first.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def capture_sizes(max_num_seqs: int, sizes: list[int] | None = None) -> list[int
     return sorted({min(s, max_num_seqs) for s in sizes})
 
 
+def mixed_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts to capture for mixed steps: 16, 32, 64, then every 64 to 512, every 256 after, up to
+    ``max_tokens``: padding wastes at most an eighth of a step past 512 tokens."""
+    sizes = [16, 32, *range(64, 512, 64), *range(512, max_tokens + 256, 256)]
+    return sorted({min(s, max_tokens) for s in sizes})
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -46,49 +55,54 @@ class _Graph:
 
 
 class CUDAGraphRunner:
-    """Captures ``forward(num_seqs, metadata)`` at each size and replays the smallest one that fits."""
+    """Captures ``forward(size, metadata)`` at each size and replays the smallest one that fits.
+
+    ``pad_inputs(size, num_seqs, num_tokens)`` turns everything in the buffers past
+    a step's real sequences and tokens into padding, up to ``size``.
+    """
 
     def __init__(
         self,
         sizes: list[int],
         forward: Callable[[int, Any], torch.Tensor],
         capture_metadata: Callable[[int], AttentionMetadata],
-        reset_inputs: Callable[[int], None],
+        pad_inputs: Callable[..., None],
         device: torch.device,
     ) -> None:
         self.sizes = sizes
         self._forward = forward
         self._capture_metadata = capture_metadata
-        self._reset_inputs = reset_inputs
+        self.pad_inputs = pad_inputs
         self.device = device
         self.graphs: dict[int, _Graph] = {}
+        self.pool: Any = None
         self.capture_seconds = 0.0
         self.memory_bytes = 0
 
-    def padded_size(self, num_seqs: int) -> int | None:
-        """The captured size a decode step of ``num_seqs`` sequences replays (None: run it eagerly)."""
+    def padded_size(self, n: int) -> int | None:
+        """The captured size a step of ``n`` (sequences or tokens) replays (None: run it eagerly)."""
         for size in self.sizes:
-            if size >= num_seqs:
+            if size >= n:
                 return size
         return None
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int] | None = None) -> None:
-        """Capture every size (largest first, one shared pool); records time and device memory taken."""
+    def capture(self, sizes: list[int] | None = None, pool: Any = None) -> None:
+        """Capture every size (largest first, into ``pool`` or a new one shared by all of them);
+        records time and device memory taken."""
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0]
         reserved_before = torch.cuda.memory_reserved(self.device)
-        pool = None
         for size in sorted(sizes or self.sizes, reverse=True):
-            self._reset_inputs(size)
+            self.pad_inputs(size)
             metadata = self._capture_metadata(size)
             self._forward(size, metadata)  # warm-up: Triton compiles, allocator settles, outside the graph
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 output = self._forward(size, metadata)
-            pool = graph.pool()
+            pool = self.pool = graph.pool()
             self.graphs[size] = _Graph(graph, output, metadata)
         torch.cuda.synchronize(self.device)
         # The driver's view misses memory the allocator had cached; its own view misses cuBLAS workspaces.

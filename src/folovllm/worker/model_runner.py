@@ -7,7 +7,9 @@ every request that finished its known tokens. It makes no policy decisions.
 
 The host side is kept lean (M4 part 2): inputs are written into persistent
 buffers and sent with one copy each; block tables are updated from the
-scheduler's changes; decode steps replay a CUDA graph when one is captured;
+scheduler's changes; steps replay a CUDA graph when one is captured (decode
+steps by batch size; with ``cudagraph_mode="FULL"`` prefill chunks and mixed
+steps by token count too);
 the sampled ids come back with the step's only device-to-host copy.
 """
 
@@ -33,7 +35,7 @@ from folovllm.sample.sampler import Sampler, SamplerOutput
 from folovllm.utils import cdiv
 from folovllm.worker.block_table import BlockTable
 from folovllm.worker.buffers import CpuGpuBuffer
-from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes
+from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes, mixed_capture_sizes
 
 
 @dataclass
@@ -74,7 +76,8 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self._allocate_buffers(config)
-        self.cuda_graphs: CUDAGraphRunner | None = None
+        self.cuda_graphs: CUDAGraphRunner | None = None  # decode steps, by batch size
+        self.mixed_graphs: CUDAGraphRunner | None = None  # any step, by token count ("FULL")
         self.graph_memory_estimate = 0
         # Host buffers are pinned and copied without blocking: the next step may only overwrite them
         # once the copies that read them ran (a step that samples syncs anyway; one that does not waits here).
@@ -123,6 +126,22 @@ class ModelRunner:
             and self.backend.supports_cuda_graphs
         )
 
+    @property
+    def uses_mixed_cuda_graphs(self) -> bool:
+        return (
+            self.uses_cuda_graphs
+            and self.config.model_config.cudagraph_mode == "FULL"
+            and self.backend.supports_mixed_cuda_graphs
+        )
+
+    @property
+    def graph_capture_seconds(self) -> float:
+        return sum(g.capture_seconds for g in (self.cuda_graphs, self.mixed_graphs) if g is not None)
+
+    @property
+    def graph_memory_bytes(self) -> int:
+        return sum(g.memory_bytes for g in (self.cuda_graphs, self.mixed_graphs) if g is not None)
+
     def kv_cache_budget_bytes(self) -> int:
         """Bytes for KV blocks: fixed by ``kv_cache_memory``, a CPU default, or GPU profiling."""
         cache: CacheConfig = self.config.cache_config
@@ -155,19 +174,22 @@ class ModelRunner:
         return free
 
     def _estimate_graph_memory(self) -> int:
-        """Capture the largest decode graph once over a one-block stand-in cache, measure, throw it away."""
+        """Capture the largest graph of each kind once over a one-block stand-in cache, measure, throw them away."""
         num_layers, num_kv_heads, head_dim = self.kv_shape
         stand_in = [
             torch.zeros(2, 1, self.block_size, num_kv_heads, head_dim, dtype=self.dtype, device=self.device)
             for _ in range(num_layers)
         ]
         bind_attention(self.model.attention_layers(), self.backend, stand_in)
-        probe = self._make_graph_runner()
-        probe.capture([probe.sizes[-1]])
-        probe.release()
+        probes, pool = self._make_graph_runners(), None
+        for probe in probes:
+            probe.capture([probe.sizes[-1]], pool)
+            pool = probe.pool
+        for probe in probes:
+            probe.release()
         del stand_in
         torch.cuda.empty_cache()
-        return probe.memory_bytes
+        return sum(probe.memory_bytes for probe in probes)
 
     def _dummy_forward(self, seq_lens: list[int]) -> None:
         total = sum(seq_lens)
@@ -186,8 +208,12 @@ class ModelRunner:
         ]
         bind_attention(self.model.attention_layers(), self.backend, self.kv_caches)
         if self.uses_cuda_graphs:
-            self.cuda_graphs = self._make_graph_runner()
-            self.cuda_graphs.capture()
+            runners, pool = self._make_graph_runners(), None
+            for runner in runners:  # the largest graphs first, all in one pool
+                runner.capture(pool=pool)
+                pool = runner.pool
+            self.cuda_graphs = runners[-1]
+            self.mixed_graphs = runners[0] if len(runners) > 1 else None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, K and V) before they are written."""
@@ -197,10 +223,19 @@ class ModelRunner:
             cache[:, dst] = cache[:, src]
 
     # ---- CUDA graphs -------------------------------------------------------------
-    def _make_graph_runner(self) -> CUDAGraphRunner:
+    def _make_graph_runners(self) -> list[CUDAGraphRunner]:
+        """[mixed steps by token count (with "FULL"),] decode steps by batch size."""
         sched = self.config.scheduler_config  # a decode step has at most one token per request, budget included
         sizes = capture_sizes(min(sched.max_num_seqs, sched.max_num_batched_tokens), sched.cuda_graph_sizes)
-        return CUDAGraphRunner(sizes, self._graph_forward, self._graph_metadata, self._pad_decode_inputs, self.device)
+        decode = CUDAGraphRunner(sizes, self._graph_forward, self._graph_metadata, self._pad_decode_inputs, self.device)
+        if not self.uses_mixed_cuda_graphs:
+            return [decode]
+        max_tokens = min(sched.max_num_batched_tokens, self.config.model_config.max_cudagraph_capture_size)
+        mixed = CUDAGraphRunner(
+            mixed_capture_sizes(max_tokens), self._graph_forward, self._mixed_graph_metadata, self._pad_mixed_inputs,
+            self.device,
+        )  # fmt: skip
+        return [mixed, decode]
 
     def _graph_metadata(self, size: int):
         """Attention metadata over the persistent buffers' first ``size`` rows, planned for any context."""
@@ -215,28 +250,59 @@ class ModelRunner:
         )
         return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
 
+    def _mixed_graph_metadata(self, size: int):
+        """A step of ``size`` tokens in any number of sequences (as many as fit), any lengths."""
+        num_seqs = min(size, self.config.scheduler_config.max_num_seqs)
+        common = AttentionMetadata(
+            query_start_loc=self.query_start_loc.gpu[: num_seqs + 1],
+            seq_lens=self.seq_lens.gpu[:num_seqs],
+            block_table=self.block_table.gpu[:num_seqs],
+            slot_mapping=self.slot_mapping.gpu[:size],
+            query_lens_cpu=[size] + [0] * (num_seqs - 1),  # the plan's bounds: one query may hold every token
+            seq_lens_cpu=[size] + [0] * (num_seqs - 1),
+            block_size=self.block_size,
+        )
+        return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
+
     def _graph_forward(self, size: int, metadata) -> torch.Tensor:
         return self.model(self.input_ids.gpu[:size], self.positions.gpu[:size], metadata)
 
-    def _pad_decode_inputs(self, size: int, num_real: int = 0) -> None:
-        """Rows ``num_real .. size-1`` become padding (slot -1, context 0) and the buffers go to the device."""
-        self.input_ids.np[num_real:size] = 0
-        self.positions.np[num_real:size] = 0
-        self.slot_mapping.np[num_real:size] = -1
-        self.seq_lens.np[num_real:size] = 0
+    def _pad_decode_inputs(self, size: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
+        """Rows ``num_seqs .. size-1`` become padding (slot -1, context 0) and the buffers go to the device."""
+        self.input_ids.np[num_seqs:size] = 0
+        self.positions.np[num_seqs:size] = 0
+        self.slot_mapping.np[num_seqs:size] = -1
+        self.seq_lens.np[num_seqs:size] = 0
         self.query_start_loc.np[: size + 1] = np.arange(size + 1)
         for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
             buf.copy_to_gpu(size)
         self.query_start_loc.copy_to_gpu(size + 1)
 
+    def _pad_mixed_inputs(self, size: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
+        """Tokens past ``num_tokens`` store nothing and belong to no sequence; sequences past
+        ``num_seqs`` have no query and no context. Then the buffers go to the device."""
+        max_seqs = min(size, self.config.scheduler_config.max_num_seqs)
+        self.input_ids.np[num_tokens:size] = 0
+        self.positions.np[num_tokens:size] = 0
+        self.slot_mapping.np[num_tokens:size] = -1
+        self.seq_lens.np[num_seqs:max_seqs] = 0
+        self.query_start_loc.np[num_seqs + 1 : max_seqs + 1] = num_tokens
+        if num_seqs == 0:
+            self.query_start_loc.np[0] = 0
+        for buf in (self.input_ids, self.positions, self.slot_mapping):
+            buf.copy_to_gpu(size)
+        self.seq_lens.copy_to_gpu(max_seqs)
+        self.query_start_loc.copy_to_gpu(max_seqs + 1)
+
     # ---- one step ----------------------------------------------------------------
     def prepare_inputs(
-        self, sched: SchedulerOutput, pad_to: int | None = None
+        self, sched: SchedulerOutput, graph: tuple[CUDAGraphRunner, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step into ``input_ids[T]``, ``positions[T]`` and the step's common attention metadata.
 
         Everything is computed with numpy into the persistent buffers, then copied
-        once. ``pad_to`` (a captured decode size) adds padding rows after the real ones.
+        once. ``graph`` (the captured graph the step replays, and its size) pads the
+        buffers after the real rows.
         """
         reqs = sched.scheduled
         n = len(reqs)
@@ -264,9 +330,9 @@ class ModelRunner:
             block_table, slots = self._block_table_and_slots(sched, positions, query_lens, num_tokens)
             self.slot_mapping.np[:num_tokens] = slots
         size = num_tokens
-        if pad_to is not None:
-            self._pad_decode_inputs(pad_to, n)
-            size = pad_to
+        if graph is not None:
+            runner, size = graph
+            runner.pad_inputs(size, n, num_tokens)
         else:
             for buf in (self.input_ids, self.positions, self.slot_mapping):
                 buf.copy_to_gpu(num_tokens)
@@ -349,22 +415,22 @@ class ModelRunner:
         if sched.block_copies:
             self.copy_blocks(sched.block_copies)
         reqs = sched.scheduled
-        graph_size = self._graph_size(sched)
+        graph = self._graph_for(sched)
         if self._inputs_copied is not None:
             self._inputs_copied.synchronize()
-        input_ids, positions, common = self.prepare_inputs(sched, pad_to=graph_size)
+        input_ids, positions, common = self.prepare_inputs(sched, graph)
         if self._inputs_copied is not None:
             self._inputs_copied.record()
         rows = [b for b, r in enumerate(reqs) if r.sample]
-        if graph_size is None:
+        if graph is None:
             attn_metadata = self.backend.build(common, self.attn_spec)
         t1 = time.perf_counter()
         step = StepInFlight(sched, rows, prepare_time=t1 - t0, launched_at=t1)
         if self.time_steps and self.device.type == "cuda":
             step.started = torch.cuda.Event(enable_timing=True)
             step.started.record()
-        if graph_size is not None:
-            hidden = self.cuda_graphs.replay(graph_size)[: len(reqs)]
+        if graph is not None:
+            hidden = graph[0].replay(graph[1])[: common.num_tokens]
         else:
             hidden = self.model(input_ids, positions, attn_metadata)
         self._last_sampled_row = {}
@@ -413,11 +479,23 @@ class ModelRunner:
             self._collect_logprobs(step.sched, step.rows, sampled, step.sampler_output, logprobs)
         return out
 
-    def _graph_size(self, sched: SchedulerOutput) -> int | None:
-        """The captured size this step replays, or None to run it eagerly (prefills, mixed, too large)."""
-        if self.cuda_graphs is None or sched.num_scheduled_tokens != len(sched.scheduled):
-            return None
-        return self.cuda_graphs.padded_size(len(sched.scheduled))
+    def _graph_for(self, sched: SchedulerOutput) -> tuple[CUDAGraphRunner, int] | None:
+        """The captured graph this step replays and its size, or None to run it eagerly.
+
+        A decode step pads its batch to a decode graph; any other step pads its
+        tokens to a mixed graph ("FULL"), which has room for every sequence the
+        step can hold. Steps larger than every graph (and, in M4, prefills) run eagerly.
+        """
+        num_seqs, num_tokens = len(sched.scheduled), sched.num_scheduled_tokens
+        if self.cuda_graphs is not None and num_tokens == num_seqs:
+            size = self.cuda_graphs.padded_size(num_seqs)
+            if size is not None:
+                return self.cuda_graphs, size
+        if self.mixed_graphs is not None:
+            size = self.mixed_graphs.padded_size(num_tokens)
+            if size is not None:
+                return self.mixed_graphs, size
+        return None
 
     def _rows_to_sample(self, hidden: torch.Tensor, common: AttentionMetadata, rows: list[int]) -> torch.Tensor:
         """The hidden state of each sampled request's last token (all of them in a decode step)."""

@@ -79,15 +79,17 @@ class AttentionBackend(ABC, Generic[M]):
     name: str = "abstract"
     needs_kv_cache: bool = False  # True: cannot run the cacheless prefill of the memory profiling pass
     supports_cuda_graphs: bool = False  # True: build_for_capture gives a replayable decode launch
+    supports_mixed_cuda_graphs: bool = False  # True: ... and a replayable launch for any ragged batch
 
     @abstractmethod
     def build(self, common: AttentionMetadata, spec: AttentionSpec) -> M:
         """This backend's metadata for one step, built once and shared by every layer."""
 
     def build_for_capture(self, common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int) -> M:
-        """Metadata for a decode step captured in a CUDA graph: the launch may depend on
-        ``common``'s batch size and on ``max_seq_len`` (the longest context it will ever
-        replay with), never on the lengths it holds at capture time."""
+        """Metadata for a step captured in a CUDA graph: the launch may depend on
+        ``common``'s number of sequences and tokens, its longest query (the bound
+        the graph is planned for) and ``max_seq_len`` (the longest context it will
+        ever replay with), never on the lengths it holds at capture time."""
         raise ValueError(f"the {self.name} backend cannot be captured in a CUDA graph")
 
     def forward(

@@ -38,8 +38,9 @@ def build_paged_metadata(
     device = common.seq_lens.device
     check_paged_metadata(common, device, common.block_size)
     plan = plan_paged_attention(
-        spec, common.block_size, device, common.num_seqs, common.max_query_len, max_seq_len or common.max_seq_len, num_splits
-    )
+        spec, common.block_size, device, common.num_seqs, common.max_query_len,
+        max_seq_len or common.max_seq_len, num_splits, common.num_tokens,
+    )  # fmt: skip
     return TritonAttentionMetadata(common, plan, SplitScratch.allocate(plan, common.num_tokens, spec.num_heads, device))
 
 
@@ -52,6 +53,7 @@ class TritonPagedAttentionBackend(AttentionBackend[TritonAttentionMetadata]):
     name = "triton"
     needs_kv_cache = True
     supports_cuda_graphs = True
+    supports_mixed_cuda_graphs = True  # the grid is fixed by the token and sequence counts alone
 
     def build(self, common: AttentionMetadata, spec: AttentionSpec) -> TritonAttentionMetadata:
         if common.block_table is None or common.slot_mapping is None:

@@ -111,7 +111,7 @@ class PagedAttentionPlan:
     group: int
     group_pad: int
     q_tile: int
-    num_q_tiles: int
+    search: bool  # queries longer than one tile: programs find their sequence by binary search
     block_m: int
     block_n: int
     block_d: int
@@ -123,13 +123,15 @@ class PagedAttentionPlan:
 
 def plan_paged_attention(
     spec: AttentionSpec, block_size: int, device: torch.device, num_seqs: int, max_query_len: int,
-    max_seq_len: int, num_splits: int | None = None,
+    max_seq_len: int, num_splits: int | None = None, num_tokens: int | None = None,
 ) -> PagedAttentionPlan:  # fmt: skip
-    """The launch for ``num_seqs`` rows whose longest query and context are the given lengths.
+    """The launch for ``num_seqs`` rows of ``num_tokens`` queries in all (default: every row at
+    ``max_query_len``) whose longest query and context are the given lengths.
 
     ``num_splits`` None picks split-K by occupancy; an int forces it. The kernel
-    slices each context by its own length, so the plan stays valid for any
-    lengths up to those given (what a captured CUDA graph needs).
+    reads every length on the device and slices each context by its own length,
+    so the plan stays valid for any batch within these bounds (what a captured
+    CUDA graph needs).
     """
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -140,13 +142,16 @@ def plan_paged_attention(
     block_d = max(16, triton.next_power_of_2(spec.head_dim))
     block_m, block_n, num_warps, num_stages = _tile_config(group_pad, block_d, max_query_len)
     q_tile = block_m // group_pad
-    num_q_tiles = cdiv(max_query_len, q_tile)
+    search = max_query_len > q_tile
+    if num_tokens is None:
+        num_tokens = num_seqs * max_query_len
+    num_programs = num_tokens // q_tile + num_seqs if search else num_seqs
     if num_splits is None:
         num_splits = choose_num_splits(device, num_seqs, spec.num_kv_heads, max_query_len, max_seq_len)
     return PagedAttentionPlan(
-        grid=(num_seqs * num_q_tiles, spec.num_kv_heads, num_splits), num_kv_heads=spec.num_kv_heads,
+        grid=(num_programs, spec.num_kv_heads, num_splits), num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, block_size=block_size, group=group, group_pad=group_pad, q_tile=q_tile,
-        num_q_tiles=num_q_tiles, block_m=block_m, block_n=block_n, block_d=block_d, num_splits=num_splits,
+        search=search, block_m=block_m, block_n=block_n, block_d=block_d, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages, dot_precision="ieee" if spec.dtype == torch.float32 else "tf32",
     )  # fmt: skip
 
@@ -184,12 +189,12 @@ def launch_paged_attention(
     parts = (scratch.acc, scratch.m, scratch.l) if scratch is not None else (out, out, out)  # unused when 1 split
     for_device(_paged_attention_kernel, q.device)[plan.grid](
         q, kv_cache, out, *parts, block_table, seq_lens, query_start_loc,
-        scale * _LOG2E, plan.num_q_tiles, kv_cache.stride(0),
+        scale * _LOG2E, len(seq_lens), kv_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, NUM_SPLITS=plan.num_splits, DOT_PRECISION=plan.dot_precision,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        SEARCH=plan.search, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     if plan.num_splits > 1:
         for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
@@ -218,12 +223,15 @@ def paged_attention(
     """Causal attention of ``q [T, Hq, D]`` over the paged cache -> ``[T, Hq, D]`` in q's dtype.
 
     Expects this step's K/V already stored. One launch serves the whole ragged
-    batch. Grid ``(num_seqs * num_q_tiles, num_kv_heads, num_splits)``:
+    batch. Grid ``(num_q_programs, num_kv_heads, num_splits)``:
 
     * a program owns one KV head, so its K/V tiles are read from memory once
       for all ``Hq / Hkv`` query heads of that head (GQA costs no extra traffic);
-    * ``num_q_tiles`` covers the longest query in the batch; shorter sequences
-      exit at once from their surplus tiles (decode batches have exactly one);
+    * a program owns one tile of one sequence's queries: one program per
+      sequence in a decode batch, ``T // Q_TILE + num_seqs`` in a ragged batch
+      of ``T`` tokens (each sequence's tiles start at its own offset; the few
+      spare programs exit at once), so a long chunk among short rows costs no
+      empty programs for the short ones;
     * ``num_splits`` cuts each context into slices merged by a second kernel,
       so a handful of long sequences still occupies every SM. ``None`` picks
       it (>1 only for decode batches too small to fill the GPU); an int forces it.
@@ -240,7 +248,7 @@ def paged_attention(
     check_paged_metadata(metadata, q.device, block_size)
     plan = plan_paged_attention(
         AttentionSpec(num_heads, num_kv_heads, head_dim, kv_cache.dtype), block_size, q.device,
-        metadata.num_seqs, metadata.max_query_len, metadata.max_seq_len, num_splits,
+        metadata.num_seqs, metadata.max_query_len, metadata.max_seq_len, num_splits, metadata.num_tokens,
     )  # fmt: skip
     scratch = SplitScratch.allocate(plan, num_tokens, num_heads, q.device)
     return launch_paged_attention(

@@ -66,7 +66,7 @@ def _paged_attention_kernel(
     seq_lens,
     query_start_loc,
     scale_log2,
-    num_q_tiles,
+    num_seqs,
     kv_stride,
     stride_qt,
     stride_qh,
@@ -84,10 +84,15 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     """Attention of ``Q_TILE`` query tokens x the ``GROUP`` query heads of one KV head.
 
-    Grid ``(num_seqs * num_q_tiles, num_kv_heads, NUM_SPLITS)``. Row ``r`` of the
+    Grid ``(num_q_programs, num_kv_heads, NUM_SPLITS)``. Without ``SEARCH`` every
+    query fits one tile and program ``i`` is sequence ``i`` (decode). With it, the
+    tiles of sequence ``s`` are programs ``query_start_loc[s] // Q_TILE + s`` on,
+    so ``T // Q_TILE + num_seqs`` programs cover any ragged batch of ``T`` tokens
+    whatever its lengths, and a program finds its sequence by binary search. Row ``r`` of the
     ``[BLOCK_M, D]`` query tile is token ``r // GROUP_PAD``, head ``r % GROUP_PAD``
     of the group, so each K/V tile is loaded once and shared by all query heads
     of its KV head (GQA) through ``tl.dot``. A KV tile covers ``BLOCK_N`` context
@@ -98,9 +103,23 @@ def _paged_attention_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = pid // num_q_tiles
-    tile = pid % num_q_tiles
-    q_start = tl.load(query_start_loc + seq)
+    if SEARCH:
+        # the last sequence whose first tile is at or before pid
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(query_start_loc + mid) // Q_TILE + mid <= pid:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_start = tl.load(query_start_loc + seq)
+        tile = pid - (q_start // Q_TILE + seq)
+    else:
+        seq = pid
+        tile = 0
+        q_start = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_start
     if tile * Q_TILE >= q_len:  # this sequence has fewer query tiles than the longest one
         return
