@@ -122,7 +122,7 @@ else:
     # Full CUDA graphs for mixed steps (cudagraph_mode="FULL", M5 on): GPU tests (graph tokens == eager tokens
     # for decode and mixed steps; the kernel's binary-search grid), then M6's TTFT hit vs miss and the
     # six-turn chats with M4, M6 with M4's decode-only graphs, and M6 (qwen3-8b, one process).
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_triton_attention.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_triton_attention.py 2>&1 | tail -25
     timeout 300 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6/decode-graphs M6 \
       --parts ttft chat --out "$OUT/M6-fullgraphs-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
   m5full)

@@ -10,7 +10,9 @@ A fresh prefill (no cached context) attends only over the K/V it has just
 computed, so FA2 reads them straight from the step's ``k, v``. Rows with a
 cached context (decode rows; chunked and prefix-cached prefills later) go to
 the M3 Triton kernel, which reads K/V through the block table. A step holding
-both kinds splits its rows between the two kernels. Newer PyTorch (2.13) and
+both kinds splits its rows between the two kernels. A step replayed from a
+CUDA graph runs on the paged kernel alone: its launch is fixed by token and
+sequence counts, while FA2's needs this step's longest prompt on the host. Newer PyTorch (2.13) and
 the official package can also read a paged cache inside FA2, but the PyTorch
 2.11 of the GPU machines this book measures on cannot, so there is one path.
 
@@ -99,7 +101,8 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
     """
 
     name = "flash_attn"
-    supports_cuda_graphs = True  # a captured step is all decode: the paged kernel alone
+    supports_cuda_graphs = True  # a captured step (decode or mixed) runs on the paged kernel alone
+    supports_mixed_cuda_graphs = True
 
     def __init__(self, kernel: FlashVarlenFn | None = None) -> None:
         if kernel is None:
