@@ -132,6 +132,14 @@ else:
       --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
       --milestone M5/budget=512@12 M4 M5/decode-graphs M5 M5/budget=512 M5/budget=8192/itl=10 \
       M5/budget=8192/itl=20 --out "$OUT/M5-fullgraphs-$gpu.json" > "$OUT/serve.log" 2>&1; echo "serve: exit $?" ;;
+  m5fair)
+    # M5 vs M4 with each warmed up on its own shapes first (M4's eager FA2 prefills compile their kernels in the
+    # warm-up row, not in the measured one): budgets 2048 (the preset), 512, 256, dynamic 10 / 20 ms; step records.
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -k mixed 2>&1 | tail -3
+    timeout 400 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
+      --milestone M5/budget=512@12 M4@12 M4 M5 M5/budget=512 M5/budget=256 M5/budget=8192/itl=10 \
+      M5/budget=8192/itl=20 --out "$OUT/M5-fair-$gpu.json" > "$OUT/serve.log" 2>&1; echo "serve: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
