@@ -140,6 +140,17 @@ else:
       --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
       --milestone M5/budget=512@12 M4@12 M4 M5 M5/budget=512 M5/budget=256 M5/budget=8192/itl=10 \
       M5/budget=8192/itl=20 --out "$OUT/M5-fair-$gpu.json" > "$OUT/serve.log" 2>&1; echo "serve: exit $?" ;;
+  fullgraphs2)
+    # #13 on random:qwen3-8b (the mixed workload at 8 req/s, warmed rows first), then W on qwen3-0.6b with
+    # M4, M5 and M6 (full graphs must not cost W), then M6's shared 2k system prompt with M4 vs M6 on qwen3-8b.
+    timeout 300 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 8 --seed 0 --collect-step-stats \
+      --milestone M5/budget=512@12 M4@12 M4 M5 M5/budget=512 --out "$OUT/M5-serve-mixed-qwen3-8b-$gpu.json" \
+      > "$OUT/serve.log" 2>&1; echo "serve: exit $?"
+    timeout 120 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M4 M4 M5 M6 --out "$OUT/M5-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    timeout 150 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --parts throughput \
+      --num-prompts 128 --out "$OUT/M6-shared-fullgraphs-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
