@@ -151,6 +151,16 @@ else:
       --milestone M4 M4 M5 M6 --out "$OUT/M5-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     timeout 150 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --parts throughput \
       --num-prompts 128 --out "$OUT/M6-shared-fullgraphs-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
+  m5preset)
+    # The M5 preset's budget is 512 (from stages m5fair and fullgraphs2): M4 vs M5 on the mixed workload (warmed
+    # rows first), W with M4, M5 and M6, and every part of M6's prefix benchmark with M4 vs M6 (qwen3-8b).
+    timeout 200 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
+      --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-preset-$gpu.json" > "$OUT/serve.log" 2>&1; echo "serve: exit $?"
+    timeout 120 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M4 M4 M5 M6 --out "$OUT/M5-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    timeout 240 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --num-prompts 128 \
+      --out "$OUT/M6-prefix-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
