@@ -42,7 +42,8 @@ def capture_sizes(max_num_seqs: int, sizes: list[int] | None = None) -> list[int
 
 def mixed_capture_sizes(max_tokens: int) -> list[int]:
     """Token counts to capture for mixed steps: 16, 32, 64, then every 64 to 512, every 256 after, up to
-    ``max_tokens``: padding wastes at most an eighth of a step past 512 tokens."""
+    ``max_tokens``. A step pads at most 63 rows up to 512 tokens and 255 past them, where a row's
+    share of the step's cost is small."""
     sizes = [16, 32, *range(64, 512, 64), *range(512, max_tokens + 256, 256)]
     return sorted({min(s, max_tokens) for s in sizes})
 
