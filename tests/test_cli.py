@@ -195,6 +195,25 @@ def test_bench_attention_json(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_bench_prefill_chunks_json(tmp_path, capsys):
+    """M5's chunk shapes: the paged kernel equals the reference over the cached context plus the chunk, beside
+    decode rows; the grid is the token-count one (FA2 is skipped on CPU, with the reason)."""
+    out = tmp_path / "chunks.json"
+    argv = "bench prefill --device cpu --dtype float32 --prompt-len 40 --context-len 0 24 --num-decodes 0 3"
+    argv += " --num-heads 4 --num-kv-heads 2 --head-dim 16 --block-size 8 --out " + str(out)
+    assert main(argv.split()) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["context_len"], r["num_decodes"]) for r in rows] == [(0, 0), (0, 3), (24, 0), (24, 3)]
+    for r in rows:
+        assert r["triton"]["max_abs_diff"] < 1e-4 and "CUDA" in r["flash_attn"]["skipped"]
+        assert r["flops"] == 4 * 4 * 16 * (40 * r["context_len"] + 40 * 41 // 2)
+    q_tile = 64 // 2  # BLOCK_M rows of a prefill tile over a GQA group of 2
+    assert rows[1]["triton"]["grid"][0] == 43 // q_tile + 4 and rows[1]["triton"]["programs_before_m5"] == 4 * 2
+    with pytest.raises(ValueError, match=r"context_len must be integers >= 0, got \[-1\]"):
+        main("bench prefill --device cpu --prompt-len 8 --context-len -1".split())
+    capsys.readouterr()
+
+
 def test_parser_rejects_unknown_bench():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "nothing"])

@@ -161,6 +161,14 @@ else:
       --milestone M4 M4 M5 M6 --out "$OUT/M5-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     timeout 240 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --num-prompts 128 \
       --out "$OUT/M6-prefix-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
+  chunks)
+    # #13: one layer's attention on chunked-prefill shapes, the paged kernel (beside 0 or 64 decode rows) against
+    # FA2 on the same chunk with its context pre-gathered; qwen3-0.6b's and qwen3-8b's head geometry. Then the
+    # M5 chapter exported as a script (DIR as for stage chapters).
+    g="--prompt-len 256 512 2048 --context-len 0 2048 8192 --num-decodes 0 64"
+    timeout 200 python3 -m folovllm bench prefill $g --out "$OUT/M5-chunk-attention-$gpu.json" > /dev/null
+    timeout 200 python3 -m folovllm bench prefill $g --num-heads 32 --out "$OUT/M5-chunk-attention-qwen3-8b-$gpu.json" \
+      > /dev/null; echo "chunks: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

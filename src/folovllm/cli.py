@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--backend", nargs="+", default=["naive", "triton", "flash_attn"], choices=["naive", "triton", "flash_attn"]
     )
+    pre.add_argument(
+        "--context-len",
+        type=int,
+        nargs="+",
+        default=None,
+        help="chunked prefill (M5): each --prompt-len is a chunk after this many cached tokens; paged kernel vs FA2",
+    )
+    pre.add_argument("--num-decodes", type=int, nargs="+", default=[0], help="with --context-len: decode rows beside")
     pre.add_argument("--out", default=None)
 
     ser = bench.add_parser(
@@ -409,6 +417,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out,
                 bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only, args.sweep),
             )
+        elif args.bench == "prefill" and args.context_len is not None:
+            from folovllm.benchmarks.attention import bench_chunk_attention
+
+            write_results(
+                args.out,
+                bench_chunk_attention(
+                    args.prompt_len, args.context_len, args.num_decodes, args.num_heads, args.num_kv_heads,
+                    args.head_dim, args.block_size, args.dtype, args.device,
+                ),
+            )  # fmt: skip
         elif args.bench == "prefill":
             from folovllm.benchmarks.attention import bench_prefill_attention
 

@@ -18,7 +18,7 @@ from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpe
 from folovllm.attention.backends.naive import attend_padded, gather_paged_kv
 from folovllm.attention.ops.paged_attn import choose_num_splits, paged_attention
 from folovllm.benchmarks.common import provenance
-from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops, median_time_s
+from folovllm.benchmarks.hardware import graph_time_s, measure_copy_bandwidth, measure_matmul_tflops, median_time_s
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.utils import cdiv, prefix_sums
 
@@ -299,5 +299,133 @@ def bench_prefill_attention(
         },
         "matmul_TFLOPs": peak_tflops,
         "backends": list(backends),
+        "results": rows,
+    }
+
+
+def _chunk_batch(
+    chunk_len: int, context_len: int, num_decodes: int, block_size: int, device: torch.device, generator: torch.Generator
+) -> AttentionMetadata:
+    """One prompt chunk of ``chunk_len`` tokens after ``context_len`` cached ones, then ``num_decodes`` decode rows
+    over ``context_len + chunk_len`` tokens each; every sequence's blocks at random places."""
+    q_lens = [chunk_len] + [1] * num_decodes
+    seq_lens = [context_len + chunk_len] * (1 + num_decodes)
+    blocks = cdiv(seq_lens[0], block_size)
+    physical = torch.randperm(blocks * len(q_lens), generator=generator, device=device).to(torch.int32)
+    block_table = physical.view(len(q_lens), blocks)
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(prefix_sums(q_lens), dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_table=block_table,
+        slot_mapping=None,
+        query_lens_cpu=q_lens,
+        seq_lens_cpu=seq_lens,
+        block_size=block_size,
+    )
+
+
+def _gpu_time_s(fn, device: torch.device) -> tuple[float, str]:
+    """GPU time of one call (replayed from a CUDA graph), else CUDA events around an eager call, else wall clock."""
+    if device.type == "cuda":
+        try:
+            return graph_time_s([fn], device), "cuda graph"
+        except RuntimeError:  # not capturable: time it eagerly (includes the launch)
+            torch.cuda.synchronize(device)
+            return median_time_s(fn, device), "events"
+    return median_time_s(fn, device, warmup=0, iters=1), "wall clock (interpreter)"
+
+
+def bench_chunk_attention(
+    chunk_lens: list[int],
+    context_lens: list[int],
+    num_decodes: list[int] | None = None,
+    num_heads: int = 16,
+    num_kv_heads: int = 8,
+    head_dim: int = 128,
+    block_size: int = 16,
+    dtype: str | torch.dtype | None = "bfloat16",
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Attention of a chunked-prefill step (M5): the paged kernel against FA2 on the same chunk.
+
+    A chunk of ``chunk_len`` queries attends over ``context_len`` cached tokens plus itself. The paged
+    kernel reads that context through the block table, beside ``num_decodes`` decode rows in the same
+    launch (a mixed step). FA2 (PyTorch's varlen kernel, bottom-right causal) gets the chunk alone with
+    its context already gathered into contiguous K/V, which the engine would have to copy first (not
+    timed): the comparison favours FA2. FLOPs count the visible (query, key) pairs of the chunk, QK^T
+    and PV: ``4 * Hq * D * (chunk * context + chunk * (chunk + 1) / 2)``; decode rows are not counted.
+    ``max_abs_diff`` compares the chunk's rows of both with the naive reference (fp32).
+    """
+    from folovllm.attention.backends.triton_paged import build_paged_metadata, paged_attend
+    from folovllm.attention.selector import flash_attention_unavailable
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    num_decodes = num_decodes or [0]
+    _check_shape(
+        [("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("block_size", block_size),
+         *(("chunk_len", n) for n in chunk_lens)]
+    )  # fmt: skip
+    for name, values in (("context_len", context_lens), ("num_decodes", num_decodes)):
+        if any(not isinstance(v, int) or v < 0 for v in values):
+            raise ValueError(f"{name} must be integers >= 0, got {values!r}")
+    fa2_missing = flash_attention_unavailable(dev, dt)
+    peak_tflops = measure_matmul_tflops(dev, dt)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    scale = head_dim**-0.5
+    rows = []
+    for chunk, ctx, decodes in itertools.product(chunk_lens, context_lens, num_decodes):
+        md = _chunk_batch(chunk, ctx, decodes, block_size, dev, gen)
+        q = torch.randn(md.num_tokens, num_heads, head_dim, generator=gen, device=dev).to(dt)
+        cache = torch.randn(2, md.block_table.numel(), block_size, num_kv_heads, head_dim, generator=gen, device=dev)
+        cache = cache.to(dt)
+        paged = build_paged_metadata(md, AttentionSpec(num_heads, num_kv_heads, head_dim, dt))  # once per step
+        out = paged_attend(q, cache, paged, scale)
+        k_all, v_all = gather_paged_kv(cache, md.block_table[:1], ctx + chunk)
+        lens = md.seq_lens[:1], md.query_start_loc[1:2]
+        reference = attend_padded(q[None, :chunk], k_all, v_all, lens[1], lens[0], scale)[0]
+        flops = 4 * num_heads * head_dim * (chunk * ctx + chunk * (chunk + 1) // 2)
+        seconds, timing = _gpu_time_s(lambda: paged_attend(q, cache, paged, scale), dev)
+        row: dict[str, Any] = {
+            "chunk_len": chunk, "context_len": ctx, "num_decodes": decodes, "flops": flops, "timing": timing,
+            "triton": {"time_us": seconds * 1e6, "TFLOPs": flops / seconds / 1e12, "grid": list(paged.plan.grid),
+                       "programs_before_m5": md.num_seqs * cdiv(chunk, paged.plan.q_tile),  # seqs x longest-query tiles
+                       "max_abs_diff": (out[:chunk].float() - reference.float()).abs().max().item()},
+        }  # fmt: skip
+        if fa2_missing:
+            row["flash_attn"] = {"skipped": fa2_missing}
+        else:
+            k, v = k_all[0].contiguous(), v_all[0].contiguous()
+            cu_q = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
+            cu_k = torch.tensor([0, ctx + chunk], dtype=torch.int32, device=dev)
+
+            def fa2() -> torch.Tensor:
+                from torch.nn.attention.varlen import varlen_attn
+
+                return varlen_attn(q[:chunk], k, v, cu_q, cu_k, chunk, ctx + chunk, scale=scale, window_size=(-1, 0))
+
+            fa_seconds, _ = _gpu_time_s(fa2, dev)
+            row["flash_attn"] = {
+                "time_us": fa_seconds * 1e6,
+                "TFLOPs": flops / fa_seconds / 1e12,
+                "max_abs_diff": (fa2().float() - reference.float()).abs().max().item(),
+            }
+            row["triton_vs_flash_attn"] = fa_seconds / seconds
+        row["triton"]["fraction_of_matmul_peak"] = row["triton"]["TFLOPs"] / peak_tflops
+        rows.append(row)
+    return {
+        "benchmark": "chunk_attention",
+        **provenance(dev, "none (kernel only)", dt),
+        "milestone": "M5",
+        "workload": {
+            "chunk_lens": list(chunk_lens),
+            "context_lens": list(context_lens),
+            "num_decodes": list(num_decodes),
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "block_size": block_size,
+        },
+        "matmul_TFLOPs": peak_tflops,
         "results": rows,
     }
