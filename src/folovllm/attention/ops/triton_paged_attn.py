@@ -121,7 +121,7 @@ def _paged_attention_kernel(
         tile = 0
         q_start = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_start
-    if tile * Q_TILE >= q_len:  # this sequence has fewer query tiles than the longest one
+    if tile * Q_TILE >= q_len:  # a spare program: its sequence has no tile here
         return
     seq_len = tl.load(seq_lens + seq)
     first_pos = seq_len - q_len  # context position of the sequence's first query
