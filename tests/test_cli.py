@@ -334,3 +334,26 @@ def test_bench_latency_times_a_full_prefill_with_prefix_caching():
 
     data = bench_latency("random:tiny-llama", [40], 4, device="cpu", milestone="M6", with_hf=False, block_size=4)
     assert data["results"][0]["folovllm"]["num_cached_tokens"] == 0
+
+
+def test_hf_continuous_batching_baseline_runs_our_workload():
+    """The HF row of bench throughput: HF's own continuous batching on our weights gives our greedy tokens
+    (fp32, CPU) for every request, each with its own output length, and counts the workload's tokens."""
+    from folovllm import LLM, SamplingParams
+    from folovllm.benchmarks.common import random_workload
+    from folovllm.benchmarks.latency import _hf_model
+    from folovllm.benchmarks.throughput import bench_throughput, hf_continuous_batching
+
+    llm = LLM("random:tiny-qwen3", milestone="M1", device="cpu", dtype="float32", max_model_len=128)
+    prompts = [[(7 * i + 3 * j) % 400 + 3 for j in range(5 + 3 * i)] for i in range(3)]
+    outputs = [6, 3, 9]
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outputs]
+    ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    _, theirs = hf_continuous_batching(_hf_model(llm), prompts, outputs, llm.llm_engine.vocab_size)
+    assert theirs == ours and [len(t) for t in theirs] == outputs
+    run = bench_throughput("random:tiny-qwen3", ["M2", "HF@2"], num_prompts=3, input_len=(5, 9), output_len=(3, 5),
+                           device="cpu", dtype="float32", max_model_len=64)  # fmt: skip
+    m2, hf = run["results"]
+    assert hf["milestone"] == "HF" and hf["num_prompts"] == 2 and m2["num_prompts"] == 3
+    _, wanted = random_workload(3, (5, 9), (3, 5), 0)
+    assert hf["output_tokens"] == sum(wanted[:2]) and m2["output_tokens"] == sum(wanted) == run["workload"]["output_tokens"]

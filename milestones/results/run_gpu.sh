@@ -169,6 +169,13 @@ else:
     timeout 200 python3 -m folovllm bench prefill $g --out "$OUT/M5-chunk-attention-$gpu.json" > /dev/null
     timeout 200 python3 -m folovllm bench prefill $g --num-heads 32 --out "$OUT/M5-chunk-attention-qwen3-8b-$gpu.json" \
       > /dev/null; echo "chunks: exit $?" ;;
+  hfcb)
+    # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
+    # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);
+    # M4 runs twice (the first pays the JIT), M3 for scale.
+    timeout 400 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --subset 64 \
+      --milestone M4 M4 M3 HF --out "$OUT/M4-hf-cb-$gpu.json" > "$OUT/hfcb.log" 2>&1; echo "hfcb: exit $?"
+    python3 -c "import transformers; print('transformers', transformers.__version__)" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

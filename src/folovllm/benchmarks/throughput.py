@@ -2,7 +2,9 @@
 
 Each configuration is a milestone, optionally with variants: another batching
 mode (``M2/sequential``, ``M2/static``), attention backend (``M3/naive``) or a
-fast-path piece switched off (``M4/sync``). Besides
+fast-path piece switched off (``M4/sync``); ``HF`` (or ``HF@N``) is HF
+transformers' own continuous batching (``ContinuousBatchingManager``) on the
+same weights and requests, the baseline the field compares with. Besides
 tokens/s it reports how close the run came to the workload's hardware floor
 and how much of each step was host (Python) time.
 """
@@ -126,6 +128,73 @@ def run_config(
     }
 
 
+def run_hf_config(
+    model: str, spec: str, prompts: list[list[int]], outputs: list[int], device: str | None, dtype: str | None,
+    overrides: dict[str, Any],
+) -> tuple[LLM, dict[str, Any]]:  # fmt: skip
+    """HF transformers' continuous batching on our weights: every request with its own output length, EOS off.
+
+    The weights come from an M0 engine (no KV cache, so HF's manager sizes its own cache from free
+    memory). The manager starts (and on a GPU captures its CUDA graphs) before the clock starts;
+    the time runs from the first request added to the last one finished.
+    """
+    from folovllm.benchmarks.latency import _hf_model
+
+    _, _, limit = parse_config(spec.replace("HF", "M0", 1))
+    prompts, outputs = prompts[:limit], outputs[:limit]
+    keep = {k: v for k, v in overrides.items() if k in ("max_model_len", "seed")}
+    llm = LLM(model, milestone="M0", device=device, dtype=dtype, **keep)
+    hf = _hf_model(llm)
+    vocab = llm.llm_engine.vocab_size
+    prompts = [[t % vocab for t in p] for p in prompts]
+    elapsed, generated = hf_continuous_batching(hf, prompts, outputs, vocab)
+    out_tokens = sum(map(len, generated))
+    del hf
+    return llm, {
+        "config": spec,
+        "milestone": "HF",
+        "engine": "transformers ContinuousBatchingManager",
+        "num_prompts": len(prompts),
+        "repeats": 1,
+        "elapsed_s": elapsed,
+        "requests_per_s": len(prompts) / elapsed,
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (out_tokens + sum(map(len, prompts))) / elapsed,
+    }
+
+
+def hf_continuous_batching(hf, prompts: list[list[int]], outputs: list[int], vocab: int) -> tuple[float, list[list[int]]]:
+    """Greedy generation of ``outputs[i]`` tokens for each prompt through HF's manager: seconds and tokens.
+
+    EOS is an id the model never samples (``vocab``), so every request runs to its length as ours do.
+    """
+    from transformers import GenerationConfig
+
+    cuda = hf.device.type == "cuda"
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(outputs))
+    with hf.continuous_batching_context_manager(generation_config=config, block=True, timeout=5, warmup=cuda) as manager:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        ids = [
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=o, eos_token_id=vocab)
+            for i, (p, o) in enumerate(zip(prompts, outputs))
+        ]
+        done: dict[str, Any] = {}
+        while len(done) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                done[result.request_id] = result
+            elif result is None and not manager.is_running():
+                raise RuntimeError(f"HF's continuous batching stopped with {len(ids) - len(done)} requests unfinished")
+        elapsed = time.perf_counter() - start
+    failed = [r.error for r in done.values() if r.error is not None]
+    if failed:
+        raise RuntimeError(f"HF's continuous batching failed {len(failed)} requests: {failed[0]}")
+    return elapsed, [list(done[i].generated_tokens) for i in ids]
+
+
 def bench_throughput(
     model: str,
     configs: list[str],
@@ -159,7 +228,10 @@ def bench_throughput(
     hardware = {"copy_GBps": measure_copy_bandwidth(dev), "matmul_TFLOPs": measure_matmul_tflops(dev, dt)}
     results: list[dict[str, Any]] = []
     for spec in configs:
-        llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides, repeat)
+        if spec.partition("@")[0] == "HF":
+            llm, row = run_hf_config(model, spec, prompts, outputs, device, dtype, overrides)
+        else:
+            llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides, repeat)
         n = row["num_prompts"]
         row["floor"] = workload_floor(llm, prompts[:n], outputs[:n], hardware["copy_GBps"], hardware["matmul_TFLOPs"])
         row["fraction_of_floor"] = row["floor"]["floor_s"] / row["elapsed_s"]
