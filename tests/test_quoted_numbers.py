@@ -71,6 +71,8 @@ DERIVED: list[tuple[str, str, str, str, str]] = [
      "results[prompt_len=16384].flash_attn.time_us"),
     ("README.md", "5.3×", "M4-fastpath-W-h200.json", "results[config=M4].output_tokens_per_s",
      "results[config=M3].output_tokens_per_s"),
+    ("README.md", "41×", "M4-hf-cb-h200.json", "results[config=M4].output_tokens_per_s",
+     "results[config=HF].output_tokens_per_s"),
     ("README.md", "4.2×", "M5-preset-h200.json", "results[config=M4].p99_itl_ms", "results[config=M5].p99_itl_ms"),
     ("README.md", "5.4×", "M5-serve-mixed-qwen3-8b-h200.json", "results[config=M4].p99_itl_ms",
      "results[config=M5/budget=512].p99_itl_ms"),
