@@ -6,12 +6,12 @@ A step runs ``T`` new tokens for requests whose contexts end at ``seq_len_i``
     t = c0 + cp * [any q_i > 1] + c1 * T + c2 * sum(seq_len_i) + c3 * sum(q_i * seq_len_i)
 
 ``c0`` is what every step pays (weights read once, launches), ``cp`` what a step
-pays once for carrying any prefill (on a GPU such a step runs the eager forward,
-not a decode step's CUDA graph, and with a small model the host's launches then
-set its pace), ``c1`` the linear layers' work per token, ``c2`` reading a
-request's KV once, ``c3`` attention's work per (query, key) pair. Without ``cp``
-the fit blames the eager forward on whatever grows with prefills (context reads)
-and then allows them almost nothing. The scheduler feeds it every measured step
+pays once for carrying any prefill (with decode-only CUDA graphs such a step runs
+the eager forward, and with a small model the host's launches then set its pace;
+with mixed-step graphs it is small), ``c1`` the linear layers' work per token,
+``c2`` reading a request's KV once, ``c3`` attention's work per (query, key) pair.
+Without ``cp`` an eager forward is blamed on whatever grows with prefills (context
+reads) and prefills are then allowed almost nothing. The scheduler feeds it every measured step
 and asks how many prefill tokens still fit under a target step time.
 Decode-only steps cannot tell ``c2`` from ``c3`` (``q_i = 1``), so the model
 answers only once the steps it saw span every feature (``ready``).
