@@ -176,6 +176,19 @@ else:
     timeout 400 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --subset 64 \
       --milestone M4 M4 M3 HF --out "$OUT/M4-hf-cb-$gpu.json" > "$OUT/hfcb.log" 2>&1; echo "hfcb: exit $?"
     python3 -c "import transformers; print('transformers', transformers.__version__)" ;;
+  m5sweep)
+    # Not yet run. #13's sweep with full graphs, all budgets 256..8192 beside M4 and dynamic 10/20 ms, in one process
+    # per model (qwen3-0.6b at 16 req/s, qwen3-8b at 8 req/s), warm-up rows first; ~4 + ~5 min.
+    s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
+    b="M4 M5/budget=256 M5 M5/budget=1024 M5/budget=2048 M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20"
+    timeout 290 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate 16 \
+      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1; echo "0.6b: exit $?"
+    timeout 300 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 $s --request-rate 8 \
+      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-qwen3-8b-$gpu.json" >> "$OUT/sweep.log" 2>&1; echo "8b: exit $?" ;;
+  m6spec)
+    # Not yet run. #14 as specified: 256 requests sharing a 2k-token system prompt, M5 vs M6 (prefix caching alone).
+    timeout 200 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M5 M6 --parts throughput \
+      --num-prompts 256 --out "$OUT/M6-shared-256-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
