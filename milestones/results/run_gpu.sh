@@ -189,6 +189,17 @@ else:
     # Not yet run. #14 as specified: 256 requests sharing a 2k-token system prompt, M5 vs M6 (prefix caching alone).
     timeout 200 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M5 M6 --parts throughput \
       --num-prompts 256 --out "$OUT/M6-shared-256-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
+  compile)
+    # Not yet run. #11: torch.compile (Inductor, split at attention; M4/compile) against M4's hand-fused Triton kernels,
+    # both under CUDA graphs: GPU tests, one step kernel by kernel at batch 1/64/256, batch-1 TPOT, W with 3 repeats.
+    python3 -m pytest -q -p no:cacheprovider tests/test_compile.py 2>&1 | tail -2
+    m="--model random:qwen3-0.6b"
+    timeout 200 python3 -m folovllm bench step $m --milestone M4 M4/compile --batch-size 1 64 256 \
+      --out "$OUT/M4-compile-step-$gpu.json" > /dev/null 2>&1; echo "step: exit $?"
+    timeout 150 python3 -m folovllm bench latency $m --milestone M4/compile --input-len 128 2048 --output-len 128 --no-hf \
+      --out "$OUT/M4-compile-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
+    timeout 240 python3 -m folovllm bench throughput $m --max-model-len 2048 --repeat 3 --milestone M4 M4/compile \
+      --out "$OUT/M4-compile-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

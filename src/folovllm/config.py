@@ -23,6 +23,7 @@ KV_LAYOUTS = ("none", "contiguous", "paged")
 POLICIES = ("fcfs", "priority")
 QUANTIZATION_METHODS = ("gptq",)
 CUDAGRAPH_MODES = ("FULL_DECODE_ONLY", "FULL")
+COMPILATION_LEVELS = (0, 3)  # vLLM's levels: 0 = no torch.compile, 3 = Inductor, split at attention
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,6 +70,9 @@ class ModelConfig:
     CUDA graphs: decode steps only with ``cudagraph_mode="FULL_DECODE_ONLY"`` (M4),
     every step of up to ``max_cudagraph_capture_size`` tokens with ``"FULL"`` (M5:
     prefill chunks and mixed steps too; vLLM's names). On CPU all are ignored.
+    ``compilation_config`` (vLLM's name, its integer levels): 3 compiles the decoder
+    with ``torch.compile`` (Inductor), split at attention, the alternative to
+    ``fuse_kernels`` that M4 part 2 measures; 0 (default) does not compile.
     ``max_logprobs`` caps ``SamplingParams.logprobs`` (vLLM's default, the
     OpenAI API's limit; -1 = the whole vocabulary).
 
@@ -85,6 +89,7 @@ class ModelConfig:
     fuse_kernels: bool = True
     cudagraph_mode: str = "FULL"
     max_cudagraph_capture_size: int = 2048
+    compilation_config: int = 0
     max_logprobs: int = 20
     quantization: str | None = None
 
@@ -97,6 +102,10 @@ class ModelConfig:
         if self.cudagraph_mode not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
         _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
+        if self.compilation_config not in COMPILATION_LEVELS or isinstance(self.compilation_config, bool):
+            raise ValueError(
+                f"compilation_config must be one of {COMPILATION_LEVELS} (3: torch.compile), got {self.compilation_config!r}"
+            )
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)

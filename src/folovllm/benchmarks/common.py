@@ -140,6 +140,7 @@ _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "eager": {"enforce_eager": True},
     "unfused": {"fuse_kernels": False},
     "decode-graphs": {"cudagraph_mode": "FULL_DECODE_ONLY"},  # M5 with M4's graphs: mixed steps eager
+    "compile": {"compilation_config": 3, "fuse_kernels": False},  # Inductor's fusion instead of ours
 }
 _SETTINGS = {
     "block": ("block_size", int),
@@ -154,7 +155,7 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
 
     Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a KV block size
     (``M3/block=32``), a switch that turns one of M4's fast-path pieces off (``M4/sync``,
-    ``M4/eager``, ``M4/unfused``, ``M5/decode-graphs``) or one of M5's chunking settings (``M5/budget=512``,
+    ``M4/eager``, ``M4/unfused``, ``M4/compile``, ``M5/decode-graphs``) or one of M5's chunking settings (``M5/budget=512``,
     ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, _, limit = spec.partition("@")

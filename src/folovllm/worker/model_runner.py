@@ -27,6 +27,7 @@ from folovllm.attention.layer import bind_attention, prefill_metadata
 from folovllm.attention.selector import get_attn_backend, resolve_attention_backend
 from folovllm.config import CacheConfig, EngineConfig
 from folovllm.core.sched.output import SchedulerOutput
+from folovllm.model_executor.compile import compile_model
 from folovllm.model_executor.layers.custom_op import enable_fused_ops
 from folovllm.model_executor.model_loader import LoadedModel
 from folovllm.outputs import ModelRunnerOutput
@@ -71,6 +72,8 @@ class ModelRunner:
         self.fused = config.model_config.fuse_kernels and self.device.type == "cuda"
         if self.fused:
             enable_fused_ops(self.model)
+        if config.model_config.compilation_config:
+            compile_model(self.model)
         self.sampler = Sampler()
         self.time_steps = config.scheduler_config.target_itl_ms is not None  # the cost model learns from them
         self.generators: dict[str, torch.Generator] = {}
