@@ -200,6 +200,13 @@ else:
       --out "$OUT/M4-compile-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
     timeout 240 python3 -m folovllm bench throughput $m --max-model-len 2048 --repeat 3 --milestone M4 M4/compile \
       --out "$OUT/M4-compile-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
+  gptqW)
+    # Not yet run. #15: W (64-prompt subset) with bf16 and GPTQ weights under the same preset (M7: M6 + quantization
+    # when asked), each twice in one process so neither measured row pays a compile (the first run of stage gptq
+    # compared M4 bf16 with M7 GPTQ, and its GPTQ row may have paid Triton's JIT).
+    timeout 400 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
+      --out "$OUT/M7-throughput-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

@@ -141,6 +141,7 @@ _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "unfused": {"fuse_kernels": False},
     "decode-graphs": {"cudagraph_mode": "FULL_DECODE_ONLY"},  # M5 with M4's graphs: mixed steps eager
     "compile": {"compilation_config": 3, "fuse_kernels": False},  # Inductor's fusion instead of ours
+    "gptq": {"quantization": "gptq"},  # M7/gptq: GPTQ weights beside the same preset in bf16 (M7)
 }
 _SETTINGS = {
     "block": ("block_size", int),
@@ -155,7 +156,7 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
 
     Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a KV block size
     (``M3/block=32``), a switch that turns one of M4's fast-path pieces off (``M4/sync``,
-    ``M4/eager``, ``M4/unfused``, ``M4/compile``, ``M5/decode-graphs``) or one of M5's chunking settings (``M5/budget=512``,
+    ``M4/eager``, ``M4/unfused``, ``M4/compile``, ``M5/decode-graphs``, ``M7/gptq``) or one of M5's chunking settings (``M5/budget=512``,
     ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, _, limit = spec.partition("@")
