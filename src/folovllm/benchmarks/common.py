@@ -155,8 +155,9 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
 
     Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a KV block size
-    (``M3/block=32``), a switch that turns one of M4's fast-path pieces off (``M4/sync``,
-    ``M4/eager``, ``M4/unfused``, ``M4/compile``, ``M5/decode-graphs``, ``M7/gptq``) or one of M5's chunking settings (``M5/budget=512``,
+    (``M3/block=32``), a switch (``M4/sync``, ``M4/eager``, ``M4/unfused``: one of M4's fast-path
+    pieces off; ``M4/compile``: Inductor instead of our fused kernels; ``M5/decode-graphs``: M4's
+    graphs; ``M7/gptq``: GPTQ weights) or one of M5's chunking settings (``M5/budget=512``,
     ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, _, limit = spec.partition("@")
