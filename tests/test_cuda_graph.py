@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -65,8 +67,7 @@ def tiny(milestone: str = "M4", **kw) -> LLM:
         max_model_len=64,
         block_size=4,
         kv_cache_memory=2**21,
-        max_num_seqs=8,
-        **kw,
+        **{"max_num_seqs": 8, **kw},
     )
 
 
@@ -119,6 +120,48 @@ def test_padded_mixed_replays_generate_what_eager_steps_generate():
     assert run(llm) == expected
     mixed = runner.mixed_graphs.replays
     assert runner.cuda_graphs.replays and set(mixed) <= {5, 10, 12} and 12 in mixed  # 12: full budget steps
+
+
+def replaying(llm: LLM, mixed_sizes: list[int]) -> tuple[EagerReplay, EagerReplay]:
+    """Give ``llm``'s runner eagerly replayed decode graphs (1, 2, 4) and mixed graphs of ``mixed_sizes`` tokens."""
+    runner = llm.llm_engine.model_runner
+    runner.cuda_graphs = EagerReplay(
+        [1, 2, 4], runner._graph_forward, runner._graph_metadata, runner._pad_decode_inputs, runner.device
+    )
+    runner.mixed_graphs = EagerReplay(
+        mixed_sizes, runner._graph_forward, runner._mixed_graph_metadata, runner._pad_mixed_inputs, runner.device
+    )
+    for graphs in (runner.cuda_graphs, runner.mixed_graphs):
+        graphs.capture()
+    return runner.cuda_graphs, runner.mixed_graphs
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    budget=st.sampled_from([8, 13, 16]),
+    lens=st.lists(st.integers(5, 30), min_size=2, max_size=6),
+    shared=st.integers(0, 12),
+    seed=st.integers(0, 50),
+)
+def test_padded_mixed_steps_under_every_m6_feature(budget, lens, shared, seed):
+    """M6 (chunked prefill, prefix caching, async scheduling) with every step replayed from padded graphs,
+    on random prompts that share a prefix, at most 4 sequences a step: M3's greedy tokens."""
+    head = [(seed * 7 + j) % 400 + 3 for j in range(shared)]
+    prompts = [
+        {"prompt_token_ids": head + [(seed + 13 * i + 5 * j) % 400 + 3 for j in range(n)]} for i, n in enumerate(lens)
+    ]
+    params = [SamplingParams(temperature=0.0, max_tokens=3 + i % 4, ignore_eos=True) for i in range(len(lens))]
+
+    def run(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    kw = dict(attention_backend="triton", max_num_seqs=4)
+    expected = run(tiny("M3", **kw))
+    llm = tiny("M6", max_num_batched_tokens=budget, **kw)
+    mixed_sizes = sorted({4, budget // 2, budget})
+    decode, mixed = replaying(llm, mixed_sizes)
+    assert run(llm) == expected
+    assert mixed.replays and set(mixed.replays) <= set(mixed_sizes)
 
 
 def test_long_run_keeps_engine_state_bounded(monkeypatch):
