@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from folovllm import book
 from folovllm.core.block_pool import BlockPool
 
@@ -86,3 +88,22 @@ def test_every_figure_a_chapter_draws_is_committed():
                 if not any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
                     missing.append(f"{path.name} cell {i}")
     assert not missing, "cells that draw a figure but have none committed: " + ", ".join(missing)
+
+
+def test_byte_tokenizer_lets_a_random_model_take_text_prompts():
+    """Chapters build text prompts; on a machine without SmolLM2 the random model gets the byte stand-in
+    through ``LLM.set_tokenizer`` (vLLM's API), and text prompts, output text and chat templates work."""
+    from folovllm import LLM, SamplingParams
+
+    tok = book.ByteTokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "héllo"}], add_generation_prompt=True)
+    assert text == "<|user|>\nhéllo\n<|assistant|>\n" and tok.decode(tok(text).input_ids) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=True) == tok("<|user|>\na\n").input_ids
+    llm = LLM("random:tiny-qwen3", device="cpu", dtype="float32", max_model_len=64, kv_cache_memory=2**20)
+    assert llm.get_tokenizer() is None
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        llm.generate("hi", use_tqdm=False)
+    llm.set_tokenizer(tok)
+    out = llm.generate(text, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok(text).input_ids and len(out.outputs[0].token_ids) == 6
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)

@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -97,6 +98,31 @@ def chapter_model(fallback: str = "random:qwen3-0.6b") -> str:
         return "smollm2-135m"
     print(f"SmolLM2 is not installed here: cells that need a real model use {fallback!r} instead.")
     return fallback
+
+
+class ByteTokenizer:
+    """A stand-in for models without a tokenizer (``random:`` presets): UTF-8 bytes as ids 3..258.
+
+    It lets a chapter that builds text prompts (chat templates, decoded tries) run where SmolLM2 is
+    not installed, e.g. on the GPU machine. The ids mean nothing to the random model; the engine's
+    mechanics (blocks, hashes, hits) are the same for any ids.
+    """
+
+    offset = 3  # below: the ids special tokens usually take
+    eos_token_id = None
+
+    def __call__(self, text: str, **_: Any) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[b + self.offset for b in text.encode()])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str | list[int]:  # fmt: skip
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        text += "<|assistant|>\n" if add_generation_prompt else ""
+        return self(text).input_ids if tokenize else text
 
 
 def load_results(name: str) -> list[dict[str, Any]]:

@@ -45,6 +45,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer`` for text prompts and output text (vLLM's API), e.g. for a model that has none."""
+        self.llm_engine.tokenizer = tokenizer
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
