@@ -120,3 +120,12 @@ class CUDAGraphRunner:
 
     def release(self) -> None:
         self.graphs.clear()
+
+
+def capture_in_one_pool(runners: list[CUDAGraphRunner], largest_only: bool = False) -> None:
+    """Capture each runner in turn (put the one with the largest graphs first) into one shared memory
+    pool; ``largest_only`` captures each runner's largest size alone (a memory probe)."""
+    pool = None
+    for runner in runners:
+        runner.capture([runner.sizes[-1]] if largest_only else None, pool)
+        pool = runner.pool

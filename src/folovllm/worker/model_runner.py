@@ -36,7 +36,7 @@ from folovllm.sample.sampler import Sampler, SamplerOutput
 from folovllm.utils import cdiv
 from folovllm.worker.block_table import BlockTable
 from folovllm.worker.buffers import CpuGpuBuffer
-from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_sizes, mixed_capture_sizes
+from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_in_one_pool, capture_sizes, mixed_capture_sizes
 
 
 @dataclass
@@ -184,10 +184,8 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
         bind_attention(self.model.attention_layers(), self.backend, stand_in)
-        probes, pool = self._make_graph_runners(), None
-        for probe in probes:
-            probe.capture([probe.sizes[-1]], pool)
-            pool = probe.pool
+        probes = self._make_graph_runners()
+        capture_in_one_pool(probes, largest_only=True)
         for probe in probes:
             probe.release()
         del stand_in
@@ -211,10 +209,8 @@ class ModelRunner:
         ]
         bind_attention(self.model.attention_layers(), self.backend, self.kv_caches)
         if self.uses_cuda_graphs:
-            runners, pool = self._make_graph_runners(), None
-            for runner in runners:  # the largest graphs first, all in one pool
-                runner.capture(pool=pool)
-                pool = runner.pool
+            runners = self._make_graph_runners()
+            capture_in_one_pool(runners)
             self.cuda_graphs = runners[-1]
             self.mixed_graphs = runners[0] if len(runners) > 1 else None
 
@@ -240,60 +236,58 @@ class ModelRunner:
         )  # fmt: skip
         return [mixed, decode]
 
-    def _graph_metadata(self, size: int):
-        """Attention metadata over the persistent buffers' first ``size`` rows, planned for any context."""
-        common = AttentionMetadata(
-            query_start_loc=self.query_start_loc.gpu[: size + 1],
-            seq_lens=self.seq_lens.gpu[:size],
-            block_table=self.block_table.gpu[:size],
-            slot_mapping=self.slot_mapping.gpu[:size],
-            query_lens_cpu=[1] * size,
-            seq_lens_cpu=[1] * size,
-            block_size=self.block_size,
-        )
-        return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
-
-    def _mixed_graph_metadata(self, size: int):
-        """A step of ``size`` tokens in any number of sequences (as many as fit), any lengths."""
-        num_seqs = min(size, self.config.scheduler_config.max_num_seqs)
+    def _capture_metadata(self, num_seqs: int, num_tokens: int, query_lens: list[int]):
+        """Attention metadata over the persistent buffers' first rows, planned for these query lengths
+        (the graph's bounds) and any context; the buffers' contents at capture time do not matter."""
         common = AttentionMetadata(
             query_start_loc=self.query_start_loc.gpu[: num_seqs + 1],
             seq_lens=self.seq_lens.gpu[:num_seqs],
             block_table=self.block_table.gpu[:num_seqs],
-            slot_mapping=self.slot_mapping.gpu[:size],
-            query_lens_cpu=[size] + [0] * (num_seqs - 1),  # the plan's bounds: one query may hold every token
-            seq_lens_cpu=[size] + [0] * (num_seqs - 1),
+            slot_mapping=self.slot_mapping.gpu[:num_tokens],
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=query_lens,
             block_size=self.block_size,
         )
         return self.backend.build_for_capture(common, self.attn_spec, self.max_model_len)
 
+    def _graph_metadata(self, size: int):
+        """A decode step of ``size`` sequences."""
+        return self._capture_metadata(size, size, [1] * size)
+
+    def _mixed_graph_metadata(self, size: int):
+        """A step of ``size`` tokens in any number of sequences (as many as fit), any lengths."""
+        num_seqs = min(size, self.config.scheduler_config.max_num_seqs)
+        return self._capture_metadata(num_seqs, size, [size] + [0] * (num_seqs - 1))  # one query may hold them all
+
     def _graph_forward(self, size: int, metadata) -> torch.Tensor:
         return self.model(self.input_ids.gpu[:size], self.positions.gpu[:size], metadata)
 
+    def _pad_tokens(self, start: int, size: int) -> None:
+        """Tokens ``start .. size-1`` become padding (id 0 at position 0, stored nowhere: slot -1); the
+        token buffers go to the device."""
+        self.input_ids.np[start:size] = 0
+        self.positions.np[start:size] = 0
+        self.slot_mapping.np[start:size] = -1
+        for buf in (self.input_ids, self.positions, self.slot_mapping):
+            buf.copy_to_gpu(size)
+
     def _pad_decode_inputs(self, size: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
         """Rows ``num_seqs .. size-1`` become padding (slot -1, context 0) and the buffers go to the device."""
-        self.input_ids.np[num_seqs:size] = 0
-        self.positions.np[num_seqs:size] = 0
-        self.slot_mapping.np[num_seqs:size] = -1
+        self._pad_tokens(num_seqs, size)
         self.seq_lens.np[num_seqs:size] = 0
         self.query_start_loc.np[: size + 1] = np.arange(size + 1)
-        for buf in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens):
-            buf.copy_to_gpu(size)
+        self.seq_lens.copy_to_gpu(size)
         self.query_start_loc.copy_to_gpu(size + 1)
 
     def _pad_mixed_inputs(self, size: int, num_seqs: int = 0, num_tokens: int = 0) -> None:
         """Tokens past ``num_tokens`` store nothing and belong to no sequence; sequences past
         ``num_seqs`` have no query and no context. Then the buffers go to the device."""
         max_seqs = min(size, self.config.scheduler_config.max_num_seqs)
-        self.input_ids.np[num_tokens:size] = 0
-        self.positions.np[num_tokens:size] = 0
-        self.slot_mapping.np[num_tokens:size] = -1
+        self._pad_tokens(num_tokens, size)
         self.seq_lens.np[num_seqs:max_seqs] = 0
         self.query_start_loc.np[num_seqs + 1 : max_seqs + 1] = num_tokens
         if num_seqs == 0:
             self.query_start_loc.np[0] = 0
-        for buf in (self.input_ids, self.positions, self.slot_mapping):
-            buf.copy_to_gpu(size)
         self.seq_lens.copy_to_gpu(max_seqs)
         self.query_start_loc.copy_to_gpu(max_seqs + 1)
 
