@@ -151,6 +151,14 @@ _SETTINGS = {
 }  # the KV block size (M3/block=32) and M5's chunking knobs (M5/budget=512/itl=20)
 
 
+def split_prompt_limit(spec: str) -> tuple[str, int | None]:
+    """``"M2/static@32"`` -> ("M2/static", 32): the config and how many prompts of the workload it runs."""
+    spec, _, limit = spec.partition("@")
+    if limit and not limit.isdigit():
+        raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
+    return spec, int(limit) if limit else None
+
+
 def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     """``"M2/sequential@32"`` -> ("M2", {"batching": "sequential"}, 32): milestone, overrides, prompt limit.
 
@@ -160,10 +168,8 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     graphs; ``M7/gptq``: GPTQ weights) or one of M5's chunking settings (``M5/budget=512``,
     ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
-    spec, _, limit = spec.partition("@")
+    spec, limit = split_prompt_limit(spec)
     milestone, *variants = spec.split("/")
-    if limit and not limit.isdigit():
-        raise ValueError(f"expected CONFIG@N with N a number of prompts, got {spec}@{limit}")
     extra: dict[str, Any] = {}
     for variant in variants:
         key, eq, value = variant.partition("=")
@@ -180,4 +186,4 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
         else:
             known = BATCHING_MODES + ATTENTION_BACKENDS + tuple(_SWITCHES) + tuple(f"{k}=N" for k in _SETTINGS)
             raise ValueError(f"unknown config variant {variant!r}: expected one of {known}")
-    return milestone, extra, int(limit) if limit else None
+    return milestone, extra, limit

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from folovllm.benchmarks.common import parse_config, provenance, random_workload, save_json
+from folovllm.benchmarks.common import parse_config, provenance, random_workload, save_json, split_prompt_limit
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.llm_engine import EngineStats
@@ -140,7 +140,7 @@ def run_hf_config(
     """
     from folovllm.benchmarks.latency import _hf_model
 
-    _, _, limit = parse_config(spec.replace("HF", "M0", 1))
+    _, limit = split_prompt_limit(spec)
     prompts, outputs = prompts[:limit], outputs[:limit]
     keep = {k: v for k, v in overrides.items() if k in ("max_model_len", "seed")}
     llm = LLM(model, milestone="M0", device=device, dtype=dtype, **keep)
@@ -228,7 +228,7 @@ def bench_throughput(
     hardware = {"copy_GBps": measure_copy_bandwidth(dev), "matmul_TFLOPs": measure_matmul_tflops(dev, dt)}
     results: list[dict[str, Any]] = []
     for spec in configs:
-        if spec.partition("@")[0] == "HF":
+        if split_prompt_limit(spec)[0] == "HF":
             llm, row = run_hf_config(model, spec, prompts, outputs, device, dtype, overrides)
         else:
             llm, row = run_config(model, spec, prompts, outputs, device, dtype, overrides, repeat)
