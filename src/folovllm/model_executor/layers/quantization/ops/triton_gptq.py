@@ -24,6 +24,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _x_slice(x_rows, Perm, k, K, m_ok, HAS_PERM: tl.constexpr):
+    """The ``[BLOCK_M, 16]`` slice of X that weight rows ``k`` multiply (with act-order, the columns
+    ``Perm`` names); zero past ``K``."""
+    k_ok = k < K
+    if HAS_PERM:
+        k_x = tl.load(Perm + k, mask=k_ok, other=0)
+    else:
+        k_x = k
+    return tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _group_scale_zero(Scales, Zeros, row, last_group, N, rn, n_ok, GROUP_SIZE: tl.constexpr):
+    """Scale and zero point (fp32) of the group holding weight row ``row``, for columns ``rn``. Rows
+    padded past K read the last group's (unused) values."""
+    g = tl.minimum(row // GROUP_SIZE, last_group)
+    s = tl.load(Scales + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    z = tl.load(Zeros + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _gptq_gemm_kernel(
     X,
     QWeight,
@@ -71,7 +93,7 @@ def _gptq_gemm_kernel(
     n_ok = rn < N
     t = tl.arange(0, ROWS)
     x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
-    last_group = (K - 1) // GROUP_SIZE  # rows padded past K read the last group's (unused) s and z
+    last_group = (K - 1) // GROUP_SIZE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * blocks_per_split
     for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
@@ -79,20 +101,12 @@ def _gptq_gemm_kernel(
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in tl.static_range(PACK):  # unrolled: every `if` on j below is decided at compile time
-            k = blk * BLOCK_K + j * ROWS + t
-            k_ok = k < K
-            if HAS_PERM:
-                k_x = tl.load(Perm + k, mask=k_ok, other=0)
-            else:
-                k_x = k
-            x = tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM)
             # Codes are small integers, exact in any float type. (Through fp32: Triton 3.6's CPU
             # interpreter casts int32 to bf16 bit for bit; on a GPU the two casts cost what one does.)
             q = ((words >> (j * BITS)) & MAXQ).to(tl.float32)
             if j % SLICES_PER_GROUP == 0:  # a group starts at this slice
-                g = tl.minimum((blk * BLOCK_K + j * ROWS) // GROUP_SIZE, last_group)
-                s = tl.load(Scales + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-                z = tl.load(Zeros + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
             if DEQUANT_TILES:
                 acc = tl.dot(x, ((q - z[None, :]) * s[None, :]).to(x.dtype), acc, input_precision=DOT_PRECISION)
             else:
@@ -185,18 +199,10 @@ def _gptq_gemv_kernel(
         part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
         for j in tl.static_range(PACK):
-            k = blk * BLOCK_K + j * ROWS + t
-            k_ok = k < K
-            if HAS_PERM:
-                k_x = tl.load(Perm + k, mask=k_ok, other=0)
-            else:
-                k_x = k
-            x = tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            x = _x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM).to(tl.float32)
             q = (((words >> (j * BITS)) & MAXQ) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             if j % SLICES_PER_GROUP == 0:
-                g = tl.minimum((blk * BLOCK_K + j * ROWS) // GROUP_SIZE, last_group)
-                s = tl.load(Scales + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-                z = tl.load(Zeros + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
             part += q[None, :, :] * x[:, :, None]
             x_sum += x
             if (j + 1) % SLICES_PER_GROUP == 0:
