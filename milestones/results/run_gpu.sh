@@ -177,31 +177,36 @@ else:
       --milestone M4 M4 M3 HF --out "$OUT/M4-hf-cb-$gpu.json" > "$OUT/hfcb.log" 2>&1; echo "hfcb: exit $?"
     python3 -c "import transformers; print('transformers', transformers.__version__)" ;;
   m5sweep)
-    # Not yet run. #13's sweep with full graphs, all budgets 256..8192 beside M4 and dynamic 10/20 ms, in one process
-    # per model (qwen3-0.6b at 16 req/s, qwen3-8b at 8 req/s), warm-up rows first; ~4 + ~5 min.
+    # #13's sweep with full graphs, all budgets 256..8192 beside M4 and dynamic 10/20 ms, one process on
+    # qwen3-0.6b at 16 req/s, warm-up rows first (~4 min); m5sweep8b: the same on qwen3-8b at 8 req/s (~5 min).
     s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
     b="M4 M5/budget=256 M5 M5/budget=1024 M5/budget=2048 M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20"
     timeout 290 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate 16 \
-      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1; echo "0.6b: exit $?"
+      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1; echo "0.6b: exit $?" ;;
+  m5sweep8b)
+    s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
+    b="M4 M5/budget=256 M5 M5/budget=1024 M5/budget=2048 M5/budget=4096 M5/budget=8192 M5/budget=8192/itl=10 M5/budget=8192/itl=20"
     timeout 300 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 $s --request-rate 8 \
-      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-qwen3-8b-$gpu.json" >> "$OUT/sweep.log" 2>&1; echo "8b: exit $?" ;;
+      --milestone M5@12 M4@12 $b --out "$OUT/M5-sweep-qwen3-8b-$gpu.json" > "$OUT/sweep8b.log" 2>&1; echo "8b: exit $?" ;;
   m6spec)
-    # Not yet run. #14 as specified: 256 requests sharing a 2k-token system prompt, M5 vs M6 (prefix caching alone).
+    # #14 as specified: 256 requests sharing a 2k-token system prompt, M5 vs M6 (prefix caching alone).
     timeout 200 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M5 M6 --parts throughput \
       --num-prompts 256 --out "$OUT/M6-shared-256-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?" ;;
-  compile)
-    # Not yet run. #11: torch.compile (Inductor, split at attention; M4/compile) against M4's hand-fused Triton kernels,
-    # both under CUDA graphs: GPU tests, one step kernel by kernel at batch 1/64/256, batch-1 TPOT, W with 3 repeats.
+  compilestep)
+    # #11: torch.compile (Inductor, split at attention; M4/compile) against M4's hand-fused Triton kernels, both
+    # under CUDA graphs: GPU tests, then one decode step kernel by kernel (top kernels by name) at batch 1/64/256.
     python3 -m pytest -q -p no:cacheprovider tests/test_compile.py 2>&1 | tail -2
+    timeout 200 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M4 M4/compile \
+      --batch-size 1 64 256 --out "$OUT/M4-compile-step-$gpu.json" > "$OUT/step.log" 2>&1; echo "step: exit $?" ;;
+  compile)
+    # #11, continued: batch-1 TPOT of M4/compile, then W with 3 repeats, M4 beside M4/compile.
     m="--model random:qwen3-0.6b"
-    timeout 200 python3 -m folovllm bench step $m --milestone M4 M4/compile --batch-size 1 64 256 \
-      --out "$OUT/M4-compile-step-$gpu.json" > /dev/null 2>&1; echo "step: exit $?"
     timeout 150 python3 -m folovllm bench latency $m --milestone M4/compile --input-len 128 2048 --output-len 128 --no-hf \
       --out "$OUT/M4-compile-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
     timeout 240 python3 -m folovllm bench throughput $m --max-model-len 2048 --repeat 3 --milestone M4 M4/compile \
       --out "$OUT/M4-compile-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   gptqW)
-    # Not yet run. #15: W (64-prompt subset) with bf16 and GPTQ weights under the same preset (M7: M6 + quantization
+    # #15: W (64-prompt subset) with bf16 and GPTQ weights under the same preset (M7: M6 + quantization
     # when asked), each twice in one process so neither measured row pays a compile (the first run of stage gptq
     # compared M4 bf16 with M7 GPTQ, and its GPTQ row may have paid Triton's JIT).
     timeout 400 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
