@@ -35,6 +35,7 @@ from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine, StepStats
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
+from folovllm.triton_utils.jit_watch import watch_compiles
 
 WORKLOADS = ("random", "mixed")
 PERCENTILES = (50, 90, 99)
@@ -287,10 +288,12 @@ def run_inprocess(
         runs = []
         for k, rate in enumerate(request_rates):  # no local keeps the engine alive past ``finally`` (its memory)
             llm.llm_engine.step_stats.clear()  # this rate's steps only (not the warm-up's, not the last rate's)
-            results, duration = asyncio.run(
-                run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)
-            )
+            with watch_compiles() as compiled:
+                results, duration = asyncio.run(
+                    run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)
+                )
             row = {**about, "request_rate": rate, **summarize(results, duration), **_engine_records(llm.llm_engine)}
+            row["triton_compiles"] = dict(compiled)  # kernels JIT-compiled while this rate ran (should be none)
             runs.append((row, results))
     finally:
         engine.shutdown(drain=False)

@@ -185,7 +185,7 @@ def bench_step(
         if graphs is not None:
             rows[-1]["cuda_graph_capture_s"] = runner.graph_capture_seconds
             rows[-1]["cuda_graph_memory_MiB"] = runner.graph_memory_bytes / 2**20
-        del llm, engine
+        del llm, engine, runner, graphs  # the runner holds the KV cache: the next engine profiles free memory
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

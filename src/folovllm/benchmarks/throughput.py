@@ -25,6 +25,7 @@ from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.llm_engine import EngineStats
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
+from folovllm.triton_utils.jit_watch import watch_compiles
 
 
 def workload_floor(
@@ -94,7 +95,8 @@ def run_config(
     llm.generate([{"prompt_token_ids": [1] * 4}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     engine.stats = EngineStats()
     preemptions_before = engine.scheduler.num_preemptions
-    runs = [_timed_generate(llm, prompts, params) for _ in range(repeat)]
+    with watch_compiles() as compiled:
+        runs = [_timed_generate(llm, prompts, params) for _ in range(repeat)]
     elapsed = statistics.median(t for t, _ in runs)
     out_tokens = runs[0][1]
     in_tokens = sum(len(p) for p in prompts)
@@ -112,6 +114,7 @@ def run_config(
         "repeats": repeat,
         "elapsed_s": elapsed,
         "elapsed_s_runs": [t for t, _ in runs],
+        "triton_compiles": dict(compiled),  # kernels JIT-compiled inside the measured runs (should be none)
         "requests_per_s": len(prompts) / elapsed,
         "output_tokens": out_tokens,
         "output_tokens_per_s": out_tokens / elapsed,

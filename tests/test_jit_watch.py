@@ -1,0 +1,49 @@
+"""``watch_compiles``: counts Triton's post-compile callbacks by kernel, keeps an earlier hook working,
+and puts it back afterwards. On a GPU, a real kernel compiles once per specialization."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton import knobs  # noqa: E402
+
+from folovllm.triton_utils.jit_watch import watch_compiles  # noqa: E402
+
+
+def fire(name: str) -> None:
+    knobs.runtime.jit_post_compile_hook(key=None, repr=name, fn=SimpleNamespace(name=name), compile={},
+                                        is_manual_warmup=False, already_compiled=False)  # fmt: skip
+
+
+def test_counts_by_kernel_and_chains_the_previous_hook(monkeypatch):
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda *, fn, **kw: seen.append(fn.name))
+    previous = knobs.runtime.jit_post_compile_hook
+    with watch_compiles() as compiled:
+        fire("rms_norm")
+        fire("rms_norm")
+        fire("paged_attention")
+    assert compiled == {"rms_norm": 2, "paged_attention": 1}
+    assert seen == ["rms_norm", "rms_norm", "paged_attention"]
+    assert knobs.runtime.jit_post_compile_hook is previous
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter compiles nothing")
+def test_counts_one_compile_per_specialization_on_gpu():
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(x + o, tl.load(x + o, mask=o < n) + 1, mask=o < n)
+
+    x = torch.zeros(64, device="cuda")
+    with watch_compiles() as compiled:
+        add_one[(1,)](x, 5, BLOCK=64)
+        add_one[(1,)](x, 7, BLOCK=64)  # same specialization: no compile
+        add_one[(1,)](x, 32, BLOCK=64)  # a multiple of 16: a new specialization
+    assert compiled == {"add_one": 2}
