@@ -261,3 +261,15 @@ def test_realistic_shapes_on_gpu(dtype):
     q, k, v, cache, md = make_batch([1, 1], [16000, 9000], 32, 8, 128, 16, dtype=dtype, seed=1)
     out_t, out_n = run_both(q, k, v, cache, md)  # few long sequences: split-K is chosen
     torch.testing.assert_close(out_t.float(), out_n.float(), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("group, block_size, width", [(2, 16, 1), (4, 4, 7)])
+def test_warm_up_launches_every_variant_on_one_block(group, block_size, width):
+    """Five split counts of the decode tiles, prefill tiles with and without search; the cache is only read."""
+    from folovllm.attention.ops.paged_attn import warm_up_paged_attention
+
+    spec = AttentionSpec(2 * group, 2, 16, torch.float32)
+    cache = torch.randn(2, 3, block_size, 2, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    before = cache.clone()
+    assert warm_up_paged_attention(cache, spec, width) == 7
+    assert torch.equal(cache, before)

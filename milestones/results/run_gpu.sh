@@ -212,6 +212,28 @@ else:
     timeout 400 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
       --out "$OUT/M7-throughput-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
+  skinny)
+    # #11, TPOT: the skinny GEMM (decode batches of <= 4 rows, weights <= 16 MiB) against cuBLAS per projection,
+    # then one decode step kernel by kernel (M3 vs M4), batch-1 TPOT (qwen3-0.6b, llama-3.2-1b, HF alongside),
+    # W (M4 vs M3, 2 repeats), and the mixed workload with the paged kernel's start-up warm-up (triton_compiles
+    # per row must be empty). GPU tests first.
+    python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_jit_watch.py \
+      tests/test_triton_attention.py tests/test_cuda_graph.py -k "skinny or jit or warm_up or gpu" 2>&1 | tail -3
+    for m in qwen3-0.6b llama-3.2-1b; do
+      timeout 60 python3 -m folovllm bench gemm --model random:$m --m 1 2 4 --out "$OUT/M4-gemm-$m-$gpu.json" > /dev/null
+    done; echo "gemm: exit $?"
+    timeout 90 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M3 M4 --batch-size 1 64 256 \
+      --out "$OUT/M4-step-$gpu.json" > /dev/null 2>&1; echo "step: exit $?"
+    for m in qwen3-0.6b llama-3.2-1b; do
+      timeout 90 python3 -m folovllm bench latency --model random:$m --milestone M4 --input-len 128 2048 --output-len 128 \
+        --out "$OUT/M4-skinny-latency-$m-$gpu.json" > /dev/null 2>&1; echo "latency $m: exit $?"
+    done
+    timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 2 \
+      --milestone M4 M3 --out "$OUT/M4-skinny-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    timeout 110 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
+      --milestone M5@12 M4@12 M4 M5 M5/budget=4096 --out "$OUT/M5-warmed-$gpu.json" > "$OUT/serve.log" 2>&1
+    echo "serve: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

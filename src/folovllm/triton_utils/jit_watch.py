@@ -30,7 +30,7 @@ def watch_compiles() -> Iterator[Counter]:
     previous = knobs.runtime.jit_post_compile_hook
 
     def hook(*, fn, **kwargs):
-        compiled[fn.name] += 1
+        compiled[fn.name.rsplit(".", 1)[-1]] += 1
         return previous(fn=fn, **kwargs) if previous else None
 
     knobs.runtime.jit_post_compile_hook = hook

@@ -213,6 +213,10 @@ class ModelRunner:
             capture_in_one_pool(runners)
             self.cuda_graphs = runners[-1]
             self.mixed_graphs = runners[0] if len(runners) > 1 else None
+        if self.device.type == "cuda" and self.backend.reads_paged_kernel:  # compile now, not mid-serving
+            from folovllm.attention.ops.paged_attn import warm_up_paged_attention
+
+            warm_up_paged_attention(self.kv_caches[0], self.attn_spec, self.max_blocks_per_req)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, K and V) before they are written."""

@@ -80,6 +80,7 @@ class AttentionBackend(ABC, Generic[M]):
     needs_kv_cache: bool = False  # True: cannot run the cacheless prefill of the memory profiling pass
     supports_cuda_graphs: bool = False  # True: build_for_capture gives a replayable decode launch
     supports_mixed_cuda_graphs: bool = False  # True: ... and a replayable launch for any ragged batch
+    reads_paged_kernel: bool = False  # True: some rows run the Triton paged kernel (warmed up at start-up)
 
     @abstractmethod
     def build(self, common: AttentionMetadata, spec: AttentionSpec) -> M:

@@ -103,6 +103,7 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
     name = "flash_attn"
     supports_cuda_graphs = True  # a captured step (decode or mixed) runs on the paged kernel alone
     supports_mixed_cuda_graphs = True
+    reads_paged_kernel = True
 
     def __init__(self, kernel: FlashVarlenFn | None = None) -> None:
         if kernel is None:

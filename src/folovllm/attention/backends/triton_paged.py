@@ -54,6 +54,7 @@ class TritonPagedAttentionBackend(AttentionBackend[TritonAttentionMetadata]):
     needs_kv_cache = True
     supports_cuda_graphs = True
     supports_mixed_cuda_graphs = True  # the grid is fixed by the token and sequence counts alone
+    reads_paged_kernel = True
 
     def build(self, common: AttentionMetadata, spec: AttentionSpec) -> TritonAttentionMetadata:
         if common.block_table is None or common.slot_mapping is None:

@@ -205,6 +205,35 @@ def launch_paged_attention(
     return out
 
 
+def warm_up_paged_attention(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int) -> int:
+    """Launch every variant of the kernel that a step can reach, once, on one block of ``kv_cache``.
+
+    Each variant (decode or prefill tiles, binary search or not, every split-K count
+    with its merge) is a Triton compilation of hundreds of milliseconds, paid by the
+    first step that needs it: a stall for every running request, in the middle of
+    serving. An engine calls this at start-up, after capturing its graphs. The block
+    table has the engine's width so the launches specialize as real ones do. Returns
+    how many variants were launched.
+    """
+    device, block_size = kv_cache.device, kv_cache.shape[2]
+    q_tile = plan_paged_attention(spec, block_size, device, num_seqs=1, max_query_len=2, max_seq_len=2).q_tile
+    launches = [
+        (plan_paged_attention(spec, block_size, device, 1, 1, 1, num_splits=2**i), 1) for i in range(MAX_SPLITS.bit_length())
+    ]  # decode tiles, every split count
+    launches += [(plan_paged_attention(spec, block_size, device, 1, q, q), q) for q in (2, q_tile + 1)]  # no search, search
+    longest = q_tile + 1
+    # Every row reads block 0; the table has the engine's row stride but room for the longest query's blocks.
+    table = torch.zeros(max(block_table_width, cdiv(longest, block_size)), dtype=torch.int32, device=device)
+    block_table = table.as_strided((1, block_table_width), (block_table_width, 1))
+    for plan, q_len in launches:
+        lens = torch.tensor([q_len], dtype=torch.int32, device=device)
+        starts = torch.tensor([0, q_len], dtype=torch.int32, device=device)
+        q = torch.zeros(q_len, spec.num_heads, spec.head_dim, dtype=kv_cache.dtype, device=device)
+        scratch = SplitScratch.allocate(plan, q_len, spec.num_heads, device)
+        launch_paged_attention(q, kv_cache, plan, starts, lens, block_table, 1.0, scratch)
+    return len(launches)
+
+
 def check_paged_metadata(metadata: AttentionMetadata, device: torch.device, block_size: int) -> None:
     """What the kernel reads from ``metadata`` is there, on ``device``, for this cache's block size."""
     if metadata.block_table is None or metadata.block_table.stride(-1) != 1:

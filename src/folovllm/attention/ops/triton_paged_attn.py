@@ -54,7 +54,7 @@ def _store_kv_kernel(
     tl.store(dst + kv_stride, v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one compilation for any batch size, 1 and multiples of 16 too
 def _paged_attention_kernel(
     Q,
     KV_cache,
