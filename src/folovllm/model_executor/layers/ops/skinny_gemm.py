@@ -56,8 +56,8 @@ def uses_skinny_gemm(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
 
 
 def skinny_block_n(n: int) -> int:
-    """Columns per program: as many as keep about ``_TARGET_PROGRAMS`` programs, between 1 and 16."""
-    return max(1, min(16, triton.next_power_of_2(max(1, n // _TARGET_PROGRAMS) + 1) // 2))
+    """Columns per program: as many as keep about ``_TARGET_PROGRAMS`` programs, between 2 and 16."""
+    return max(2, min(16, triton.next_power_of_2(max(1, n // _TARGET_PROGRAMS) + 1) // 2))
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
