@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -20,7 +19,6 @@ from folovllm.model_executor.layers.layernorm import RMSNorm  # noqa: E402
 from folovllm.model_executor.layers.ops.activation import silu_and_mul  # noqa: E402
 from folovllm.model_executor.layers.ops.rms_norm import rms_norm  # noqa: E402
 from folovllm.model_executor.layers.ops.rotary import rotary_qk_  # noqa: E402
-from folovllm.model_executor.layers.ops.skinny_gemm import skinny_gemm  # noqa: E402
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from folovllm.model_executor.model_loader import load_model  # noqa: E402
 
@@ -98,10 +96,9 @@ def test_rotary_refuses_mismatched_norms_and_scattered_heads():
         rotary_qk_(q.transpose(0, 1), k, torch.zeros(2, dtype=torch.long, device=DEVICE), cache)
 
 
-@pytest.mark.parametrize("preset, num_ops", [("tiny-llama", 17), ("tiny-qwen3", 21)])
+@pytest.mark.parametrize("preset, num_ops", [("tiny-llama", 8), ("tiny-qwen3", 12)])
 def test_whole_model_with_fused_ops_matches_native(preset, num_ops):
-    """Per layer: two norms, the MLP activation and four projections (+ Qwen3's q/k norms); the final
-    norm; the shared RoPE; the LM head. Seven tokens: the projections stay on cuBLAS (the skinny GEMM is tested alone)."""
+    """Per layer: two norms and the MLP activation (+ Qwen3's q/k norms); the final norm; the shared RoPE."""
     config = ModelConfig(model=f"random:{preset}", device=DEVICE, dtype="float32")
     model = load_model(config).model
     ids = torch.tensor([5, 9, 100, 3, 7, 42, 8], device=DEVICE)
@@ -112,51 +109,3 @@ def test_whole_model_with_fused_ops_matches_native(preset, num_ops):
         assert enable_fused_ops(model) == num_ops
         got = model.compute_logits(model(ids, pos, md))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("k, n, bias", [(64, 40, False), (80, 1100, True), (1000, 24, False)])
-def test_skinny_gemm_matches_linear(dtype, m, k, n, bias):
-    """Any K (ragged last chunk), any N (ragged last program), with and without bias, in fp32 and bf16."""
-    x, w = rand(m, k, dtype=dtype, seed=m), rand(n, k, dtype=dtype, seed=7) * 0.1
-    b = rand(n, dtype=dtype, seed=8) if bias else None
-    torch.testing.assert_close(skinny_gemm(x, w, b), F.linear(x, w, b), **TOL[dtype])
-
-
-def test_skinny_gemm_refuses_what_it_cannot_read():
-    w = rand(16, 32)
-    with pytest.raises(
-        ValueError, match=r"skinny_gemm needs x \[<= 4, K\] and weight \[N, K\] with contiguous rows, got \(5, 32\)"
-    ):
-        skinny_gemm(rand(5, 32), w)
-    with pytest.raises(ValueError, match="with contiguous rows"):
-        skinny_gemm(rand(2, 32), rand(32, 16).t())
-
-
-def test_fused_linear_takes_the_skinny_kernel_only_for_few_dense_rows(monkeypatch):
-    from folovllm.model_executor.layers import linear as linear_mod
-    from folovllm.model_executor.layers.ops import skinny_gemm as skinny_mod
-
-    calls = []
-    monkeypatch.setattr(skinny_mod, "skinny_gemm", lambda x, w, b: calls.append(x.shape[0]) or F.linear(x, w, b))
-    layer = linear_mod.Linear(32, 24).to(DEVICE)
-    with torch.no_grad():
-        layer.weight.copy_(rand(24, 32, seed=3))
-    layer.use_fused = True
-    for rows in (1, 4, 5, 64):
-        torch.testing.assert_close(layer(rand(rows, 32)), F.linear(rand(rows, 32), layer.weight))
-    assert calls == [1, 4]
-
-
-def test_skinny_gemm_takes_small_weights_of_few_rows():
-    from folovllm.benchmarks.gemm import projection_shapes
-    from folovllm.model_executor.layers.ops.skinny_gemm import uses_skinny_gemm
-
-    def taken(preset, m=1):
-        return {name for name, (k, n) in projection_shapes(preset).items() if uses_skinny_gemm(m, k, n, torch.bfloat16)}
-
-    assert taken("qwen3-0.6b") == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # 4-13 MB; the LM head 311 MB
-    assert taken("llama-3.2-1b") == {"qkv_proj", "o_proj"}
-    assert taken("qwen3-8b") == set()
-    assert taken("qwen3-0.6b", m=5) == set()

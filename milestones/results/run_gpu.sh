@@ -213,10 +213,11 @@ else:
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
       --out "$OUT/M7-throughput-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   skinny)
-    # #11, TPOT: the skinny GEMM (decode batches of <= 4 rows, weights <= 16 MiB) against cuBLAS per projection,
-    # then one decode step kernel by kernel (M3 vs M4), batch-1 TPOT (qwen3-0.6b, llama-3.2-1b, HF alongside),
-    # W (M4 vs M3, 2 repeats), and the mixed workload with the paged kernel's start-up warm-up (triton_compiles
-    # per row must be empty). GPU tests first.
+    # Ran at commit 75aefe3, whose M4 multiplied decode batches of <= 4 rows by weights <= 16 MiB with a Triton
+    # "skinny GEMM" instead of cuBLAS (`bench gemm` timed both per projection). It lost to cuBLAS on every shape
+    # but one and was removed after this run, so `bench gemm` exists at that commit only. The rest: one decode step
+    # kernel by kernel (M3 vs M4), batch-1 TPOT (qwen3-0.6b, llama-3.2-1b, HF alongside), W (M4 vs M3, 2
+    # repeats), and the mixed workload with the paged kernel's start-up warm-up (triton_compiles per row).
     python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_jit_watch.py \
       tests/test_triton_attention.py tests/test_cuda_graph.py -k "skinny or jit or warm_up or gpu" 2>&1 | tail -3
     for m in qwen3-0.6b llama-3.2-1b; do

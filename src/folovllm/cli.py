@@ -122,12 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--no-timeline", action="store_true", help="keep kernel counts and top kernels, not every event")
     stp.add_argument("--out", default=None)
 
-    gmm = bench.add_parser("gemm", help="a model's projections at decode batch sizes: cuBLAS vs the skinny GEMM (GPU)")
-    gmm.add_argument("--model", default="random:qwen3-0.6b")
-    gmm.add_argument("--m", type=int, nargs="+", default=[1, 2, 4])
-    gmm.add_argument("--device", default=None)
-    gmm.add_argument("--out", default=None)
-
     pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
     _engine_args(pfx)
     pfx.add_argument(
@@ -416,10 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **_overrides(args),
                 ),
             )
-        elif args.bench == "gemm":
-            from folovllm.benchmarks.gemm import bench_gemm
-
-            write_results(args.out, bench_gemm(args.model, args.m, args.device))
         elif args.bench == "gptq":
             from folovllm.benchmarks.gptq import bench_gptq
 

@@ -22,6 +22,7 @@ pool and are captured largest first.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class CUDAGraphRunner:
         """Capture every size (largest first, into ``pool`` or a new one shared by all of them);
         records time and device memory taken."""
         start = time.perf_counter()
+        # torch.cuda.graph collects garbage and empties the allocator's cache on entry: do it first, or memory
+        # an earlier, unreferenced engine still held would be returned mid-capture and counted against the graphs.
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.synchronize(self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0]
         reserved_before = torch.cuda.memory_reserved(self.device)

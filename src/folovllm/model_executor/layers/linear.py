@@ -8,8 +8,6 @@ all; HF's separate tensors are copied into row ranges ("shards") of the stack.
 With a ``quant_config`` (M7) a linear method owns the weights instead: it creates
 them (each with a ``weight_loader`` that knows its own shard layout), post-processes
 them after loading and does the matmul, so the model code stays the same.
-On the fast path (M4, ``enable_fused_ops``) a small dense projection of at most
-``SKINNY_MAX_M`` rows (a small decode batch) runs the skinny GEMM kernel.
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from folovllm.model_executor.layers.custom_op import CustomOp
 
 if TYPE_CHECKING:
     from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -33,7 +29,7 @@ def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     target.copy_(loaded)
 
 
-class Linear(CustomOp):
+class Linear(nn.Module):
     """``y = x W^T (+ b)`` with ``W [output_size, input_size]``, or whatever ``quant_config``'s method stores."""
 
     def __init__(
@@ -48,22 +44,10 @@ class Linear(CustomOp):
             self.quant_method.create_weights(self, input_size, output_size)
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
-    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from folovllm.model_executor.layers.ops.skinny_gemm import skinny_gemm, uses_skinny_gemm
-
-        if (
-            self.quant_method is None
-            and x.dim() == 2
-            and x.stride(1) == 1
-            and uses_skinny_gemm(x.shape[0], self.input_size, self.output_size, self.weight.dtype)
-        ):
-            return skinny_gemm(x, self.weight, self.bias)
-        return self.forward_native(x)
 
 
 class MergedLinear(Linear):
