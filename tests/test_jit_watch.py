@@ -1,4 +1,4 @@
-"""``watch_compiles``: counts Triton's post-compile callbacks by kernel, keeps an earlier hook working,
+"""``watch_compiles``: records Triton's post-compile callbacks by kernel and signature, keeps an earlier hook working,
 and puts it back afterwards. On a GPU, a real kernel compiles once per specialization."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def test_counts_by_kernel_and_chains_the_previous_hook(monkeypatch):
         fire("rms_norm")
         fire("rms_norm")
         fire("paged_attention")
-    assert compiled == {"rms_norm": 2, "paged_attention": 1}
+    assert compiled.by_kernel == {"rms_norm": 2, "paged_attention": 1}
+    assert compiled.variants == ["rms_norm", "rms_norm", "paged_attention"]
     assert seen == ["rms_norm", "rms_norm", "paged_attention"]
     assert knobs.runtime.jit_post_compile_hook is previous
 
@@ -46,4 +47,5 @@ def test_counts_one_compile_per_specialization_on_gpu():
         add_one[(1,)](x, 5, BLOCK=64)
         add_one[(1,)](x, 7, BLOCK=64)  # same specialization: no compile
         add_one[(1,)](x, 32, BLOCK=64)  # a multiple of 16: a new specialization
-    assert compiled == {"add_one": 2}
+    assert compiled.by_kernel == {"add_one": 2}
+    assert len(compiled.variants) == 2 and all("add_one[" in v for v in compiled.variants)

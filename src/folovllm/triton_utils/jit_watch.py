@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 try:
     from triton import knobs
@@ -19,19 +20,29 @@ except ImportError:  # no Triton: nothing compiles
     knobs = None
 
 
+@dataclass
+class Compiles:
+    """What compiled: a count per kernel name, and each compilation's signature (the kernel, its launch
+    options and every argument's specialization), which names the variant a warm-up missed."""
+
+    by_kernel: Counter = field(default_factory=Counter)
+    variants: list[str] = field(default_factory=list)
+
+
 @contextmanager
-def watch_compiles() -> Iterator[Counter]:
-    """Count the kernels that ``triton.jit`` compiled (or loaded from its disk cache) inside the block,
-    by kernel name; any hook installed before keeps running."""
-    compiled: Counter = Counter()
+def watch_compiles() -> Iterator[Compiles]:
+    """Record the kernels that ``triton.jit`` compiled (or loaded from its disk cache) inside the block;
+    any hook installed before keeps running."""
+    compiled = Compiles()
     if knobs is None:
         yield compiled
         return
     previous = knobs.runtime.jit_post_compile_hook
 
-    def hook(*, fn, **kwargs):
-        compiled[fn.name.rsplit(".", 1)[-1]] += 1
-        return previous(fn=fn, **kwargs) if previous else None
+    def hook(*, fn, repr, **kwargs):  # noqa: A002 (Triton's keyword)
+        compiled.by_kernel[fn.name.rsplit(".", 1)[-1]] += 1
+        compiled.variants.append(repr)
+        return previous(fn=fn, repr=repr, **kwargs) if previous else None
 
     knobs.runtime.jit_post_compile_hook = hook
     try:
