@@ -235,6 +235,16 @@ else:
       --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 --collect-step-stats \
       --milestone M5@12 M4@12 M4 M5 M5/budget=4096 --out "$OUT/M5-warmed-$gpu.json" > "$OUT/serve.log" 2>&1
     echo "serve: exit $?" ;;
+  jitvariants)
+    # Not yet run. Which paged-kernel variants the start-up warm-up still misses: the rows of stage skinny that
+    # compiled mid-run, now with each compilation's signature (triton_compiled_variants), then the GPU tests
+    # touched last (graph memory measured after emptying the allocator's cache; the JIT hook on real kernels).
+    python3 -m pytest -q -p no:cacheprovider tests/test_jit_watch.py tests/test_cuda_graph.py -k gpu 2>&1 | tail -3
+    timeout 110 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 --workload mixed \
+      --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --request-rate 16 --seed 0 \
+      --milestone M5@12 M4@12 M4 M5 M5/budget=4096 --out "$OUT/M5-jit-variants-$gpu.json" > /dev/null 2>&1
+    timeout 100 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 2 \
+      --milestone M4 --out "$OUT/M4-jit-variants-W-$gpu.json" > /dev/null 2>&1; echo "jit: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'
