@@ -29,6 +29,10 @@ def test_counts_by_kernel_and_chains_the_previous_hook(monkeypatch):
         fire("paged_attention")
     assert compiled.by_kernel == {"rms_norm": 2, "paged_attention": 1}
     assert compiled.variants == ["rms_norm", "rms_norm", "paged_attention"]
+    assert compiled.record() == {
+        "triton_compiles": {"rms_norm": 2, "paged_attention": 1},
+        "triton_compiled_variants": ["rms_norm", "rms_norm", "paged_attention"],
+    }
     assert seen == ["rms_norm", "rms_norm", "paged_attention"]
     assert knobs.runtime.jit_post_compile_hook is previous
 

@@ -293,8 +293,7 @@ def run_inprocess(
                     run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)
                 )
             row = {**about, "request_rate": rate, **summarize(results, duration), **_engine_records(llm.llm_engine)}
-            row["triton_compiles"] = dict(compiled.by_kernel)  # kernels JIT-compiled while this rate ran (should be none)
-            row["triton_compiled_variants"] = compiled.variants
+            row.update(compiled.record())  # kernels JIT-compiled while this rate ran
             runs.append((row, results))
     finally:
         engine.shutdown(drain=False)

@@ -114,8 +114,7 @@ def run_config(
         "repeats": repeat,
         "elapsed_s": elapsed,
         "elapsed_s_runs": [t for t, _ in runs],
-        "triton_compiles": dict(compiled.by_kernel),  # kernels JIT-compiled inside the measured runs (should be none)
-        "triton_compiled_variants": compiled.variants,
+        **compiled.record(),  # kernels JIT-compiled inside the measured runs
         "requests_per_s": len(prompts) / elapsed,
         "output_tokens": out_tokens,
         "output_tokens_per_s": out_tokens / elapsed,

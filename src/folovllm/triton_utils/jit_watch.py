@@ -28,6 +28,10 @@ class Compiles:
     by_kernel: Counter = field(default_factory=Counter)
     variants: list[str] = field(default_factory=list)
 
+    def record(self) -> dict:
+        """The fields a benchmark row carries (both empty when nothing compiled, as a measured run should)."""
+        return {"triton_compiles": dict(self.by_kernel), "triton_compiled_variants": self.variants}
+
 
 @contextmanager
 def watch_compiles() -> Iterator[Compiles]:

@@ -216,12 +216,12 @@ def warm_up_paged_attention(kv_cache: torch.Tensor, spec: AttentionSpec, block_t
     how many variants were launched.
     """
     device, block_size = kv_cache.device, kv_cache.shape[2]
-    q_tile = plan_paged_attention(spec, block_size, device, num_seqs=1, max_query_len=2, max_seq_len=2).q_tile
+    one_tile = plan_paged_attention(spec, block_size, device, num_seqs=1, max_query_len=2, max_seq_len=2)
+    longest = one_tile.q_tile + 1  # two tiles: the binary-search variant
     launches = [
         (plan_paged_attention(spec, block_size, device, 1, 1, 1, num_splits=2**i), 1) for i in range(MAX_SPLITS.bit_length())
     ]  # decode tiles, every split count
-    launches += [(plan_paged_attention(spec, block_size, device, 1, q, q), q) for q in (2, q_tile + 1)]  # no search, search
-    longest = q_tile + 1
+    launches += [(one_tile, 2), (plan_paged_attention(spec, block_size, device, 1, longest, longest), longest)]
     # Every row reads block 0; the table has the engine's row stride but room for the longest query's blocks.
     table = torch.zeros(max(block_table_width, cdiv(longest, block_size)), dtype=torch.int32, device=device)
     block_table = table.as_strided((1, block_table_width), (block_table_width, 1))
