@@ -608,15 +608,21 @@ def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
     assert sched.num_target_out_of_reach == 0
 
 
-def test_dynamic_chunk_sizing_prices_the_eager_step_and_gives_up_a_target_out_of_reach():
+def test_dynamic_chunk_sizing_prices_the_eager_step_and_gives_up_a_target_out_of_reach(caplog):
     """With a 12 ms cost for any step that carries a prefill, a 20 ms target is held by smaller chunks; a 10 ms
-    target cannot be held by any mixed step, so the token budget sizes the chunks (no prompt is starved)."""
+    target cannot be held by any mixed step, so the token budget sizes the chunks (no prompt is starved), and
+    the engine says so once."""
     sched, held = run_timed(20.0, eager_step_time)
     assert sched.cost_model.coef == pytest.approx([2e-3, 12e-3, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)
     assert max(held[30:]) <= 20e-3 and sched.num_target_out_of_reach == 0
     _, fixed = run_timed(None, eager_step_time)
-    sched, given_up = run_timed(10.0, eager_step_time)
+    with caplog.at_level("WARNING", logger="folovllm.core.sched.scheduler"):
+        sched, given_up = run_timed(10.0, eager_step_time)
     assert sched.num_target_out_of_reach > 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "target_itl_ms=10 is below what any step carrying a prompt costs here (14.0 ms by the fitted model): "
+        "prompt chunks fall back to max_num_batched_tokens"
+    ]
     mixed = [t for t in given_up[30:] if t > 14e-3 - 1e-9]  # every step with a prefill is over 10 ms
     assert len(mixed) <= len([t for t in fixed[30:] if t > 14e-3 - 1e-9])  # no more of them than the fixed budget
 
@@ -640,10 +646,12 @@ def test_chunking_options_are_validated(kwargs, message):
         SchedulerConfig(**kwargs)
 
 
-def test_cost_model_without_prefills_in_its_window_is_not_ready_and_never_raises():
+def test_cost_model_keeps_its_last_full_fit_through_decode_only_stretches_and_never_raises():
     """On the H200 a window of decode-only steps left the prefill column all zero; scaled by its maximum it
     became NaN and least squares raised inside the scheduler (requests failed). Such a window is rank-deficient:
-    the model is simply not ready until a step with a prefill arrives again."""
+    the model is not ready until it has seen a full window once, and afterwards keeps that fit through
+    decode-only stretches (dropping it sized the next prompt by the token budget alone: one whole-budget
+    chunk, the H200's p99 ITL outliers of the dynamic mode)."""
     from folovllm.core.sched.cost_model import StepCostModel
 
     model = StepCostModel(window=16, min_samples=8)
@@ -654,13 +662,16 @@ def test_cost_model_without_prefills_in_its_window_is_not_ready_and_never_raises
     def mixed(i: int) -> list[tuple[int, int]]:
         return decode(i) + [(64 + 8 * i, 500 + 50 * i)]
 
-    for i in range(12):
-        for shapes in (decode(i), mixed(i)):
-            model.observe(shapes, linear_step_time(shapes))
-    assert model.ready
-    for i in range(16):  # only decodes: the prefill column leaves the window
+    for i in range(16):  # only decodes: rank-deficient from the start
         model.observe(decode(i), linear_step_time(decode(i)))
     assert not model.ready
+    for i in range(12):
+        for shapes in (decode(i), mixed(i)):
+            model.observe(shapes, 2 * linear_step_time(shapes))  # a first, slower regime
+    assert model.ready and model.coef == pytest.approx([4e-3, 0.0, 2e-5, 2e-7, 2e-8], rel=1e-6, abs=1e-12)
+    for i in range(16):  # only decodes: the prefill column leaves the window, the fit stays
+        model.observe(decode(i), linear_step_time(decode(i)))
+    assert model.ready and model.coef == pytest.approx([4e-3, 0.0, 2e-5, 2e-7, 2e-8], rel=1e-6, abs=1e-12)
     for i in range(6):
         model.observe(mixed(i), linear_step_time(mixed(i)))
     assert model.ready and model.coef == pytest.approx([2e-3, 0.0, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)

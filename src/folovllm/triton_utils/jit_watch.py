@@ -33,6 +33,24 @@ class Compiles:
         return {"triton_compiles": dict(self.by_kernel), "triton_compiled_variants": self.variants}
 
 
+def describe_variant(repr: str, compile: dict) -> str:  # noqa: A002 (Triton's keywords)
+    """One compilation as ``kernel[launch options](arg: type/specialization, ..., CONST=value, ...)``.
+
+    Triton 3.6's own ``repr`` pairs the parameters with the characters of its cache key's
+    string (``Q: (``); this reads the signature, the constexprs and the specialization
+    attributes (``tt.divisibility`` 16: a pointer or integer multiple of 16; an integer
+    equal to 1 becomes a constant) that the hook also receives."""
+    signature = compile.get("signature")
+    if not isinstance(signature, dict):
+        return repr
+    names = list(signature)
+    attrs = (compile.get("configs") or [{}])[0]
+    marks = {names[k[0]]: "/16" for k, v in attrs.items() if len(k) == 1 and k[0] < len(names) and v}
+    args = [f"{n}: {t}{marks.get(n, '')}" for n, t in signature.items() if t != "constexpr"]
+    consts = [f"{names[k[0]]}={v}" for k, v in (compile.get("constants") or {}).items() if len(k) == 1 and k[0] < len(names)]
+    return f"{repr.split('](')[0]}]({', '.join(args + consts)})"
+
+
 @contextmanager
 def watch_compiles() -> Iterator[Compiles]:
     """Record the kernels that ``triton.jit`` compiled (or loaded from its disk cache) inside the block;
@@ -45,7 +63,7 @@ def watch_compiles() -> Iterator[Compiles]:
 
     def hook(*, fn, repr, **kwargs):  # noqa: A002 (Triton's keyword)
         compiled.by_kernel[fn.name.rsplit(".", 1)[-1]] += 1
-        compiled.variants.append(repr)
+        compiled.variants.append(describe_variant(repr, kwargs.get("compile") or {}))
         return previous(fn=fn, repr=repr, **kwargs) if previous else None
 
     knobs.runtime.jit_post_compile_hook = hook

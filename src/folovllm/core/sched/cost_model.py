@@ -14,7 +14,10 @@ Without ``cp`` an eager forward is blamed on whatever grows with prefills (conte
 reads) and prefills are then allowed almost nothing. The scheduler feeds it every measured step
 and asks how many prefill tokens still fit under a target step time.
 Decode-only steps cannot tell ``c2`` from ``c3`` (``q_i = 1``), so the model
-answers only once the steps it saw span every feature (``ready``).
+answers only once the steps it saw span every feature (``ready``), and a window
+that stops spanning them (a stretch of decode-only steps) keeps the last full fit:
+otherwise the prompt that ends such a stretch would be sized by the token budget
+alone, one whole-budget chunk, the very stall the target exists to prevent.
 """
 
 from __future__ import annotations
@@ -57,9 +60,11 @@ class StepCostModel:
 
     @property
     def coef(self) -> np.ndarray | None:
-        """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0), or None until ``ready``."""
+        """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0) from the latest window that
+        spanned every feature, or None until one has."""
         if self._stale:
-            self._coef = self._fit()
+            fitted = self._fit()
+            self._coef = self._coef if fitted is None else fitted
             self._stale = False
         return self._coef
 

@@ -13,6 +13,7 @@ It never touches a tensor.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
 from folovllm.exceptions import InvalidTypeError
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 # Dynamic chunk sizing: the first chunk of a step gets at least this many tokens, so prompts
 # still progress when the decodes alone already take the whole target time.
@@ -197,7 +200,13 @@ class Scheduler:
         """No step that carries a prefill can meet ``target_itl_ms``, whatever its chunk: the target is then
         given up for the token budget, since slicing prompts thinner would only make more such steps."""
         model = self.cost_model
-        out = float(model.coef[0]) + model.prefill_cost >= self.config.target_itl_ms / 1e3
+        floor = float(model.coef[0]) + model.prefill_cost
+        out = floor >= self.config.target_itl_ms / 1e3
+        if out and not self.num_target_out_of_reach:
+            logger.warning(
+                "target_itl_ms=%g is below what any step carrying a prompt costs here (%.1f ms by the fitted "
+                "model): prompt chunks fall back to max_num_batched_tokens", self.config.target_itl_ms, floor * 1e3,
+            )  # fmt: skip
         self.num_target_out_of_reach += out
         return out
 
