@@ -245,6 +245,23 @@ else:
       --milestone M5@12 M4@12 M4 M5 M5/budget=4096 --out "$OUT/M5-jit-variants-$gpu.json" > /dev/null 2>&1
     timeout 100 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 2 \
       --milestone M4 --out "$OUT/M4-jit-variants-W-$gpu.json" > /dev/null 2>&1; echo "jit: exit $?" ;;
+  gptqfloat)
+    # M7, the codes turned into floats by a shift and one AND-OR (1 + q/2^bits, commit in the JSON): kernel tests
+    # on the GPU, then the decode-plan sweep, kernels vs cuBLAS, memory and batch-1 TPOT (as stage gptq).
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_jit_watch.py -k "kernel or gpu" 2>&1 | tail -2
+    timeout 400 python3 -m folovllm bench gptq --sweep --out "$OUT/M7-float-codes-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  m5dynamic2)
+    # M5 dynamic chunk sizing after the cost model kept its last full fit through decode-only stretches: on
+    # qwen3-0.6b (16 req/s) beside budgets 256 and 512; on qwen3-8b (8 req/s), whose decode-only step alone takes
+    # ~10 ms, targets 15 / 20 / 30 ms beside the same budgets. M4@12 also names the variant the warm-up misses.
+    s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
+    timeout 200 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate 16 \
+      --milestone M5@12 M4@12 M5/budget=256 M5 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
+      --out "$OUT/M5-dynamic-kept-fit-$gpu.json" > "$OUT/dyn06.log" 2>&1; echo "0.6b: exit $?"
+    timeout 330 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 $s --request-rate 8 \
+      --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 M5/budget=8192/itl=30 \
+      --out "$OUT/M5-dynamic-kept-fit-qwen3-8b-$gpu.json" > "$OUT/dyn8b.log" 2>&1; echo "8b: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

@@ -1,7 +1,7 @@
 """The W4A16 GPTQ matmul in Triton: the kernel only (layout, planning and launch live in ``gptq_gemm.py``).
 
 ``Out [M, N] = X [M, K] @ W [K, N] (+ bias)`` where ``W`` exists only as packed codes: each program
-loads a tile of 32-bit words, shifts and masks them into codes in registers, and feeds them to
+loads a tile of 32-bit words, shifts and masks them into floats in registers (``_codes_as_floats``), and feeds them to
 ``tl.dot``. No dequantized copy of the weight is ever written, so a decode step reads
 ``bits / 16`` of the bytes a bf16 matmul reads.
 
@@ -33,6 +33,21 @@ def _x_slice(x_rows, Perm, k, K, m_ok, HAS_PERM: tl.constexpr):
     else:
         k_x = k
     return tl.load(x_rows + k_x[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _codes_as_floats(words, J: tl.constexpr, BITS: tl.constexpr):
+    """Bit field ``J`` of each word as the fp32 ``1 + q / 2^BITS``: the field moved to the top of the
+    mantissa of 1.0 and reinterpreted. A shift and one AND-OR (a single LOP3) per weight, where
+    ``(words >> J*BITS) & MAXQ`` then a conversion to float costs a shift, an AND and a slow I2F
+    (or an OR and a subtract for the 2^23 trick). Callers undo the affine map once per group:
+    ``q = 2^BITS (v - 1)``."""
+    SHIFT: tl.constexpr = 23 - BITS - J * BITS
+    if SHIFT >= 0:
+        moved = words << SHIFT
+    else:
+        moved = words >> -SHIFT
+    return ((moved & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -81,7 +96,7 @@ def _gptq_gemm_kernel(
     column of X each weight row multiplies.
     """
     PACK: tl.constexpr = 32 // BITS
-    MAXQ: tl.constexpr = (1 << BITS) - 1
+    OFFSET: tl.constexpr = (1 << BITS) if BITS < 8 else 0  # the 2^BITS (v - 1) = q form's constant term
     ROWS: tl.constexpr = 16
     BLOCK_K: tl.constexpr = ROWS * PACK
     pid_m = tl.program_id(0)
@@ -102,18 +117,21 @@ def _gptq_gemm_kernel(
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in tl.static_range(PACK):  # unrolled: every `if` on j below is decided at compile time
             x = _x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM)
-            # Codes are small integers, exact in any float type. (Through fp32: Triton 3.6's CPU
-            # interpreter casts int32 to bf16 bit for bit; on a GPU the two casts cost what one does.)
-            q = ((words >> (j * BITS)) & MAXQ).to(tl.float32)
+            v = _codes_as_floats(words, j, BITS)
+            if BITS >= 8:  # 1 + q/256 needs 9 significant bits, bf16 holds 8; q/256 fits
+                v = v - 1.0
             if j % SLICES_PER_GROUP == 0:  # a group starts at this slice
                 s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
+                s_v = s * (1 << BITS)  # s (q - z) = s_v v - s_0
+                s_0 = s * (OFFSET + z)
             if DEQUANT_TILES:
-                acc = tl.dot(x, ((q - z[None, :]) * s[None, :]).to(x.dtype), acc, input_precision=DOT_PRECISION)
+                w = v * s_v[None, :] - s_0[None, :]
+                acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
             else:
-                part = tl.dot(x, q.to(x.dtype), part, input_precision=DOT_PRECISION)
+                part = tl.dot(x, v.to(x.dtype), part, input_precision=DOT_PRECISION)
                 x_sum += tl.sum(x.to(tl.float32), axis=1)
                 if (j + 1) % SLICES_PER_GROUP == 0:  # the group's last slice
-                    acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+                    acc += part * s_v[None, :] - x_sum[:, None] * s_0[None, :]
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
@@ -176,12 +194,10 @@ def _gptq_gemv_kernel(
 
     A tensor-core tile would pad one row of X to 16; here each code is used where it sits, with plain
     fused multiply-adds into a ``[BLOCK_M, 16, BLOCK_N]`` accumulator that is reduced over its 16 rows
-    once, at the end. Per weight that is a shift, a mask, an OR and a subtract (the code becomes a float
-    by setting it into the mantissa of 2^23, which avoids the slow integer-to-float conversion) and one
-    FMA; scales and zero points touch the accumulator once per group, as in the decode branch above.
+    once, at the end. Per weight that is a shift and an AND-OR (``_codes_as_floats``) and one FMA; scales
+    and zero points touch the accumulator once per group, as in the decode branch above.
     """
     PACK: tl.constexpr = 32 // BITS
-    MAXQ: tl.constexpr = (1 << BITS) - 1
     ROWS: tl.constexpr = 16
     BLOCK_K: tl.constexpr = ROWS * PACK
     split = tl.program_id(2)
@@ -200,13 +216,15 @@ def _gptq_gemv_kernel(
         x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
         for j in tl.static_range(PACK):
             x = _x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM).to(tl.float32)
-            q = (((words >> (j * BITS)) & MAXQ) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            v = _codes_as_floats(words, j, BITS)
             if j % SLICES_PER_GROUP == 0:
                 s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
-            part += q[None, :, :] * x[:, :, None]
+                s_v = s * (1 << BITS)
+                s_0 = s * ((1 << BITS) + z)
+            part += v[None, :, :] * x[:, :, None]
             x_sum += x
             if (j + 1) % SLICES_PER_GROUP == 0:
-                acc += (part - x_sum[:, :, None] * z[None, None, :]) * s[None, None, :]
+                acc += part * s_v[None, None, :] - x_sum[:, :, None] * s_0[None, None, :]
                 part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
                 x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
     _store_tile(tl.sum(acc, axis=1), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
