@@ -210,8 +210,14 @@ def _gptq_gemv_kernel(
     last_group = (K - 1) // GROUP_SIZE
     acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
     first = split * blocks_per_split
-    for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
-        words = tl.load(QWeight + (blk * ROWS + t)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))
+    word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
+    upcoming = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
+    for blk in range(first, last):
+        # The next block's words are requested before this one's arithmetic, so one load is always in
+        # flight behind the math (Triton pipelines loads that feed tl.dot, not these).
+        words = upcoming
+        upcoming = tl.load(word_rows + (blk + 1 - first) * ROWS * N, mask=n_ok[None, :] & (blk + 1 < last), other=0)
         part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
         for j in tl.static_range(PACK):
