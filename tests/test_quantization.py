@@ -504,3 +504,16 @@ def test_gptq_sweep_picks_and_saves_the_fastest_correct_plan(monkeypatch, tmp_pa
     assert path == tmp_path / "gptq_decode_NVIDIA_Test_GPU.json"
     assert ops._tuned_plans(path) == {"bits=4,m=1,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1)}
     assert ops.tuned_key(4, 3, 256, 64) == "bits=4,m=4,k=256,n=64" and ops.tuned_key(4, 9, 1, 2).startswith("bits=4,m=16")
+
+
+def test_word_stream_reads_what_each_split_of_the_gemv_reads():
+    """``bench gptq``'s load-only twin of the GEMV: per split, the XOR of exactly the words that split walks."""
+    from folovllm.benchmarks.word_stream import stream_words
+
+    gen = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (5 * 16, 40), dtype=torch.int32, generator=gen)  # 5 blocks
+    plan = GemmPlan(1, 32, False, 3, 2, 4, 1, gemv=True)  # splits of 2, 2 and 1 blocks; two column tiles
+    out = stream_words(qweight.to(DEVICE), plan).cpu()
+    blocks = qweight.view(5, 16, 40).numpy()
+    expected = [np.bitwise_xor.reduce(blocks[2 * s : 2 * s + 2].reshape(-1, 40), axis=0) for s in range(3)]
+    assert torch.equal(out, torch.from_numpy(np.stack(expected)))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s, measure_copy_bandwidth, median_time_s
+from folovllm.benchmarks.word_stream import stream_words
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     GEMV_MAX_M,
     GemmPlan,
@@ -150,6 +151,10 @@ def bench_gptq_kernel(
                 "max_rel_err_vs_reference": ops.max_rel_err(x),
                 "plan": dict(plan.__dict__),
             }
+            if plan.gemv and device.type == "cuda":  # the same launch with the arithmetic taken out
+                words_s = graph_time_s([partial(stream_words, layer["qweight"], plan) for layer in ops.layers], device)
+                qweight_bytes = ops.layers[0]["qweight"].numel() * 4
+                row |= {"words_only_us": words_s * 1e6, "words_only_GBps": qweight_bytes / words_s / 1e9}
             if m <= 16 and device.type == "cuda":
                 args = ops.args(ops.layers[0])
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
