@@ -251,6 +251,11 @@ else:
     python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_jit_watch.py -k "kernel or gpu" 2>&1 | tail -2
     timeout 400 python3 -m folovllm bench gptq --sweep --out "$OUT/M7-float-codes-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  gptqwords)
+    # M7: the kernels at M = 1 and 16 with the plans tuned by stage gptqfloat's successor (commit f85870f), and at
+    # M = 1 the GEMV's load-only twin (words_only_*): is the launch shape or the arithmetic the limit?
+    timeout 200 python3 -m folovllm bench gptq --kernels-only --m 1 16 --out "$OUT/M7-words-only-$gpu.json" \
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?" ;;
   m5dynamic2)
     # M5 dynamic chunk sizing after the cost model kept its last full fit through decode-only stretches: on
     # qwen3-0.6b (16 req/s) beside budgets 256 and 512; on qwen3-8b (8 req/s), whose decode-only step alone takes
