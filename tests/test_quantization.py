@@ -289,7 +289,7 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
     [
         (1, None, None, None),  # the default plan: the FMA kernel, one split on CPU
         (1, 3, False, True),  # FMA kernel, split-K
-        (3, 2, False, True),  # FMA kernel, rows of X padded to a 4-row tile
+        (3, 2, False, True),  # FMA kernel, one program per row of X
         (4, 3, False, False),
         (16, 2, False, False),  # decode: tl.dot, scales applied per group, split-K
         (33, None, None, None),
@@ -305,7 +305,7 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     if split_k is None:
         plan = None
     elif gemv:
-        plan = GemmPlan(1 << (m - 1).bit_length(), 64, False, split_k, -(-k_blocks // split_k), 4, 1, gemv=True)
+        plan = GemmPlan(1, 64, False, split_k, -(-k_blocks // split_k), 4, 1, gemv=True)
     else:
         block = 32 if dequant_tiles else 16
         plan = GemmPlan(block, 32 if dequant_tiles else 64, dequant_tiles, split_k, -(-k_blocks // split_k), 4, 1)

@@ -256,6 +256,11 @@ else:
     # M = 1 the GEMV's load-only twin (words_only_*): is the launch shape or the arithmetic the limit?
     timeout 200 python3 -m folovllm bench gptq --kernels-only --m 1 16 --out "$OUT/M7-words-only-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?" ;;
+  gptqrow)
+    # M7: the GEMV with its accumulator in the words' layout (one row of X per program): the decode-plan sweep,
+    # kernels at M = 1..64 (with the load-only twin at M = 1), memory and batch-1 TPOT.
+    timeout 330 python3 -m folovllm bench gptq --sweep --m 1 4 16 64 --out "$OUT/M7-gemv-layout-$gpu.json" \
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   m5dynamic2)
     # M5 dynamic chunk sizing after the cost model kept its last full fit through decode-only stretches: on
     # qwen3-0.6b (16 req/s) beside budgets 256 and 512; on qwen3-8b (8 req/s), whose decode-only step alone takes

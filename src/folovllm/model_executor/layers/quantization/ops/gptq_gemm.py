@@ -86,7 +86,7 @@ class GemmPlan:
     blocks_per_split: int
     num_warps: int
     num_stages: int
-    gemv: bool = False  # the FMA kernel (``block_m`` rows of X per program) instead of the tl.dot one
+    gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
 
 
 @cache

@@ -190,25 +190,29 @@ def _gptq_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Decode at M <= 4 without ``tl.dot``: ``BLOCK_M`` rows of X against ``BLOCK_N`` columns over one K range.
+    """Decode without ``tl.dot``: one row of X (``BLOCK_M`` = 1) against ``BLOCK_N`` columns over one K range.
 
     A tensor-core tile would pad one row of X to 16; here each code is used where it sits, with plain
-    fused multiply-adds into a ``[BLOCK_M, 16, BLOCK_N]`` accumulator that is reduced over its 16 rows
-    once, at the end. Per weight that is a shift and an AND-OR (``_codes_as_floats``) and one FMA; scales
-    and zero points touch the accumulator once per group, as in the decode branch above.
+    fused multiply-adds into a ``[16, BLOCK_N]`` accumulator laid out like the ``[16, BLOCK_N]`` tile of
+    words, reduced over its 16 rows once, at the end. (A ``[BLOCK_M, 16, BLOCK_N]`` accumulator for
+    several rows of X took another layout than the words, and Triton moved every slice of codes between
+    the two through shared memory, with barriers: that, not the arithmetic, set this kernel's pace.)
+    Per weight: a shift and an AND-OR (``_codes_as_floats``) and one FMA; scales and zero points touch
+    the accumulator once per group, as in the decode branch above.
     """
+    tl.static_assert(BLOCK_M == 1, "the GEMV computes one row of X per program")
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = 16
     BLOCK_K: tl.constexpr = ROWS * PACK
     split = tl.program_id(2)
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(0)
+    rm = row + tl.arange(0, 1)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
     n_ok = rn < N
     t = tl.arange(0, ROWS)
-    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    x_row = X + row.to(tl.int64) * stride_xm
     last_group = (K - 1) // GROUP_SIZE
-    acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))
     word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
@@ -218,19 +222,22 @@ def _gptq_gemv_kernel(
         # flight behind the math (Triton pipelines loads that feed tl.dot, not these).
         words = upcoming
         upcoming = tl.load(word_rows + (blk + 1 - first) * ROWS * N, mask=n_ok[None, :] & (blk + 1 < last), other=0)
-        part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for j in tl.static_range(PACK):
-            x = _x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM).to(tl.float32)
+            k = blk * BLOCK_K + j * ROWS + t
+            k_x = tl.load(Perm + k, mask=k < K, other=0) if HAS_PERM else k
+            x = tl.load(x_row + k_x, mask=k < K, other=0.0).to(tl.float32)
             v = _codes_as_floats(words, j, BITS)
             if j % SLICES_PER_GROUP == 0:
                 s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
                 s_v = s * (1 << BITS)
                 s_0 = s * ((1 << BITS) + z)
-            part += v[None, :, :] * x[:, :, None]
+            part += v * x[:, None]
             x_sum += x
             if (j + 1) % SLICES_PER_GROUP == 0:
-                acc += part * s_v[None, None, :] - x_sum[:, :, None] * s_0[None, None, :]
-                part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
-                x_sum = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
-    _store_tile(tl.sum(acc, axis=1), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
+                acc += part * s_v[None, :] - x_sum[:, None] * s_0[None, :]
+                part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                x_sum = tl.zeros((ROWS,), dtype=tl.float32)
+    out = tl.sum(acc, axis=0)[None, :]
+    _store_tile(out, Out, Bias, Partials, Counters, rm, rn, rm < M, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
