@@ -83,6 +83,21 @@ def test_interleaved_rows_are_gathered_by_index():
     torch.testing.assert_close(out_f, out_n, atol=ATOL[torch.float32], rtol=0)
     split = split_rows(md, AttentionSpec.of(q, k))
     assert split.fresh_tokens.tolist() == [0, 1, 2, 3, 5, 6, 7] and split.cached_tokens.tolist() == [4, 8]
+    table = split.cached.common.block_table  # gathered, with the step table's row stride (one kernel variant)
+    assert torch.equal(table, md.block_table[[1, 3]]) and table.stride(0) == md.block_table.stride(0)
+
+
+def test_cached_rows_keep_the_block_tables_row_stride():
+    """The engine's block table is a view of a persistent ``[max_seqs, max_blocks]`` buffer; a gathered copy
+    would have the step's width as stride, and the paged kernel compiles a variant per stride divisibility."""
+    from folovllm.attention.backends.flash_attn import rows_of
+
+    persistent = torch.arange(4 * 48, dtype=torch.int32).view(4, 48)
+    step = persistent[:, :5]  # stride 48, width 5
+    assert rows_of(step, [1, 2]).data_ptr() == step[1].data_ptr()  # consecutive: a view
+    for rows in ([1, 2], [0, 3], [2, 0]):
+        got = rows_of(step, rows)
+        assert torch.equal(got, step[rows]) and got.stride() == (48, 1)
 
 
 def test_cacheless_prefill_is_one_fa2_call_and_cached_rows_need_a_cache():

@@ -51,6 +51,16 @@ class FlashAttentionMetadata:
     cached: TritonAttentionMetadata | None
 
 
+def rows_of(table: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``table[rows]`` with ``table``'s row stride. The paged kernel compiles one variant per
+    divisibility of that stride, and the engine warms up the one its persistent table has; a
+    gathered copy's stride is the step's width (on the H200: compiles in mid-serving)."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return table[rows[0] : rows[-1] + 1]
+    out = torch.empty(len(rows), table.stride(0), dtype=table.dtype, device=table.device)[:, : table.shape[1]]
+    return out.copy_(table[torch.tensor(rows, device=table.device)])
+
+
 def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMetadata:
     """Fresh prefills (``query_len == seq_len``) to FA2, every row with a cached context to the paged kernel."""
     device = md.seq_lens.device
@@ -83,7 +93,7 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
             part = AttentionMetadata(
                 query_start_loc=cu(cached),
                 seq_lens=md.seq_lens[rows],
-                block_table=md.block_table[rows],
+                block_table=rows_of(md.block_table, cached),
                 slot_mapping=None,
                 query_lens_cpu=[md.query_lens_cpu[b] for b in cached],
                 seq_lens_cpu=[md.seq_lens_cpu[b] for b in cached],
