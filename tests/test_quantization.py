@@ -324,6 +324,8 @@ def test_kernel_refuses_bad_shapes():
         gptq_gemm(torch.randn(1, 256), qweight, scales[:1].contiguous(), zeros, None, None, 4, 128)
     with pytest.raises(ValueError, match="group_size must be -1 or a power of two >= 16, got 8"):
         gptq_gemm(torch.randn(1, 256), qweight, scales, zeros, None, None, 4, 8)
+    with pytest.raises(ValueError, match="a GEMV plan runs one row of X per program: block_m must be 1, got 4"):
+        gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128, GemmPlan(4, 64, False, 1, 2, 4, 1, True))
 
 
 # ---------------------------------------------------------------- the algorithms
@@ -484,6 +486,8 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     assert all(p.block_m == (1 if p.gemv else 16) for p in plans)
     assert {p.block_n for p in plans} == {64, 128, 256} and max(p.split_k for p in plans) > 1
     assert not any(p.gemv for p in sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu")))
+    at_four = sweep_plans(4, 4096, 4096, 4, 132, torch.device("cpu"))
+    assert any(p.gemv for p in at_four) and all(p.block_m == (1 if p.gemv else 16) for p in at_four)
 
 
 def test_gptq_sweep_picks_and_saves_the_fastest_correct_plan(monkeypatch, tmp_path):

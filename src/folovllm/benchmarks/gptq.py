@@ -170,7 +170,7 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     k_blocks = cdiv(k, block_rows(bits))
     plans = [plan_gptq_gemm(m, n, k, bits, device)]
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
-        block_m = 1 << (m - 1).bit_length() if gemv else 16
+        block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program
         for block_n in (64, 128, 256):
             for warps in (4, 8):
                 for per_sm in (2, 8):

@@ -189,6 +189,8 @@ def launch_gptq_gemm(
     m, k = x.shape
     n = qweight.shape[1]
     plan = plan or plan_gptq_gemm(m, n, k, bits, x.device)
+    if plan.gemv and plan.block_m != 1:
+        raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out
