@@ -521,3 +521,18 @@ def test_word_stream_reads_what_each_split_of_the_gemv_reads():
     blocks = qweight.view(5, 16, 40).numpy()
     expected = [np.bitwise_xor.reduce(blocks[2 * s : 2 * s + 2].reshape(-1, 40), axis=0) for s in range(3)]
     assert torch.equal(out, torch.from_numpy(np.stack(expected)))
+
+
+def test_gemv_codes_never_change_layout_inside_the_k_loop():
+    """Compiled for an H200 on this CPU (Triton's passes run anywhere): inside the K loop no ``[16, BLOCK_N]``
+    tile moves between layouts. The FMA kernel's first accumulator, ``[BLOCK_M, 16, BLOCK_N]``, took another
+    layout than the words, so every slice of codes went through shared memory (66 barriers in its PTX, the
+    kernel at ~1x bf16 on the H200; with the 2-D accumulator, 11 barriers and 1.33-1.66x)."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_gemv
+
+    plan = GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True)
+    asm = compile_gemv(plan)
+    loop = asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
+    moved = [line for line in loop.splitlines() if "convert_layout" in line and "tensor<16x128x" in line]
+    assert "tt.load" in loop and not moved
+    assert asm["ptx"].count("bar.sync") <= 16

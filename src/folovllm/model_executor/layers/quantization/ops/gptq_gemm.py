@@ -215,6 +215,22 @@ def launch_gptq_gemm(
     return out
 
 
+def compile_gemv(plan: GemmPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
+    """The FMA kernel as ``launch_gptq_gemm`` runs ``plan`` on bf16 activations, compiled for an NVIDIA GPU of
+    compute capability ``capability`` on any machine (``compile_for_gpu``): its layouts, barriers and loop."""
+    from folovllm.triton_utils.offline_compile import compile_for_gpu
+
+    pointers = dict(X="*bf16", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias="*bf16",
+                    Out="*bf16", Partials="*fp32", Counters="*i32")  # fmt: skip
+    types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
+    constexprs = dict(
+        BITS=bits, GROUP_SIZE=group_size, SLICES_PER_GROUP=min(max(group_size // SLICE_ROWS, 1), 32 // bits),
+        HAS_PERM=False, HAS_BIAS=False, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=plan.split_k,
+    )  # fmt: skip
+    return compile_for_gpu(_gptq_gemv_kernel, types, constexprs, ("N", "K", "stride_xm"), capability,
+                           plan.num_warps, plan.num_stages)  # fmt: skip
+
+
 def gptq_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -1,0 +1,76 @@
+"""Compile a Triton kernel for an NVIDIA GPU on a machine without one, to read what the compiler made of it.
+
+Triton's front end, its GPU passes and LLVM all run on the CPU; only running the result needs
+the GPU. The intermediate text answers questions a timing cannot: which layout each tensor got,
+where values move between layouts through shared memory (``convert_layout`` in TTGIR, then
+``bar.sync`` barriers in PTX), how many instructions the inner loop holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import triton
+from triton.runtime.jit import JITFunction
+
+STAGES = ("ttir", "ttgir", "llir", "ptx")
+
+
+def compile_for_gpu(
+    kernel: Any,
+    types: dict[str, str],
+    constexprs: dict[str, Any],
+    divisible_by_16: tuple[str, ...] = (),
+    capability: int = 90,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> dict[str, str]:
+    """``{stage: text}`` (``ttir``, ``ttgir``, ``llir``, ``ptx``) of ``kernel`` compiled for compute capability
+    ``capability``. ``types`` gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``),
+    ``constexprs`` every constexpr's value; pointers and the integers named in ``divisible_by_16`` are
+    specialized as 16-divisible, as launches with aligned tensors and round sizes are.
+
+    Under ``TRITON_INTERPRET=1`` (our CPU tests and notebooks) ``@triton.jit`` made an interpreted
+    function, which cannot be compiled; a child Python without that switch compiles it instead."""
+    args = (types, constexprs, list(divisible_by_16), capability, num_warps, num_stages)
+    if not isinstance(kernel, JITFunction):
+        return _compile_in_child(kernel.fn.__module__, kernel.fn.__qualname__, args)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    missing = [n for n in names if n not in types and n not in constexprs]
+    if missing:
+        raise ValueError(f"no type or constexpr value for {missing}")
+    index = {name: (i,) for i, name in enumerate(names)}
+    aligned = [n for n, t in types.items() if t.startswith("*")] + list(divisible_by_16)
+    source = ASTSource(
+        fn=kernel,
+        signature={n: types.get(n, "constexpr") for n in names},
+        constexprs={index[n]: v for n, v in constexprs.items()},
+        attrs={index[n]: [["tt.divisibility", 16]] for n in aligned},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    return {stage: compiled.asm[stage] for stage in STAGES}
+
+
+def _compile_in_child(module: str, name: str, args: tuple) -> dict[str, str]:
+    code = (
+        "import importlib, json, sys\n"
+        "from folovllm.triton_utils.offline_compile import compile_for_gpu\n"
+        f"kernel = getattr(importlib.import_module({module!r}), {name!r})\n"
+        "json.dump(compile_for_gpu(kernel, *json.load(sys.stdin)), sys.stdout)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                                                    env.get("PYTHONPATH", "")] if p)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"compiling {module}.{name} for the GPU failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
