@@ -8,6 +8,9 @@ therefore change the outputs, which the tests compare against running alone.
 
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -669,9 +672,68 @@ def test_cost_model_keeps_its_last_full_fit_through_decode_only_stretches_and_ne
         for shapes in (decode(i), mixed(i)):
             model.observe(shapes, 2 * linear_step_time(shapes))  # a first, slower regime
     assert model.ready and model.coef == pytest.approx([4e-3, 0.0, 2e-5, 2e-7, 2e-8], rel=1e-6, abs=1e-12)
-    for i in range(16):  # only decodes: the prefill column leaves the window, the fit stays
-        model.observe(decode(i), linear_step_time(decode(i)))
-    assert model.ready and model.coef == pytest.approx([4e-3, 0.0, 2e-5, 2e-7, 2e-8], rel=1e-6, abs=1e-12)
+    fits = []
+    for i in range(16):  # only decodes: the prefill column leaves the window; refitted every step, as the
+        model.observe(decode(i), linear_step_time(decode(i)))  # scheduler does, the last full fit stays
+        fits.append(model.coef.copy())
+    assert model.ready and np.array_equal(fits[-1], fits[-2])  # the all-decode window kept the fit before it
+    assert model.predict(mixed(0)) > model.predict(decode(0)) > 0
     for i in range(6):
         model.observe(mixed(i), linear_step_time(mixed(i)))
     assert model.ready and model.coef == pytest.approx([2e-3, 0.0, 1e-5, 1e-7, 1e-8], rel=1e-6, abs=1e-12)
+
+
+def test_cost_model_leaves_out_a_stall_but_learns_a_slower_device():
+    """A JIT compile mid-run (750 ms against ~10 ms steps on the H200) is no property of a step's shape; four
+    slow steps in a row are the device changing."""
+    from folovllm.core.sched.cost_model import StepCostModel
+
+    model = StepCostModel(window=32, min_samples=8)
+
+    def shapes(i: int) -> list[tuple[int, int]]:
+        return [(1, 100 + 5 * i)] * (1 + i % 3) + ([(32 + i, 300 + 9 * i)] if i % 2 else [])
+
+    for i in range(20):
+        model.observe(shapes(i), linear_step_time(shapes(i)))
+    fitted = model.coef.copy()
+    model.observe(shapes(3), 0.75)  # the stall
+    assert model.num_outliers == 1 and np.array_equal(model.coef, fitted)
+    model.observe(shapes(20), linear_step_time(shapes(20)))
+    for i in range(21, 25):  # a device 100x slower, four steps running
+        model.observe(shapes(i), 100 * linear_step_time(shapes(i)))
+    assert model.num_outliers == 4 and model.num_samples == 22  # three left out, the fourth learned
+
+
+def test_dynamic_sizing_learns_the_gap_between_tokens_not_only_the_forward():
+    """With a device that waits for the host between steps, what a running request sees is the step
+    interval; after an idle engine the interval spans the idle time and the forward alone is used."""
+    sched = chunked("paged", 64, 16, 256, budget=64, target_itl_ms=50.0)
+    seen = []
+    sched.cost_model.observe = lambda shapes, seconds: seen.append(seconds)
+
+    def step(interval: float | None) -> None:
+        out = sched.schedule()
+        n = len(out.scheduled)
+        sched.update_from_output(out, ModelRunnerOutput([5] * n, [None] * n, device_time=0.004, step_interval=interval))
+
+    sched.add_request(make_request("once", [1, 2, 3], 1))
+    step(None)  # finishes: the engine is idle after it
+    sched.add_request(make_request("r", [1, 2, 3], 8))
+    step(0.5)  # the interval spans the idle time: the forward alone
+    step(0.009)  # back to back: the device waited 5 ms for the host
+    step(0.002)  # a shorter interval than the forward (overlapped clocks): the forward
+    assert seen == [0.004, 0.004, 0.009, 0.004]
+
+
+def test_runner_reports_the_interval_between_timed_steps_on_cpu():
+    """On CPU a timed step runs inside ``launch_step``; the interval is from one timed step's end to the next."""
+    from types import SimpleNamespace
+
+    from folovllm.worker.model_runner import ModelRunner, StepInFlight
+
+    runner = SimpleNamespace(_previous_end=None)
+    interval = partial(ModelRunner._interval_since_previous, runner)
+    empty = StepInFlight(sched=None, rows=[])
+    assert interval(StepInFlight(sched=None, rows=[], ended_at=1.0)) is None  # the first: nothing before it
+    assert interval(empty) is None and runner._previous_end == 1.0  # an untimed step changes nothing
+    assert interval(StepInFlight(sched=None, rows=[], ended_at=1.25)) == 0.25

@@ -60,7 +60,9 @@ class ModelRunnerOutput:
     the forward and sampling up to the host reading the sampled ids (so it
     includes waiting for the device). ``device_time`` is the step's own forward
     and sampling time (CUDA events on a GPU, so other steps queued around it do
-    not count), measured when dynamic chunk sizing needs it.
+    not count), measured when dynamic chunk sizing needs it; ``step_interval``
+    the time from the previous timed step's end to this one's on the same clock,
+    which adds any wait of the device for the host: the gap between two tokens.
     """
 
     sampled_token_ids: list[int | None]
@@ -68,3 +70,4 @@ class ModelRunnerOutput:
     prepare_time: float = 0.0
     forward_time: float = 0.0
     device_time: float | None = None
+    step_interval: float | None = None

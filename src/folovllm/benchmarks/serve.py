@@ -251,6 +251,7 @@ def _engine_records(engine: LLMEngine) -> dict[str, Any]:
             "terms": ["fixed", "any prompt tokens", "per token", "per context token", "per (query, key) pair"],
             "num_samples": sched.cost_model.num_samples,
             "num_target_out_of_reach": sched.num_target_out_of_reach,
+            "num_outliers": sched.cost_model.num_outliers,
         }
     return out
 

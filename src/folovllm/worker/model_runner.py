@@ -52,6 +52,7 @@ class StepInFlight:
     launched_at: float = 0.0
     started: torch.cuda.Event | None = None  # timing events, when the step is timed on the device
     device_time: float | None = None  # CPU: the forward and sampling ran before ``launch_step`` returned
+    ended_at: float | None = None  # CPU, timed: when that was
 
 
 class ModelRunner:
@@ -76,6 +77,7 @@ class ModelRunner:
             compile_model(self.model)
         self.sampler = Sampler()
         self.time_steps = config.scheduler_config.target_itl_ms is not None  # the cost model learns from them
+        self._previous_end: torch.cuda.Event | float | None = None  # the last timed step's end (interval)
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self._allocate_buffers(config)
@@ -452,8 +454,19 @@ class ModelRunner:
             step.done = torch.cuda.Event(enable_timing=step.started is not None)
             step.done.record()
         elif self.time_steps:
-            step.device_time = time.perf_counter() - t1
+            step.ended_at = time.perf_counter()
+            step.device_time = step.ended_at - t1
         return step
+
+    def _interval_since_previous(self, step: StepInFlight) -> float | None:
+        """Seconds from the previous timed step's end to this one's, on the device's clock."""
+        end = step.done if step.started is not None else step.ended_at
+        if end is None:
+            return None
+        previous, self._previous_end = self._previous_end, end
+        if previous is None:
+            return None
+        return previous.elapsed_time(end) / 1e3 if isinstance(end, torch.cuda.Event) else end - previous
 
     def finish_step(self, step: StepInFlight) -> ModelRunnerOutput:
         """Wait for a launched step's tokens (its only device-to-host copy) and hand them to the scheduler."""
@@ -470,6 +483,7 @@ class ModelRunner:
             prepare_time=step.prepare_time,
             device_time=step.device_time,
             forward_time=time.perf_counter() - step.launched_at if reqs else 0.0,
+            step_interval=self._interval_since_previous(step),
         )
         if not step.rows:
             return out

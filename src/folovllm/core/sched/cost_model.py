@@ -33,6 +33,11 @@ Shape = tuple[int, int]  # (new tokens, context length after them) of one reques
 
 class StepCostModel:
     NUM_FEATURES = 5
+    # A step this many times slower than predicted and than the window's median step is a stall (a JIT
+    # compile, a GC pause), not a property of its shape: one 750 ms compile in the window made the H200's fit
+    # call a 20 ms target unreachable. More than MAX_OUTLIERS such steps in a row are the device changing.
+    OUTLIER_FACTOR = 10.0
+    MAX_OUTLIERS = 3
 
     def __init__(self, window: int = 256, min_samples: int = 8) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
@@ -40,6 +45,8 @@ class StepCostModel:
         self.min_samples = min_samples
         self._coef: np.ndarray | None = None
         self._stale = False
+        self.num_outliers = 0
+        self._outliers_in_a_row = 0
 
     @staticmethod
     def features(shapes: list[Shape]) -> np.ndarray:
@@ -48,11 +55,18 @@ class StepCostModel:
         return np.array([1.0, float((q > 1).any()), q.sum(), seq.sum(), (q * seq).sum()])
 
     def observe(self, shapes: list[Shape], seconds: float) -> None:
-        """One measured step."""
-        if shapes and seconds > 0:
-            self._rows.append(self.features(shapes))
-            self._times.append(seconds)
-            self._stale = True
+        """One measured step (outliers, see ``OUTLIER_FACTOR``, are counted and left out)."""
+        if not shapes or seconds <= 0:
+            return
+        if self.ready and seconds > self.OUTLIER_FACTOR * max(self.predict(shapes), float(np.median(self._times))):
+            self._outliers_in_a_row += 1
+            if self._outliers_in_a_row <= self.MAX_OUTLIERS:
+                self.num_outliers += 1
+                return
+        self._outliers_in_a_row = 0
+        self._rows.append(self.features(shapes))
+        self._times.append(seconds)
+        self._stale = True
 
     @property
     def num_samples(self) -> int:

@@ -81,6 +81,7 @@ class Scheduler:
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
         self.cost_model = StepCostModel()  # fed with every measured step when ``target_itl_ms`` is set
         self.num_target_out_of_reach = 0  # prefill chunks sized by the token budget alone (``_target_out_of_reach``)
+        self._back_to_back = False  # the previous step left requests running: no idle time before this one
 
     # ---- queue management -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -352,9 +353,10 @@ class Scheduler:
         updated = []
         now = time.perf_counter()
         if self.config.target_itl_ms is not None and runner_out.device_time is not None:
-            self.cost_model.observe(
-                [(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled], runner_out.device_time
-            )
+            seconds = runner_out.device_time
+            if self._back_to_back and runner_out.step_interval is not None:  # what running requests saw between
+                seconds = max(seconds, runner_out.step_interval)  # tokens: the forward and any wait for the host
+            self.cost_model.observe([(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled], seconds)
         for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids, runner_out.logprobs):
             req = self.requests.get(sched.req_id)
             if req is None:  # finished or aborted while its step was in flight
@@ -377,6 +379,7 @@ class Scheduler:
                 self.finish_request(req.request_id, status)
             elif self.recompute_each_step:
                 req.num_computed_tokens = 0
+        self._back_to_back = bool(self.running)  # an idle engine's wait is no step's cost
         return updated
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
