@@ -265,14 +265,16 @@ else:
     # Not yet run: what the fifth session changed after its device time was spent. The GPU tests of those files;
     # M4's W and the serve rows (does M4 still compile the paged kernel mid-run once gathered block tables keep the
     # engine table's stride?); dynamic sizing learning the step interval with stalls left out (stage m5dynamic2
-    # again); the W4A16 sweep with one-row GEMV plans at M = 4. About 9 device-minutes: run as two calls.
+    # again). About 7 device-minutes; then stage gemvm4.
     python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_scheduler.py \
       tests/test_jit_watch.py 2>&1 | tail -2
     timeout 100 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 2 \
       --milestone M4 --out "$OUT/M4-W-stride-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
-    bash "$0" m5dynamic2
+    bash "$0" m5dynamic2 ;;
+  gemvm4)
+    # Not yet run: the W4A16 decode sweep with one-row GEMV plans at M = 4 (about 3 device-minutes).
     timeout 200 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-gemv-m4-$gpu.json" \
-      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?" ;;
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   m5dynamic2)
     # M5 dynamic chunk sizing after the cost model kept its last full fit through decode-only stretches: on
     # qwen3-0.6b (16 req/s) beside budgets 256 and 512; on qwen3-8b (8 req/s), whose decode-only step alone takes
