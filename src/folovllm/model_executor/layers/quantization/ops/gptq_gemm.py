@@ -174,6 +174,15 @@ def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
     return counters
 
 
+def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_bias: bool) -> dict:
+    """The compile-time arguments both kernels take (group_size -1, per channel, as one group longer than any K)."""
+    group = PER_CHANNEL if group_size == -1 else group_size
+    return dict(
+        BITS=bits, GROUP_SIZE=group, SLICES_PER_GROUP=min(max(group // SLICE_ROWS, 1), 32 // bits),
+        HAS_PERM=has_perm, HAS_BIAS=has_bias, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=plan.split_k,
+    )  # fmt: skip
+
+
 def launch_gptq_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -197,12 +206,9 @@ def launch_gptq_gemm(
     if plan.split_k > 1:
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, grid[0] * grid[1])
-    group = PER_CHANNEL if group_size == -1 else group_size
-    common = dict(
-        BITS=bits, GROUP_SIZE=group, SLICES_PER_GROUP=min(max(group // SLICE_ROWS, 1), 32 // bits),
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        SPLIT_K=plan.split_k, num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )  # fmt: skip
+    common = _constexprs(plan, bits, group_size, perm is not None, bias is not None) | dict(
+        num_warps=plan.num_warps, num_stages=plan.num_stages
+    )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
     if plan.gemv:
@@ -223,12 +229,8 @@ def compile_gemv(plan: GemmPlan, bits: int = 4, group_size: int = 128, capabilit
     pointers = dict(X="*bf16", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias="*bf16",
                     Out="*bf16", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    constexprs = dict(
-        BITS=bits, GROUP_SIZE=group_size, SLICES_PER_GROUP=min(max(group_size // SLICE_ROWS, 1), 32 // bits),
-        HAS_PERM=False, HAS_BIAS=False, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=plan.split_k,
-    )  # fmt: skip
-    return compile_for_gpu(_gptq_gemv_kernel, types, constexprs, ("N", "K", "stride_xm"), capability,
-                           plan.num_warps, plan.num_stages)  # fmt: skip
+    return compile_for_gpu(_gptq_gemv_kernel, types, _constexprs(plan, bits, group_size, False, False),
+                           ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 
 
 def gptq_gemm(
