@@ -51,14 +51,19 @@ class FlashAttentionMetadata:
     cached: TritonAttentionMetadata | None
 
 
-def rows_of(table: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``table[rows]`` with ``table``'s row stride. The paged kernel compiles one variant per
+def _consecutive(rows: list[int]) -> bool:
+    """The scheduler puts running requests before new ones, so a kind's rows are usually one run."""
+    return rows == list(range(rows[0], rows[-1] + 1))
+
+
+def rows_of(table: torch.Tensor, picked: slice | torch.Tensor) -> torch.Tensor:
+    """``table[picked]`` with ``table``'s row stride. The paged kernel compiles one variant per
     divisibility of that stride, and the engine warms up the one its persistent table has; a
     gathered copy's stride is the step's width (on the H200: compiles in mid-serving)."""
-    if rows == list(range(rows[0], rows[-1] + 1)):
-        return table[rows[0] : rows[-1] + 1]
-    out = torch.empty(len(rows), table.stride(0), dtype=table.dtype, device=table.device)[:, : table.shape[1]]
-    return out.copy_(table[torch.tensor(rows, device=table.device)])
+    if isinstance(picked, slice):
+        return table[picked]
+    out = torch.empty(len(picked), table.stride(0), dtype=table.dtype, device=table.device)[:, : table.shape[1]]
+    return out.copy_(table[picked])
 
 
 def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMetadata:
@@ -69,9 +74,8 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
     starts = prefix_sums(md.query_lens_cpu)
 
     def tokens(rows: list[int]) -> slice | torch.Tensor:
-        """Token positions of ``rows``: a view-making slice when they are consecutive (the scheduler
-        puts running requests before new ones), else an index tensor."""
-        if rows == list(range(rows[0], rows[-1] + 1)):
+        """Token positions of ``rows``: a view-making slice when they are consecutive, else an index tensor."""
+        if _consecutive(rows):
             return slice(starts[rows[0]], starts[rows[-1] + 1])
         return torch.tensor([t for b in rows for t in range(starts[b], starts[b + 1])], device=device)
 
@@ -88,12 +92,12 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
             raise ValueError("rows with a cached context need metadata.block_table")
         part = md
         if fresh:
-            rows = torch.tensor(cached, device=device)
+            picked = slice(cached[0], cached[-1] + 1) if _consecutive(cached) else torch.tensor(cached, device=device)
             split.cached_tokens = tokens(cached)
             part = AttentionMetadata(
                 query_start_loc=cu(cached),
-                seq_lens=md.seq_lens[rows],
-                block_table=rows_of(md.block_table, cached),
+                seq_lens=md.seq_lens[picked],
+                block_table=rows_of(md.block_table, picked),
                 slot_mapping=None,
                 query_lens_cpu=[md.query_lens_cpu[b] for b in cached],
                 seq_lens_cpu=[md.seq_lens_cpu[b] for b in cached],
