@@ -106,7 +106,7 @@ def test_cacheless_prefill_is_one_fa2_call_and_cached_rows_need_a_cache():
     calls.clear()
     out = backend.forward(q, k, v, None, prefill_metadata([3, 4], q.device), 0.3)
     assert calls == [(2, 7)]
-    torch.testing.assert_close(out, NaiveAttentionBackend().forward(q, k, v, None, prefill_metadata([3, 4]), 0.3))
+    torch.testing.assert_close(out, NaiveAttentionBackend().forward(q, k, v, None, prefill_metadata([3, 4], q.device), 0.3))
     q, k, v, cache, md = make_batch([1], [5], 4, 2, 32, 8)
     with pytest.raises(ValueError, match="rows with a cached context need a kv_cache"):
         backend.forward(q, k, v, None, md, 0.3)
@@ -156,16 +156,16 @@ def test_auto_picks_flash_attn_on_a_capable_gpu_from_m4_on(monkeypatch, mileston
 
 
 def test_engine_with_the_flash_backend_generates_what_m3_generates(tiny_checkpoint):
+    """In fp32 on every device: on a GPU the default is bf16, where this random model's top two logits at one
+    step (0.03 apart) swap between M3's kernels and M4's, so equal tokens would test rounding, not the split."""
     folder = str(tiny_checkpoint("qwen3"))
+    fp32 = dict(max_model_len=64, block_size=4, kv_cache_memory=2**22, dtype="float32")
     prompts = [{"prompt_token_ids": [(5 * i + 3 * j) % 400 + 3 for j in range(n)]} for i, n in enumerate([4, 11, 7])]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     expected = [
-        o.outputs[0].token_ids
-        for o in LLM(folder, milestone="M3", max_model_len=64, block_size=4, kv_cache_memory=2**22).generate(
-            prompts, params, use_tqdm=False
-        )
+        o.outputs[0].token_ids for o in LLM(folder, milestone="M3", **fp32).generate(prompts, params, use_tqdm=False)
     ]
-    llm = LLM(folder, milestone="M4", max_model_len=64, block_size=4, kv_cache_memory=2**22, max_num_seqs=2)
+    llm = LLM(folder, milestone="M4", max_num_seqs=2, **fp32)
     runner = llm.llm_engine.model_runner
     runner.backend = FlashAttentionBackend(kernel=reference_varlen)
     for layer in runner.model.attention_layers():
