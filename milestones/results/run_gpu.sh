@@ -262,7 +262,8 @@ else:
     timeout 330 python3 -m folovllm bench gptq --sweep --m 1 4 16 64 --out "$OUT/M7-gemv-layout-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   fifthfixes)
-    # Not yet run: what the fifth session changed after its device time was spent. The GPU tests of those files;
+    # Run at 640d064 (sixth session; its m5dynamic2 files were saved as M5-dynamic-interval-*.json, the
+    # kept-fit names holding the 0a8f201 run): what the fifth session changed after its device time was spent. The GPU tests of those files;
     # M4's W and the serve rows (does M4 still compile the paged kernel mid-run once gathered block tables keep the
     # engine table's stride?); dynamic sizing learning the step interval with stalls left out (stage m5dynamic2
     # again). About 7 device-minutes; then stage gemvm4.
@@ -272,20 +273,22 @@ else:
       --milestone M4 --out "$OUT/M4-W-stride-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     bash "$0" m5dynamic2 ;;
   gemvm4)
-    # Not yet run: the W4A16 decode sweep with one-row GEMV plans at M = 4 (about 3 device-minutes).
+    # Run at 640d064: the W4A16 decode sweep with one-row GEMV plans at M = 4 (about 3 device-minutes).
     timeout 200 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-gemv-m4-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
-  m5dynamic2)
-    # M5 dynamic chunk sizing after the cost model kept its last full fit through decode-only stretches: on
-    # qwen3-0.6b (16 req/s) beside budgets 256 and 512; on qwen3-8b (8 req/s), whose decode-only step alone takes
-    # ~10 ms, targets 15 / 20 / 30 ms beside the same budgets. M4@12 also names the variant the warm-up misses.
+  m5dynamic2|m5tail)
+    # M5 dynamic chunk sizing beside fixed budgets: on qwen3-0.6b (16 req/s) beside budgets 256 and 512; on
+    # qwen3-8b (8 req/s), whose decode-only step alone takes ~10 ms, targets 15 / 20 / 30 ms beside the same
+    # budgets. m5dynamic2 (640d064): the cost model keeps its last full fit and learns the step interval;
+    # m5tail (not yet run): the scheduler also aims below the target by the model's tail factor.
+    name=$([ "$1" = m5tail ] && echo tail || echo kept-fit)
     s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
     timeout 200 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate 16 \
       --milestone M5@12 M4@12 M5/budget=256 M5 M5/budget=8192/itl=10 M5/budget=8192/itl=20 \
-      --out "$OUT/M5-dynamic-kept-fit-$gpu.json" > "$OUT/dyn06.log" 2>&1; echo "0.6b: exit $?"
+      --out "$OUT/M5-dynamic-$name-$gpu.json" > "$OUT/dyn06.log" 2>&1; echo "0.6b: exit $?"
     timeout 330 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 $s --request-rate 8 \
       --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 M5/budget=8192/itl=30 \
-      --out "$OUT/M5-dynamic-kept-fit-qwen3-8b-$gpu.json" > "$OUT/dyn8b.log" 2>&1; echo "8b: exit $?" ;;
+      --out "$OUT/M5-dynamic-$name-qwen3-8b-$gpu.json" > "$OUT/dyn8b.log" 2>&1; echo "8b: exit $?" ;;
   m5check)
     # M5: chunked prefill (budget 256, prompts 700-3400) gives M4's greedy tokens in bf16 on the GPU
     python3 - <<'PY'

@@ -252,6 +252,7 @@ def _engine_records(engine: LLMEngine) -> dict[str, Any]:
             "num_samples": sched.cost_model.num_samples,
             "num_target_out_of_reach": sched.num_target_out_of_reach,
             "num_outliers": sched.cost_model.num_outliers,
+            "tail_factor": sched.cost_model.tail_factor,
         }
     return out
 

@@ -175,10 +175,14 @@ class Scheduler:
 
     def _time_budget(self) -> tuple[float | None, StepCostModel | None]:
         """Dynamic chunk sizing: seconds a step may spend beyond its fixed cost, once the model is fitted."""
-        target = self.config.target_itl_ms
-        if target is None or not self.cost_model.ready:
+        if self.config.target_itl_ms is None or not self.cost_model.ready:
             return None, None
-        return target / 1e3 - float(self.cost_model.coef[0]), self.cost_model
+        return self._aim() - float(self.cost_model.coef[0]), self.cost_model
+
+    def _aim(self) -> float:
+        """The predicted step time chunks are sized for: the target over the model's tail factor, so that
+        the slow steps, not the typical one, meet ``target_itl_ms``."""
+        return self.config.target_itl_ms / 1e3 / self.cost_model.tail_factor
 
     def _chunk_size(self, req: Request, num_new: int, step: _StepBudget) -> int:
         """How many of ``req``'s ``num_new`` tokens this step runs (0: none).
@@ -202,11 +206,12 @@ class Scheduler:
         given up for the token budget, since slicing prompts thinner would only make more such steps."""
         model = self.cost_model
         floor = float(model.coef[0]) + model.prefill_cost
-        out = floor >= self.config.target_itl_ms / 1e3
+        out = floor >= self._aim()
         if out and not self.num_target_out_of_reach:
             logger.warning(
                 "target_itl_ms=%g is below what any step carrying a prompt costs here (%.1f ms by the fitted "
-                "model): prompt chunks fall back to max_num_batched_tokens", self.config.target_itl_ms, floor * 1e3,
+                "model): prompt chunks fall back to max_num_batched_tokens", self.config.target_itl_ms,
+                floor * model.tail_factor * 1e3,
             )  # fmt: skip
         self.num_target_out_of_reach += out
         return out
