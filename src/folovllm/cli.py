@@ -1,5 +1,5 @@
 """``folovllm`` command line: ``generate``, ``serve``, ``quantize``, ``eval perplexity`` and
-``bench {latency,throughput,attention,prefill,step,serve,prefix,gptq}``."""
+``bench {latency,throughput,attention,prefill,step,serve,prefix,gptq,gemm}``."""
 
 from __future__ import annotations
 
@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
     gq.add_argument("--sweep", action="store_true", help="also time every decode launch plan at M = 1, 4, 16")
     gq.add_argument("--out", default=None)
+
+    gmm = bench.add_parser("gemm", help="decode projections: cuBLAS vs the skinny GEMM; --sweep tunes it (GPU)")
+    gmm.add_argument("--model", default="random:qwen3-0.6b")
+    gmm.add_argument("--m", type=int, nargs="+", default=[1, 2, 4], help="rows of x")
+    gmm.add_argument("--device", default=None)
+    gmm.add_argument("--sweep", action="store_true", help="time every plan, write the tuned table, measure TPOT")
+    gmm.add_argument("--out", default=None)
 
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
     pre.add_argument("--device", default=None)
@@ -417,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out,
                 bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only, args.sweep),
             )
+        elif args.bench == "gemm":
+            from folovllm.benchmarks.gemm import bench_gemm
+
+            write_results(args.out, bench_gemm(args.model, args.m, args.device, args.sweep))
         elif args.bench == "prefill" and args.context_len is not None:
             from folovllm.benchmarks.attention import bench_chunk_attention
 

@@ -8,6 +8,8 @@ all; HF's separate tensors are copied into row ranges ("shards") of the stack.
 With a ``quant_config`` (M7) a linear method owns the weights instead: it creates
 them (each with a ``weight_loader`` that knows its own shard layout), post-processes
 them after loading and does the matmul, so the model code stays the same.
+On the fast path (M4, ``enable_fused_ops``) a dense projection of a few rows takes the skinny
+GEMM for the shapes this GPU model was measured faster on (``ops/skinny_gemm.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from folovllm.model_executor.layers.custom_op import CustomOp
+from folovllm.model_executor.layers.ops.skinny_gemm import plan_skinny_gemm, skinny_gemm
 
 if TYPE_CHECKING:
     from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -29,7 +34,7 @@ def copy_weight(target: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     target.copy_(loaded)
 
 
-class Linear(nn.Module):
+class Linear(CustomOp):
     """``y = x W^T (+ b)`` with ``W [output_size, input_size]``, or whatever ``quant_config``'s method stores."""
 
     def __init__(
@@ -44,10 +49,17 @@ class Linear(nn.Module):
             self.quant_method.create_weights(self, input_size, output_size)
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is None and x.dim() == 2 and x.stride(1) == 1:
+            plan = plan_skinny_gemm(x.shape[0], self.input_size, self.output_size, x.dtype, x.device)
+            if plan is not None:
+                return skinny_gemm(x, self.weight, self.bias, plan)
+        return self.forward_native(x)
 
 
 class MergedLinear(Linear):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from folovllm.model_executor.layers.ops.split_k import tile_counters
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import _gptq_gemm_kernel, _gptq_gemv_kernel
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
@@ -156,24 +157,6 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
     return GemmPlan(16, 64, False, split, per_split, 4, 4)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per output tile, shared by every launch on ``device``
-    (each launch leaves them at zero again)."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < num_tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "GPTQ split-K counters must be allocated by a warm-up launch before CUDA graph "
-                "capture (a graph keeps the old address)"
-            )
-        counters = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
-
-
 def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_bias: bool) -> dict:
     """The compile-time arguments both kernels take (group_size -1, per channel, as one group longer than any K)."""
     group = PER_CHANNEL if group_size == -1 else group_size
@@ -205,7 +188,7 @@ def launch_gptq_gemm(
     partials = counters = out
     if plan.split_k > 1:
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, grid[0] * grid[1])
+        counters = tile_counters(x.device, grid[0] * grid[1])
     common = _constexprs(plan, bits, group_size, perm is not None, bias is not None) | dict(
         num_warps=plan.num_warps, num_stages=plan.num_stages
     )

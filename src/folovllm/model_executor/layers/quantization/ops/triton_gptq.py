@@ -12,15 +12,15 @@ rows of one group, ``Σ_k x_k s (q_k - z) = s (Σ_k x_k q_k - z Σ_k x_k)``, so 
 converts codes and ``s`` and ``z`` touch a ``[BLOCK_M, BLOCK_N]`` tile once per group.
 
 Decode (few rows of X) is bound by the weight bytes: the planner then splits K across programs
-(split-K) so every SM streams weights. The splits of one output tile meet through a counter: each
-writes its fp32 partial sum, and the last to arrive adds them up in split order (deterministic) and
-resets the counter, so one launch does it all and a CUDA graph can replay it.
+(split-K, ``layers/ops/split_k.py``) so every SM streams weights.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from folovllm.model_executor.layers.ops.split_k import store_tile
 
 
 @triton.jit
@@ -135,34 +135,7 @@ def _gptq_gemm_kernel(
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
-    _store_tile(acc, Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _store_tile(
-    acc, Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr
-):
-    """Write one fp32 output tile: directly, or (split-K) as a partial that the tile's last split adds up.
-
-    Each split writes its partial, then counts its arrival; the last to arrive sums all partials in
-    split order (deterministic) and resets the counter for the next launch (CUDA-graph replay)."""
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    store_mask = out_mask
-    if SPLIT_K > 1:
-        partials = Partials + rm.to(tl.int64)[:, None] * N + rn[None, :]
-        tl.store(partials + split * M * N, acc, mask=out_mask)
-        tl.debug_barrier()  # all of this program's partial is written before its arrival is counted
-        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the tile's last split: every other partial is visible now
-            acc = tl.zeros_like(acc)
-            for other in tl.static_range(SPLIT_K):
-                acc += tl.load(partials + other * M * N, mask=out_mask, other=0.0)
-            tl.atomic_xchg(Counters + tile, 0)  # ready for the next launch
-        store_mask = out_mask & (arrived == SPLIT_K - 1)  # the other splits store nothing
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=store_mask)
+    store_tile(acc, Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -240,4 +213,4 @@ def _gptq_gemv_kernel(
                 part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
                 x_sum = tl.zeros((ROWS,), dtype=tl.float32)
     out = tl.sum(acc, axis=0)[None, :]
-    _store_tile(out, Out, Bias, Partials, Counters, rm, rn, rm < M, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
+    store_tile(out, Out, Bias, Partials, Counters, rm, rn, rm < M, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
