@@ -280,11 +280,14 @@ else:
     # Not yet run: the skinny GEMM rebuilt without a loop (each program loads its whole tile at once; split-K
     # through the counters of split_k.py) swept against cuBLAS on qwen3-0.6b's projections at M = 1, 2, 4; the
     # plans that win by 5% go to ops/configs/skinny_gemm_<GPU>.json (copied back), then batch-1 TPOT with the
-    # table and with cuBLAS only, same process. About 5 device-minutes.
+    # table and with cuBLAS only, same process; then W with five repeats. About 6 device-minutes.
     python3 -m pytest -q -p no:cacheprovider tests/test_skinny_gemm.py tests/test_flash_attention.py 2>&1 | tail -2
     timeout 420 python3 -m folovllm bench gemm --model random:qwen3-0.6b --m 1 2 4 --sweep \
       --out "$OUT/M4-skinny2-qwen3-0.6b-$gpu.json" > "$OUT/gemm.log" 2>&1; echo "gemm: exit $?"
-    cp src/folovllm/model_executor/layers/ops/configs/*.json "$OUT/" 2>/dev/null ;;
+    cp src/folovllm/model_executor/layers/ops/configs/*.json "$OUT/" 2>/dev/null
+    # W under M4 with five repeats in one process (two at 640d064 spread 19,264-21,483 tok/s around #11's 21,000)
+    timeout 200 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 5 \
+      --milestone M4 --out "$OUT/M4-W-repeats-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   m5dynamic2|m5tail)
     # M5 dynamic chunk sizing beside fixed budgets: on qwen3-0.6b (16 req/s) beside budgets 256 and 512; on
     # qwen3-8b (8 req/s), whose decode-only step alone takes ~10 ms, targets 15 / 20 / 30 ms beside the same
