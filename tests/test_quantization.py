@@ -484,7 +484,10 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     assert plans[0] == plan_gptq_gemm(1, 4096, 4096, 4, torch.device("cpu"))  # the default is timed first
     assert len(set(plans)) == len(plans) and {p.gemv for p in plans} == {True, False}
     assert all(p.block_m == (1 if p.gemv else 16) for p in plans)
-    assert {p.block_n for p in plans} == {64, 128, 256} and max(p.split_k for p in plans) > 1
+    assert {p.block_n for p in plans if not p.gemv} == {64, 128, 256} and max(p.split_k for p in plans) > 1
+    one_row = [p for p in plans if p.gemv]  # one row: narrower tiles, fewer warps and more splits too
+    assert {p.block_n for p in one_row} == {32, 64, 128, 256} and {p.num_warps for p in one_row} == {2, 4, 8}
+    assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
     assert not any(p.gemv for p in sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu")))
     at_four = sweep_plans(4, 4096, 4096, 4, 132, torch.device("cpu"))
     assert any(p.gemv for p in at_four) and all(p.block_m == (1 if p.gemv else 16) for p in at_four)

@@ -276,6 +276,12 @@ else:
     # Run at 640d064: the W4A16 decode sweep with one-row GEMV plans at M = 4 (about 3 device-minutes).
     timeout 200 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-gemv-m4-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  gemvwide)
+    # Not yet run: the W4A16 decode sweep with the one-row FMA kernel's wider grid (tiles of 32 columns, 2 warps,
+    # up to 16 splits of 2 blocks: 640d064's fastest plans sat at the first grid's edge), then the kernel table,
+    # weight memory and batch-1 TPOT bf16 vs GPTQ with the new tuned plans. About 6 device-minutes.
+    timeout 480 python3 -m folovllm bench gptq --sweep --m 1 4 16 64 256 --out "$OUT/M7-gemv-wide-$gpu.json" \
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   skinny2)
     # Not yet run: the skinny GEMM rebuilt without a loop (each program loads its whole tile at once; split-K
     # through the counters of split_k.py) swept against cuBLAS on qwen3-0.6b's projections at M = 1, 2, 4; the

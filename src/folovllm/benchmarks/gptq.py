@@ -166,16 +166,21 @@ def bench_gptq_kernel(
 
 def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
     """Decode launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``)
-    and ``tl.dot`` tiles over tile width, warps and the programs-per-SM target of the K split."""
+    and ``tl.dot`` tiles over tile width, warps and the programs-per-SM target of the K split.
+
+    At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
+    the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
     k_blocks = cdiv(k, block_rows(bits))
     plans = [plan_gptq_gemm(m, n, k, bits, device)]
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
         block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program
-        for block_n in (64, 128, 256):
-            for warps in (4, 8):
-                for per_sm in (2, 8):
-                    split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms)
-                    plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv=gemv))
+        wide = gemv and m == 1
+        for block_n in (32, 64, 128, 256) if wide else (64, 128, 256):
+            for warps in (2, 4, 8) if wide else (4, 8):
+                for per_sm in (2, 8, 32) if wide else (2, 8):
+                    for min_blocks in (1, 4) if wide else (4,):
+                        split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, min_blocks)
+                        plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv=gemv))
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 

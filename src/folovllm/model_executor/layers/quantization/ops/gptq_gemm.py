@@ -95,13 +95,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_k_for(tiles: int, k_blocks: int, target_programs: int) -> tuple[int, int]:
+def split_k_for(
+    tiles: int, k_blocks: int, target_programs: int, min_blocks: int = _MIN_BLOCKS_PER_SPLIT
+) -> tuple[int, int]:
     """``(split_k, blocks_per_split)``: double the K split while the grid stays within ``target_programs``
-    and every split keeps at least ``_MIN_BLOCKS_PER_SPLIT`` blocks."""
+    and every split keeps at least ``min_blocks`` blocks."""
     split = 1
-    while (
-        split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target_programs and k_blocks >= 2 * split * _MIN_BLOCKS_PER_SPLIT
-    ):
+    while split * 2 <= _MAX_SPLIT_K and tiles * split * 2 <= target_programs and k_blocks >= 2 * split * min_blocks:
         split *= 2
     per_split = cdiv(k_blocks, split)
     return cdiv(k_blocks, per_split), per_split
