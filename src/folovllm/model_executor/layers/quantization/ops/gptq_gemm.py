@@ -95,9 +95,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_k_for(
-    tiles: int, k_blocks: int, target_programs: int, min_blocks: int = _MIN_BLOCKS_PER_SPLIT
-) -> tuple[int, int]:
+def split_k_for(tiles: int, k_blocks: int, target_programs: int, min_blocks: int = _MIN_BLOCKS_PER_SPLIT) -> tuple[int, int]:
     """``(split_k, blocks_per_split)``: double the K split while the grid stays within ``target_programs``
     and every split keeps at least ``min_blocks`` blocks."""
     split = 1
