@@ -292,6 +292,8 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
         (3, 2, False, True),  # FMA kernel, one program per row of X
         (4, 3, False, False),
         (16, 2, False, False),  # decode: tl.dot, scales applied per group, split-K
+        (5, 2, False, "swap_ab"),  # decode: tl.dot with the codes as first operand
+        (16, 3, False, "swap_ab"),
         (33, None, None, None),
         (70, 1, True, False),  # GEMM: dequantized tiles
     ],
@@ -304,6 +306,8 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     k_blocks = -(-k // block_rows(bits))
     if split_k is None:
         plan = None
+    elif gemv == "swap_ab":
+        plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True)
     elif gemv:
         plan = GemmPlan(1, 64, False, split_k, -(-k_blocks // split_k), 4, 1, gemv=True)
     else:
@@ -326,6 +330,9 @@ def test_kernel_refuses_bad_shapes():
         gptq_gemm(torch.randn(1, 256), qweight, scales, zeros, None, None, 4, 8)
     with pytest.raises(ValueError, match="a GEMV plan runs one row of X per program: block_m must be 1, got 4"):
         gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128, GemmPlan(4, 64, False, 1, 2, 4, 1, True))
+    with pytest.raises(ValueError, match="swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles"):
+        gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128,
+                  GemmPlan(16, 64, True, 1, 2, 4, 1, swap_ab=True))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the algorithms
@@ -488,7 +495,8 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     one_row = [p for p in plans if p.gemv]  # one row: narrower tiles, fewer warps and more splits too
     assert {p.block_n for p in one_row} == {32, 64, 128, 256} and {p.num_warps for p in one_row} == {2, 4, 8}
     assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
-    assert not any(p.gemv for p in sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu")))
+    at_sixteen = sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu"))
+    assert not any(p.gemv for p in at_sixteen) and {p.swap_ab for p in at_sixteen} == {True, False}
     at_four = sweep_plans(4, 4096, 4096, 4, 132, torch.device("cpu"))
     assert any(p.gemv for p in at_four) and all(p.block_m == (1 if p.gemv else 16) for p in at_four)
 
@@ -531,11 +539,28 @@ def test_gemv_codes_never_change_layout_inside_the_k_loop():
     tile moves between layouts. The FMA kernel's first accumulator, ``[BLOCK_M, 16, BLOCK_N]``, took another
     layout than the words, so every slice of codes went through shared memory (66 barriers in its PTX, the
     kernel at ~1x bf16 on the H200; with the 2-D accumulator, 11 barriers and 1.33-1.66x)."""
-    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_gemv
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
 
     plan = GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True)
-    asm = compile_gemv(plan)
+    asm = compile_plan(plan)
     loop = asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
     moved = [line for line in loop.splitlines() if "convert_layout" in line and "tensor<16x128x" in line]
     assert "tt.load" in loop and not moved
     assert asm["ptx"].count("bar.sync") <= 16
+
+
+def test_swapped_decode_runs_on_hopper_warpgroup_mma_with_the_codes_in_registers():
+    """Compiled for an H200 on this CPU: the decode tl.dot kernel is ``mma.sync`` with every slice of X moved
+    between layouts through shared memory; with the operands swapped it is ``wgmma`` whose first operand, the
+    codes made floats, stays in registers (only the packed words are staged in shared memory, by Triton's
+    asynchronous load pipeline), with far fewer barriers."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
+
+    plain = compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4))
+    swapped = compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True))
+    assert "wgmma.mma_async" not in plain["ptx"] and "mma.sync" in plain["ptx"]
+    assert "wgmma.mma_async" in swapped["ptx"] and "mma.sync" not in swapped["ptx"]
+    allocs = [line for line in swapped["ttgir"].splitlines() if "ttg.local_alloc" in line]
+    assert any("x128x16xi32" in line for line in allocs) and not any("x128x16xbf16" in line for line in allocs)
+    assert "tensor<128x16xbf16, #ttg.dot_op<{opIdx = 0" in swapped["ttgir"]
+    assert 3 * swapped["ptx"].count("bar.sync") < plain["ptx"].count("bar.sync")

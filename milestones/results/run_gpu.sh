@@ -278,8 +278,9 @@ else:
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   gemvwide)
     # Not yet run: the W4A16 decode sweep with the one-row FMA kernel's wider grid (tiles of 32 columns, 2 warps,
-    # up to 16 splits of 2 blocks: 640d064's fastest plans sat at the first grid's edge), then the kernel table,
-    # weight memory and batch-1 TPOT bf16 vs GPTQ with the new tuned plans. About 6 device-minutes.
+    # up to 16 splits of 2 blocks: 640d064's fastest plans sat at the first grid's edge) and the swapped-operand
+    # tl.dot kernel (wgmma) beside the plain one at M = 4 and 16; then the kernel table, weight memory and
+    # batch-1 TPOT bf16 vs GPTQ with the new tuned plans. About 7 device-minutes.
     timeout 480 python3 -m folovllm bench gptq --sweep --m 1 4 16 64 256 --out "$OUT/M7-gemv-wide-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   skinny2)

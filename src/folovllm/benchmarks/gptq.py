@@ -166,7 +166,8 @@ def bench_gptq_kernel(
 
 def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
     """Decode launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``)
-    and ``tl.dot`` tiles over tile width, warps and the programs-per-SM target of the K split.
+    and ``tl.dot`` tiles, plain and with the operands swapped, over tile width, warps and the programs-per-SM
+    target of the K split.
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
@@ -180,7 +181,8 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                 for per_sm in (2, 8, 32) if wide else (2, 8):
                     for min_blocks in (1, 4) if wide else (4,):
                         split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, min_blocks)
-                        plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv=gemv))
+                        for swap_ab in (False,) if gemv else (False, True):
+                            plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab))
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 

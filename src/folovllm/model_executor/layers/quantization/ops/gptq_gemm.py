@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 from folovllm.model_executor.layers.ops.split_k import tile_counters
-from folovllm.model_executor.layers.quantization.ops.triton_gptq import _gptq_gemm_kernel, _gptq_gemv_kernel
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
+    _gptq_gemm_kernel,
+    _gptq_gemm_swap_ab_kernel,
+    _gptq_gemv_kernel,
+)
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 
@@ -88,6 +92,7 @@ class GemmPlan:
     num_warps: int
     num_stages: int
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
+    swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
 
 
 @cache
@@ -181,6 +186,8 @@ def launch_gptq_gemm(
     plan = plan or plan_gptq_gemm(m, n, k, bits, x.device)
     if plan.gemv and plan.block_m != 1:
         raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
+    if plan.swap_ab and (plan.gemv or plan.dequant_tiles):
+        raise ValueError("swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out
@@ -192,26 +199,33 @@ def launch_gptq_gemm(
     )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     if plan.gemv:
         for_device(_gptq_gemv_kernel, x.device)[grid](*args, **common)
+    elif plan.swap_ab:
+        for_device(_gptq_gemm_swap_ab_kernel, x.device)[grid](*args, DOT_PRECISION=precision, **common)
     else:
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
         for_device(_gptq_gemm_kernel, x.device)[grid](
             *args, DEQUANT_TILES=plan.dequant_tiles, DOT_PRECISION=precision, **common
         )
     return out
 
 
-def compile_gemv(plan: GemmPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
-    """The FMA kernel as ``launch_gptq_gemm`` runs ``plan`` on bf16 activations, compiled for an NVIDIA GPU of
+def compile_plan(plan: GemmPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
+    """The kernel ``launch_gptq_gemm`` runs for ``plan`` on bf16 activations, compiled for an NVIDIA GPU of
     compute capability ``capability`` on any machine (``compile_for_gpu``): its layouts, barriers and loop."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
     pointers = dict(X="*bf16", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias="*bf16",
                     Out="*bf16", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    return compile_for_gpu(_gptq_gemv_kernel, types, _constexprs(plan, bits, group_size, False, False),
-                           ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
+    constexprs = _constexprs(plan, bits, group_size, False, False)
+    kernel = _gptq_gemv_kernel
+    if not plan.gemv:
+        kernel = _gptq_gemm_swap_ab_kernel if plan.swap_ab else _gptq_gemm_kernel
+        constexprs |= dict(DOT_PRECISION="tf32") | ({} if plan.swap_ab else dict(DEQUANT_TILES=plan.dequant_tiles))
+    return compile_for_gpu(kernel, types, constexprs, ("N", "K", "stride_xm"), capability, plan.num_warps,
+                           plan.num_stages)  # fmt: skip
 
 
 def gptq_gemm(

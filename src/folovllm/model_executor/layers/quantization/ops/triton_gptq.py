@@ -139,6 +139,79 @@ def _gptq_gemm_kernel(
 
 
 @triton.jit
+def _gptq_gemm_swap_ab_kernel(
+    X,
+    QWeight,
+    Scales,
+    Zeros,
+    Perm,
+    Bias,
+    Out,
+    Partials,
+    Counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    blocks_per_split,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Decode with the operands swapped: ``Out^T [BLOCK_N, BLOCK_M] = W^T X^T``, one output tile, one K range.
+
+    In ``_gptq_gemm_kernel`` the few rows of X are the MMA's first operand and the codes its second:
+    compiled for an H100/H200, that is ``mma.sync`` with every 16x16 slice of X moved between register
+    layouts through shared memory (46 barriers for a 128-column tile). Swapped, the codes of a
+    ``[BLOCK_N, 16]`` slice are the first operand, which Hopper's warpgroup MMA (``wgmma``) reads from
+    registers, where the shift and AND-OR just made them; X becomes the small second operand that
+    ``wgmma`` reads from shared memory, and Triton streams it there asynchronously, several slices ahead
+    (12 barriers). The arithmetic per group is the decode branch's, transposed. ``BLOCK_N`` must be a
+    multiple of 64 per warpgroup (4 warps) for ``wgmma``; elsewhere it compiles to ``mma.sync``.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    OFFSET: tl.constexpr = (1 << BITS) if BITS < 8 else 0
+    ROWS: tl.constexpr = 16
+    BLOCK_K: tl.constexpr = ROWS * PACK
+    split = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    t = tl.arange(0, ROWS)
+    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    last_group = (K - 1) // GROUP_SIZE
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    first = split * blocks_per_split
+    for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
+        words = tl.load(QWeight + (blk * ROWS + t)[None, :] * N + rn[:, None], mask=n_ok[:, None], other=0)
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            x_t = tl.trans(_x_slice(x_rows, Perm, blk * BLOCK_K + j * ROWS + t, K, m_ok, HAS_PERM))
+            v = _codes_as_floats(words, j, BITS)
+            if BITS >= 8:
+                v = v - 1.0
+            if j % SLICES_PER_GROUP == 0:
+                s, z = _group_scale_zero(Scales, Zeros, blk * BLOCK_K + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
+                s_v = s * (1 << BITS)
+                s_0 = s * (OFFSET + z)
+            part = tl.dot(v.to(x_t.dtype), x_t, part, input_precision=DOT_PRECISION)
+            x_sum += tl.sum(x_t.to(tl.float32), axis=0)
+            if (j + 1) % SLICES_PER_GROUP == 0:
+                acc += part * s_v[:, None] - s_0[:, None] * x_sum[None, :]
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    store_tile(tl.trans(acc), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def _gptq_gemv_kernel(
     X,
     QWeight,
