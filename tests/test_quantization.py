@@ -28,6 +28,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     gptq_gemm_reference,
     pack_for_kernel,
     plan_gptq_gemm,
+    tuned_key,
     unpack_from_kernel,
 )
 from folovllm.quantization.gptq import HessianAccumulator, gptq_quantize
@@ -296,6 +297,8 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
         (16, 3, False, "swap_ab"),
         (33, None, None, None),
         (70, 1, True, False),  # GEMM: dequantized tiles
+        (70, 1, True, "block_dot"),  # GEMM: whole dequantized blocks, one tl.dot each
+        (40, 2, True, "block_dot"),
     ],
 )
 @pytest.mark.parametrize(
@@ -308,6 +311,8 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
         plan = None
     elif gemv == "swap_ab":
         plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True)
+    elif gemv == "block_dot":
+        plan = GemmPlan(32, 32, True, split_k, -(-k_blocks // split_k), 4, 1, block_dot=True)
     elif gemv:
         plan = GemmPlan(1, 64, False, split_k, -(-k_blocks // split_k), 4, 1, gemv=True)
     else:
@@ -330,6 +335,9 @@ def test_kernel_refuses_bad_shapes():
         gptq_gemm(torch.randn(1, 256), qweight, scales, zeros, None, None, 4, 8)
     with pytest.raises(ValueError, match="a GEMV plan runs one row of X per program: block_m must be 1, got 4"):
         gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128, GemmPlan(4, 64, False, 1, 2, 4, 1, True))
+    with pytest.raises(ValueError, match="block_dot dequantizes whole blocks: it needs dequant_tiles=True"):
+        gptq_gemm(torch.randn(40, 256), qweight, scales, zeros, None, None, 4, 128,
+                  GemmPlan(32, 64, False, 1, 2, 4, 1, block_dot=True))  # fmt: skip
     with pytest.raises(ValueError, match="swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles"):
         gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128,
                   GemmPlan(16, 64, True, 1, 2, 4, 1, swap_ab=True))  # fmt: skip
@@ -495,6 +503,9 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     one_row = [p for p in plans if p.gemv]  # one row: narrower tiles, fewer warps and more splits too
     assert {p.block_n for p in one_row} == {32, 64, 128, 256} and {p.num_warps for p in one_row} == {2, 4, 8}
     assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
+    prefill = sweep_plans(256, 4096, 4096, 4, 132, torch.device("cpu"))
+    assert all(p.dequant_tiles and p.split_k == 1 for p in prefill) and {p.block_dot for p in prefill} == {True, False}
+    assert tuned_key(4, 17, 64, 8) == "bits=4,m=64,k=64,n=8" and tuned_key(4, 4096, 64, 8) == "bits=4,m=256,k=64,n=8"
     at_sixteen = sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu"))
     assert not any(p.gemv for p in at_sixteen) and {p.swap_ab for p in at_sixteen} == {True, False}
     at_four = sweep_plans(4, 4096, 4096, 4, 132, torch.device("cpu"))
@@ -564,3 +575,14 @@ def test_swapped_decode_runs_on_hopper_warpgroup_mma_with_the_codes_in_registers
     assert any("x128x16xi32" in line for line in allocs) and not any("x128x16xbf16" in line for line in allocs)
     assert "tensor<128x16xbf16, #ttg.dot_op<{opIdx = 0" in swapped["ttgir"]
     assert 3 * swapped["ptx"].count("bar.sync") < plain["ptx"].count("bar.sync")
+
+
+def test_prefill_blocks_run_one_deep_product_per_block():
+    """Compiled for an H200 on this CPU: the dequantized-tile prefill path waits for its ``wgmma`` once per
+    16-row slice (eight times per block); dequantizing the whole block first waits once per block."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
+
+    sliced = compile_plan(GemmPlan(128, 128, True, 1, 96, 8, 3))["ptx"]
+    whole = compile_plan(GemmPlan(128, 128, True, 1, 96, 8, 3, block_dot=True))["ptx"]
+    assert "wgmma.mma_async" in whole and whole.count("wgmma.wait_group") == 1
+    assert sliced.count("wgmma.wait_group") == 8 and whole.count("bar.sync") < sliced.count("bar.sync")

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--input-len", type=int, default=128)
     gq.add_argument("--output-len", type=int, default=128)
     gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
-    gq.add_argument("--sweep", action="store_true", help="also time every decode launch plan at M = 1, 4, 16")
+    gq.add_argument("--sweep", action="store_true", help="also time every launch plan at M = 1, 4, 16, 64, 256")
     gq.add_argument("--out", default=None)
 
     gmm = bench.add_parser("gemm", help="decode projections: cuBLAS vs the skinny GEMM; --sweep tunes it (GPU)")

@@ -23,6 +23,7 @@ from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s, measure_copy_bandwidth, median_time_s
 from folovllm.benchmarks.word_stream import stream_words
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
+    DECODE_MAX_M,
     GEMV_MAX_M,
     GemmPlan,
     block_rows,
@@ -173,6 +174,14 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
     k_blocks = cdiv(k, block_rows(bits))
     plans = [plan_gptq_gemm(m, n, k, bits, device)]
+    if m > DECODE_MAX_M:  # prefill: tiles of dequantized weights, sliced or whole blocks; no K split
+        for block_m in (64,) if m <= 64 else (64, 128):
+            for block_n in (64, 128, 256):
+                for warps in (4, 8):
+                    for stages in (3, 4):
+                        for block_dot in (False, True):
+                            plans.append(GemmPlan(block_m, block_n, True, 1, k_blocks, warps, stages, block_dot=block_dot))
+        return list(dict.fromkeys(plans))
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
         block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program
         wide = gemv and m == 1
@@ -190,7 +199,7 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
 def bench_gptq_sweep(ms: list[int], bits: int = 4, group_size: int = 128, device: torch.device | None = None,
                      dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:  # fmt: skip
     """Every plan of ``sweep_plans`` on every Qwen3-8B shape, timed as ``bench_gptq_kernel`` times: the data
-    the tuned decode plans (``write_tuned_plans``) come from."""
+    the tuned plans (``write_tuned_plans``) come from."""
     device = device or torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     rows = []
@@ -325,7 +334,7 @@ def bench_gptq(
     sweep: bool = False,
 ) -> dict[str, Any]:
     """Kernels (plain and act-order), weight memory and TPOT in one JSON; ``sweep`` adds every decode
-    plan of ``sweep_plans`` at M = 1, 4, 16."""
+    plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill)."""
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got {dev}")
@@ -345,7 +354,7 @@ def bench_gptq(
         "copy_GBps": measure_copy_bandwidth(dev),
     }
     if sweep:  # first, so that the kernel table below runs the plans it tunes
-        result["sweep"] = bench_gptq_sweep([1, 4, 16], device=dev)
+        result["sweep"] = bench_gptq_sweep([1, 4, 16, 64, 256], device=dev)
         source = {key: result[key] for key in ("commit", "date", "gpu")}
         path = write_tuned_plans(torch.cuda.get_device_name(dev), best_plans(result["sweep"]), source)
         result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))

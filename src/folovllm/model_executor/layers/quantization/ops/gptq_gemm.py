@@ -17,6 +17,7 @@ import torch
 
 from folovllm.model_executor.layers.ops.split_k import tile_counters
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
+    _gptq_gemm_block_kernel,
     _gptq_gemm_kernel,
     _gptq_gemm_swap_ab_kernel,
     _gptq_gemv_kernel,
@@ -93,6 +94,7 @@ class GemmPlan:
     num_stages: int
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
+    block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
 
 
 @cache
@@ -111,8 +113,10 @@ def split_k_for(tiles: int, k_blocks: int, target_programs: int, min_blocks: int
 
 
 def tuned_key(bits: int, m: int, k: int, n: int) -> str:
-    """A tuned plan covers ``m`` = 1, 2..4 or 5..16 rows of one ``K x N`` weight."""
-    return f"bits={bits},m={1 if m == 1 else 4 if m <= GEMV_MAX_M else DECODE_MAX_M},k={k},n={n}"
+    """A tuned plan covers ``m`` = 1, 2..4, 5..16, 17..64 or more rows of one ``K x N`` weight (the sweep times
+    1, 4, 16, 64 and 256)."""
+    rows = 1 if m == 1 else 4 if m <= GEMV_MAX_M else DECODE_MAX_M if m <= DECODE_MAX_M else 64 if m <= 64 else 256
+    return f"bits={bits},m={rows},k={k},n={n}"
 
 
 def tuned_plans_path(gpu_name: str) -> Path:
@@ -145,13 +149,13 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
     tiles; compute-bound). A GPU model with tuned plans (``bench gptq --sweep`` writes them) uses those
     for the shapes it was tuned on."""
     k_blocks = cdiv(k, block_rows(bits))
-    if m > DECODE_MAX_M:
-        block_m = 64 if m <= 64 else 128
-        return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
     if device.type == "cuda":
         tuned = _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(bits, m, k, n))
         if tuned is not None:
             return tuned
+    if m > DECODE_MAX_M:
+        block_m = 64 if m <= 64 else 128
+        return GemmPlan(block_m, 128, True, 1, k_blocks, 4 if block_m == 64 else 8, 3)
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
     if m == 1:  # untuned, the FMA kernel at one row only: at 4 rows the H200 sweep timed it 30-50x slower than tl.dot
         split, per_split = split_k_for(cdiv(n, 128), k_blocks, target)
@@ -188,6 +192,8 @@ def launch_gptq_gemm(
         raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
     if plan.swap_ab and (plan.gemv or plan.dequant_tiles):
         raise ValueError("swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles")
+    if plan.block_dot and not plan.dequant_tiles:
+        raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out
@@ -202,8 +208,9 @@ def launch_gptq_gemm(
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     if plan.gemv:
         for_device(_gptq_gemv_kernel, x.device)[grid](*args, **common)
-    elif plan.swap_ab:
-        for_device(_gptq_gemm_swap_ab_kernel, x.device)[grid](*args, DOT_PRECISION=precision, **common)
+    elif plan.swap_ab or plan.block_dot:
+        kernel = _gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel
+        for_device(kernel, x.device)[grid](*args, DOT_PRECISION=precision, **common)
     else:
         for_device(_gptq_gemm_kernel, x.device)[grid](
             *args, DEQUANT_TILES=plan.dequant_tiles, DOT_PRECISION=precision, **common
@@ -221,9 +228,12 @@ def compile_plan(plan: GemmPlan, bits: int = 4, group_size: int = 128, capabilit
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
     constexprs = _constexprs(plan, bits, group_size, False, False)
     kernel = _gptq_gemv_kernel
-    if not plan.gemv:
-        kernel = _gptq_gemm_swap_ab_kernel if plan.swap_ab else _gptq_gemm_kernel
-        constexprs |= dict(DOT_PRECISION="tf32") | ({} if plan.swap_ab else dict(DEQUANT_TILES=plan.dequant_tiles))
+    if plan.block_dot or plan.swap_ab:
+        kernel = _gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel
+        constexprs |= dict(DOT_PRECISION="tf32")
+    elif not plan.gemv:
+        kernel = _gptq_gemm_kernel
+        constexprs |= dict(DOT_PRECISION="tf32", DEQUANT_TILES=plan.dequant_tiles)
     return compile_for_gpu(kernel, types, constexprs, ("N", "K", "stride_xm"), capability, plan.num_warps,
                            plan.num_stages)  # fmt: skip
 
