@@ -586,3 +586,33 @@ def test_prefill_blocks_run_one_deep_product_per_block():
     whole = compile_plan(GemmPlan(128, 128, True, 1, 96, 8, 3, block_dot=True))["ptx"]
     assert "wgmma.mma_async" in whole and whole.count("wgmma.wait_group") == 1
     assert sliced.count("wgmma.wait_group") == 8 and whole.count("bar.sync") < sliced.count("bar.sync")
+
+
+def test_act_order_permutes_x_once_for_several_rows(monkeypatch):
+    """With more than one row the kernel gets X already permuted (no per-tile gather); one row gathers inside."""
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    seen = []
+    real = ops.for_device
+
+    def spy(kernel, device):
+        launch = real(kernel, device)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    seen.append(kwargs["HAS_PERM"])
+                    return launch[grid](*args, **kwargs)
+
+                return run
+
+        return Grid()
+
+    monkeypatch.setattr(ops, "for_device", spy)
+    qweight, scales, zeros, perm = _random_layer(256, 64, 4, 32, True, seed=3)
+    for m in (1, 5):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        got = gptq_gemm(x, qweight, scales, zeros, perm, None, 4, 32)
+        want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), perm, None, 4, 32)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert seen == [True, False]

@@ -184,9 +184,17 @@ def launch_gptq_gemm(
     group_size: int,
     plan: GemmPlan | None = None,
 ) -> torch.Tensor:
-    """The kernel, unchecked: ``x [M, K]`` (unit stride along K) -> ``[M, N]`` in ``x``'s dtype."""
+    """The kernel, unchecked: ``x [M, K]`` (unit stride along K) -> ``[M, N]`` in ``x``'s dtype.
+
+    With act-order and more than one row, X is permuted once here (one gather of ``M x K`` values)
+    rather than gathered through ``perm`` by every column tile of the kernel: ``N / BLOCK_N`` scattered
+    reads of all of X, which made act-order about 2x slower than the plain kernel at 16 rows and 6-7x
+    slower at 256 on the H200 (0a8f201).
+    One row keeps the in-kernel gather, which costs less than a launch there."""
     m, k = x.shape
     n = qweight.shape[1]
+    if perm is not None and m > 1:
+        x, perm = x[:, perm], None
     plan = plan or plan_gptq_gemm(m, n, k, bits, x.device)
     if plan.gemv and plan.block_m != 1:
         raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
