@@ -137,3 +137,16 @@ def test_bench_gemm_keeps_only_plans_that_beat_cublas_and_refuses_bad_arguments(
     assert "bench gemm times Triton against cuBLAS and needs a CUDA device, got cpu" in capsys.readouterr().err
     assert main(["bench", "gemm", "--model", "random:nope", "--device", "cuda"]) != 0
     assert "model must be random:<preset> with a preset in" in capsys.readouterr().err
+
+
+def test_cublas_only_turns_the_tuned_table_off_and_back_on(monkeypatch):
+    monkeypatch.setattr(sk, "_tuned_plans", lambda path: {sk.tuned_key(1, 64, 8): sk.SkinnyPlan(8, 64, 4)})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    cuda = torch.device("cuda")
+    sk.plan_skinny_gemm.cache_clear()
+    assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)
+    assert sk.plan_skinny_gemm(1, 64, 8, torch.float32, cuda) is None  # fp32 stays on cuBLAS
+    with sk.cublas_only():
+        assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) is None
+    assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)
+    sk.plan_skinny_gemm.cache_clear()

@@ -39,7 +39,7 @@ from folovllm.utils import cdiv
 
 SKINNY_MAX_M = 4  # rows of x: the batch-1, 2 and 4 decode graphs
 TUNED_DIR = Path(__file__).parent / "configs"
-_use_tuned = [True]  # False inside ``cublas_only()``
+_use_tuned = True  # False inside ``cublas_only()``
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Pa
 @lru_cache(maxsize=1024)  # asked by every eager call of a Linear on the fast path
 def plan_skinny_gemm(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> SkinnyPlan | None:
     """The tuned plan for ``[m, k] x [k, n]`` on this GPU model, or None (then cuBLAS)."""
-    if not _use_tuned[0] or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or m > SKINNY_MAX_M:
+    if not _use_tuned or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or m > SKINNY_MAX_M:
         return None
     return _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(m, k, n))
 
@@ -121,12 +121,13 @@ def plan_skinny_gemm(m: int, k: int, n: int, dtype: torch.dtype, device: torch.d
 @contextmanager
 def cublas_only() -> Iterator[None]:
     """Engines built (and graphs captured) inside use ``F.linear`` for every shape: the A/B baseline."""
-    _use_tuned[0] = False
+    global _use_tuned
+    _use_tuned = False
     plan_skinny_gemm.cache_clear()
     try:
         yield
     finally:
-        _use_tuned[0] = True
+        _use_tuned = True
         plan_skinny_gemm.cache_clear()
 
 
