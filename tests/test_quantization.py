@@ -616,3 +616,27 @@ def test_act_order_permutes_x_once_for_several_rows(monkeypatch):
         want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), perm, None, 4, 32)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     assert seen == [True, False]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="bf16 tensor-core paths (wgmma on Hopper) need a GPU")
+@pytest.mark.parametrize(
+    "m, plan",
+    [
+        (1, GemmPlan(1, 32, False, 8, 2, 2, 4, gemv=True)),  # the widened one-row grid
+        (4, GemmPlan(16, 64, False, 4, 4, 4, 4)),
+        (16, GemmPlan(16, 128, False, 4, 4, 4, 4, swap_ab=True)),
+        (5, GemmPlan(16, 64, False, 2, 8, 4, 4, swap_ab=True)),
+        (256, GemmPlan(128, 128, True, 1, 16, 8, 3)),
+        (256, GemmPlan(128, 128, True, 1, 16, 8, 3, block_dot=True)),
+        (40, GemmPlan(64, 256, True, 1, 16, 4, 3, block_dot=True)),
+    ],
+)
+def test_bf16_plans_match_the_reference_on_gpu(m, plan):
+    """What a step runs: bf16 activations, so the tensor cores (not the fp32 'ieee' path of the tests above)."""
+    k, n = 2048, 384
+    qweight, scales, zeros, _ = _random_layer(k, n, 4, 128, False, seed=m)
+    qweight, scales, zeros = qweight.cuda(), scales.half().cuda(), zeros.half().cuda()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).cuda()
+    got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan).float()
+    want = gptq_gemm_reference(x.float(), qweight, scales.float(), zeros.float(), None, None, 4, 128).float()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2

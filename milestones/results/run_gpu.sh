@@ -282,7 +282,7 @@ else:
     # the swapped-operand tl.dot kernel (wgmma) beside the plain one at M = 4 and 16, and prefill plans at M = 64
     # and 256 with whole dequantized blocks (block_dot) beside sliced tiles; the tuned table is rewritten and
     # copied back, then the kernel table at every M. About 9 device-minutes; then stage gptqtpot.
-    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel_matches or permutes" 2>&1 | tail -2
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel_matches or permutes or bf16_plans" 2>&1 | tail -2
     timeout 540 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 64 256 4096 \
       --out "$OUT/M7-sweep6-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
