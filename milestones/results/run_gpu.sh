@@ -276,6 +276,13 @@ else:
     # Run at 640d064: the W4A16 decode sweep with one-row GEMV plans at M = 4 (about 3 device-minutes).
     timeout 200 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-gemv-m4-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  gptqprobe)
+    # The sixth session's W4A16 kernels, a first timing before the full sweep: swapped operands at M = 16,
+    # whole-block prefill at M = 256, narrow one-row plans at M = 1, act-order with X permuted once; then the
+    # bf16 GPU tests of those plans. About 3 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "bf16_plans or permutes" 2>&1 | tail -2
+    timeout 300 python3 milestones/results/gptq_probe.py "$OUT/M7-probe6-$gpu.json" > "$OUT/probe.log" 2>&1
+    echo "probe: exit $?" ;;
   gemvwide)
     # Not yet run: the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles
     # of 32 columns, 2 warps, up to 16 splits of 2 blocks: 640d064's fastest plans sat at the old grid's edge),
