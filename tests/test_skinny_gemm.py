@@ -131,6 +131,7 @@ def test_bench_gemm_keeps_only_plans_that_beat_cublas_and_refuses_bad_arguments(
         {"m": 4, "k": 1024, "n": 4096, "plan": plan, "error": "out of registers"},
     ]  # fmt: skip
     assert best_plans(rows) == {"m=1,k=2048,n=1024": plan}
+    assert best_plans([rows[0] | {"m": 2}]) == {}  # one row only
     assert main(["bench", "gemm", "--m", "8"]) != 0
     assert "m must be row counts in [1, 4] (the skinny GEMM's range), got [8]" in capsys.readouterr().err
     assert main(["bench", "gemm", "--device", "cpu"]) != 0
@@ -146,6 +147,9 @@ def test_cublas_only_turns_the_tuned_table_off_and_back_on(monkeypatch):
     sk.plan_skinny_gemm.cache_clear()
     assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)
     assert sk.plan_skinny_gemm(1, 64, 8, torch.float32, cuda) is None  # fp32 stays on cuBLAS
+    monkeypatch.setattr(sk, "_tuned_plans", lambda path: {sk.tuned_key(m, 64, 8): sk.SkinnyPlan(8, 64, 4) for m in (1, 4)})
+    sk.plan_skinny_gemm.cache_clear()
+    assert sk.plan_skinny_gemm(4, 64, 8, torch.bfloat16, cuda) is None  # graph (padded) and eager rows agree
     with sk.cublas_only():
         assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) is None
     assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)

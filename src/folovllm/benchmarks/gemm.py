@@ -42,10 +42,11 @@ def projection_shapes(preset: str) -> dict[str, tuple[int, int]]:
 
 
 def best_plans(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per (M, K, N) the fastest plan of a sweep, if it beats cuBLAS by ``MIN_SPEEDUP`` with a sound result."""
+    """Per (K, N) the fastest plan of a sweep at one row (the only row count the fast path tunes, see
+    ``plan_skinny_gemm``), if it beats cuBLAS by ``MIN_SPEEDUP`` with a sound result."""
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if "error" in row or row["max_rel_err"] > 2e-2 or row["speedup"] < MIN_SPEEDUP:
+        if row["m"] != 1 or "error" in row or row["max_rel_err"] > 2e-2 or row["speedup"] < MIN_SPEEDUP:
             continue
         key = sk.tuned_key(row["m"], row["k"], row["n"])
         if key not in best or row["skinny_us"] < best[key]["skinny_us"]:

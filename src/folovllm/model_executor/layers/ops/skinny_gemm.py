@@ -112,8 +112,13 @@ def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Pa
 
 @lru_cache(maxsize=1024)  # asked by every eager call of a Linear on the fast path
 def plan_skinny_gemm(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> SkinnyPlan | None:
-    """The tuned plan for ``[m, k] x [k, n]`` on this GPU model, or None (then cuBLAS)."""
-    if not _use_tuned or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or m > SKINNY_MAX_M:
+    """The tuned plan for ``[m, k] x [k, n]`` on this GPU model, or None (then cuBLAS).
+
+    One row only. A decode step of three requests replays the graph captured for four, while the
+    same step run eagerly has three rows: with a plan per row count the two would run different
+    kernels and their tokens could differ in the last bits (the H200 GPU test that graph replays
+    give eager tokens caught it). At one row both are the same launch; batch 1 is where it pays."""
+    if not _use_tuned or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or m != 1:
         return None
     return _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(m, k, n))
 
