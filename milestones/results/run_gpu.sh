@@ -277,12 +277,23 @@ else:
     timeout 200 python3 -m folovllm bench gptq --kernels-only --sweep --m 1 4 16 --out "$OUT/M7-gemv-m4-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   gptqprobe)
-    # The sixth session's W4A16 kernels, a first timing before the full sweep: swapped operands at M = 16,
+    # Run at 606708c. The sixth session's W4A16 kernels, a first timing before the full sweep: swapped operands at M = 16,
     # whole-block prefill at M = 256, narrow one-row plans at M = 1, act-order with X permuted once; then the
     # bf16 GPU tests of those plans. About 3 device-minutes.
     python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "bf16_plans or permutes" 2>&1 | tail -2
     timeout 300 python3 milestones/results/gptq_probe.py "$OUT/M7-probe6-$gpu.json" > "$OUT/probe.log" 2>&1
     echo "probe: exit $?" ;;
+  sixth)
+    # What the sixth session ran after m5tail, gptqprobe and skinny2 (each call one line here, commit in brackets):
+    # [5595a63, GPTQ prefill default = whole blocks] W's fair pair and the kernel table + TPOT bf16 vs GPTQ;
+    # [e7dd284, the tuned skinny table in the tree] batch-1 latency under M4; [4e7a920, skinny at one row only]
+    # the GPU tests of graphs and the skinny GEMM.
+    timeout 420 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq --out "$OUT/M7-throughput6-$gpu.json"
+    timeout 330 python3 -m folovllm bench gptq --m 1 16 256 4096 --out "$OUT/M7-tpot6-$gpu.json"
+    timeout 300 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
+      --output-len 128 --out "$OUT/M4-skinny-latency2-$gpu.json"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
   gemvwide)
     # Not yet run: the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles
     # of 32 columns, 2 warps, up to 16 splits of 2 blocks: 640d064's fastest plans sat at the old grid's edge),
@@ -302,7 +313,7 @@ else:
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
       --out "$OUT/M7-throughput6-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   skinny2)
-    # Not yet run: the skinny GEMM rebuilt without a loop (each program loads its whole tile at once; split-K
+    # Run at 606708c (its tuned table then held M = 1, 2 and 4 plans; 4e7a920 keeps M = 1 only): the skinny GEMM rebuilt without a loop (each program loads its whole tile at once; split-K
     # through the counters of split_k.py) swept against cuBLAS on qwen3-0.6b's projections at M = 1, 2, 4; the
     # plans that win by 5% go to ops/configs/skinny_gemm_<GPU>.json (copied back), then batch-1 TPOT with the
     # table and with cuBLAS only, same process; then W with five repeats. About 6 device-minutes.
@@ -317,7 +328,7 @@ else:
     # M5 dynamic chunk sizing beside fixed budgets: on qwen3-0.6b (16 req/s) beside budgets 256 and 512; on
     # qwen3-8b (8 req/s), whose decode-only step alone takes ~10 ms, targets 15 / 20 / 30 ms beside the same
     # budgets. m5dynamic2 (640d064): the cost model keeps its last full fit and learns the step interval;
-    # m5tail (not yet run): the scheduler also aims below the target by the model's tail factor.
+    # m5tail (606708c): the scheduler also aims below the target by the model's tail factor.
     name=$([ "$1" = m5tail ] && echo tail || echo kept-fit)
     s="--workload mixed --num-prompts 100 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
     timeout 200 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate 16 \
