@@ -153,7 +153,7 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
         tuned = _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(bits, m, k, n))
         if tuned is not None:
             return tuned
-    if m > DECODE_MAX_M:  # whole-block products: 1.33-1.47x the sliced tiles at M = 256 on the H200 (606708c)
+    if m > DECODE_MAX_M:  # whole-block products: 1.33-1.72x the sliced tiles at M = 256 on the H200 (606708c)
         return GemmPlan(64 if m <= 64 else 128, 128, True, 1, k_blocks, 4, 3, block_dot=True)
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
     if m == 1:  # untuned, the FMA kernel at one row only: at 4 rows the H200 sweep timed it 30-50x slower than tl.dot
@@ -170,6 +170,15 @@ def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_
         BITS=bits, GROUP_SIZE=group, SLICES_PER_GROUP=min(max(group // SLICE_ROWS, 1), 32 // bits),
         HAS_PERM=has_perm, HAS_BIAS=has_bias, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, SPLIT_K=plan.split_k,
     )  # fmt: skip
+
+
+def _kernel_for(plan: GemmPlan, precision: str) -> tuple[object, dict]:
+    """The kernel a plan runs and the compile-time arguments it takes beyond ``_constexprs``."""
+    if plan.gemv:
+        return _gptq_gemv_kernel, {}
+    if plan.block_dot or plan.swap_ab:
+        return (_gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel), dict(DOT_PRECISION=precision)
+    return _gptq_gemm_kernel, dict(DOT_PRECISION=precision, DEQUANT_TILES=plan.dequant_tiles)
 
 
 def launch_gptq_gemm(
@@ -212,16 +221,8 @@ def launch_gptq_gemm(
     )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    if plan.gemv:
-        for_device(_gptq_gemv_kernel, x.device)[grid](*args, **common)
-    elif plan.swap_ab or plan.block_dot:
-        kernel = _gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel
-        for_device(kernel, x.device)[grid](*args, DOT_PRECISION=precision, **common)
-    else:
-        for_device(_gptq_gemm_kernel, x.device)[grid](
-            *args, DEQUANT_TILES=plan.dequant_tiles, DOT_PRECISION=precision, **common
-        )
+    kernel, extra = _kernel_for(plan, "ieee" if x.dtype == torch.float32 else "tf32")
+    for_device(kernel, x.device)[grid](*args, **extra, **common)
     return out
 
 
@@ -233,16 +234,9 @@ def compile_plan(plan: GemmPlan, bits: int = 4, group_size: int = 128, capabilit
     pointers = dict(X="*bf16", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias="*bf16",
                     Out="*bf16", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    constexprs = _constexprs(plan, bits, group_size, False, False)
-    kernel = _gptq_gemv_kernel
-    if plan.block_dot or plan.swap_ab:
-        kernel = _gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel
-        constexprs |= dict(DOT_PRECISION="tf32")
-    elif not plan.gemv:
-        kernel = _gptq_gemm_kernel
-        constexprs |= dict(DOT_PRECISION="tf32", DEQUANT_TILES=plan.dequant_tiles)
-    return compile_for_gpu(kernel, types, constexprs, ("N", "K", "stride_xm"), capability, plan.num_warps,
-                           plan.num_stages)  # fmt: skip
+    kernel, extra = _kernel_for(plan, "tf32")
+    return compile_for_gpu(kernel, types, _constexprs(plan, bits, group_size, False, False) | extra,
+                           ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 
 
 def gptq_gemm(
