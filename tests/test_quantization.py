@@ -588,6 +588,18 @@ def test_prefill_blocks_run_one_deep_product_per_block():
     assert sliced.count("wgmma.wait_group") == 8 and whole.count("bar.sync") < sliced.count("bar.sync")
 
 
+@pytest.mark.parametrize("bits, act", [(2, "bf16"), (2, "fp32"), (4, "fp32"), (4, "bf16")])
+def test_default_prefill_plans_fit_in_shared_memory(bits, act):
+    """Compiled for an H200 on this CPU: the default whole-block plans stay within its 227 KiB of shared memory
+    per block; 2-bit blocks (256 rows) at 64 x 128 in fp32 needed 288 KiB, and the GPU refused the launch."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
+
+    itemsize = 4 if act == "fp32" else 2
+    for m in (33, 256):
+        plan = plan_gptq_gemm(m, 4096, 4096, bits, torch.device("cpu"), itemsize)
+        assert plan.block_dot and int(compile_plan(plan, bits, 128, act=act)["shared"]) <= 227 * 1024
+
+
 def test_act_order_permutes_x_once_for_several_rows(monkeypatch):
     """With more than one row the kernel gets X already permuted (no per-tile gather); one row gathers inside."""
     from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops

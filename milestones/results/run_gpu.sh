@@ -295,7 +295,8 @@ else:
       --output-len 128 --out "$OUT/M4-skinny-latency2-$gpu.json"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
   gemvwide)
-    # Not yet run: the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles
+    # Run at 8c893f1 (its GPU tests found 2-bit whole-block prefill plans over the shared-memory limit, since
+    # fixed): the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles
     # of 32 columns, 2 warps, up to 16 splits of 2 blocks: 640d064's fastest plans sat at the old grid's edge),
     # the swapped-operand tl.dot kernel (wgmma) beside the plain one at M = 4 and 16, and prefill plans at M = 64
     # and 256 with whole dequantized blocks (block_dot) beside sliced tiles; the tuned table is rewritten and
@@ -305,13 +306,13 @@ else:
       --out "$OUT/M7-sweep6-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   gptqtpot)
-    # Not yet run (after gemvwide, with its tuned table copied into the tree): weight memory and batch-1 TPOT bf16
+    # Run at 8c893f1 with gemvwide's tuned table copied into the tree (committed next): weight memory and batch-1 TPOT bf16
     # vs GPTQ, and W's fair pair (stage gptqW) to see what the prefill plans change there. About 7 device-minutes.
-    timeout 300 python3 -m folovllm bench gptq --m 1 16 256 --out "$OUT/M7-tpot6-$gpu.json" > "$OUT/tpot.log" 2>&1
+    timeout 300 python3 -m folovllm bench gptq --m 1 16 256 --out "$OUT/M7-tpot7-$gpu.json" > "$OUT/tpot.log" 2>&1
     echo "tpot: exit $?"
     timeout 280 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
-      --out "$OUT/M7-throughput6-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
+      --out "$OUT/M7-throughput7-$gpu.json" > /dev/null 2>&1; echo "W: exit $?" ;;
   skinny2)
     # Run at 606708c (its tuned table then held M = 1, 2 and 4 plans; 4e7a920 keeps M = 1 only): the skinny GEMM rebuilt without a loop (each program loads its whole tile at once; split-K
     # through the counters of split_k.py) swept against cuBLAS on qwen3-0.6b's projections at M = 1, 2, 4; the

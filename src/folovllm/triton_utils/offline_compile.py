@@ -30,7 +30,7 @@ def compile_for_gpu(
     num_stages: int = 3,
 ) -> dict[str, str]:
     """``{stage: text}`` (``ttir``, ``ttgir``, ``llir``, ``ptx``) of ``kernel`` compiled for compute capability
-    ``capability``. ``types`` gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``),
+    ``capability``, and ``shared``: the bytes of shared memory one program allocates (as text). ``types`` gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``),
     ``constexprs`` every constexpr's value; pointers and the integers named in ``divisible_by_16`` are
     specialized as 16-divisible, as launches with aligned tensors and round sizes are.
 
@@ -56,7 +56,7 @@ def compile_for_gpu(
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
-    return {stage: compiled.asm[stage] for stage in STAGES}
+    return {stage: compiled.asm[stage] for stage in STAGES} | {"shared": str(compiled.metadata.shared)}
 
 
 def _compile_in_child(module: str, name: str, args: tuple) -> dict[str, str]:

@@ -32,6 +32,7 @@ GEMV_MAX_M = 4  # the FMA kernel's most rows (a 16-row tl.dot would be mostly pa
 PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
+_SHARED_BYTES = 200 * 1024  # a whole-block plan's estimated shared memory: Hopper allows 227 KiB per block
 TUNED_DIR = Path(__file__).parent / "configs"  # decode plans measured per GPU model (``bench gptq --sweep``)
 
 
@@ -142,7 +143,7 @@ def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Pa
 
 
 @lru_cache(maxsize=4096)  # called by every eager launch; a pure function of its arguments
-def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> GemmPlan:
+def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device, itemsize: int = 2) -> GemmPlan:
     """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
     weights, with scales applied to the product per group; one row runs the FMA kernel, more rows
     16-row ``tl.dot`` tiles. Prefill: whole dequantized blocks per ``tl.dot``, no split (enough
@@ -154,13 +155,23 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device) -> G
         if tuned is not None:
             return tuned
     if m > DECODE_MAX_M:  # whole-block products: 1.33-1.72x the sliced tiles at M = 256 on the H200 (606708c)
-        return GemmPlan(64 if m <= 64 else 128, 128, True, 1, k_blocks, 4, 3, block_dot=True)
+        return _block_dot_plan(m, k_blocks, bits, itemsize)
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
     if m == 1:  # untuned, the FMA kernel at one row only: at 4 rows the H200 sweep timed it 30-50x slower than tl.dot
         split, per_split = split_k_for(cdiv(n, 128), k_blocks, target)
         return GemmPlan(1, 128, False, split, per_split, 4, 3, gemv=True)
     split, per_split = split_k_for(cdiv(n, 64), k_blocks, target)
     return GemmPlan(16, 64, False, split, per_split, 4, 4)
+
+
+def _block_dot_plan(m: int, k_blocks: int, bits: int, itemsize: int) -> GemmPlan:
+    """Whole-block tiles that fit in shared memory: the pipeline stages X's ``BLOCK_M x rows`` and the
+    dequantized ``rows x BLOCK_N`` per stage, so 2-bit blocks (256 rows) or fp32 activations need smaller
+    tiles; the larger side is halved until the estimate fits (it runs ~25% above what Triton allocates)."""
+    block_m, block_n, stages = 64 if m <= 64 else 128, 128, 3
+    while stages * (block_m + block_n) * block_rows(bits) * itemsize > _SHARED_BYTES:
+        block_m, block_n = (block_m // 2, block_n) if block_m > block_n else (block_m, block_n // 2)
+    return GemmPlan(block_m, block_n, True, 1, k_blocks, 4, stages, block_dot=True)
 
 
 def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_bias: bool) -> dict:
@@ -203,7 +214,7 @@ def launch_gptq_gemm(
     n = qweight.shape[1]
     if perm is not None and m > 1:
         x, perm = x[:, perm], None
-    plan = plan or plan_gptq_gemm(m, n, k, bits, x.device)
+    plan = plan or plan_gptq_gemm(m, n, k, bits, x.device, x.element_size())
     if plan.gemv and plan.block_m != 1:
         raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
     if plan.swap_ab and (plan.gemv or plan.dequant_tiles):
@@ -226,15 +237,18 @@ def launch_gptq_gemm(
     return out
 
 
-def compile_plan(plan: GemmPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
-    """The kernel ``launch_gptq_gemm`` runs for ``plan`` on bf16 activations, compiled for an NVIDIA GPU of
-    compute capability ``capability`` on any machine (``compile_for_gpu``): its layouts, barriers and loop."""
+def compile_plan(
+    plan: GemmPlan, bits: int = 4, group_size: int = 128, capability: int = 90, act: str = "bf16"
+) -> dict[str, str]:
+    """The kernel ``launch_gptq_gemm`` runs for ``plan`` on ``act`` activations (``"bf16"`` or ``"fp32"``),
+    compiled for an NVIDIA GPU of compute capability ``capability`` on any machine (``compile_for_gpu``):
+    its layouts, barriers, loop and shared memory."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
-    pointers = dict(X="*bf16", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias="*bf16",
-                    Out="*bf16", Partials="*fp32", Counters="*i32")  # fmt: skip
+    pointers = dict(X=f"*{act}", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias=f"*{act}",
+                    Out=f"*{act}", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    kernel, extra = _kernel_for(plan, "tf32")
+    kernel, extra = _kernel_for(plan, "ieee" if act == "fp32" else "tf32")
     return compile_for_gpu(kernel, types, _constexprs(plan, bits, group_size, False, False) | extra,
                            ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 
