@@ -154,3 +154,65 @@ def test_cublas_only_turns_the_tuned_table_off_and_back_on(monkeypatch):
         assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) is None
     assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)
     sk.plan_skinny_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("m, k, n, plan", [(1, 300, 37, sk.SkinnyPlan(8, 128, 4)), (2, 256, 48, sk.SkinnyPlan(8, 256, 4))])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_prologue_equals_the_norm_kernel_then_the_gemm(m, k, n, plan, with_residual):
+    """Same roundings as ``rms_norm`` then ``skinny_gemm``: the same values, bit for bit; the old residual
+    is left as it was and the new one is ``x + residual``."""
+    from folovllm.model_executor.layers.ops.rms_norm import rms_norm
+
+    x, w, b = operands(m, k, n, True, seed=2)
+    residual, norm_weight = operands(m, k, 1, False, seed=3)[0], 1 + 0.1 * operands(1, k, 1, False, seed=4)[0][0]
+    before = residual.clone()
+    if with_residual:
+        hidden, want_residual = rms_norm(x, norm_weight, 1e-6, residual.clone())
+    else:
+        hidden, want_residual = rms_norm(x, norm_weight, 1e-6), x
+    got, new_residual = sk.skinny_gemm_rms_norm(x, residual if with_residual else None, norm_weight, 1e-6, w, b, plan)
+    assert torch.equal(got, sk.skinny_gemm(hidden, w, b, plan)) and torch.equal(new_residual, want_residual)
+    assert torch.equal(residual, before)
+
+
+def test_silu_mul_prologue_equals_the_activation_kernel_then_the_gemm():
+    from folovllm.model_executor.layers.ops.activation import silu_and_mul
+
+    gate_up, w, b = operands(1, 2 * 300, 37, True, seed=5)
+    w = w[:, :300].contiguous()
+    plan = sk.SkinnyPlan(8, 128, 4)
+    assert torch.equal(sk.skinny_gemm_silu_mul(gate_up, w, b, plan), sk.skinny_gemm(silu_and_mul(gate_up), w, b, plan))
+    with pytest.raises(ValueError, match=r"got \(1, 600\) and \(37, 600\)"):
+        sk.skinny_gemm_silu_mul(gate_up, operands(1, 600, 37, False)[1], None, plan)
+
+
+def test_fused_prologues_keep_the_weight_tile_layout():
+    """Compiled for sm_90: the prologues add loads of the input row, never a layout change of the weight tile."""
+    for prologue in (sk.RMS_NORM, sk.SILU_MUL):
+        asm = sk.compile_skinny(sk.SkinnyPlan(8, 1024, 4), k=2048, prologue=prologue)
+        converts = [line for line in asm["ttgir"].splitlines() if "ttg.convert_layout" in line]
+        assert not any(re.search(r"tensor<\d+x\d+x", line) for line in converts) and "scf.for" not in asm["ttgir"]
+
+
+def test_a_decoder_with_fused_prologues_equals_the_native_one(monkeypatch):
+    """Qwen3 on the fast path with a plan for every projection at one row: the decoder norms and SiLU·mul run
+    inside the GEMMs (only the final norm keeps its own launch) and the logits equal the native model's."""
+    from folovllm.attention.layer import prefill_metadata
+    from folovllm.config import ModelConfig
+    from folovllm.model_executor.layers.ops import activation, rms_norm
+    from folovllm.model_executor.model_loader import load_model
+
+    model = load_model(ModelConfig(model="random:tiny-qwen3", device=DEVICE, dtype="float32")).model
+    ids, pos = torch.tensor([5], device=DEVICE), torch.tensor([0], device=DEVICE)
+    md = prefill_metadata([1], DEVICE)
+    monkeypatch.setattr(linear_mod, "plan_skinny_gemm", lambda m, k, n, dtype, device: sk.SkinnyPlan(16, 64, 4))
+    launches = []
+    for module, name in ((rms_norm, "rms_norm"), (activation, "silu_and_mul")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: launches.append(_name) or _real(*a, **kw))
+    with torch.inference_mode():
+        ref = model.compute_logits(model(ids, pos, md))
+        enable_fused_ops(model)
+        got = model.compute_logits(model(ids, pos, md))
+    assert launches == ["rms_norm"]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -294,6 +294,19 @@ else:
     timeout 300 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
       --output-len 128 --out "$OUT/M4-skinny-latency2-$gpu.json"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
+  prologue)
+    # #11's batch-1 TPOT: the decoder norms and SiLU·mul fused into the prologue of the skinny GEMM after them
+    # (three launches fewer per layer at one row). GPU tests (graph replays give eager tokens, fused = separate,
+    # the 2-bit GPTQ shared-memory fix); TPOT in three arms in one process (cuBLAS / tuned with separate
+    # norms / fused); bench latency with HF at 128 and 2,048; one decode step's profile. About 7 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_skinny_gemm.py tests/test_cuda_graph.py tests/test_fused_ops.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "kernel_matches and 2-16 or shared_memory" 2>&1 | tail -2
+    timeout 200 python3 -m folovllm bench gemm --model random:qwen3-0.6b --m 1 --tpot \
+      --out "$OUT/M4-prologue-qwen3-0.6b-$gpu.json" > "$OUT/gemm.log" 2>&1; echo "gemm: exit $?"
+    timeout 240 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
+      --output-len 128 --out "$OUT/M4-prologue-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
+    timeout 100 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M4 --batch-size 1 \
+      --out "$OUT/M4-step-b1-prologue-$gpu.json" > /dev/null 2>&1; echo "step: exit $?" ;;
   gemvwide)
     # Run at 8c893f1 (its GPU tests found 2-bit whole-block prefill plans over the shared-memory limit, since
     # fixed): the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles

@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     gmm.add_argument("--m", type=int, nargs="+", default=[1, 2, 4], help="rows of x")
     gmm.add_argument("--device", default=None)
     gmm.add_argument("--sweep", action="store_true", help="time every plan, write the tuned table, measure TPOT")
+    gmm.add_argument("--tpot", action="store_true", help="batch-1 TPOT: cuBLAS, tuned, tuned with fused prologues")
     gmm.add_argument("--out", default=None)
 
     pre = bench.add_parser("prefill", help="prefill attention per backend: time, TFLOP/s, memory")
@@ -427,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.bench == "gemm":
             from folovllm.benchmarks.gemm import bench_gemm
 
-            write_results(args.out, bench_gemm(args.model, args.m, args.device, args.sweep))
+            write_results(args.out, bench_gemm(args.model, args.m, args.device, args.sweep, tpot=args.tpot))
         elif args.bench == "prefill" and args.context_len is not None:
             from folovllm.benchmarks.attention import bench_chunk_attention
 

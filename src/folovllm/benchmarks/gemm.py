@@ -4,7 +4,9 @@ Each row times ``F.linear`` and the skinny GEMM on one projection's shape from C
 over weight copies that do not fit in L2 (as a decode step reads them). ``--sweep`` times every plan
 of ``sweep_skinny_plans`` and writes the ones at least ``MIN_SPEEDUP`` faster than cuBLAS to this GPU
 model's tuned table, which the fast path reads (``Linear.forward_fused``); then batch-1 TPOT of the
-whole model is measured with the table and without it (``cublas_only``), in the same process.
+whole model is measured with the table and without it (``cublas_only``), in the same process, and with
+the table but the norms and SiLU·mul launched separately (``separate_prologues``); ``--tpot`` measures
+those three without a sweep.
 """
 
 from __future__ import annotations
@@ -86,25 +88,31 @@ def _time_shape(name: str, k: int, n: int, ms: list[int], sweep: bool, dev: torc
     return rows
 
 
+_TPOT_ARMS = {"cublas": sk.cublas_only, "tuned": sk.separate_prologues, "fused": nullcontext}
+
+
 def _tpot(model: str, input_len: int, output_len: int) -> list[dict[str, Any]]:
-    """Batch-1 decode under M4 with the tuned table and with cuBLAS everywhere, one process."""
+    """Batch-1 decode under M4, one process: cuBLAS everywhere; the tuned skinny GEMMs with the norms and
+    SiLU·mul launched on their own; and with those fused into the GEMMs' prologues (the M4 preset)."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
-    for label in ("cublas", "tuned"):
+    for label, arm in _TPOT_ARMS.items():
         run = partial(bench_latency, model, [input_len], output_len, 1, with_hf=False, milestone="M4",
                       kv_cache_memory=4 * 2**30, max_num_seqs=8)  # fmt: skip
-        with sk.cublas_only() if label == "cublas" else nullcontext():
+        with arm():
             result = run()
         rows.append({"config": label, "decode_floor_s": result["decode_floor_s"], **result["results"][0]["folovllm"]})
-    rows[1]["tpot_speedup_vs_cublas"] = rows[0]["tpot_s"] / rows[1]["tpot_s"]
+    for row in rows[1:]:
+        row["tpot_speedup_vs_cublas"] = rows[0]["tpot_s"] / row["tpot_s"]
     return rows
 
 
 @torch.inference_mode()
 def bench_gemm(model: str, ms: list[int], device: str | None = None, sweep: bool = False,
-               input_len: int = 128, output_len: int = 128) -> dict[str, Any]:  # fmt: skip
-    """Rows per (projection, M, plan); with ``sweep`` the tuned table is (re)written and TPOT measured."""
+               input_len: int = 128, output_len: int = 128, tpot: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Rows per (projection, M, plan); with ``sweep`` the tuned table is (re)written; with ``sweep`` or
+    ``tpot`` batch-1 TPOT is measured in three arms (``_tpot``)."""
     if not ms or any(not 1 <= m <= sk.SKINNY_MAX_M for m in ms):
         raise ValueError(f"m must be row counts in [1, {sk.SKINNY_MAX_M}] (the skinny GEMM's range), got {ms}")
     dev = torch.device(device or "cuda")
@@ -123,5 +131,6 @@ def bench_gemm(model: str, ms: list[int], device: str | None = None, sweep: bool
         plans = best_plans(result["results"])
         path = sk.write_tuned_plans(torch.cuda.get_device_name(dev), plans, source)
         result["tuned_plans"] = {"path": str(path.relative_to(Path(__file__).parents[1])), "plans": plans}
+    if sweep or tpot:
         result["tpot"] = _tpot(model, input_len, output_len)
     return result

@@ -30,9 +30,10 @@ def compile_for_gpu(
     num_stages: int = 3,
 ) -> dict[str, str]:
     """``{stage: text}`` (``ttir``, ``ttgir``, ``llir``, ``ptx``) of ``kernel`` compiled for compute capability
-    ``capability``, and ``shared``: the bytes of shared memory one program allocates (as text). ``types`` gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``),
-    ``constexprs`` every constexpr's value; pointers and the integers named in ``divisible_by_16`` are
-    specialized as 16-divisible, as launches with aligned tensors and round sizes are.
+    ``capability``, and ``shared``: the bytes of shared memory one program allocates (as text). ``types``
+    gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``), ``constexprs`` every constexpr's
+    value; pointers and the integers named in ``divisible_by_16`` are specialized as 16-divisible, as
+    launches with aligned tensors and round sizes are.
 
     Under ``TRITON_INTERPRET=1`` (our CPU tests and notebooks) ``@triton.jit`` made an interpreted
     function, which cannot be compiled; a child Python without that switch compiles it instead."""

@@ -8,8 +8,9 @@ all; HF's separate tensors are copied into row ranges ("shards") of the stack.
 With a ``quant_config`` (M7) a linear method owns the weights instead: it creates
 them (each with a ``weight_loader`` that knows its own shard layout), post-processes
 them after loading and does the matmul, so the model code stays the same.
-On the fast path (M4, ``enable_fused_ops``) a dense projection of a few rows takes the skinny
-GEMM for the shapes this GPU model was measured faster on (``ops/skinny_gemm.py``).
+On the fast path (M4, ``enable_fused_ops``) a dense projection of one row takes the skinny
+GEMM for the shapes this GPU model was measured faster on (``ops/skinny_gemm.py``), with the
+RMSNorm before it (``forward_normed``) or the SiLU·mul before it (``forward_activated``) fused in.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from folovllm.model_executor.layers.custom_op import CustomOp
-from folovllm.model_executor.layers.ops.skinny_gemm import plan_skinny_gemm, skinny_gemm
+from folovllm.model_executor.layers.ops.skinny_gemm import (
+    SkinnyPlan,
+    plan_skinny_gemm,
+    prologues_fused,
+    skinny_gemm,
+    skinny_gemm_rms_norm,
+    skinny_gemm_silu_mul,
+)
 
 if TYPE_CHECKING:
+    from folovllm.model_executor.layers.activation import SiluAndMul
+    from folovllm.model_executor.layers.layernorm import RMSNorm
     from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 
@@ -55,11 +65,32 @@ class Linear(CustomOp):
         return F.linear(x, self.weight, self.bias)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_method is None and x.dim() == 2 and x.stride(1) == 1:
-            plan = plan_skinny_gemm(x.shape[0], self.input_size, self.output_size, x.dtype, x.device)
-            if plan is not None:
-                return skinny_gemm(x, self.weight, self.bias, plan)
-        return self.forward_native(x)
+        plan = self._skinny_plan(x)
+        return self.forward_native(x) if plan is None else skinny_gemm(x, self.weight, self.bias, plan)
+
+    def forward_normed(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x + residual)), x + residual)`` (no add without ``residual``). At one row on the fast
+        path one kernel: every program of the GEMM normalizes the row itself, so the norm's own launch goes."""
+        plan = self._skinny_plan(x) if norm.use_fused and prologues_fused() else None
+        if plan is not None:
+            return skinny_gemm_rms_norm(x, residual, norm.weight, norm.eps, self.weight, self.bias, plan)
+        if residual is None:
+            return self(norm(x)), x
+        hidden, residual = norm(x, residual)
+        return self(hidden), residual
+
+    def forward_activated(self, act: SiluAndMul, x: torch.Tensor) -> torch.Tensor:
+        """``self(act(x))``; at one row on the fast path one kernel that applies SiLU·mul to its input slice."""
+        plan = self._skinny_plan(x, self.input_size) if act.use_fused and prologues_fused() else None
+        return self(act(x)) if plan is None else skinny_gemm_silu_mul(x, self.weight, self.bias, plan)
+
+    def _skinny_plan(self, x: torch.Tensor, k: int | None = None) -> SkinnyPlan | None:
+        """The tuned skinny-GEMM plan for this dense projection of ``x`` on the fast path, else None."""
+        if not self.use_fused or self.quant_method is not None or x.dim() != 2 or x.stride(1) != 1:
+            return None
+        return plan_skinny_gemm(x.shape[0], k or self.input_size, self.output_size, x.dtype, x.device)
 
 
 class MergedLinear(Linear):

@@ -51,8 +51,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias, quant_config)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``gate_up``: ``gate_up_proj``'s output (the layer runs it with the norm before it)."""
+        return self.down_proj.forward_activated(self.act_fn, gate_up)
 
 
 class LlamaAttention(nn.Module):
@@ -81,11 +82,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, cos_sin: Any, attn_metadata: AttentionMetadata
+        self, positions: torch.Tensor, qkv: torch.Tensor, cos_sin: Any, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+        """``qkv``: ``qkv_proj``'s output (the layer runs it with the norm before it)."""
+        num_tokens = qkv.shape[0]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k, cos_sin, self.q_norm, self.k_norm)
@@ -94,7 +96,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block; the residual stream is carried separately so each add fuses into a norm."""
+    """Pre-norm block; the residual stream is carried separately so each add fuses into a norm, and each
+    norm is run by the projection after it (``Linear.forward_normed``: one kernel at one row on the fast path)."""
 
     def __init__(
         self,
@@ -120,13 +123,10 @@ class LlamaDecoderLayer(nn.Module):
         cos_sin: Any,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, cos_sin, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(self.input_layernorm, hidden, residual)
+        hidden = self.self_attn(positions, qkv, cos_sin, attn_metadata)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(self.post_attention_layernorm, hidden, residual)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):

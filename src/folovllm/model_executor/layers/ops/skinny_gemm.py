@@ -40,14 +40,53 @@ from folovllm.utils import cdiv
 SKINNY_MAX_M = 4  # rows of x: the batch-1, 2 and 4 decode graphs
 TUNED_DIR = Path(__file__).parent / "configs"
 _use_tuned = True  # False inside ``cublas_only()``
+_fuse_prologues = True  # False inside ``separate_prologues()``
+
+
+NO_PROLOGUE, RMS_NORM, SILU_MUL = 0, 1, 2  # what the kernel computes from X before multiplying
+
+
+@triton.jit
+def _input_slice(
+    X, Residual, ResidualOut, NormWeight, row, rk, k_ok, K, stride_xm, eps,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_ROW: tl.constexpr,
+):  # fmt: skip
+    """This program's fp32 slice ``rk`` of the GEMM input, rounded as the separate kernels would round it.
+
+    ``RMS_NORM``: ``norm(x + residual) * weight``. The norm needs the whole row, so every program reads it
+    (``K`` values from L2) and reduces it itself; the programs of the first column tile write the new
+    residual (out of place: the others are still reading the old one). ``SILU_MUL``: X holds
+    ``[gate | up]`` (``2 K`` values per row) and the slice is ``silu(gate) * up``."""
+    x_row = X + row.to(tl.int64) * stride_xm
+    part = tl.load(x_row + rk, mask=k_ok, other=0.0)
+    if PROLOGUE == 1:
+        cols = tl.arange(0, K_ROW)
+        full = tl.load(x_row + cols, mask=cols < K, other=0.0)
+        if HAS_RESIDUAL:
+            r_row = Residual + row.to(tl.int64) * K
+            full = (full.to(tl.float32) + tl.load(r_row + cols, mask=cols < K, other=0.0).to(tl.float32)).to(full.dtype)
+            part = (part.to(tl.float32) + tl.load(r_row + rk, mask=k_ok, other=0.0).to(tl.float32)).to(part.dtype)
+            tl.store(ResidualOut + row.to(tl.int64) * K + rk, part, mask=k_ok & (tl.program_id(1) == 0))
+        ff = full.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(ff * ff, axis=0) / K + eps)
+        normed = (part.to(tl.float32) * rstd).to(part.dtype).to(tl.float32)
+        part = (normed * tl.load(NormWeight + rk, mask=k_ok, other=0.0).to(tl.float32)).to(part.dtype)
+    elif PROLOGUE == 2:
+        up = tl.load(x_row + K + rk, mask=k_ok, other=0.0)
+        g = part.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(part.dtype).to(tl.float32)
+        part = (act * up.to(tl.float32)).to(part.dtype)
+    return part.to(tl.float32)
 
 
 @triton.jit
 def _skinny_gemm_kernel(
-    X, W, Bias, Out, Partials, Counters, M, N, K, stride_xm, stride_wn,
+    X, W, Bias, Out, Partials, Counters, Residual, ResidualOut, NormWeight, M, N, K, stride_xm, stride_wn, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, K_ROW: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(M, cdiv(N, BLOCK_N), SPLIT_K)``: row ``m`` of x times columns ``rn`` of W over one K range."""
+    """Grid ``(M, cdiv(N, BLOCK_N), SPLIT_K)``: row ``m`` of the input times columns ``rn`` of W over one
+    K range; the input is X itself or what ``PROLOGUE`` computes from it (``_input_slice``)."""
     row = tl.program_id(0)
     split = tl.program_id(2)
     rm = row + tl.arange(0, 1)
@@ -55,8 +94,9 @@ def _skinny_gemm_kernel(
     rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok, k_ok = rn < N, rk < K
     w = tl.load(W + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    x = tl.load(X + row.to(tl.int64) * stride_xm + rk, mask=k_ok, other=0.0)
-    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    x = _input_slice(X, Residual, ResidualOut, NormWeight, row, rk, k_ok, K, stride_xm, eps,
+                     PROLOGUE, HAS_RESIDUAL, K_ROW)  # fmt: skip
+    acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     store_tile(acc[None, :], Out, Bias, Partials, Counters, rm, rn, rm < M, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
 
 
@@ -136,13 +176,73 @@ def cublas_only() -> Iterator[None]:
         plan_skinny_gemm.cache_clear()
 
 
+@contextmanager
+def separate_prologues() -> Iterator[None]:
+    """Engines built inside keep the skinny GEMM but launch the norms and SiLU·mul on their own: the A/B
+    baseline of the fused prologues."""
+    global _fuse_prologues
+    _fuse_prologues = False
+    try:
+        yield
+    finally:
+        _fuse_prologues = True
+
+
+def prologues_fused() -> bool:
+    return _fuse_prologues
+
+
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SkinnyPlan) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x [M, K]`` (``M <= SKINNY_MAX_M``) and a row-major ``weight [N, K]``."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if m > SKINNY_MAX_M or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+    _check(x, weight, x.shape[1])
+    return _launch(x, weight, bias, plan, x.shape[1], NO_PROLOGUE)
+
+
+def skinny_gemm_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: SkinnyPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm`` then ``skinny_gemm`` in one launch: ``(F.linear(norm(x + residual) * norm_weight, weight,
+    bias), x + residual)``; without ``residual`` the norm is of ``x`` and ``x`` is returned as the residual."""
+    _check(x, weight, x.shape[1])
+    if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {tuple(x.shape)} tensor, got {tuple(residual.shape)}")
+    new_residual = x if residual is None else torch.empty_like(residual)
+    out = _launch(x, weight, bias, plan, x.shape[1], RMS_NORM, residual, new_residual, norm_weight, eps)
+    return out, new_residual
+
+
+def skinny_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SkinnyPlan) -> torch.Tensor:
+    """``silu_and_mul`` then ``skinny_gemm`` in one launch: ``x [M, 2K]`` holds ``[gate | up]``."""
+    k = x.shape[1] // 2
+    _check(x, weight, k)
+    return _launch(x, weight, bias, plan, k, SILU_MUL)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+    if x.shape[0] > SKINNY_MAX_M or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"skinny_gemm needs x [<= {SKINNY_MAX_M}, K] and weight [N, K] with contiguous rows, "
                          f"got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: SkinnyPlan,
+    k: int,
+    prologue: int,
+    residual: torch.Tensor | None = None,
+    new_residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    m, n = x.shape[0], weight.shape[0]
     split = plan.split_k(k)
     grid = (m, cdiv(n, plan.block_n), split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -150,21 +250,28 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if split > 1:
         partials = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, grid[0] * grid[1])
+    unused = x  # pointer arguments a prologue does not read
     for_device(_skinny_gemm_kernel, x.device)[grid](
-        x, weight, weight if bias is None else bias, out, partials, counters, m, n, k, x.stride(0), weight.stride(0),
-        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, HAS_BIAS=bias is not None, SPLIT_K=split,
+        x, weight, weight if bias is None else bias, out, partials, counters,
+        unused if residual is None else residual, unused if new_residual is None else new_residual,
+        unused if norm_weight is None else norm_weight, m, n, k, x.stride(0), weight.stride(0), eps,
+        BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, HAS_BIAS=bias is not None, SPLIT_K=split, PROLOGUE=prologue,
+        HAS_RESIDUAL=residual is not None, K_ROW=triton.next_power_of_2(k) if prologue == RMS_NORM else 1,
         num_warps=plan.num_warps,
     )  # fmt: skip
     return out
 
 
-def compile_skinny(plan: SkinnyPlan, k: int, capability: int = 90) -> dict[str, str]:
-    """The kernel as ``skinny_gemm`` launches ``plan`` on bf16 for a ``K``-input weight, compiled for an NVIDIA
-    GPU of compute capability ``capability`` on any machine: its layouts, barriers and loads."""
+def compile_skinny(plan: SkinnyPlan, k: int, capability: int = 90, prologue: int = NO_PROLOGUE) -> dict[str, str]:
+    """The kernel as ``skinny_gemm`` (or a fused variant, ``prologue``) launches ``plan`` on bf16 for a
+    ``K``-input weight, compiled for an NVIDIA GPU of compute capability ``capability`` on any machine: its
+    layouts, barriers and loads."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
-    types = dict(X="*bf16", W="*bf16", Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32", M="i32",
-                 N="i32", K="i32", stride_xm="i32", stride_wn="i32")  # fmt: skip
-    constexprs = dict(BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, HAS_BIAS=False, SPLIT_K=plan.split_k(k))
+    types = dict(X="*bf16", W="*bf16", Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32", Residual="*bf16",
+                 ResidualOut="*bf16", NormWeight="*bf16", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+                 eps="fp32")  # fmt: skip
+    constexprs = dict(BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, HAS_BIAS=False, SPLIT_K=plan.split_k(k),
+                      PROLOGUE=prologue, HAS_RESIDUAL=prologue == RMS_NORM, K_ROW=triton.next_power_of_2(k))  # fmt: skip
     return compile_for_gpu(_skinny_gemm_kernel, types, constexprs, ("N", "K", "stride_xm", "stride_wn"), capability,
                            plan.num_warps, 1)  # fmt: skip
