@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from folovllm.benchmarks.common import mixed_workload, random_workload
-from folovllm.benchmarks.serve import RequestResult, bench_serve, run_workload, summarize
+from folovllm.benchmarks.common import mixed_workload, phased_workload, random_workload
+from folovllm.benchmarks.serve import RequestResult, bench_serve, phase_summaries, run_workload, summarize
 from folovllm.cli import main
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.entrypoints.openai.api_server import ServerThread
@@ -28,6 +28,22 @@ def test_mixed_workload_is_w_with_seeded_long_prompts():
     assert long != list(range(10))  # spread through the arrival order
     with pytest.raises(ValueError, match="long_fraction must be in \\[0, 1\\], got 1.5"):
         mixed_workload(long_fraction=1.5)
+
+
+def test_phased_workload_is_w_then_mixed():
+    prompts, outputs = phased_workload(41, (10, 20), (5, 9), (100, 120), 0.5, seed=3)
+    assert (prompts[:20], outputs[:20]) == random_workload(20, (10, 20), (5, 9), seed=3)
+    assert (prompts[20:], outputs[20:]) == mixed_workload(21, (10, 20), (5, 9), (100, 120), 0.5, seed=5)
+    assert max(map(len, prompts[:20])) <= 20 and sum(len(p) >= 100 for p in prompts[20:]) == 10
+
+
+def test_phase_summaries_split_the_requests_by_arrival_order():
+    early = [RequestResult(10, 2, start=0.0, end=0.3, token_times=[0.1, 0.3])]  # TTFT 100 ms
+    late = [RequestResult(10, 2, start=1.0, end=1.6, token_times=[1.4, 1.6]), RequestResult(10, 2, error="boom")]
+    first, second = phase_summaries(early + late)
+    assert (first["completed"], second["completed"]) == (1, 1)
+    assert first["median_ttft_ms"] == pytest.approx(100) and second["median_ttft_ms"] == pytest.approx(400)
+    assert second["p99_itl_ms"] == pytest.approx(200)
 
 
 def test_summary_fields_on_hand_made_timings():
@@ -207,3 +223,16 @@ def test_engine_steps_and_cost_model_are_recorded_per_row(tmp_path):
     model = dynamic["cost_model"]
     assert len(model["terms"]) == 5 and model["num_samples"] > 0
     assert model["coef_s"] is None or len(model["coef_s"]) == 5
+
+
+def test_phased_runs_report_each_half(tmp_path):
+    out = tmp_path / "phased.json"
+    load = ["--num-prompts", "8", "--input-len", "4:12", "--output-len", "3:6", "--long-input-len", "40:60"]
+    rc = main(["bench", "serve", *TINY, *load, "--workload", "phased", "--long-fraction", "0.5", "--milestone", "M5",
+               "--request-rate", "500", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert [(p["phase"], p["completed"]) for p in row["phases"]] == [
+        ("first half (W)", 4), ("second half (long prompts mixed in)", 4)
+    ]  # fmt: skip
+    assert all(p["p99_itl_ms"] > 0 for p in row["phases"])

@@ -294,6 +294,15 @@ else:
     timeout 300 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
       --output-len 128 --out "$OUT/M4-skinny-latency2-$gpu.json"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
+  m5phased)
+    # #13's last claim, on a load that changes mid-run (--workload phased): 120 requests at 8 req/s on qwen3-8b,
+    # the first half W's short prompts, the second half with 30% long prompts (4k-8k) whose decodes then read
+    # long contexts. Fixed budgets 256 / 512 / 2,048 beside the dynamic mode at a 30 ms target; each half's
+    # latency percentiles apart (row["phases"]). About 6 device-minutes.
+    s="--workload phased --num-prompts 120 --output-len 100:512 --long-fraction 0.3 --seed 0 --collect-step-stats"
+    timeout 450 python3 -m folovllm bench serve --model random:qwen3-8b --max-model-len 9216 $s --request-rate 8 \
+      --milestone M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=30 \
+      --out "$OUT/M5-phased-qwen3-8b-$gpu.json" > "$OUT/phased.log" 2>&1; echo "phased: exit $?" ;;
   prologue)
     # #11's batch-1 TPOT: the decoder norms and SiLU·mul fused into the prologue of the skinny GEMM after them
     # (three launches fewer per layer at one row). GPU tests (graph replays give eager tokens, fused = separate,

@@ -193,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     ser.add_argument(
         "--workload",
         default="random",
-        choices=["random", "mixed"],
-        help="random: W-like; mixed: W-like with long prompts mixed in",
+        choices=["random", "mixed", "phased"],
+        help="random: W-like; mixed: W-like with long prompts mixed in; phased: W, then mixed (a load that changes)",
     )
     ser.add_argument("--num-prompts", type=int, default=256)
     ser.add_argument("--input-len", default="100:1024")
     ser.add_argument("--output-len", default="100:1024")
-    ser.add_argument("--long-input-len", default="4096:8192", help="mixed: prompt lengths of the long requests")
-    ser.add_argument("--long-fraction", type=float, default=0.1, help="mixed: share of requests with a long prompt")
+    ser.add_argument("--long-input-len", default="4096:8192", help="mixed/phased: prompt lengths of the long requests")
+    ser.add_argument("--long-fraction", type=float, default=0.1, help="share of long prompts (phased: of its second half)")
     ser.add_argument("--seed", type=int, default=0)
     ser.add_argument("--vocab-size", type=int, default=10000, help="prompt token ids are drawn from [0, N]")
     ser.add_argument("--subset", type=int, default=None, help="keep only the first N requests of the workload")

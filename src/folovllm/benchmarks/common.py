@@ -135,6 +135,26 @@ def mixed_workload(
     return prompts, outputs
 
 
+def phased_workload(
+    num_prompts: int = 256,
+    input_len: tuple[int, int] = (100, 1024),
+    output_len: tuple[int, int] = (100, 1024),
+    long_input_len: tuple[int, int] = (4096, 8192),
+    long_fraction: float = 0.1,
+    seed: int = 0,
+    vocab: int = 10000,
+) -> tuple[list[list[int]], list[int]]:
+    """A load that changes mid-run: the first half of the requests are W's (short prompts, short contexts),
+    the second half ``mixed_workload``'s with ``long_fraction`` long prompts, whose decodes then read long
+    contexts. A step budget counts tokens, not context, so one fixed budget cannot fit both halves."""
+    first = num_prompts // 2
+    prompts, outputs = random_workload(first, input_len, output_len, seed, vocab)
+    late_prompts, late_outputs = mixed_workload(
+        num_prompts - first, input_len, output_len, long_input_len, long_fraction, seed + 2, vocab
+    )
+    return prompts + late_prompts, outputs + late_outputs
+
+
 _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "sync": {"async_scheduling": False},
     "eager": {"enforce_eager": True},

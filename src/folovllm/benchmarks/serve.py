@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from folovllm.benchmarks.common import mixed_workload, parse_config, provenance, random_workload, save_json
+from folovllm.benchmarks.common import (
+    mixed_workload,
+    parse_config,
+    phased_workload,
+    provenance,
+    random_workload,
+    save_json,
+)
 from folovllm.config import resolve_device, resolve_dtype
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine, StepStats
@@ -37,7 +44,7 @@ from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import RequestOutputKind, SamplingParams
 from folovllm.triton_utils.jit_watch import watch_compiles
 
-WORKLOADS = ("random", "mixed")
+WORKLOADS = ("random", "mixed", "phased")
 PERCENTILES = (50, 90, 99)
 
 
@@ -192,6 +199,12 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
     }
+    return row | latency_summary(ok)
+
+
+def latency_summary(ok: list[RequestResult]) -> dict[str, float]:
+    """Mean, median, std and percentiles of TTFT, TPOT, ITL and end-to-end latency (ms) of completed requests."""
+    row: dict[str, float] = {}
     series = {
         "ttft": [r.ttft for r in ok],
         "tpot": [t for r in ok if (t := r.tpot) is not None],
@@ -206,6 +219,14 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         for p in PERCENTILES[1:]:
             row[f"p{p}_{name}_ms"] = float(np.percentile(ms, p))
     return row
+
+
+def phase_summaries(results: list[RequestResult]) -> list[dict[str, Any]]:
+    """The phased workload's two halves apart (by arrival order): each half's latency percentiles."""
+    first = len(results) // 2
+    halves = {"first half (W)": results[:first], "second half (long prompts mixed in)": results[first:]}
+    return [{"phase": name, "completed": sum(r.ok for r in part), **latency_summary([r for r in part if r.ok])}
+            for name, part in halves.items()]  # fmt: skip
 
 
 def _warm_up_send(send: Send) -> None:
@@ -372,10 +393,9 @@ def bench_serve(
             raise ValueError(f"request_rate must be positive (inf: all at once), got {rate!r}")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
-    if workload == "mixed":
-        prompts, outputs = mixed_workload(
-            num_prompts, input_len, output_len, long_input_len, long_fraction, seed, vocab_size
-        )
+    if workload in ("mixed", "phased"):
+        make = mixed_workload if workload == "mixed" else phased_workload
+        prompts, outputs = make(num_prompts, input_len, output_len, long_input_len, long_fraction, seed, vocab_size)
     else:
         prompts, outputs = random_workload(num_prompts, input_len, output_len, seed, vocab_size)
     prompts, outputs = prompts[:subset], outputs[:subset]
@@ -389,7 +409,7 @@ def bench_serve(
         "subset": subset,
         "request_rate": rates[0] if len(rates) == 1 else rates,
         "max_concurrency": max_concurrency,
-        **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload == "mixed" else {}),
+        **({"long_input_len": list(long_input_len), "long_fraction": long_fraction} if workload != "random" else {}),
     }
     base = _load_baseline(baseline, spec) if baseline else None
     dev = resolve_device(device)
@@ -402,6 +422,8 @@ def bench_serve(
             runs = run_inprocess(model, config, prompts, outputs, rates, max_concurrency, seed, device, dtype, overrides)
         for row, results in runs:
             row["requests"] = [r.record(save_detailed) for r in results]
+            if workload == "phased":
+                row["phases"] = phase_summaries(results)
             rows.append(row)
             print(
                 f"[{row['config']} @ {row['request_rate']} req/s] {row['completed']}/{len(results)} done, "
