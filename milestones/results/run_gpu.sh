@@ -294,6 +294,15 @@ else:
     timeout 300 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
       --output-len 128 --out "$OUT/M4-skinny-latency2-$gpu.json"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
+  merge)
+    # #11 after the prologue fusion: split-K attention merged by its last split inside the attention launch (no
+    # second kernel: at batch 1 with max_model_len >= 1024 that was 28 launches a step). Batch-1 latency with HF
+    # (qwen3-0.6b, 128 and 2,048), Llama-3.2-1B at 128, then the GPU tests of split attention and graphs.
+    timeout 150 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
+      --output-len 128 --out "$OUT/M4-merge-latency-$gpu.json" > /dev/null 2>&1; echo "0.6b: exit $?"
+    timeout 60 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
+      --output-len 128 --no-hf --out "$OUT/M4-merge-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1; echo "1b: exit $?"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_cuda_graph.py 2>&1 | tail -3 ;;
   m5phased)
     # #13's last claim, on a load that changes mid-run (--workload phased): 120 requests at 8 req/s on qwen3-8b,
     # the first half W's short prompts, the second half with 30% long prompts (4k-8k) whose decodes then read

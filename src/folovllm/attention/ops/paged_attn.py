@@ -15,13 +15,14 @@ import torch
 import triton
 
 from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
-from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel, _reduce_splits_kernel, _store_kv_kernel
+from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel, _store_kv_kernel
 from folovllm.triton_utils import for_device
+from folovllm.triton_utils.counters import tile_counters
 from folovllm.utils import cdiv
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-_MIN_SPLIT_TOKENS = 512  # shorter split-K slices save less GPU time than the merge launch costs
+_MIN_SPLIT_TOKENS = 512  # shorter slices saved less GPU time than their merge cost (H200; merge then a 2nd launch)
 MAX_SPLITS = 16
 
 
@@ -182,13 +183,14 @@ def launch_paged_attention(
     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, scratch: SplitScratch | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The attention kernel (plus the split merge), unchecked. Reads every length from device memory."""
+    """The attention kernel (split merge included), unchecked. Reads every length from device memory."""
     num_tokens, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     parts = (scratch.acc, scratch.m, scratch.l) if scratch is not None else (out, out, out)  # unused when 1 split
+    counters = tile_counters(q.device, plan.grid[0] * plan.grid[1]) if plan.num_splits > 1 else seq_lens
     for_device(_paged_attention_kernel, q.device)[plan.grid](
-        q, kv_cache, out, *parts, block_table, seq_lens, query_start_loc,
+        q, kv_cache, out, *parts, counters, block_table, seq_lens, query_start_loc,
         scale * _LOG2E, len(seq_lens), kv_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile,
@@ -196,12 +198,6 @@ def launch_paged_attention(
         BLOCK_SIZE=plan.block_size, NUM_SPLITS=plan.num_splits, DOT_PRECISION=plan.dot_precision,
         SEARCH=plan.search, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
-    if plan.num_splits > 1:
-        for_device(_reduce_splits_kernel, q.device)[(num_tokens, num_heads)](
-            out, *parts, out.stride(0), out.stride(1),
-            NUM_SPLITS=plan.num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(plan.num_splits)),
-            BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
-        )  # fmt: skip
     return out
 
 
@@ -261,7 +257,7 @@ def paged_attention(
       of ``T`` tokens (each sequence's tiles start at its own offset; the few
       spare programs exit at once), so a long chunk among short rows costs no
       empty programs for the short ones;
-    * ``num_splits`` cuts each context into slices merged by a second kernel,
+    * ``num_splits`` cuts each context into slices that the last to finish merges,
       so a handful of long sequences still occupies every SM. ``None`` picks
       it (>1 only for decode batches too small to fill the GPU); an int forces it.
     """

@@ -5,9 +5,9 @@
   prefills, chunked prefills alike) over its sequence's cached context. It reads
   K/V pages through the block table inside the loop, so no gathered copy of the
   cache is ever made, and keeps an online softmax (running max and sum in fp32).
-* ``_reduce_splits_kernel`` merges the partial results of split-K
-  ("flash-decoding"): when a few long sequences cannot fill the GPU, each
-  (sequence, KV head) is cut into context slices attended by separate programs.
+  With split-K ("flash-decoding"), when a few long sequences cannot fill the
+  GPU, each (sequence, KV head) is cut into context slices attended by separate
+  programs, and the last of them to finish merges the partial results.
 
 Nothing here reads a tensor on the host: every length comes from device memory,
 so a launch can be captured in a CUDA graph and replayed with new lengths.
@@ -62,6 +62,7 @@ def _paged_attention_kernel(
     Acc_part,
     M_part,
     L_part,
+    Counters,
     block_table,
     seq_lens,
     query_start_loc,
@@ -177,48 +178,34 @@ def _paged_attention_kernel(
     # endregion
 
     # region epilogue
+    out_ptrs = Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(
-            Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
-        )
+        tl.store(out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(Out.dtype.element_ty), mask=out_mask)
     else:
-        part = (tok64 * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS + split
-        tl.store(M_part + part, m_i, mask=row_ok)
-        tl.store(L_part + part, l_i, mask=row_ok)
-        tl.store(Acc_part + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        # Flash-decoding's merge, in this launch: every split writes its partial (running max, sum and
+        # unnormalized output), and the last split of this (query tile, KV head) to arrive rescales all of
+        # them to the global max, in split order, and stores the output; it then resets the counter for the
+        # next launch (CUDA-graph replay), as the split-K GEMMs do (``split_k.py``).
+        part = (tok64 * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS
+        tl.store(M_part + part + split, m_i, mask=row_ok)
+        tl.store(L_part + part + split, l_i, mask=row_ok)
+        tl.store(Acc_part + (part + split)[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        tl.debug_barrier()  # this program's partial is written before its arrival is counted
+        counter = Counters + pid * NUM_KV_HEADS + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            m_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+            for other in tl.static_range(NUM_SPLITS):
+                m_max = tl.maximum(m_max, tl.load(M_part + part + other, mask=row_ok, other=-1.0e30))
+            total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for other in tl.static_range(NUM_SPLITS):  # a split that saw no key has m = -1e30, l = 0: weight 0
+                w = tl.exp2(tl.load(M_part + part + other, mask=row_ok, other=-1.0e30) - m_max)
+                denom += tl.load(L_part + part + other, mask=row_ok, other=0.0) * w
+                part_acc = tl.load(
+                    Acc_part + (part + other)[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None], other=0.0
+                )
+                total += part_acc * w[:, None]
+            tl.atomic_xchg(counter, 0)
+            tl.store(out_ptrs, (total / tl.where(denom > 0, denom, 1.0)[:, None]).to(Out.dtype.element_ty), mask=out_mask)
     # endregion
-
-
-@triton.jit
-def _reduce_splits_kernel(
-    Out,
-    Acc_part,
-    M_part,
-    L_part,
-    stride_ot,
-    stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    """One program per (token, query head): rescale each split to the global max and sum.
-
-    A split that saw no key holds ``m = -1e30, l = 0`` and weighs nothing.
-    """
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, BLOCK_D)
-    part = (t.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS + s
-    s_ok = s < NUM_SPLITS
-    m = tl.load(M_part + part, mask=s_ok, other=-1.0e30)
-    l = tl.load(L_part + part, mask=s_ok, other=0.0)
-    acc = tl.load(Acc_part + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
-    denom = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)  # padding rows: no context
-    tl.store(Out + t.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d < HEAD_DIM)

@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from folovllm.model_executor.layers.ops.split_k import store_tile, tile_counters
+from folovllm.model_executor.layers.ops.split_k import store_tile
 from folovllm.triton_utils import for_device
+from folovllm.triton_utils.counters import tile_counters
 from folovllm.utils import cdiv
 
 SKINNY_MAX_M = 4  # rows of x: the batch-1, 2 and 4 decode graphs

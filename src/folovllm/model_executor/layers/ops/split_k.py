@@ -4,16 +4,14 @@ A decode step multiplies a few rows by a weight, so an output tile per program l
 while the weight streams; splitting K gives every SM a share of the bytes. The splits of one output
 tile meet through a counter: each writes its fp32 partial sum, and the last to arrive adds them up in
 split order (deterministic, unlike float atomics) and resets the counter, so one launch does it all
-and a CUDA graph can replay it. Used by the W4A16 GPTQ kernels (M7) and the skinny GEMM (M4).
+and a CUDA graph can replay it (the counters: ``triton_utils/counters.py``). Used by the W4A16 GPTQ
+kernels (M7) and the skinny GEMM (M4).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -41,18 +39,3 @@ def store_tile(
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Out + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(Out.dtype.element_ty), mask=store_mask)
-
-
-def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per output tile, shared by every launch on ``device``
-    (each launch leaves them at zero again)."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < num_tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "split-K counters must be allocated by a warm-up launch before CUDA graph "
-                "capture (a graph keeps the old address)"
-            )
-        counters = torch.zeros(max(num_tiles, 1024), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from folovllm.model_executor.layers.ops.split_k import tile_counters
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
     _gptq_gemm_block_kernel,
     _gptq_gemm_kernel,
@@ -23,6 +22,7 @@ from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
     _gptq_gemv_kernel,
 )
 from folovllm.triton_utils import for_device
+from folovllm.triton_utils.counters import tile_counters
 from folovllm.utils import cdiv
 
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
