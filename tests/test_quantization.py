@@ -34,6 +34,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
 from folovllm.quantization.gptq import HessianAccumulator, gptq_quantize
 from folovllm.quantization.packing import pack_gptq, pack_rows, pack_zeros, unpack_gptq, unpack_rows, unpack_zeros
 from folovllm.quantization.rtn import rtn_quantize
+from folovllm.triton_utils.tuned import TunedTable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU box the kernel tests run compiled
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -525,10 +526,10 @@ def test_gptq_sweep_picks_and_saves_the_fastest_correct_plan(monkeypatch, tmp_pa
     rows.append({**rows[0], "gptq_us": 0.5, "max_rel_err": 0.5})  # fastest, but wrong: never chosen
     best = bench.best_plans(rows)
     assert best == {"bits=4,m=1,k=256,n=64": rows[1]["plan"]}
-    monkeypatch.setattr(ops, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(ops, "TUNED", TunedTable(tmp_path, "gptq_decode", GemmPlan))
     path = ops.write_tuned_plans("NVIDIA Test GPU", best, {"commit": "x"})
     assert path == tmp_path / "gptq_decode_NVIDIA_Test_GPU.json"
-    assert ops._tuned_plans(path) == {"bits=4,m=1,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1)}
+    assert ops.TUNED.plans("NVIDIA Test GPU") == {"bits=4,m=1,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1)}
     assert ops.tuned_key(4, 3, 256, 64) == "bits=4,m=4,k=256,n=64" and ops.tuned_key(4, 9, 1, 2).startswith("bits=4,m=16")
 
 

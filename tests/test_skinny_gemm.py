@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from folovllm.model_executor.layers import linear as linear_mod  # noqa: E402
 from folovllm.model_executor.layers.custom_op import enable_fused_ops  # noqa: E402
 from folovllm.model_executor.layers.ops import skinny_gemm as sk  # noqa: E402
+from folovllm.triton_utils.tuned import TunedTable  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -79,12 +80,13 @@ def test_no_tuned_plan_means_cublas(tmp_path, monkeypatch):
     """Without a tuned table for this GPU model (and always on CPU) the fast path keeps ``F.linear``; a
     table written by a sweep is read back by shape."""
     assert sk.plan_skinny_gemm(1, 1024, 2048, torch.bfloat16, torch.device("cpu")) is None
-    monkeypatch.setattr(sk, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(sk, "TUNED", TunedTable(tmp_path, "skinny_gemm", sk.SkinnyPlan))
+    assert sk.TUNED.plans("Some GPU") == {}
     path = sk.write_tuned_plans("Some GPU", {sk.tuned_key(1, 64, 8): {"block_n": 8, "block_k": 64, "num_warps": 4}},
                                 {"commit": "test"})  # fmt: skip
     assert path == tmp_path / "skinny_gemm_Some_GPU.json"
     assert json.loads(path.read_text())["source"] == {"commit": "test"}
-    assert sk._tuned_plans(path) == {"m=1,k=64,n=8": sk.SkinnyPlan(8, 64, 4)}
+    assert sk.TUNED.plans("Some GPU") == {"m=1,k=64,n=8": sk.SkinnyPlan(8, 64, 4)}  # read again after the write
 
 
 def test_linear_takes_the_skinny_gemm_only_on_the_fast_path_and_only_with_a_plan(monkeypatch):
@@ -140,14 +142,16 @@ def test_bench_gemm_keeps_only_plans_that_beat_cublas_and_refuses_bad_arguments(
     assert "model must be random:<preset> with a preset in" in capsys.readouterr().err
 
 
-def test_cublas_only_turns_the_tuned_table_off_and_back_on(monkeypatch):
-    monkeypatch.setattr(sk, "_tuned_plans", lambda path: {sk.tuned_key(1, 64, 8): sk.SkinnyPlan(8, 64, 4)})
+def test_cublas_only_turns_the_tuned_table_off_and_back_on(tmp_path, monkeypatch):
+    table = TunedTable(tmp_path, "skinny_gemm", sk.SkinnyPlan)
+    monkeypatch.setattr(sk, "TUNED", table)
+    table.write("Some GPU", {sk.tuned_key(1, 64, 8): {"block_n": 8, "block_k": 64, "num_warps": 4}}, {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     cuda = torch.device("cuda")
     sk.plan_skinny_gemm.cache_clear()
     assert sk.plan_skinny_gemm(1, 64, 8, torch.bfloat16, cuda) == sk.SkinnyPlan(8, 64, 4)
     assert sk.plan_skinny_gemm(1, 64, 8, torch.float32, cuda) is None  # fp32 stays on cuBLAS
-    monkeypatch.setattr(sk, "_tuned_plans", lambda path: {sk.tuned_key(m, 64, 8): sk.SkinnyPlan(8, 64, 4) for m in (1, 4)})
+    table.write("Some GPU", {sk.tuned_key(m, 64, 8): {"block_n": 8, "block_k": 64, "num_warps": 4} for m in (1, 4)}, {})
     sk.plan_skinny_gemm.cache_clear()
     assert sk.plan_skinny_gemm(4, 64, 8, torch.bfloat16, cuda) is None  # graph (padded) and eager rows agree
     with sk.cublas_only():

@@ -22,11 +22,10 @@ and on CPU, ``F.linear``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -36,10 +35,10 @@ import triton.language as tl
 from folovllm.model_executor.layers.ops.split_k import store_tile
 from folovllm.triton_utils import for_device
 from folovllm.triton_utils.counters import tile_counters
+from folovllm.triton_utils.tuned import TunedTable
 from folovllm.utils import cdiv
 
 SKINNY_MAX_M = 4  # rows of x: the batch-1, 2 and 4 decode graphs
-TUNED_DIR = Path(__file__).parent / "configs"
 _use_tuned = True  # False inside ``cublas_only()``
 _fuse_prologues = True  # False inside ``separate_prologues()``
 
@@ -113,6 +112,9 @@ class SkinnyPlan:
         return cdiv(k, self.block_k)
 
 
+TUNED = TunedTable(Path(__file__).parent / "configs", "skinny_gemm", SkinnyPlan)
+
+
 def sweep_skinny_plans(k: int) -> list[SkinnyPlan]:
     """Plans worth timing for a ``K``-input weight: tiles of 8-32 KiB of bf16, K in 1-8 splits."""
     plans = []
@@ -130,23 +132,9 @@ def tuned_key(m: int, k: int, n: int) -> str:
     return f"m={m},k={k},n={n}"
 
 
-def tuned_plans_path(gpu_name: str) -> Path:
-    return TUNED_DIR / f"skinny_gemm_{gpu_name.replace(' ', '_')}.json"
-
-
-@cache
-def _tuned_plans(path: Path) -> dict[str, SkinnyPlan]:
-    if not path.is_file():
-        return {}
-    return {key: SkinnyPlan(**plan) for key, plan in json.loads(path.read_text())["plans"].items()}
-
-
 def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Path:
     """Save the plans a sweep measured faster than cuBLAS on this GPU model; the fast path reads them."""
-    path = tuned_plans_path(gpu_name)
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"source": source, "plans": plans}, indent=1) + "\n")
-    _tuned_plans.cache_clear()
+    path = TUNED.write(gpu_name, plans, source)
     plan_skinny_gemm.cache_clear()
     return path
 
@@ -161,7 +149,7 @@ def plan_skinny_gemm(m: int, k: int, n: int, dtype: torch.dtype, device: torch.d
     give eager tokens caught it). At one row both are the same launch; batch 1 is where it pays."""
     if not _use_tuned or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or m != 1:
         return None
-    return _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(m, k, n))
+    return TUNED.plans(torch.cuda.get_device_name(device)).get(tuned_key(m, k, n))
 
 
 @contextmanager

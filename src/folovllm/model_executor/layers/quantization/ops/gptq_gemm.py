@@ -8,7 +8,6 @@ method repacks once after loading (``pack_for_kernel``), as vLLM repacks for its
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
 )
 from folovllm.triton_utils import for_device
 from folovllm.triton_utils.counters import tile_counters
+from folovllm.triton_utils.tuned import TunedTable
 from folovllm.utils import cdiv
 
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
@@ -33,7 +33,6 @@ PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one gro
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
 _SHARED_BYTES = 200 * 1024  # a whole-block plan's estimated shared memory: Hopper allows 227 KiB per block
-TUNED_DIR = Path(__file__).parent / "configs"  # decode plans measured per GPU model (``bench gptq --sweep``)
 
 
 def block_rows(bits: int) -> int:
@@ -98,6 +97,10 @@ class GemmPlan:
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
 
 
+# ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
+TUNED = TunedTable(Path(__file__).parent / "configs", "gptq_decode", GemmPlan)
+
+
 @cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -120,24 +123,9 @@ def tuned_key(bits: int, m: int, k: int, n: int) -> str:
     return f"bits={bits},m={rows},k={k},n={n}"
 
 
-def tuned_plans_path(gpu_name: str) -> Path:
-    """``configs/gptq_decode_NVIDIA_H200.json``: one file per GPU model, as vLLM keys its tuned kernel configs."""
-    return TUNED_DIR / f"gptq_decode_{gpu_name.replace(' ', '_')}.json"
-
-
-@cache
-def _tuned_plans(path: Path) -> dict[str, GemmPlan]:
-    if not path.is_file():
-        return {}
-    return {key: GemmPlan(**plan) for key, plan in json.loads(path.read_text())["plans"].items()}
-
-
 def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Path:
     """Save the fastest plans of a sweep for this GPU model; later launches in any process use them."""
-    path = tuned_plans_path(gpu_name)
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"source": source, "plans": plans}, indent=1) + "\n")
-    _tuned_plans.cache_clear()
+    path = TUNED.write(gpu_name, plans, source)
     plan_gptq_gemm.cache_clear()
     return path
 
@@ -151,7 +139,7 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device, item
     for the shapes it was tuned on."""
     k_blocks = cdiv(k, block_rows(bits))
     if device.type == "cuda":
-        tuned = _tuned_plans(tuned_plans_path(torch.cuda.get_device_name(device))).get(tuned_key(bits, m, k, n))
+        tuned = TUNED.plans(torch.cuda.get_device_name(device)).get(tuned_key(bits, m, k, n))
         if tuned is not None:
             return tuned
     if m > DECODE_MAX_M:  # whole-block products: 1.33-1.72x the sliced tiles at M = 256 on the H200 (606708c)
