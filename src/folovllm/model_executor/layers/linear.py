@@ -83,14 +83,14 @@ class Linear(CustomOp):
 
     def forward_activated(self, act: SiluAndMul, x: torch.Tensor) -> torch.Tensor:
         """``self(act(x))``; at one row on the fast path one kernel that applies SiLU·mul to its input slice."""
-        plan = self._skinny_plan(x, self.input_size) if act.use_fused and prologues_fused() else None
+        plan = self._skinny_plan(x) if act.use_fused and prologues_fused() else None
         return self(act(x)) if plan is None else skinny_gemm_silu_mul(x, self.weight, self.bias, plan)
 
-    def _skinny_plan(self, x: torch.Tensor, k: int | None = None) -> SkinnyPlan | None:
-        """The tuned skinny-GEMM plan for this dense projection of ``x`` on the fast path, else None."""
+    def _skinny_plan(self, x: torch.Tensor) -> SkinnyPlan | None:
+        """The tuned skinny-GEMM plan for this dense projection of ``x``'s rows on the fast path, else None."""
         if not self.use_fused or self.quant_method is not None or x.dim() != 2 or x.stride(1) != 1:
             return None
-        return plan_skinny_gemm(x.shape[0], k or self.input_size, self.output_size, x.dtype, x.device)
+        return plan_skinny_gemm(x.shape[0], self.input_size, self.output_size, x.dtype, x.device)
 
 
 class MergedLinear(Linear):

@@ -10,16 +10,23 @@ from folovllm.triton_utils import for_device
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """``silu(gate) * up`` rounded as PyTorch rounds it: silu to the input dtype, then the product. Shared
+    with the skinny GEMM's prologue (M4), so the fused and separate paths give the same bits."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    return (act * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(X, Out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid ``(tokens, cdiv(INTER, BLOCK))``; rounding as PyTorch: silu rounded, then the product."""
+    """Grid ``(tokens, cdiv(INTER, BLOCK))``: one block of ``silu_mul`` per program."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(X + row * stride_x + INTER + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (act * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + row * stride_o + cols, silu_mul(gate, up).to(Out.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,26 @@ from folovllm.triton_utils import for_device
 
 
 @triton.jit
+def add_residual(x, residual):
+    """``x + residual`` in fp32, rounded to the residual's dtype, as PyTorch rounds the add."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(residual.dtype)
+
+
+@triton.jit
+def rms_rstd(row, hidden, eps):
+    """``1 / rms(row)`` in fp32 over a whole (masked, zero-padded) row of ``hidden`` values."""
+    rf = row.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(rf * rf, axis=0) / hidden + eps)
+
+
+@triton.jit
+def rms_scale(x, rstd, weight):
+    """``x * rstd`` rounded to ``x``'s dtype (as HF does) times the weight, in fp32. Shared with the skinny
+    GEMM's prologue (M4), so the fused and separate paths give the same bits."""
+    return (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * weight.to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     X,
     Residual,
@@ -35,14 +55,11 @@ def _rms_norm_kernel(
     mask = cols < HIDDEN
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+        x = add_residual(x, tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0))
         tl.store(Residual + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
     w = tl.load(Weight + cols, mask=mask, other=0.0)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (normed * w.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    out = rms_scale(x, rms_rstd(x, HIDDEN, eps), w)
+    tl.store(Out + row * stride_o + cols, out.to(Out.dtype.element_ty), mask=mask)
 
 
 def rms_norm(

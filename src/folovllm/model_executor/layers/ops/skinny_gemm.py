@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from folovllm.model_executor.layers.ops.activation import silu_mul
+from folovllm.model_executor.layers.ops.rms_norm import add_residual, rms_rstd, rms_scale
 from folovllm.model_executor.layers.ops.split_k import store_tile
 from folovllm.triton_utils import for_device
 from folovllm.triton_utils.counters import tile_counters
@@ -56,7 +58,8 @@ def _input_slice(
     ``RMS_NORM``: ``norm(x + residual) * weight``. The norm needs the whole row, so every program reads it
     (``K`` values from L2) and reduces it itself; the programs of the first column tile write the new
     residual (out of place: the others are still reading the old one). ``SILU_MUL``: X holds
-    ``[gate | up]`` (``2 K`` values per row) and the slice is ``silu(gate) * up``."""
+    ``[gate | up]`` (``2 K`` values per row) and the slice is ``silu(gate) * up``. The roundings are the
+    separate kernels' own helpers (``rms_norm.py``, ``activation.py``)."""
     x_row = X + row.to(tl.int64) * stride_xm
     part = tl.load(x_row + rk, mask=k_ok, other=0.0)
     if PROLOGUE == 1:
@@ -64,18 +67,13 @@ def _input_slice(
         full = tl.load(x_row + cols, mask=cols < K, other=0.0)
         if HAS_RESIDUAL:
             r_row = Residual + row.to(tl.int64) * K
-            full = (full.to(tl.float32) + tl.load(r_row + cols, mask=cols < K, other=0.0).to(tl.float32)).to(full.dtype)
-            part = (part.to(tl.float32) + tl.load(r_row + rk, mask=k_ok, other=0.0).to(tl.float32)).to(part.dtype)
+            full = add_residual(full, tl.load(r_row + cols, mask=cols < K, other=0.0))
+            part = add_residual(part, tl.load(r_row + rk, mask=k_ok, other=0.0))
             tl.store(ResidualOut + row.to(tl.int64) * K + rk, part, mask=k_ok & (tl.program_id(1) == 0))
-        ff = full.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(ff * ff, axis=0) / K + eps)
-        normed = (part.to(tl.float32) * rstd).to(part.dtype).to(tl.float32)
-        part = (normed * tl.load(NormWeight + rk, mask=k_ok, other=0.0).to(tl.float32)).to(part.dtype)
+        weight = tl.load(NormWeight + rk, mask=k_ok, other=0.0)
+        part = rms_scale(part, rms_rstd(full, K, eps), weight).to(part.dtype)
     elif PROLOGUE == 2:
-        up = tl.load(x_row + K + rk, mask=k_ok, other=0.0)
-        g = part.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(part.dtype).to(tl.float32)
-        part = (act * up.to(tl.float32)).to(part.dtype)
+        part = silu_mul(part, tl.load(x_row + K + rk, mask=k_ok, other=0.0))
     return part.to(tl.float32)
 
 

@@ -171,8 +171,10 @@ def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_
     )  # fmt: skip
 
 
-def _kernel_for(plan: GemmPlan, precision: str) -> tuple[object, dict]:
-    """The kernel a plan runs and the compile-time arguments it takes beyond ``_constexprs``."""
+def _kernel_for(plan: GemmPlan, fp32: bool) -> tuple[object, dict]:
+    """The kernel a plan runs and the compile-time arguments it takes beyond ``_constexprs`` (``tl.dot`` in IEEE
+    precision for fp32 activations, as the reference computes; the tensor cores' default otherwise)."""
+    precision = "ieee" if fp32 else "tf32"
     if plan.gemv:
         return _gptq_gemv_kernel, {}
     if plan.block_dot or plan.swap_ab:
@@ -220,7 +222,7 @@ def launch_gptq_gemm(
     )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
-    kernel, extra = _kernel_for(plan, "ieee" if x.dtype == torch.float32 else "tf32")
+    kernel, extra = _kernel_for(plan, x.dtype == torch.float32)
     for_device(kernel, x.device)[grid](*args, **extra, **common)
     return out
 
@@ -236,7 +238,7 @@ def compile_plan(
     pointers = dict(X=f"*{act}", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias=f"*{act}",
                     Out=f"*{act}", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    kernel, extra = _kernel_for(plan, "ieee" if act == "fp32" else "tf32")
+    kernel, extra = _kernel_for(plan, act == "fp32")
     return compile_for_gpu(kernel, types, _constexprs(plan, bits, group_size, False, False) | extra,
                            ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 
