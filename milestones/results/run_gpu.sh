@@ -337,8 +337,9 @@ else:
       --out "$OUT/M7-sweep6-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   gptqtpot)
-    # Run at 8c893f1 with gemvwide's tuned table copied into the tree (committed next): weight memory and batch-1 TPOT bf16
-    # vs GPTQ, and W's fair pair (stage gptqW) to see what the prefill plans change there. About 7 device-minutes.
+    # Run at 8c893f1 with gemvwide's tuned table copied into the tree (committed in c274352, which the JSON
+    # names): weight memory and batch-1 TPOT bf16 vs GPTQ, and W's fair pair (stage gptqW) to see what the
+    # prefill plans change there. About 7 device-minutes.
     timeout 300 python3 -m folovllm bench gptq --m 1 16 256 --out "$OUT/M7-tpot7-$gpu.json" > "$OUT/tpot.log" 2>&1
     echo "tpot: exit $?"
     timeout 280 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
