@@ -155,6 +155,8 @@ def test_bench_latency_json(tmp_path, capsys):
             "4",
             "--batch-size",
             "2",
+            "--repeats",
+            "3",
             "--out",
             str(out),
         ]
@@ -163,7 +165,10 @@ def test_bench_latency_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["input_len"] for r in data["results"]] == [8, 16]
     for row in data["results"]:
-        assert row["folovllm"]["ttft_s"] > 0 and row["hf_transformers"]["tpot_s"] > 0
+        ours, hf = row["folovllm"], row["hf_transformers"]
+        assert ours["ttft_s"] > 0 and hf["tpot_s"] > 0
+        assert len(ours["ttft_s_runs"]) == len(ours["tpot_s_runs"]) == len(hf["ttft_s_runs"]) == 3
+        assert ours["ttft_s"] == sorted(ours["ttft_s_runs"])[1] and hf["ttft_s"] == sorted(hf["ttft_s_runs"])[1]
     assert data["decode_floor_s"] > 0
     capsys.readouterr()
 
@@ -264,6 +269,19 @@ def test_bench_step_block_sizes_without_timeline(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert [(r["milestone"], r["block_size"]) for r in rows] == [("M3/block=4", 4), ("M3/block=32", 32)]
     assert all("timeline" not in r and r["wall_ms_per_step"] > 0 for r in rows)
+    capsys.readouterr()
+
+
+def test_bench_step_prefill_profiles_the_prefill_step(tmp_path, capsys):
+    out = tmp_path / "prefill.json"
+    argv = ["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M3", "M4", "--prefill"]
+    rc = main([*argv, "--batch-size", "2", "--prompt-len", "24", "--steps", "3", "--no-timeline", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "prefill_step" and set(data["wall_ms"]) == {"M3@2", "M4@2"}
+    for row in data["results"]:
+        assert (row["batch_size"], row["prompt_len"], len(row["wall_ms_runs"])) == (2, 24, 3)
+        assert row["wall_ms"] == sorted(row["wall_ms_runs"])[1] and row["profiled_wall_ms"] > 0
     capsys.readouterr()
 
 

@@ -225,3 +225,28 @@ def test_mixed_cuda_graph_tokens_equal_eager_tokens_on_gpu(preset):
     graphed, runner = run()
     assert runner.mixed_graphs is not None and runner.mixed_graphs.sizes == [16, 32, 64]
     assert graphed == eager
+
+
+@pytest.mark.skipif(not CUDA, reason="watches CUDA stream synchronizations")
+@pytest.mark.parametrize("milestone", ["M4", "M6"])
+def test_async_steps_never_make_the_host_wait_for_the_gpu(milestone):
+    """Async scheduling pays only if building step n+1 never waits for step n to finish on the GPU.
+    A synchronizing call inside a step (a copy from pageable memory, ``.item()``, ``nonzero``) raises
+    under PyTorch's sync debug mode; the one wait, ``finish_step``'s event, is not such a call.
+    Prefills beside decodes, greedy and seeded/filtered sampling, shared prefixes (M6: copy-on-write)."""
+    llm = LLM("random:tiny-qwen3", milestone=milestone, max_model_len=256, kv_cache_memory=2**28, max_num_seqs=16)
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=0.8, seed=3),
+        dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.05),
+    ]
+    params = [SamplingParams(max_tokens=6 + 2 * i, ignore_eos=True, **kinds[i % 3]) for i in range(9)]
+    shared = [3, 5, 7, 11, 13, 17, 19, 23] * 3
+    batch = [{"prompt_token_ids": shared + [29 + i] * (i + 1)} for i in range(9)]
+    llm.generate(batch[:2], params[:2], use_tqdm=False)  # first use of every path outside the watch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = llm.generate(batch, params, use_tqdm=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]

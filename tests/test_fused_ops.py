@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from folovllm.attention.backends.abstract import store_kv_reference  # noqa: E402
 from folovllm.attention.layer import prefill_metadata  # noqa: E402
 from folovllm.config import ModelConfig  # noqa: E402
 from folovllm.model_executor.layers.activation import SiluAndMul  # noqa: E402
@@ -85,6 +86,73 @@ def test_rotary_in_place_matches_norm_then_rope(dtype, qk_norm):
     torch.testing.assert_close(q, ref_q, **TOL[dtype])
     torch.testing.assert_close(k, ref_k, **TOL[dtype])
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_writes_rotated_k_and_v_into_their_cache_slots(dtype):
+    """The K/V store fused behind RoPE: the cache ends as the backend's store would leave it."""
+    heads, kv_heads, head_dim, block_size = 4, 2, 32, 4
+    rope = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0}).to(DEVICE)
+    qkv = rand(5, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=6)
+    q = qkv[:, : heads * head_dim].view(5, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(5, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(5, kv_heads, head_dim)
+    positions = torch.tensor([0, 7, 2, 30, 63], device=DEVICE)
+    slots = torch.tensor([3, 17, -1, 8, 22], device=DEVICE)  # -1: a padding token
+    cache = rand(2, 6, block_size, kv_heads, head_dim, dtype=dtype, seed=7)
+    ref_q, ref_k = rope.forward_native(positions, q.clone(), k.clone(), rope.cos_sin(positions, dtype))
+    ref_cache = cache.clone()
+    keep = slots >= 0
+    store_kv_reference(ref_k[keep], v[keep], ref_cache, slots[keep])
+    rotary_qk_(q, k, positions, rope.cos_sin_cache, v=v, kv_cache=cache, slot_mapping=slots)
+    torch.testing.assert_close((q, k), (ref_q, ref_k), **TOL[dtype])
+    torch.testing.assert_close(cache, ref_cache, **TOL[dtype])  # slot 3's neighbours and the rest untouched
+
+
+def test_rotary_refuses_a_partial_store():
+    q, k, v = rand(2, 4, 16), rand(2, 2, 16), rand(2, 2, 16)
+    cache = torch.zeros(8, 16, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="v, kv_cache and slot_mapping go together"):
+        rotary_qk_(q, k, pos, cache, v=v, kv_cache=torch.zeros(2, 1, 4, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"v must be shaped like k \(2, 2, 16\)"):
+        rotary_qk_(q, k, pos, cache, v=rand(2, 2, 8), kv_cache=torch.zeros(2, 1, 4, 2, 16, device=DEVICE), slot_mapping=pos)
+    with pytest.raises(ValueError, match=r"kv_cache must be a contiguous \[2, blocks, block_size, 2, 16\] tensor"):
+        rotary_qk_(q, k, pos, cache, v=v, kv_cache=torch.zeros(2, 1, 4, 16, 2, device=DEVICE), slot_mapping=pos)
+
+
+def test_fused_rope_takes_the_kv_store_from_the_backend(monkeypatch):
+    """With fused ops each layer's K/V reach the cache inside the RoPE launch: the backend's store runs
+    for no layer, and the logits and the cache equal the unfused model's (which stores in the backend)."""
+    from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend
+    from folovllm.attention.layer import bind_attention
+
+    config = ModelConfig(model="random:tiny-qwen3", device=DEVICE, dtype="float32")
+    model = load_model(config).model
+    layers = model.attention_layers()
+    spec = layers[0]
+    ids = torch.tensor([5, 9, 100, 3, 7, 42, 8], device=DEVICE)
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2], device=DEVICE)
+    md = prefill_metadata([4, 3], DEVICE)
+    md.block_table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32, device=DEVICE)
+    md.slot_mapping = torch.tensor([8, 9, 10, 11, 4, 5, 6], device=DEVICE)
+    md.block_size = 4
+    stores = []
+    monkeypatch.setattr(TritonPagedAttentionBackend, "store_kv", lambda self, *a: stores.append(a) or store_kv_reference(*a))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        caches = [torch.zeros(2, 4, 4, spec.num_kv_heads, spec.head_dim, device=DEVICE) for _ in layers]
+        bind_attention(layers, TritonPagedAttentionBackend(), caches)
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, pos, md)), caches
+
+    ref_logits, ref_caches = run()
+    assert len(stores) == len(layers)
+    enable_fused_ops(model)
+    logits, caches = run()
+    assert len(stores) == len(layers)  # none more
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches, ref_caches, atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_refuses_mismatched_norms_and_scattered_heads():

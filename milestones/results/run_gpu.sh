@@ -325,6 +325,29 @@ else:
       --output-len 128 --out "$OUT/M4-prologue-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
     timeout 100 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M4 --batch-size 1 \
       --out "$OUT/M4-step-b1-prologue-$gpu.json" > /dev/null 2>&1; echo "step: exit $?" ;;
+  nosync)
+    # #11 after removing the host's waits from the async step: the in-flight token copy, the sampler's
+    # parameters, FA2's row split and the block table were copied from pageable memory, and PyTorch
+    # then drains the stream, so step n+1 was built only after step n had finished; and the K/V store
+    # fused into the RoPE kernel (28 launches a step fewer). GPU tests (no sync inside async steps, fused
+    # store = backend store, graphs = eager), batch-1 latency with HF repeated 5x (medians), one decode
+    # step's profile, the 2,048-token prefill step profiled under M3 and M4. About 5 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_cuda_graph.py tests/test_flash_attention.py 2>&1 | tail -4
+    timeout 200 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
+      --output-len 128 --repeats 5 --out "$OUT/M4-nosync-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"
+    timeout 100 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M4 --batch-size 1 \
+      --out "$OUT/M4-step-b1-nosync-$gpu.json" > /dev/null 2>&1; echo "step: exit $?"
+    timeout 100 python3 -m folovllm bench step --model random:qwen3-0.6b --milestone M3 M4 --batch-size 1 \
+      --prompt-len 2048 --steps 5 --prefill --no-timeline --out "$OUT/M4-prefill-step-$gpu.json" > /dev/null 2>&1
+    echo "prefill: exit $?" ;;
+  nosyncw)
+    # The same commit: W under M4 with three repeats in one process (#11's 21,000 tok/s), Llama-3.2-1B's
+    # batch-1 latency (5 repeats). About 3 device-minutes.
+    timeout 200 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 \
+      --milestone M4 --out "$OUT/M4-nosync-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    timeout 100 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
+      --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
+    echo "1b: exit $?" ;;
   gemvwide)
     # Run at 8c893f1 (its GPU tests found 2-bit whole-block prefill plans over the shared-memory limit, since
     # fixed): the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles

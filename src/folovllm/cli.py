@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--milestone", default=None)
     lat.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    lat.add_argument("--repeats", type=int, default=1, help="timed runs per engine; medians reported")
     lat.add_argument("--out", default=None)
 
     thr = bench.add_parser("throughput", help="the nano-vllm workload under several engine configs")
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--prompt-len", type=int, default=128)
     stp.add_argument("--steps", type=int, default=20)
     stp.add_argument("--no-timeline", action="store_true", help="keep kernel counts and top kernels, not every event")
+    stp.add_argument(
+        "--prefill", action="store_true", help="profile the step prefilling batch-size fresh prompts (steps = timed runs)"
+    )
     stp.add_argument("--out", default=None)
 
     pfx = bench.add_parser("prefix", help="prefix caching: TTFT hit vs miss, shared system prompt, multi-turn chat")
@@ -350,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     dtype=args.dtype,
                     milestone=args.milestone,
                     with_hf=not args.no_hf,
+                    repeats=args.repeats,
                     **_overrides(args),
                 ),
             )
@@ -387,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     device=args.device,
                     dtype=args.dtype,
                     timeline=not args.no_timeline,
+                    prefill=args.prefill,
                     **_overrides(args),
                 ),
             )

@@ -27,7 +27,10 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend = NaiveAttentionBackend()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any, kv_stored: bool = False
+    ) -> torch.Tensor:
+        """``kv_stored``: the caller already wrote this step's K/V into ``cache_target`` (fused RoPE)."""
         num_tokens = q.shape[0]
         out = self.backend.forward(
             q.view(num_tokens, self.num_heads, self.head_dim),
@@ -36,8 +39,17 @@ class Attention(nn.Module):
             self.kv_cache,
             attn_metadata,
             self.scale,
+            kv_stored,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def cache_target(self, attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(kv_cache, slot_mapping)`` where this step's K/V go, or None when there is no cache
+        (or no built metadata saying where): what a kernel needs to store them itself."""
+        slot_mapping = getattr(attn_metadata, "slot_mapping", None)
+        if self.kv_cache is None or slot_mapping is None:
+            return None
+        return self.kv_cache, slot_mapping
 
 
 def bind_attention(layers: list[Attention], backend: AttentionBackend, kv_caches: list[torch.Tensor] | None = None) -> None:

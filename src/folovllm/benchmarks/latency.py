@@ -41,6 +41,17 @@ def _ours(llm: LLM, prompts: list[list[int]], output_len: int) -> dict[str, floa
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each timing's median over the runs, plus every run's TTFT and TPOT."""
+    row = dict(runs[-1])
+    for key in ("ttft_s", "tpot_s", "e2e_s", "output_tokens_per_s"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    row["ttft_s_runs"] = [r["ttft_s"] for r in runs]
+    row["tpot_s_runs"] = [r["tpot_s"] for r in runs]
+    return row
+
+
 def _hf_model(llm: LLM):
     """HF transformers' model at the same shapes, dtype and device, holding our weights."""
     from transformers import AutoModelForCausalLM
@@ -83,8 +94,9 @@ class _TokenTimes:
 
 
 @torch.inference_mode()
-def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) -> dict[str, float]:
-    """HF generate (greedy, no EOS stop); TTFT and TPOT from per-token stamps of one run."""
+def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device, repeats: int = 1) -> dict[str, Any]:
+    """HF generate (greedy, no EOS stop); TTFT and TPOT from per-token stamps of one run, TTFT the
+    median of ``repeats`` (the others generate one token each: a whole run takes seconds)."""
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
@@ -108,8 +120,13 @@ def _hf(model, prompts: list[list[int]], output_len: int, device: torch.device) 
     run(2)
     start, times = run(output_len)
     total = times[-1] - start
+    ttfts = [times[0] - start]
+    for _ in range(repeats - 1):
+        first, stamps = run(1)
+        ttfts.append(stamps[0] - first)
     return {
-        "ttft_s": times[0] - start,
+        "ttft_s": statistics.median(ttfts),
+        "ttft_s_runs": ttfts,
         "tpot_s": (times[-1] - times[0]) / max(output_len - 1, 1),
         "e2e_s": total,
         "output_tokens_per_s": len(prompts) * output_len / total,
@@ -126,9 +143,16 @@ def bench_latency(
     milestone: str | None = None,
     with_hf: bool = True,
     seed: int = 0,
+    repeats: int = 1,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """One row per prompt length: our TTFT/TPOT, HF's, and the decode floor."""
+    """One row per prompt length: our TTFT/TPOT, HF's, and the decode floor.
+
+    ``repeats`` > 1 times each engine that many times and reports medians, with every run's
+    TTFT and TPOT beside them: one prefill is a few milliseconds and varies by several percent.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     gen = torch.Generator().manual_seed(seed)
     as_of, variant, _ = parse_config(milestone) if milestone else (None, {}, None)
     overrides = {**variant, **overrides}
@@ -151,8 +175,11 @@ def bench_latency(
     for input_len in input_lens:
         prompts = torch.randint(0, min(engine.vocab_size, 10000), (batch_size, input_len), generator=gen).tolist()
         _ours(llm, prompts, min(output_len, 4))  # warm-up
-        llm.reset_prefix_cache()  # else (M6+) the timed prompt would hit the warm-up's blocks: TTFT of a real prefill
-        ours = _ours(llm, prompts, output_len)
+        runs = []
+        for _ in range(repeats):
+            llm.reset_prefix_cache()  # else (M6+) the prompt would hit the previous run's blocks: TTFT of a real prefill
+            runs.append(_ours(llm, prompts, output_len))
+        ours = _median_run(runs)
         row: dict[str, Any] = {
             "input_len": input_len,
             "output_len": output_len,
@@ -160,7 +187,7 @@ def bench_latency(
             "folovllm": {**ours, "tpot_vs_floor": ours["tpot_s"] / floor if ours["tpot_s"] else None},
         }
         if hf_model is not None:
-            hf = _hf(hf_model, prompts, output_len, dev)
+            hf = _hf(hf_model, prompts, output_len, dev, repeats)
             row["hf_transformers"] = {**hf, "tpot_vs_floor": hf["tpot_s"] / floor}
             row["speedup_tpot_vs_hf"] = hf["tpot_s"] / ours["tpot_s"] if ours["tpot_s"] else None
         rows.append(row)
@@ -168,7 +195,7 @@ def bench_latency(
         "benchmark": "latency",
         **provenance(dev, model, dt),
         "milestone": milestone or "latest",
-        "workload": {"input_lens": input_lens, "output_len": output_len, "batch_size": batch_size},
+        "workload": {"input_lens": input_lens, "output_len": output_len, "batch_size": batch_size, "repeats": repeats},
         "weight_bytes": weight_bytes,
         "copy_GBps": copy_gbps,
         "decode_floor_s": floor,

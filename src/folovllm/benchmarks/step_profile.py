@@ -10,6 +10,7 @@ M4 (fused kernels, CUDA graphs) shows what the fast path removed.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from typing import Any
 
@@ -135,6 +136,46 @@ def profile_decode(
     return row
 
 
+def profile_prefill(
+    llm: LLM, batch_size: int, prompt_len: int, repeats: int = 5, seed: int = 0, timeline: bool = True
+) -> dict[str, Any]:
+    """Figures for the step that prefills ``batch_size`` fresh ``prompt_len``-token prompts (one token each).
+
+    One untimed run of the same shape first (allocator, cuBLAS heuristics); then ``repeats`` timed
+    runs, from adding the requests until their tokens are out (TTFT as the engine sees it), and one
+    profiled. Fresh random prompts every run, so a prefix cache never hits.
+    """
+    engine = llm.llm_engine
+    device = engine.config.device
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    runs = iter(range(repeats + 2))
+
+    def run() -> None:
+        n = next(runs)
+        for i in range(batch_size):
+            prompt = torch.randint(0, min(engine.vocab_size, 10000), (prompt_len,), generator=gen).tolist()
+            engine.add_request(f"prefill-{n}-{i}", {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    run()
+    walls = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        walls.append((time.perf_counter() - start) * 1e3)
+    return {
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "wall_ms": statistics.median(walls),
+        "wall_ms_runs": walls,
+        **record_profile(run, device, timeline),
+    }
+
+
 def bench_step(
     model: str,
     configs: list[str],
@@ -144,14 +185,18 @@ def bench_step(
     device: str | None = None,
     dtype: str | None = None,
     timeline: bool = True,
+    prefill: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """``profile_decode`` for every (milestone, batch size), with the weight-read floor of a decode step.
 
     ``timeline=False`` drops each row's kernel and launch timeline (thousands of numbers per eager
-    step) and keeps the counts, the busy time and the top kernels.
+    step) and keeps the counts, the busy time and the top kernels. ``prefill`` profiles the
+    prefill step instead (``profile_prefill``; ``steps`` is then its number of timed runs).
     """
     rows, meta, floor = [], None, None
+    max_model_len = prompt_len + steps + 64
+    budget = {"max_num_batched_tokens": max(max(batch_sizes) * prompt_len, max_model_len)} if prefill else {}
     for milestone in configs:
         as_of, variant, _ = parse_config(milestone)
         llm = LLM(
@@ -160,7 +205,7 @@ def bench_step(
             device=device,
             dtype=dtype,
             max_num_seqs=max(batch_sizes),
-            **{"max_model_len": prompt_len + steps + 64, **variant, **overrides},
+            **{"max_model_len": max_model_len, **budget, **variant, **overrides},
         )
         engine = llm.llm_engine
         if meta is None:
@@ -178,9 +223,12 @@ def bench_step(
                 "attention_backend": engine.model_runner.backend_name,
                 "cuda_graphs": graphs is not None,
                 "fused_kernels": engine.model_runner.fused,
-                **profile_decode(llm, bs, prompt_len, steps, timeline=timeline),
             }
-            row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
+            if prefill:
+                row.update(profile_prefill(llm, bs, prompt_len, steps, timeline=timeline))
+            else:
+                row.update(profile_decode(llm, bs, prompt_len, steps, timeline=timeline))
+                row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / floor["weights_floor_ms"]
             rows.append(row)
         if graphs is not None:
             rows[-1]["cuda_graph_capture_s"] = runner.graph_capture_seconds
@@ -189,12 +237,13 @@ def bench_step(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    summary = {f"{r['milestone']}@{r['batch_size']}": round(r["wall_ms_per_step"], 3) for r in rows}
+    wall = "wall_ms" if prefill else "wall_ms_per_step"
+    summary = {f"{r['milestone']}@{r['batch_size']}": round(r[wall], 3) for r in rows}
     return {
-        "benchmark": "decode_step",
+        "benchmark": "prefill_step" if prefill else "decode_step",
         **meta,
         "workload": {"batch_sizes": batch_sizes, "prompt_len": prompt_len, "steps": steps, "overrides": overrides},
         "floor": floor,
-        "wall_ms_per_step": summary,
+        wall: summary,
         "results": rows,
     }

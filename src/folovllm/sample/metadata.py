@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from folovllm.sampling_params import SamplingParams
+from folovllm.utils import to_device
 
 
 @dataclass
@@ -42,12 +43,10 @@ class SamplingMetadata:
         random = [p for p in params if not p.greedy]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor(
-                [0.0 if p.greedy else float(p.temperature) for p in params], dtype=torch.float32, device=device
-            ),
-            top_k=torch.tensor([0 if p.greedy else p.top_k for p in params], dtype=torch.int64, device=device),
-            top_p=torch.tensor([1.0 if p.greedy else float(p.top_p) for p in params], dtype=torch.float32, device=device),
-            min_p=torch.tensor([0.0 if p.greedy else float(p.min_p) for p in params], dtype=torch.float32, device=device),
+            temperature=to_device([0.0 if p.greedy else float(p.temperature) for p in params], torch.float32, device),
+            top_k=to_device([0 if p.greedy else p.top_k for p in params], torch.int64, device),
+            top_p=to_device([1.0 if p.greedy else float(p.top_p) for p in params], torch.float32, device),
+            min_p=to_device([0.0 if p.greedy else float(p.min_p) for p in params], torch.float32, device),
             all_greedy=not random,
             all_random=len(random) == len(params),
             no_top_k=all(p.top_k == 0 for p in random),

@@ -33,7 +33,7 @@ from folovllm.model_executor.model_loader import LoadedModel
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.sample.metadata import SamplingMetadata
 from folovllm.sample.sampler import Sampler, SamplerOutput
-from folovllm.utils import cdiv
+from folovllm.utils import cdiv, to_device
 from folovllm.worker.block_table import BlockTable
 from folovllm.worker.buffers import CpuGpuBuffer
 from folovllm.worker.cuda_graph import CUDAGraphRunner, capture_in_one_pool, capture_sizes, mixed_capture_sizes
@@ -103,12 +103,11 @@ class ModelRunner:
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.block_tables = BlockTable(max_seqs, self.max_blocks_per_req)
         self.block_table = CpuGpuBuffer(max_seqs, self.max_blocks_per_req, dtype=torch.int32, device=dev)
-        self._block_table_stage = CpuGpuBuffer(
-            max_seqs * self.max_blocks_per_req, dtype=torch.int32, device=torch.device("cpu")
-        )
         # Sampled ids land in pinned host memory (a copy into pageable memory would block the host).
         # Two, because with async scheduling step n+1's copy is queued before step n's is read.
         pin = dev.type == "cuda"
+        # The step's gathered block-table rows, staged in pinned memory too: one asynchronous copy.
+        self._block_table_stage = torch.zeros(max_seqs * self.max_blocks_per_req, dtype=torch.int32, pin_memory=pin)
         self._sampled_host = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._sampled_flip = 0
 
@@ -222,8 +221,8 @@ class ModelRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer, K and V) before they are written."""
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = to_device([s for s, _ in copies], torch.int64, self.device)
+        dst = to_device([d for _, d in copies], torch.int64, self.device)
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
 
@@ -367,8 +366,8 @@ class ModelRunner:
             src = [self._last_sampled_row[rid] for _, rid in waiting_for]
         except KeyError as err:
             raise ValueError(f"request {err.args[0]!r} needs a token the previous step did not sample") from None
-        dst = torch.tensor([d for d, _ in waiting_for], dtype=torch.int64, device=self.device)
-        self.input_ids.gpu.index_copy_(0, dst, self._last_sampled[torch.tensor(src, device=self.device)])
+        dst = to_device([int(d) for d, _ in waiting_for], torch.int64, self.device)
+        self.input_ids.gpu.index_copy_(0, dst, self._last_sampled[to_device(src, torch.int64, self.device)])
 
     def _block_table_and_slots(
         self, sched: SchedulerOutput, positions: np.ndarray, query_lens: np.ndarray, num_tokens: int
@@ -377,16 +376,13 @@ class ModelRunner:
         rows = self.block_tables.update(sched)
         n = len(rows)
         width = max(1, int(self.block_tables.num_blocks[rows].max()))
-        stage = self._block_table_stage.np[: n * width].reshape(n, width)
-        np.take(self.block_tables.table[:, :width], rows, axis=0, out=stage)
+        stage = self._block_table_stage[: n * width].view(n, width)
+        np.take(self.block_tables.table[:, :width], rows, axis=0, out=stage.numpy())
         token_rows = rows if num_tokens == n else np.repeat(rows, query_lens)
         slots = self.block_tables.table[token_rows, positions // self.block_size].astype(np.int64)
         slots = slots * self.block_size + positions % self.block_size
         gpu = self.block_table.gpu[:n, :width]
-        if gpu.device.type == "cpu":
-            gpu.copy_(torch.from_numpy(stage))
-        else:
-            gpu.copy_(self._block_table_stage.cpu[: n * width].view(n, width), non_blocking=True)
+        gpu.copy_(stage, non_blocking=gpu.device.type == "cuda")
         return gpu, slots
 
     def _sampling_metadata(self, sched: SchedulerOutput, rows: list[int]) -> SamplingMetadata:

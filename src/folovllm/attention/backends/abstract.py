@@ -101,23 +101,34 @@ class AttentionBackend(ABC, Generic[M]):
         kv_cache: torch.Tensor | None,
         metadata: M | AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         """``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``[T, Hq, D]``.
 
         ``metadata`` is what ``build`` returned; a plain ``AttentionMetadata`` is
-        built here on the fly (tests and one-off calls). Without a cache
-        (``kv_cache is None``) every sequence is a full prefill and attends over
-        the ``k, v`` given.
+        built here on the fly (tests and one-off calls). The step's K/V are first
+        written to the cache at ``metadata.slot_mapping``, unless the caller did so
+        (``kv_stored``: the fused RoPE kernel). Without a cache (``kv_cache is None``)
+        every sequence is a full prefill and attends over the ``k, v`` given.
         """
         if isinstance(metadata, AttentionMetadata):
             metadata = self.build(metadata, AttentionSpec.of(q, k))
+        if kv_cache is not None and not kv_stored:
+            slot_mapping = metadata.slot_mapping
+            if slot_mapping is None:
+                raise ValueError("metadata.slot_mapping is required to store K/V in the cache")
+            self.store_kv(k, v, kv_cache, slot_mapping)
         return self.attend(q, k, v, kv_cache, metadata, scale)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write the step's K/V into their cache slots (an indexed copy; kernels override it)."""
+        store_kv_reference(k, v, kv_cache, slot_mapping)
 
     @abstractmethod
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None, metadata: M, scale: float
     ) -> torch.Tensor:
-        """``forward`` with this backend's own metadata: the per-layer hot path."""
+        """Attention over the context, whose K/V (this step's included) are in the cache: the per-layer hot path."""
 
 
 def store_kv_reference(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ from folovllm.attention.backends.abstract import AttentionBackend, AttentionMeta
 from folovllm.attention.backends.triton_paged import TritonAttentionMetadata, build_paged_metadata, paged_attend
 from folovllm.attention.ops.paged_attn import launch_store_kv
 from folovllm.attention.selector import FlashVarlenFn, flash_varlen_kernel
-from folovllm.utils import prefix_sums
+from folovllm.utils import prefix_sums, to_device
 
 
 @dataclass
@@ -77,10 +77,10 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
         """Token positions of ``rows``: a view-making slice when they are consecutive, else an index tensor."""
         if _consecutive(rows):
             return slice(starts[rows[0]], starts[rows[-1] + 1])
-        return torch.tensor([t for b in rows for t in range(starts[b], starts[b + 1])], device=device)
+        return to_device([t for b in rows for t in range(starts[b], starts[b + 1])], torch.int64, device)
 
     def cu(rows: list[int]) -> torch.Tensor:
-        return torch.tensor(prefix_sums(md.query_lens_cpu[b] for b in rows), dtype=torch.int32, device=device)
+        return to_device(prefix_sums(md.query_lens_cpu[b] for b in rows), torch.int32, device)
 
     split = FlashAttentionMetadata(md.slot_mapping, None, None, 0, None, None)
     if fresh:
@@ -92,7 +92,7 @@ def split_rows(md: AttentionMetadata, spec: AttentionSpec) -> FlashAttentionMeta
             raise ValueError("rows with a cached context need metadata.block_table")
         part = md
         if fresh:
-            picked = slice(cached[0], cached[-1] + 1) if _consecutive(cached) else torch.tensor(cached, device=device)
+            picked = slice(cached[0], cached[-1] + 1) if _consecutive(cached) else to_device(cached, torch.int64, device)
             split.cached_tokens = tokens(cached)
             part = AttentionMetadata(
                 query_start_loc=cu(cached),
@@ -146,10 +146,6 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
         metadata: FlashAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if kv_cache is not None:
-            if metadata.slot_mapping is None:
-                raise ValueError("metadata.slot_mapping is required to store K/V in the cache")
-            launch_store_kv(k, v, kv_cache, metadata.slot_mapping)
         if metadata.cached is not None and kv_cache is None:
             raise ValueError("rows with a cached context need a kv_cache")
         if metadata.cached is None:
@@ -161,3 +157,6 @@ class FlashAttentionBackend(AttentionBackend[FlashAttentionMetadata]):
         out[fi] = self.kernel(q[fi], k[fi], v[fi], metadata.fresh_cu, metadata.fresh_max_len, scale)
         out[ci] = paged_attend(q[ci], kv_cache, metadata.cached, scale)
         return out
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        launch_store_kv(k, v, kv_cache, slot_mapping)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata, AttentionSpec, store_kv_reference
+from folovllm.attention.backends.abstract import AttentionBackend, AttentionMetadata, AttentionSpec
 from folovllm.utils import cdiv, prefix_sums
 
 
@@ -123,8 +123,6 @@ class NaiveAttentionBackend(AttentionBackend[NaiveAttentionMetadata]):
         metadata: NaiveAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if kv_cache is not None:
-            store_kv_reference(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         for group in metadata.groups:
             if kv_cache is None:

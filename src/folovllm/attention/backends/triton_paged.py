@@ -30,6 +30,10 @@ class TritonAttentionMetadata:
     plan: PagedAttentionPlan
     scratch: SplitScratch | None
 
+    @property
+    def slot_mapping(self) -> torch.Tensor | None:
+        return self.common.slot_mapping
+
 
 def build_paged_metadata(
     common: AttentionMetadata, spec: AttentionSpec, max_seq_len: int | None = None, num_splits: int | None = None
@@ -75,5 +79,7 @@ class TritonPagedAttentionBackend(AttentionBackend[TritonAttentionMetadata]):
     ) -> torch.Tensor:
         if kv_cache is None:
             raise ValueError("kv_cache is required by the triton backend (kv_layout='none' has no cache)")
-        launch_store_kv(k, v, kv_cache, metadata.common.slot_mapping)
         return paged_attend(q, kv_cache, metadata, scale)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        launch_store_kv(k, v, kv_cache, slot_mapping)

@@ -85,8 +85,11 @@ class RotaryEmbedding(CustomOp):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        v: torch.Tensor | None = None,
+        cache_target: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q [T, Hq, D]``, ``k [T, Hkv, D]`` rotated (after the optional per-head norms): new tensors."""
+        """``q [T, Hq, D]``, ``k [T, Hkv, D]`` rotated (after the optional per-head norms): new tensors.
+        ``v`` and ``cache_target`` are ignored: here the attention backend stores K/V."""
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
@@ -99,10 +102,14 @@ class RotaryEmbedding(CustomOp):
         cos_sin: None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        v: torch.Tensor | None = None,
+        cache_target: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same, in place, in one kernel for both q and k."""
+        """The same, in place, in one kernel for both q and k; with ``cache_target``
+        (``kv_cache, slot_mapping``) that kernel also writes the rotated K and ``v`` into the cache."""
         from folovllm.model_executor.layers.ops.rotary import rotary_qk_
 
+        kv_cache, slot_mapping = cache_target if cache_target is not None else (None, None)
         rotary_qk_(
             q,
             k,
@@ -111,6 +118,9 @@ class RotaryEmbedding(CustomOp):
             None if q_norm is None else q_norm.weight,
             None if k_norm is None else k_norm.weight,
             1e-6 if q_norm is None else q_norm.eps,
+            None if kv_cache is None else v,
+            kv_cache,
+            slot_mapping,
         )
         return q, k
 

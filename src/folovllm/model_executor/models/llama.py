@@ -90,8 +90,11 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k, cos_sin, self.q_norm, self.k_norm)
-        out = self.attn(q, k, v, attn_metadata)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # The fused RoPE kernel also writes K/V into the cache, so the backend's store is skipped.
+        target = self.attn.cache_target(attn_metadata) if self.rotary_emb.use_fused else None
+        q, k = self.rotary_emb(positions, q, k, cos_sin, self.q_norm, self.k_norm, v, target)
+        out = self.attn(q, k, v, attn_metadata, kv_stored=target is not None)
         return self.o_proj(out)
 
 
