@@ -188,12 +188,14 @@ def test_real_fa2_matches_naive_on_gpu(dtype):
     lens = [513, 1, 64]
     qq, kk, vv = (torch.randn(sum(lens), h, 128, device=DEVICE, dtype=dtype) for h in (32, 8, 8))
     md = prefill_metadata(lens, DEVICE)
+    direct = torch_flash_varlen(qq, kk, vv, md.query_start_loc, max(lens), 0.1)
     torch.testing.assert_close(
-        torch_flash_varlen(qq, kk, vv, md.query_start_loc, max(lens), 0.1).float(),
-        NaiveAttentionBackend().forward(qq, kk, vv, None, md, 0.1).float(),
-        atol=ATOL[dtype],
-        rtol=0,
+        direct.float(), NaiveAttentionBackend().forward(qq, kk, vv, None, md, 0.1).float(), atol=ATOL[dtype], rtol=0
     )
+    from torch.nn.attention.varlen import varlen_attn  # the public wrapper of the op we call: the same kernel
+
+    cu = md.query_start_loc
+    assert torch.equal(direct, varlen_attn(qq, kk, vv, cu, cu, max(lens), max(lens), scale=0.1, window_size=(-1, 0)))
 
 
 def test_bench_prefill_payload_on_cpu():

@@ -329,9 +329,12 @@ else:
     # #11 after removing the host's waits from the async step: the in-flight token copy, the sampler's
     # parameters, FA2's row split and the block table were copied from pageable memory, and PyTorch
     # then drains the stream, so step n+1 was built only after step n had finished; and the K/V store
-    # fused into the RoPE kernel (28 launches a step fewer). GPU tests (no sync inside async steps, fused
-    # store = backend store, graphs = eager), batch-1 latency with HF repeated 5x (medians), one decode
-    # step's profile, the 2,048-token prefill step profiled under M3 and M4. About 5 device-minutes.
+    # fused into the RoPE kernel (28 launches a step fewer). Run at the commit that also fixes the race
+    # this exposed (the logits indices were copied after the event the next step waits on; the first run,
+    # at 7c08599, failed the mixed-graph test) and calls FA2's ATen op without varlen_attn's Python
+    # wrapper. GPU tests (no sync inside async steps, fused store = backend store, graphs = eager), batch-1
+    # latency with HF repeated 5x (medians), one decode step's profile, the 2,048-token prefill step
+    # profiled under M3 and M4. About 5 device-minutes.
     python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py tests/test_cuda_graph.py tests/test_flash_attention.py 2>&1 | tail -4
     timeout 200 python3 -m folovllm bench latency --model random:qwen3-0.6b --milestone M4 --input-len 128 2048 \
       --output-len 128 --repeats 5 --out "$OUT/M4-nosync-latency-$gpu.json" > /dev/null 2>&1; echo "latency: exit $?"

@@ -84,8 +84,9 @@ class ModelRunner:
         self.cuda_graphs: CUDAGraphRunner | None = None  # decode steps, by batch size
         self.mixed_graphs: CUDAGraphRunner | None = None  # any step, by token count ("FULL")
         self.graph_memory_estimate = 0
-        # Host buffers are pinned and copied without blocking: the next step may only overwrite them
-        # once the copies that read them ran (a step that samples syncs anyway; one that does not waits here).
+        # Host buffers are pinned and copied without blocking: the next step may only overwrite them once
+        # the copies that read them ran. With async scheduling the host runs a step ahead of the GPU,
+        # so this event, recorded after a step's last such copy, is what the next step waits for.
         self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
         self._last_sampled: torch.Tensor | None = None  # the previous step's token ids, on the device
         self._last_sampled_row: dict[str, int] = {}
@@ -418,9 +419,10 @@ class ModelRunner:
         if self._inputs_copied is not None:
             self._inputs_copied.synchronize()
         input_ids, positions, common = self.prepare_inputs(sched, graph)
-        if self._inputs_copied is not None:
-            self._inputs_copied.record()
         rows = [b for b, r in enumerate(reqs) if r.sample]
+        sample_index = self._sample_index(common, rows)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()  # after the last copy from a persistent pinned buffer
         if graph is None:
             attn_metadata = self.backend.build(common, self.attn_spec)
         t1 = time.perf_counter()
@@ -434,7 +436,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, attn_metadata)
         self._last_sampled_row = {}
         if rows:
-            logits = self.model.compute_logits(self._rows_to_sample(hidden, common, rows))
+            logits = self.model.compute_logits(hidden if sample_index is None else hidden[sample_index])
             params = [reqs[b].sampling_params for b in rows]
             if all(p.greedy and p.logprobs is None for p in params):  # the all-greedy fast path: no sort, no tensors
                 sampled = logits.argmax(dim=-1)
@@ -508,13 +510,14 @@ class ModelRunner:
                 return self.mixed_graphs, size
         return None
 
-    def _rows_to_sample(self, hidden: torch.Tensor, common: AttentionMetadata, rows: list[int]) -> torch.Tensor:
-        """The hidden state of each sampled request's last token (all of them in a decode step)."""
-        if len(rows) == common.num_seqs and common.num_tokens == common.num_seqs:
-            return hidden
+    def _sample_index(self, common: AttentionMetadata, rows: list[int]) -> torch.Tensor | None:
+        """Where each sampled request's last token sits in the step's hidden states, on the device;
+        None when that is every row in order (a decode step)."""
+        if not rows or (len(rows) == common.num_seqs and common.num_tokens == common.num_seqs):
+            return None
         idx = self.logits_indices
         idx.np[: len(rows)] = self.query_start_loc.np[np.asarray(rows) + 1] - 1
-        return hidden[idx.copy_to_gpu(len(rows))]
+        return idx.copy_to_gpu(len(rows))
 
     @staticmethod
     def _collect_logprobs(sched: SchedulerOutput, rows: list[int], sampled: list[int], out, logprobs: list) -> None:
