@@ -344,10 +344,11 @@ else:
       --prompt-len 2048 --steps 5 --prefill --no-timeline --out "$OUT/M4-prefill-step-$gpu.json" > /dev/null 2>&1
     echo "prefill: exit $?" ;;
   nosyncw)
-    # The same commit: W under M4 with three repeats in one process (#11's 21,000 tok/s), Llama-3.2-1B's
-    # batch-1 latency (5 repeats). About 3 device-minutes.
-    timeout 200 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 \
-      --milestone M4 --out "$OUT/M4-nosync-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    # The same commit: W with three repeats in one process under M4 (#11's 21,000 tok/s), M4 without async
+    # scheduling and M3, beside HF transformers' continuous batching on W's first 32 requests (one run);
+    # Llama-3.2-1B's batch-1 latency (5 repeats). About 6 device-minutes.
+    timeout 450 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 --repeat 3 \
+      --milestone M4 M4/sync M3 HF@32 --out "$OUT/M4-nosync-W-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     timeout 100 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
       --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
     echo "1b: exit $?" ;;
