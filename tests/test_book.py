@@ -63,6 +63,9 @@ def test_load_results_reads_committed_json_with_provenance(capsys):
     results = book.load_results("M2-h200")  # not M2-curve (bench serve)
     assert results and all(r["benchmark"] == "throughput" for r in results)
     assert "commit" in capsys.readouterr().out
+    prefill = book.load_results("M4-prefill", benchmark="prefill_attention")  # not M4-prefill-step (bench step)
+    assert prefill and all(r["benchmark"] == "prefill_attention" for r in prefill)
+    assert "M4-prefill-step" not in capsys.readouterr().out
 
 
 def test_run_async_works_inside_a_running_loop():

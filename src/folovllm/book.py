@@ -125,12 +125,15 @@ class ByteTokenizer:
         return self(text).input_ids if tokenize else text
 
 
-def load_results(name: str) -> list[dict[str, Any]]:
-    """Every results JSON ``milestones/results/<name>*.json``, newest first, provenance printed."""
+def load_results(name: str, benchmark: str | None = None) -> list[dict[str, Any]]:
+    """Every results JSON ``milestones/results/<name>*.json``, newest first, provenance printed;
+    with ``benchmark``, only those of that benchmark (a prefix can match another benchmark's files)."""
     files = sorted(RESULTS_DIR.glob(f"{name}*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     payloads = []
     for path in files:
         data = json.loads(path.read_text())
+        if benchmark is not None and data.get("benchmark") != benchmark:
+            continue
         print(
             f"{path.name}: {data.get('gpu')} | torch {data.get('torch')} | commit {str(data.get('commit'))[:10]}"
             f" | {data.get('date')}\n  $ {data.get('command')}"
