@@ -352,6 +352,12 @@ else:
     timeout 100 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
       --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
     echo "1b: exit $?" ;;
+  nosynccheck)
+    # After nosync: the GPU tests the earlier stages of the session did not run (paged and split attention,
+    # whose store moved into AttentionBackend.forward; the skinny GEMM; Inductor), then the two M4 chapters
+    # exported as scripts (`run_gpu.sh chapters DIR` with DIR holding M4_fast_path.py, M4_flash_attention.py).
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_skinny_gemm.py \
+      tests/test_compile.py 2>&1 | tail -4 ;;
   gemvwide)
     # Run at 8c893f1 (its GPU tests found 2-bit whole-block prefill plans over the shared-memory limit, since
     # fixed): the W4A16 sweep after the sixth session's kernels: the one-row FMA kernel's wider grid (tiles
