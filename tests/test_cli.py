@@ -378,3 +378,15 @@ def test_hf_continuous_batching_baseline_runs_our_workload():
     assert hf["milestone"] == "HF" and hf["num_prompts"] == 2 and m2["num_prompts"] == 3
     _, wanted = random_workload(3, (5, 9), (3, 5), 0)
     assert hf["output_tokens"] == sum(wanted[:2]) and m2["output_tokens"] == sum(wanted) == run["workload"]["output_tokens"]
+
+
+def test_bench_gptq_sweep_of_some_m_needs_a_gpu(capsys, monkeypatch):
+    """``--sweep-m`` reaches ``bench_gptq`` as a sweep of those M (here stopped by the CPU, before any work)."""
+    from folovllm.benchmarks import gptq
+
+    seen = {}
+    real = gptq.bench_gptq
+    monkeypatch.setattr(gptq, "bench_gptq", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(["bench", "gptq", "--device", "cpu", "--m", "1", "--sweep-m", "1"]) == 2
+    assert seen == {"skip_model": False, "sweep": True, "sweep_ms": [1]}
+    assert "bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got cpu" in capsys.readouterr().err

@@ -352,6 +352,16 @@ else:
     timeout 100 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
       --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
     echo "1b: exit $?" ;;
+  gemvprefetch)
+    # #15, prepared in the eighth session and not yet run: the one-row FMA kernel (and its load-only twin)
+    # loading 2 or 3 word tiles ahead instead of 1. Each warp issues its next load only after the previous
+    # tile's use, so one tile ahead keeps little in flight (the twin read 2.2-2.9 TB/s of the copy's 4.19).
+    # GPU tests, then the sweep at M = 1 only (its plans replace the table's M = 1 entries, the rest kept),
+    # the kernel table at M = 1, 4, 16 with the twin, weight memory and batch-1 TPOT. About 6 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "gemv or word_stream or kernel_matches" 2>&1 | tail -2
+    timeout 480 python3 -m folovllm bench gptq --sweep-m 1 --m 1 4 16 --out "$OUT/M7-prefetch-sweep-$gpu.json" \
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   nosynccheck)
     # After nosync: the GPU tests the earlier stages of the session did not run (paged and split attention,
     # whose store moved into AttentionBackend.forward; the skinny GEMM; Inductor), then the two M4 chapters

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--output-len", type=int, default=128)
     gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
     gq.add_argument("--sweep", action="store_true", help="also time every launch plan at M = 1, 4, 16, 64, 256")
+    gq.add_argument(
+        "--sweep-m", type=int, nargs="+", default=None, help="sweep these M only; the tuned table keeps its other plans"
+    )
     gq.add_argument("--out", default=None)
 
     gmm = bench.add_parser("gemm", help="decode projections: cuBLAS vs the skinny GEMM; --sweep tunes it (GPU)")
@@ -429,7 +432,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             write_results(
                 args.out,
-                bench_gptq(args.m, args.model, args.input_len, args.output_len, args.device, args.kernels_only, args.sweep),
+                bench_gptq(
+                    args.m,
+                    args.model,
+                    args.input_len,
+                    args.output_len,
+                    args.device,
+                    skip_model=args.kernels_only,
+                    sweep=args.sweep or args.sweep_m is not None,
+                    sweep_ms=args.sweep_m,
+                ),
             )
         elif args.bench == "gemm":
             from folovllm.benchmarks.gemm import bench_gemm

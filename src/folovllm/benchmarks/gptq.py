@@ -171,7 +171,8 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     target of the K split.
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
-    the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
+    the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape; and
+    it loads 2 or 3 word tiles ahead as well as 1 (not with the widest tiles, which were never fastest)."""
     k_blocks = cdiv(k, block_rows(bits))
     plans = [plan_gptq_gemm(m, n, k, bits, device)]
     if m > DECODE_MAX_M:  # prefill: tiles of dequantized weights, sliced or whole blocks; no K split
@@ -192,6 +193,8 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                         split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, min_blocks)
                         for swap_ab in (False,) if gemv else (False, True):
                             plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab))
+                        for prefetch in (2, 3) if wide and block_n < 256 else ():
+                            plans.append(GemmPlan(1, block_n, False, split, per_split, warps, 4, True, prefetch=prefetch))
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 
@@ -332,9 +335,11 @@ def bench_gptq(
     device: str | None = None,
     skip_model: bool = False,
     sweep: bool = False,
+    sweep_ms: list[int] | None = None,
 ) -> dict[str, Any]:
     """Kernels (plain and act-order), weight memory and TPOT in one JSON; ``sweep`` adds every decode
-    plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill)."""
+    plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill), or at ``sweep_ms`` only,
+    whose tuned plans then replace just their own entries of the table."""
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got {dev}")
@@ -354,9 +359,10 @@ def bench_gptq(
         "copy_GBps": measure_copy_bandwidth(dev),
     }
     if sweep:  # first, so that the kernel table below runs the plans it tunes
-        result["sweep"] = bench_gptq_sweep([1, 4, 16, 64, 256], device=dev)
+        result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev)
         source = {key: result[key] for key in ("commit", "date", "gpu")}
-        path = write_tuned_plans(torch.cuda.get_device_name(dev), best_plans(result["sweep"]), source)
+        best = best_plans(result["sweep"])
+        path = write_tuned_plans(torch.cuda.get_device_name(dev), best, source, merge=sweep_ms is not None)
         result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))
     result["kernel"] = bench_gptq_kernel(ms, device=dev)
     result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)

@@ -13,21 +13,38 @@ import triton
 import triton.language as tl
 
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import SLICE_ROWS, GemmPlan
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import _next_words
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 
 
 @triton.jit
-def _stream_words_kernel(QWeight, Out, N, num_blocks, blocks_per_split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """Grid ``(1, N tiles, splits)``: XOR of this split's words, one int32 per column."""
+def _stream_words_kernel(
+    QWeight, Out, N, num_blocks, blocks_per_split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr
+):
+    """Grid ``(1, N tiles, splits)``: XOR of this split's words, one int32 per column, loading ``PREFETCH``
+    tiles ahead as the GEMV does."""
     split = tl.program_id(2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     t = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.int32)
     first = split * blocks_per_split
-    for blk in range(first, tl.minimum(first + blocks_per_split, num_blocks)):
-        acc ^= tl.load(QWeight + (blk * ROWS + t)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+    last = tl.minimum(first + blocks_per_split, num_blocks)
+    word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
+    tile = ROWS * N
+    ahead1 = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
+    ahead2 = ahead1
+    ahead3 = ahead1
+    if PREFETCH >= 2:
+        ahead2 = tl.load(word_rows + tile, mask=n_ok[None, :] & (first + 1 < last), other=0)
+    if PREFETCH >= 3:
+        ahead3 = tl.load(word_rows + 2 * tile, mask=n_ok[None, :] & (first + 2 < last), other=0)
+    for blk in range(first, last):
+        acc ^= ahead1
+        ahead1, ahead2, ahead3 = _next_words(
+            word_rows + (blk + PREFETCH - first) * tile, n_ok[None, :] & (blk + PREFETCH < last), ahead2, ahead3, PREFETCH
+        )
     tl.store(Out + split * N + rn, tl.xor_sum(acc, axis=0), mask=n_ok)
 
 
@@ -38,6 +55,6 @@ def stream_words(qweight: torch.Tensor, plan: GemmPlan) -> torch.Tensor:
     grid = (1, cdiv(n, plan.block_n), plan.split_k)
     for_device(_stream_words_kernel, qweight.device)[grid](
         qweight, out, n, rows // SLICE_ROWS, plan.blocks_per_split, BLOCK_N=plan.block_n, ROWS=SLICE_ROWS,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        PREFETCH=plan.prefetch, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return out

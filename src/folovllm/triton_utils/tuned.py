@@ -33,10 +33,18 @@ class TunedTable(Generic[P]):
         """Shape key -> plan for this GPU model (empty without a table); read once per file."""
         return _read(self.path(gpu_name), self.plan)
 
-    def write(self, gpu_name: str, plans: dict[str, dict[str, Any]], source: dict[str, Any]) -> Path:
-        """Save a sweep's fastest plans for this GPU model, with where they were measured (``source``)."""
+    def write(self, gpu_name: str, plans: dict[str, dict[str, Any]], source: dict[str, Any], merge: bool = False) -> Path:
+        """Save a sweep's fastest plans for this GPU model, with where they were measured (``source``).
+
+        ``merge`` keeps the table's other entries (a sweep of some shapes only); the file then records
+        which keys this sweep wrote and the previous file's source for the rest."""
         path = self.path(gpu_name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if merge and path.is_file():
+            previous = json.loads(path.read_text())
+            kept = {key: plan for key, plan in previous["plans"].items() if key not in plans}
+            source = {**source, "wrote": sorted(plans), "kept_from": previous["source"]}
+            plans = dict(sorted({**kept, **plans}.items()))
         path.write_text(json.dumps({"source": source, "plans": plans}, indent=1) + "\n")
         _read.cache_clear()
         return path

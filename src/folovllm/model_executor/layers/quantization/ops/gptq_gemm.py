@@ -95,6 +95,7 @@ class GemmPlan:
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
+    prefetch: int = 1  # GEMV only: word tiles requested ahead of the one being unpacked (1-3, in registers)
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -123,9 +124,10 @@ def tuned_key(bits: int, m: int, k: int, n: int) -> str:
     return f"bits={bits},m={rows},k={k},n={n}"
 
 
-def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict) -> Path:
-    """Save the fastest plans of a sweep for this GPU model; later launches in any process use them."""
-    path = TUNED.write(gpu_name, plans, source)
+def write_tuned_plans(gpu_name: str, plans: dict[str, dict], source: dict, merge: bool = False) -> Path:
+    """Save the fastest plans of a sweep for this GPU model; later launches in any process use them
+    (``merge``: a sweep of some M only, the table's other entries kept)."""
+    path = TUNED.write(gpu_name, plans, source, merge)
     plan_gptq_gemm.cache_clear()
     return path
 
@@ -176,7 +178,7 @@ def _kernel_for(plan: GemmPlan, fp32: bool) -> tuple[object, dict]:
     precision for fp32 activations, as the reference computes; the tensor cores' default otherwise)."""
     precision = "ieee" if fp32 else "tf32"
     if plan.gemv:
-        return _gptq_gemv_kernel, {}
+        return _gptq_gemv_kernel, dict(PREFETCH=plan.prefetch)
     if plan.block_dot or plan.swap_ab:
         return (_gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel), dict(DOT_PRECISION=precision)
     return _gptq_gemm_kernel, dict(DOT_PRECISION=precision, DEQUANT_TILES=plan.dequant_tiles)
@@ -211,6 +213,8 @@ def launch_gptq_gemm(
         raise ValueError("swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
+    if plan.prefetch not in ((1, 2, 3) if plan.gemv else (1,)):
+        raise ValueError(f"prefetch is the GEMV's load depth, 1-3 (1 for other kernels), got {plan.prefetch}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out
