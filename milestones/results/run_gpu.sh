@@ -352,6 +352,19 @@ else:
     timeout 100 python3 -m folovllm bench latency --model random:llama-3.2-1b --milestone M4 --input-len 128 \
       --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
     echo "1b: exit $?" ;;
+  m5saturated)
+    # #13, prepared in the eighth session and not yet run: dynamic sizing where a fixed budget must give
+    # something up. At 16 req/s the preset's 512 kept up and held p99 ITL (M5-preset), so any target it met
+    # cost it nothing. Here the mixed workload arrives at 24 and 32 req/s (qwen3-0.6b, after the host-wait
+    # fix): a small fixed budget admits prompts too slowly (throughput and TTFT suffer), a large one lets
+    # prompt steps stretch the ITL tail; the dynamic mode at 15 ms should hold that tail with throughput
+    # at least the small budget's. About 7 device-minutes.
+    s="--workload mixed --num-prompts 160 --output-len 100:512 --long-fraction 0.15 --seed 0 --collect-step-stats"
+    for rate in 24 32; do
+      timeout 240 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --request-rate $rate \
+        --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
+        --out "$OUT/M5-saturated-$rate-$gpu.json" > "$OUT/saturated-$rate.log" 2>&1; echo "rate $rate: exit $?"
+    done ;;
   gemvprefetch)
     # #15, prepared in the eighth session and not yet run: the one-row FMA kernel (and its load-only twin)
     # loading 2 or 3 word tiles ahead instead of 1. Each warp issues its next load only after the previous
