@@ -10,6 +10,7 @@ M4 (fused kernels, CUDA graphs) shows what the fast path removed.
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import time
 from typing import Any
@@ -149,7 +150,7 @@ def profile_prefill(
     device = engine.config.device
     gen = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    runs = iter(range(repeats + 2))
+    runs = itertools.count()  # request ids stay unique across runs
 
     def run() -> None:
         n = next(runs)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import SLICE_ROWS, GemmPlan
-from folovllm.model_executor.layers.quantization.ops.triton_gptq import _next_words
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import _first_words, _next_words
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 
@@ -33,13 +33,7 @@ def _stream_words_kernel(
     last = tl.minimum(first + blocks_per_split, num_blocks)
     word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
     tile = ROWS * N
-    ahead1 = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
-    ahead2 = ahead1
-    ahead3 = ahead1
-    if PREFETCH >= 2:
-        ahead2 = tl.load(word_rows + tile, mask=n_ok[None, :] & (first + 1 < last), other=0)
-    if PREFETCH >= 3:
-        ahead3 = tl.load(word_rows + 2 * tile, mask=n_ok[None, :] & (first + 2 < last), other=0)
+    ahead1, ahead2, ahead3 = _first_words(word_rows, tile, n_ok, first, last, PREFETCH)
     for blk in range(first, last):
         acc ^= ahead1
         ahead1, ahead2, ahead3 = _next_words(

@@ -277,6 +277,20 @@ def _gptq_gemm_swap_ab_kernel(
 
 
 @triton.jit
+def _first_words(word_rows, tile, n_ok, first, last, PREFETCH: tl.constexpr):
+    """The queue of word tiles loaded ahead before the K loop: blocks ``first .. first + PREFETCH - 1``
+    of the split (masked past ``last``); unused slots repeat the first tile."""
+    ahead1 = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
+    ahead2 = ahead1
+    ahead3 = ahead1
+    if PREFETCH >= 2:
+        ahead2 = tl.load(word_rows + tile, mask=n_ok[None, :] & (first + 1 < last), other=0)
+    if PREFETCH >= 3:
+        ahead3 = tl.load(word_rows + 2 * tile, mask=n_ok[None, :] & (first + 2 < last), other=0)
+    return ahead1, ahead2, ahead3
+
+
+@triton.jit
 def _next_words(ptrs, mask, ahead2, ahead3, PREFETCH: tl.constexpr):
     """Shift the queue of word tiles loaded ahead by one and load the tile ``PREFETCH`` blocks ahead."""
     loaded = tl.load(ptrs, mask=mask, other=0)
@@ -343,13 +357,7 @@ def _gptq_gemv_kernel(
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))
     word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
     tile = ROWS * N
-    ahead1 = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
-    ahead2 = ahead1
-    ahead3 = ahead1
-    if PREFETCH >= 2:
-        ahead2 = tl.load(word_rows + tile, mask=n_ok[None, :] & (first + 1 < last), other=0)
-    if PREFETCH >= 3:
-        ahead3 = tl.load(word_rows + 2 * tile, mask=n_ok[None, :] & (first + 2 < last), other=0)
+    ahead1, ahead2, ahead3 = _first_words(word_rows, tile, n_ok, first, last, PREFETCH)
     for blk in range(first, last):
         # The next tiles' words are requested before this one's arithmetic, so PREFETCH loads are always
         # in flight behind the math.
