@@ -353,7 +353,7 @@ else:
       --output-len 128 --repeats 5 --no-hf --out "$OUT/M4-nosync-latency-llama-3.2-1b-$gpu.json" > /dev/null 2>&1
     echo "1b: exit $?" ;;
   m5saturated)
-    # #13, prepared in the eighth session and not yet run: dynamic sizing where a fixed budget must give
+    # #13, run in the ninth session at 03129fe: dynamic sizing where a fixed budget must give
     # something up. At 16 req/s the preset's 512 kept up and held p99 ITL (M5-preset), so any target it met
     # cost it nothing. Here the mixed workload arrives at 24 and 32 req/s (qwen3-0.6b, after the host-wait
     # fix): a small fixed budget admits prompts too slowly (throughput and TTFT suffer), a large one lets
@@ -366,7 +366,8 @@ else:
         --out "$OUT/M5-saturated-$rate-$gpu.json" > "$OUT/saturated-$rate.log" 2>&1; echo "rate $rate: exit $?"
     done ;;
   gemvprefetch)
-    # #15, prepared in the eighth session and not yet run: the one-row FMA kernel (and its load-only twin)
+    # #15, run in the ninth session at 03129fe (depths 2 and 3 were slower on every shape, so the knob was
+    # removed afterwards; the table in the tree kept its 8c893f1 plans): the one-row FMA kernel (and its load-only twin)
     # loading 2 or 3 word tiles ahead instead of 1. Each warp issues its next load only after the previous
     # tile's use, so one tile ahead keeps little in flight (the twin read 2.2-2.9 TB/s of the copy's 4.19).
     # GPU tests, then the sweep at M = 1 only (its plans replace the table's M = 1 entries, the rest kept),
@@ -375,6 +376,41 @@ else:
     timeout 480 python3 -m folovllm bench gptq --sweep-m 1 --m 1 4 16 --out "$OUT/M7-prefetch-sweep-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  saturatedseeds)
+    # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
+    # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
+    s="--workload mixed --num-prompts 160 --output-len 100:512 --long-fraction 0.15 --collect-step-stats"
+    for seed in 1 2; do
+      timeout 280 python3 -m folovllm bench serve --model random:qwen3-0.6b --max-model-len 9216 $s --seed $seed \
+        --request-rate 32 --milestone M5@12 M4@12 M4 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
+        --out "$OUT/M5-saturated-32-seed$seed-$gpu.json" > "$OUT/sat-$seed.log" 2>&1; echo "seed $seed: exit $?"
+    done ;;
+  ninthheadlines)
+    # Ninth session (03129fe): M5-M7 headlines after the host-wait fix. M6's 256 shared-prompt requests (stage
+    # m6spec; its JSON, written as M6-shared-256, is kept as M6-shared-256-nosync beside the earlier run), W with
+    # M4, M5 and M6, W bf16 vs GPTQ on qwen3-8b; then M4 vs M5 at 16 req/s (stage m5preset's serve part; seeds
+    # 0, 1, 2) and M6's TTFT hit vs miss; then qwen3-8b at 12 req/s (seeds 0 and 1), where the 8B model is loaded,
+    # with the fixed budgets and the dynamic mode at 20 ms. About 13 device-minutes in four calls.
+    bash "$0" m6spec
+    timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M4 M4 M5 M6 --out "$OUT/M5-W-nosync-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    timeout 220 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7 M7/gptq M7/gptq \
+      --out "$OUT/M7-throughput-nosync-$gpu.json" > /dev/null 2>&1; echo "W8b: exit $?"
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    for seed in 0 1 2; do
+      tag=$([ $seed = 0 ] && echo "" || echo "-seed$seed")
+      timeout 220 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 100 --request-rate 16 \
+        --seed $seed --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-preset-nosync$tag-$gpu.json" > /dev/null 2>&1
+    done
+    timeout 200 python3 -m folovllm bench prefix --model random:qwen3-8b --milestone M4 M6 --parts ttft \
+      --num-prompts 128 --out "$OUT/M6-ttft-nosync-$gpu.json" > "$OUT/prefix.log" 2>&1; echo "prefix: exit $?"
+    for seed in 0 1; do
+      tag=$([ $seed = 0 ] && echo "" || echo "-seed$seed")
+      timeout 420 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+        --seed $seed --milestone M5@12 M4@12 M4 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=20 \
+        --out "$OUT/M5-saturated-12-qwen3-8b$tag-$gpu.json" > /dev/null 2>&1; echo "8b seed $seed: exit $?"
+    done ;;
   nosynccheck)
     # After nosync: the GPU tests the earlier stages of the session did not run (paged and split attention,
     # whose store moved into AttentionBackend.forward; the skinny GEMM; Inductor), then the two M4 chapters
