@@ -328,18 +328,6 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 3])
-@pytest.mark.parametrize("split_k, per_split", [(1, 5), (2, 3), (5, 1)])  # 5 blocks: splits shorter than the depth
-def test_gemv_loading_tiles_ahead_matches_the_reference(prefetch, split_k, per_split):
-    k, n, bits, group_size = 640, 96, 4, 64
-    qweight, scales, zeros, _ = (t if t is None else t.to(DEVICE) for t in _random_layer(k, n, bits, group_size, False, 3))
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    plan = GemmPlan(1, 32, False, split_k, per_split, 4, 1, gemv=True, prefetch=prefetch)
-    got = gptq_gemm(x, qweight, scales, zeros, None, None, bits, group_size, plan)
-    want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), None, None, bits, group_size)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-
-
 def test_kernel_refuses_bad_shapes():
     qweight, scales, zeros, _ = _random_layer(256, 64, 4, 128, False, 0)
     with pytest.raises(ValueError, match=r"scales must have shape \(2, 64\) for K=256, got \(1, 64\)"):
@@ -354,9 +342,6 @@ def test_kernel_refuses_bad_shapes():
     with pytest.raises(ValueError, match="swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles"):
         gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128,
                   GemmPlan(16, 64, True, 1, 2, 4, 1, swap_ab=True))  # fmt: skip
-    for plan in (GemmPlan(1, 64, False, 1, 2, 4, 1, gemv=True, prefetch=4), GemmPlan(16, 64, False, 1, 2, 4, 1, prefetch=2)):
-        with pytest.raises(ValueError, match=r"prefetch is the GEMV's load depth, 1-3 \(1 for other kernels\), got"):
-            gptq_gemm(torch.randn(1, 256), qweight, scales, zeros, None, None, 4, 128, plan)
 
 
 # ---------------------------------------------------------------- the algorithms
@@ -519,7 +504,6 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     one_row = [p for p in plans if p.gemv]  # one row: narrower tiles, fewer warps and more splits too
     assert {p.block_n for p in one_row} == {32, 64, 128, 256} and {p.num_warps for p in one_row} == {2, 4, 8}
     assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
-    assert {p.prefetch for p in one_row} == {1, 2, 3} and all(p.block_n < 256 for p in one_row if p.prefetch > 1)
     prefill = sweep_plans(256, 4096, 4096, 4, 132, torch.device("cpu"))
     assert all(p.dequant_tiles and p.split_k == 1 for p in prefill) and {p.block_dot for p in prefill} == {True, False}
     assert tuned_key(4, 17, 64, 8) == "bits=4,m=64,k=64,n=8" and tuned_key(4, 4096, 64, 8) == "bits=4,m=256,k=64,n=8"
@@ -547,15 +531,15 @@ def test_gptq_sweep_picks_and_saves_the_fastest_correct_plan(monkeypatch, tmp_pa
     assert path == tmp_path / "gptq_decode_NVIDIA_Test_GPU.json"
     assert ops.TUNED.plans("NVIDIA Test GPU") == {"bits=4,m=1,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1)}
     # A sweep of some M only replaces its own entries and says which, keeping the rest with their source.
-    deeper = {"bits=4,m=1,k=256,n=64": {**rows[0]["plan"], "prefetch": 3}}
+    one_row = {"bits=4,m=1,k=256,n=64": rows[0]["plan"]}
     other = {"bits=4,m=16,k=256,n=64": rows[1]["plan"]}
     ops.write_tuned_plans("NVIDIA Test GPU", other, {"commit": "y"}, merge=True)
-    path = ops.write_tuned_plans("NVIDIA Test GPU", deeper, {"commit": "z"}, merge=True)
+    path = ops.write_tuned_plans("NVIDIA Test GPU", one_row, {"commit": "z"}, merge=True)
     table = json.loads(path.read_text())
     assert table["source"]["commit"] == "z" and table["source"]["wrote"] == ["bits=4,m=1,k=256,n=64"]
     assert table["source"]["kept_from"]["commit"] == "y" and table["source"]["kept_from"]["kept_from"] == {"commit": "x"}
     assert ops.TUNED.plans("NVIDIA Test GPU") == {
-        "bits=4,m=1,k=256,n=64": GemmPlan(1, 64, False, 1, 2, 4, 1, gemv=True, prefetch=3),
+        "bits=4,m=1,k=256,n=64": GemmPlan(1, 64, False, 1, 2, 4, 1, gemv=True),
         "bits=4,m=16,k=256,n=64": GemmPlan(16, 64, False, 2, 1, 4, 1),
     }
     assert ops.tuned_key(4, 3, 256, 64) == "bits=4,m=4,k=256,n=64" and ops.tuned_key(4, 9, 1, 2).startswith("bits=4,m=16")
@@ -569,10 +553,9 @@ def test_word_stream_reads_what_each_split_of_the_gemv_reads():
     qweight = torch.randint(-(2**31), 2**31 - 1, (5 * 16, 40), dtype=torch.int32, generator=gen)  # 5 blocks
     blocks = qweight.view(5, 16, 40).numpy()
     expected = [np.bitwise_xor.reduce(blocks[2 * s : 2 * s + 2].reshape(-1, 40), axis=0) for s in range(3)]
-    for prefetch in (1, 3):  # the GEMV's load depths, deeper than a split here
-        plan = GemmPlan(1, 32, False, 3, 2, 4, 1, gemv=True, prefetch=prefetch)  # splits of 2, 2 and 1 blocks
-        out = stream_words(qweight.to(DEVICE), plan).cpu()
-        assert torch.equal(out, torch.from_numpy(np.stack(expected)))
+    plan = GemmPlan(1, 32, False, 3, 2, 4, 1, gemv=True)  # splits of 2, 2 and 1 blocks; two column tiles
+    out = stream_words(qweight.to(DEVICE), plan).cpu()
+    assert torch.equal(out, torch.from_numpy(np.stack(expected)))
 
 
 def test_gemv_codes_never_change_layout_inside_the_k_loop():
@@ -582,12 +565,11 @@ def test_gemv_codes_never_change_layout_inside_the_k_loop():
     kernel at ~1x bf16 on the H200; with the 2-D accumulator, 11 barriers and 1.33-1.66x)."""
     from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
 
-    for prefetch in (1, 3):  # tiles loaded ahead stay in the words' layout too
-        asm = compile_plan(GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True, prefetch=prefetch))
-        loop = asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
-        moved = [line for line in loop.splitlines() if "convert_layout" in line and "tensor<16x128x" in line]
-        assert "tt.load" in loop and not moved
-        assert asm["ptx"].count("bar.sync") <= 16
+    asm = compile_plan(GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True))
+    loop = asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
+    moved = [line for line in loop.splitlines() if "convert_layout" in line and "tensor<16x128x" in line]
+    assert "tt.load" in loop and not moved
+    assert asm["ptx"].count("bar.sync") <= 16
 
 
 def test_swapped_decode_runs_on_hopper_warpgroup_mma_with_the_codes_in_registers():

@@ -171,8 +171,7 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     target of the K split.
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
-    the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape; and
-    it loads 2 or 3 word tiles ahead as well as 1 (not with the widest tiles, which were never fastest)."""
+    the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
     k_blocks = cdiv(k, block_rows(bits))
     plans = [plan_gptq_gemm(m, n, k, bits, device)]
     if m > DECODE_MAX_M:  # prefill: tiles of dequantized weights, sliced or whole blocks; no K split
@@ -193,8 +192,6 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                         split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, min_blocks)
                         for swap_ab in (False,) if gemv else (False, True):
                             plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab))
-                        for prefetch in (2, 3) if wide and block_n < 256 else ():
-                            plans.append(GemmPlan(1, block_n, False, split, per_split, warps, 4, True, prefetch=prefetch))
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 

@@ -13,32 +13,21 @@ import triton
 import triton.language as tl
 
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import SLICE_ROWS, GemmPlan
-from folovllm.model_executor.layers.quantization.ops.triton_gptq import _first_words, _next_words
 from folovllm.triton_utils import for_device
 from folovllm.utils import cdiv
 
 
 @triton.jit
-def _stream_words_kernel(
-    QWeight, Out, N, num_blocks, blocks_per_split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr
-):
-    """Grid ``(1, N tiles, splits)``: XOR of this split's words, one int32 per column, loading ``PREFETCH``
-    tiles ahead as the GEMV does."""
+def _stream_words_kernel(QWeight, Out, N, num_blocks, blocks_per_split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    """Grid ``(1, N tiles, splits)``: XOR of this split's words, one int32 per column."""
     split = tl.program_id(2)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     t = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.int32)
     first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
-    word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
-    tile = ROWS * N
-    ahead1, ahead2, ahead3 = _first_words(word_rows, tile, n_ok, first, last, PREFETCH)
-    for blk in range(first, last):
-        acc ^= ahead1
-        ahead1, ahead2, ahead3 = _next_words(
-            word_rows + (blk + PREFETCH - first) * tile, n_ok[None, :] & (blk + PREFETCH < last), ahead2, ahead3, PREFETCH
-        )
+    for blk in range(first, tl.minimum(first + blocks_per_split, num_blocks)):
+        acc ^= tl.load(QWeight + (blk * ROWS + t)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
     tl.store(Out + split * N + rn, tl.xor_sum(acc, axis=0), mask=n_ok)
 
 
@@ -49,6 +38,6 @@ def stream_words(qweight: torch.Tensor, plan: GemmPlan) -> torch.Tensor:
     grid = (1, cdiv(n, plan.block_n), plan.split_k)
     for_device(_stream_words_kernel, qweight.device)[grid](
         qweight, out, n, rows // SLICE_ROWS, plan.blocks_per_split, BLOCK_N=plan.block_n, ROWS=SLICE_ROWS,
-        PREFETCH=plan.prefetch, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return out

@@ -95,7 +95,6 @@ class GemmPlan:
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
-    prefetch: int = 1  # GEMV only: word tiles requested ahead of the one being unpacked (1-3, in registers)
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -178,7 +177,7 @@ def _kernel_for(plan: GemmPlan, fp32: bool) -> tuple[object, dict]:
     precision for fp32 activations, as the reference computes; the tensor cores' default otherwise)."""
     precision = "ieee" if fp32 else "tf32"
     if plan.gemv:
-        return _gptq_gemv_kernel, dict(PREFETCH=plan.prefetch)
+        return _gptq_gemv_kernel, {}
     if plan.block_dot or plan.swap_ab:
         return (_gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel), dict(DOT_PRECISION=precision)
     return _gptq_gemm_kernel, dict(DOT_PRECISION=precision, DEQUANT_TILES=plan.dequant_tiles)
@@ -213,8 +212,6 @@ def launch_gptq_gemm(
         raise ValueError("swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
-    if plan.prefetch not in ((1, 2, 3) if plan.gemv else (1,)):
-        raise ValueError(f"prefetch is the GEMV's load depth, 1-3 (1 for other kernels), got {plan.prefetch}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out

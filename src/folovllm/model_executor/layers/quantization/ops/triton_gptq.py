@@ -277,32 +277,6 @@ def _gptq_gemm_swap_ab_kernel(
 
 
 @triton.jit
-def _first_words(word_rows, tile, n_ok, first, last, PREFETCH: tl.constexpr):
-    """The queue of word tiles loaded ahead before the K loop: blocks ``first .. first + PREFETCH - 1``
-    of the split (masked past ``last``); unused slots repeat the first tile."""
-    ahead1 = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
-    ahead2 = ahead1
-    ahead3 = ahead1
-    if PREFETCH >= 2:
-        ahead2 = tl.load(word_rows + tile, mask=n_ok[None, :] & (first + 1 < last), other=0)
-    if PREFETCH >= 3:
-        ahead3 = tl.load(word_rows + 2 * tile, mask=n_ok[None, :] & (first + 2 < last), other=0)
-    return ahead1, ahead2, ahead3
-
-
-@triton.jit
-def _next_words(ptrs, mask, ahead2, ahead3, PREFETCH: tl.constexpr):
-    """Shift the queue of word tiles loaded ahead by one and load the tile ``PREFETCH`` blocks ahead."""
-    loaded = tl.load(ptrs, mask=mask, other=0)
-    if PREFETCH == 1:
-        return loaded, ahead2, ahead3
-    elif PREFETCH == 2:
-        return ahead2, loaded, ahead3
-    else:
-        return ahead2, ahead3, loaded
-
-
-@triton.jit
 def _gptq_gemv_kernel(
     X,
     QWeight,
@@ -326,7 +300,6 @@ def _gptq_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """Decode without ``tl.dot``: one row of X (``BLOCK_M`` = 1) against ``BLOCK_N`` columns over one K range.
 
@@ -336,9 +309,7 @@ def _gptq_gemv_kernel(
     several rows of X took another layout than the words, and Triton moved every slice of codes between
     the two through shared memory, with barriers: that, not the arithmetic, set this kernel's pace.)
     Per weight: a shift and an AND-OR (``_codes_as_floats``) and one FMA; scales and zero points touch
-    the accumulator once per group, as in the decode branch above. ``PREFETCH`` (1-3) word tiles are
-    requested ahead of the one being unpacked (``_next_words``): Triton's pipeliner stages only loads
-    that feed ``tl.dot``, and this kernel's load-only twin read at 2.2-2.9 TB/s with one tile ahead.
+    the accumulator once per group, as in the decode branch above.
     """
     tl.static_assert(BLOCK_M == 1, "the GEMV computes one row of X per program")
     PACK: tl.constexpr = 32 // BITS
@@ -356,15 +327,13 @@ def _gptq_gemv_kernel(
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))
     word_rows = QWeight + (first * ROWS + t)[:, None] * N + rn[None, :]
-    tile = ROWS * N
-    ahead1, ahead2, ahead3 = _first_words(word_rows, tile, n_ok, first, last, PREFETCH)
+    upcoming = tl.load(word_rows, mask=n_ok[None, :] & (first < last), other=0)
     for blk in range(first, last):
-        # The next tiles' words are requested before this one's arithmetic, so PREFETCH loads are always
-        # in flight behind the math.
-        words = ahead1
-        ahead1, ahead2, ahead3 = _next_words(
-            word_rows + (blk + PREFETCH - first) * tile, n_ok[None, :] & (blk + PREFETCH < last), ahead2, ahead3, PREFETCH
-        )
+        # The next block's words are requested before this one's arithmetic, so one load is always in
+        # flight behind the math (Triton pipelines loads that feed tl.dot, not these). Two or three blocks
+        # ahead were slower on every H200 shape (M7.md, 2026-12-02).
+        words = upcoming
+        upcoming = tl.load(word_rows + (blk + 1 - first) * ROWS * N, mask=n_ok[None, :] & (blk + 1 < last), other=0)
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((ROWS,), dtype=tl.float32)
         for j in tl.static_range(PACK):
