@@ -527,7 +527,7 @@ PY
     echo "serve: exit $?" ;;
   chapters)
     # Chapters exported here with `jupyter nbconvert --to script notebooks/*.ipynb --output-dir DIR`
-    # (DIR travels as a carried path). The GPU box has no IPython: a two-function stand-in
+    # (DIR travels as a carried path; CHAPTER_TIMEOUT bounds each script, default 900 s). The GPU box has no IPython: a two-function stand-in
     # (get_ipython -> None, display -> print) lets the scripts run unchanged.
     dir=${2:?usage: run_gpu.sh chapters DIR}
     stub=$(mktemp -d)
@@ -539,7 +539,7 @@ PY
     for script in "$dir"/M*.py; do
       name=$(basename "$script" .py)
       start=$(date +%s)
-      PYTHONPATH=src:$stub MPLBACKEND=Agg python3 "$script" > "$OUT/$name-$gpu.log" 2>&1
+      PYTHONPATH=src:$stub MPLBACKEND=Agg timeout "${CHAPTER_TIMEOUT:-900}" python3 "$script" > "$OUT/$name-$gpu.log" 2>&1
       echo "$name: exit $? in $(( $(date +%s) - start )) s"
     done ;;
 esac
