@@ -193,7 +193,9 @@ def bench_step(
 
     ``timeline=False`` drops each row's kernel and launch timeline (thousands of numbers per eager
     step) and keeps the counts, the busy time and the top kernels. ``prefill`` profiles the
-    prefill step instead (``profile_prefill``; ``steps`` is then its number of timed runs).
+    prefill step instead (``profile_prefill``; ``steps`` is then its number of timed runs), with the
+    token budget raised so that every config prefills the prompts in one step: under M5's chunked
+    presets that is an unchunked prefill, the step chunking would have split.
     """
     rows, meta, floor = [], None, None
     max_model_len = prompt_len + steps + 64
