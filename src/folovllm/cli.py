@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--steps", type=int, default=20)
     stp.add_argument("--no-timeline", action="store_true", help="keep kernel counts and top kernels, not every event")
     stp.add_argument(
-        "--prefill", action="store_true", help="profile the step prefilling batch-size fresh prompts, all in one step (steps = timed runs)"
+        "--prefill",
+        action="store_true",
+        help="profile the step prefilling batch-size fresh prompts, all in one step (steps = timed runs)",
     )
     stp.add_argument("--out", default=None)
 
