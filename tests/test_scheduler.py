@@ -705,12 +705,31 @@ def test_cost_model_leaves_out_a_stall_but_learns_a_slower_device():
     assert model.num_outliers == 4 and model.num_samples == 22  # three left out, the fourth learned
 
 
+def test_cost_model_window_gives_the_fit_its_inputs_back():
+    """What ``bench serve`` records to diagnose a fit: each kept step's features, seconds and how they were
+    measured, in order, and the fit's prediction for each (exact on a noiseless linear device); a stall left out
+    of the fit is left out of the window too."""
+    from folovllm.core.sched.cost_model import StepCostModel
+
+    model = StepCostModel(window=8, min_samples=5)
+    assert model.window() == {"features": [], "seconds": [], "measured_as": [], "predicted": None}
+    steps = [[(1, 100 + 7 * i)] * (1 + i % 3) + ([(16 * i, 40 * i)] if i % 2 else []) for i in range(1, 11)]
+    for i, shapes in enumerate(steps):
+        model.observe(shapes, linear_step_time(shapes), "interval" if i == 9 else "device")
+    model.observe(steps[0], 1.0)  # a stall
+    window = model.window()
+    assert window["features"] == [StepCostModel.features(sh).tolist() for sh in steps[2:]]  # the last 8
+    assert window["seconds"] == [linear_step_time(sh) for sh in steps[2:]]
+    assert window["measured_as"] == ["device"] * 7 + ["interval"]
+    assert window["predicted"] == pytest.approx(window["seconds"], rel=1e-9)
+
+
 def test_dynamic_sizing_learns_the_gap_between_tokens_not_only_the_forward():
     """With a device that waits for the host between steps, what a running request sees is the step
     interval; after an idle engine the interval spans the idle time and the forward alone is used."""
     sched = chunked("paged", 64, 16, 256, budget=64, target_itl_ms=50.0)
     seen = []
-    sched.cost_model.observe = lambda shapes, seconds: seen.append(seconds)
+    sched.cost_model.observe = lambda shapes, seconds, measured_as: seen.append((seconds, measured_as))
 
     def step(interval: float | None) -> None:
         out = sched.schedule()
@@ -723,7 +742,7 @@ def test_dynamic_sizing_learns_the_gap_between_tokens_not_only_the_forward():
     step(0.5)  # the interval spans the idle time: the forward alone
     step(0.009)  # back to back: the device waited 5 ms for the host
     step(0.002)  # a shorter interval than the forward (overlapped clocks): the forward
-    assert seen == [0.004, 0.004, 0.009, 0.004]
+    assert seen == [(0.004, "device"), (0.004, "device"), (0.009, "interval"), (0.004, "device")]
 
 
 def test_runner_reports_the_interval_between_timed_steps_on_cpu():

@@ -274,6 +274,7 @@ def _engine_records(engine: LLMEngine) -> dict[str, Any]:
             "num_target_out_of_reach": sched.num_target_out_of_reach,
             "num_outliers": sched.cost_model.num_outliers,
             "tail_factor": sched.cost_model.tail_factor,
+            "window": sched.cost_model.window(),
         }
     return out
 

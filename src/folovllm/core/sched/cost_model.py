@@ -51,6 +51,7 @@ class StepCostModel:
     def __init__(self, window: int = 256, min_samples: int = 8) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
         self._times: deque[float] = deque(maxlen=window)
+        self._measured_as: deque[str] = deque(maxlen=window)  # "device" (the forward) or "interval" (the gap)
         self._ratios: deque[float] = deque(maxlen=window)  # measured / predicted, prompt-carrying steps
         self.min_samples = min_samples
         self._coef: np.ndarray | None = None
@@ -64,8 +65,9 @@ class StepCostModel:
         seq = np.array([s[1] for s in shapes], dtype=np.float64)
         return np.array([1.0, float((q > 1).any()), q.sum(), seq.sum(), (q * seq).sum()])
 
-    def observe(self, shapes: list[Shape], seconds: float) -> None:
-        """One measured step (outliers, see ``OUTLIER_FACTOR``, are counted and left out)."""
+    def observe(self, shapes: list[Shape], seconds: float, measured_as: str = "device") -> None:
+        """One measured step (outliers, see ``OUTLIER_FACTOR``, are counted and left out); ``measured_as``
+        says whether ``seconds`` is the forward's device time or the interval between back-to-back steps."""
         if not shapes or seconds <= 0:
             return
         if self.ready and seconds > self.OUTLIER_FACTOR * max(self.predict(shapes), float(np.median(self._times))):
@@ -79,11 +81,25 @@ class StepCostModel:
             self._ratios.append(seconds / max(self.predict(shapes), 1e-9))
         self._rows.append(row)
         self._times.append(seconds)
+        self._measured_as.append(measured_as)
         self._stale = True
 
     @property
     def num_samples(self) -> int:
         return len(self._rows)
+
+    def window(self) -> dict[str, list]:
+        """The fit's inputs (a row of ``features`` and the seconds measured, per step in the window) and the
+        current fit's prediction for each: what a benchmark records to tell a fit the data cannot pin down
+        (e.g. every chunk sized by the controller itself to one predicted time) from a wrong model."""
+        rows = np.stack(self._rows) if self._rows else np.zeros((0, self.NUM_FEATURES))
+        coef = self.coef
+        return {
+            "features": rows.tolist(),
+            "seconds": list(self._times),
+            "measured_as": list(self._measured_as),
+            "predicted": None if coef is None else (rows @ coef).tolist(),
+        }
 
     @property
     def coef(self) -> np.ndarray | None:

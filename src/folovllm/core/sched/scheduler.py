@@ -358,10 +358,12 @@ class Scheduler:
         updated = []
         now = time.perf_counter()
         if self.config.target_itl_ms is not None and runner_out.device_time is not None:
-            seconds = runner_out.device_time
-            if self._back_to_back and runner_out.step_interval is not None:  # what running requests saw between
-                seconds = max(seconds, runner_out.step_interval)  # tokens: the forward and any wait for the host
-            self.cost_model.observe([(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled], seconds)
+            seconds, measured_as = runner_out.device_time, "device"
+            interval = runner_out.step_interval if self._back_to_back else None  # what running requests saw
+            if interval is not None and interval > seconds:  # between tokens: the forward and any wait for the host
+                seconds, measured_as = interval, "interval"
+            shapes = [(s.num_tokens, s.start_pos + s.num_tokens) for s in sched_out.scheduled]
+            self.cost_model.observe(shapes, seconds, measured_as)
         for sched, token, logprobs in zip(sched_out.scheduled, runner_out.sampled_token_ids, runner_out.logprobs):
             req = self.requests.get(sched.req_id)
             if req is None:  # finished or aborted while its step was in flight
