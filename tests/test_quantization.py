@@ -551,10 +551,10 @@ def test_word_stream_reads_what_each_split_of_the_gemv_reads():
 
     gen = torch.Generator().manual_seed(0)
     qweight = torch.randint(-(2**31), 2**31 - 1, (5 * 16, 40), dtype=torch.int32, generator=gen)  # 5 blocks
-    blocks = qweight.view(5, 16, 40).numpy()
-    expected = [np.bitwise_xor.reduce(blocks[2 * s : 2 * s + 2].reshape(-1, 40), axis=0) for s in range(3)]
     plan = GemmPlan(1, 32, False, 3, 2, 4, 1, gemv=True)  # splits of 2, 2 and 1 blocks; two column tiles
     out = stream_words(qweight.to(DEVICE), plan).cpu()
+    blocks = qweight.view(5, 16, 40).numpy()
+    expected = [np.bitwise_xor.reduce(blocks[2 * s : 2 * s + 2].reshape(-1, 40), axis=0) for s in range(3)]
     assert torch.equal(out, torch.from_numpy(np.stack(expected)))
 
 
@@ -565,7 +565,8 @@ def test_gemv_codes_never_change_layout_inside_the_k_loop():
     kernel at ~1x bf16 on the H200; with the 2-D accumulator, 11 barriers and 1.33-1.66x)."""
     from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
 
-    asm = compile_plan(GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True))
+    plan = GemmPlan(1, 128, False, 8, 4, 4, 3, gemv=True)
+    asm = compile_plan(plan)
     loop = asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
     moved = [line for line in loop.splitlines() if "convert_layout" in line and "tensor<16x128x" in line]
     assert "tt.load" in loop and not moved
