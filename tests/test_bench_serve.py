@@ -222,13 +222,14 @@ def test_engine_steps_and_cost_model_are_recorded_per_row(tmp_path):
     assert "cost_model" not in fixed
     model = dynamic["cost_model"]
     assert len(model["terms"]) == 5 and model["num_samples"] > 0
-    assert model["coef_s"] is None or len(model["coef_s"]) == 5
+    assert model["calibrated"] and len(model["coef_s"]) == 5  # priced from designed steps before the first request
+    calibration = model["calibration"]
+    assert len(calibration["steps"]) == len(calibration["seconds"]) >= 5  # every family ran
     window = model["window"]  # the fit's inputs, one row per step it kept, and what the fit predicts for each
     assert len(window["features"]) == len(window["seconds"]) == len(window["measured_as"]) == model["num_samples"]
     assert set(window["measured_as"]) <= {"device", "interval"} and all(len(row) == 5 for row in window["features"])
-    if model["coef_s"] is not None:
-        assert window["predicted"] == pytest.approx([sum(f * c for f, c in zip(row, model["coef_s"]))
-                                                     for row in window["features"]])  # fmt: skip
+    assert window["predicted"] == pytest.approx([sum(f * c for f, c in zip(row, model["coef_s"]))
+                                                 for row in window["features"]])  # fmt: skip
 
 
 def test_phased_runs_report_each_half(tmp_path):

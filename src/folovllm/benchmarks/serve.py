@@ -274,6 +274,8 @@ def _engine_records(engine: LLMEngine) -> dict[str, Any]:
             "num_target_out_of_reach": sched.num_target_out_of_reach,
             "num_outliers": sched.cost_model.num_outliers,
             "tail_factor": sched.cost_model.tail_factor,
+            "calibrated": sched.cost_model.calibrated,
+            "calibration": sched.cost_model.calibration,
             "window": sched.cost_model.window(),
         }
     return out

@@ -10,6 +10,7 @@ to the end (it fits the whole KV cache alone, its values fit the sampler's tenso
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from folovllm.core.kv_cache_manager import (
     NoKVCacheManager,
 )
 from folovllm.core.kv_cache_utils import PrefixCacheStats
+from folovllm.core.sched.cost_model import StepCostModel
 from folovllm.core.sched.output import SchedulerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.engine.detokenizer import IncrementalDetokenizer
@@ -36,7 +38,10 @@ from folovllm.outputs import CompletionOutput, ModelRunnerOutput, RequestMetrics
 from folovllm.request import Request, RequestStatus
 from folovllm.sampling_params import INT64_MIN, RequestOutputKind, SamplingParams, check_int, show
 from folovllm.utils import cdiv
+from folovllm.worker.calibration import time_designed_steps
 from folovllm.worker.model_runner import ModelRunner, StepInFlight
+
+logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any]
 PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})  # vLLM's TextPrompt / TokensPrompt keys we support
@@ -154,6 +159,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             sched_cfg, self.kv_cache_manager, self.max_model_len, recompute_each_step=config.cache_config.kv_layout == "none"
         )
+        if sched_cfg.target_itl_ms is not None:
+            self._calibrate_cost_model()
         self.parents: dict[str, _ParentRequest] = {}
         self.stats = EngineStats()
         self.step_stats: deque[StepStats] = deque(maxlen=STEP_STATS_LIMIT if config.collect_step_stats else 0)
@@ -175,6 +182,15 @@ class LLMEngine:
         if cache.kv_layout == "contiguous":
             return ContiguousKVCacheManager(num_blocks, cache.block_size, self.max_model_len)
         return KVCacheManager(num_blocks, cache.block_size, enable_caching=cache.enable_prefix_caching)
+
+    def _calibrate_cost_model(self) -> None:
+        """Dynamic chunk sizing: price every term of a step from designed steps before serving (see
+        ``StepCostModel``: serving's own steps cannot tell the terms apart)."""
+        cfg = self.config.scheduler_config
+        families = StepCostModel.calibration_families(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
+        steps, seconds = time_designed_steps(self.model_runner, families, limit=2 * cfg.target_itl_ms / 1e3)
+        if not self.scheduler.cost_model.calibrate(steps, seconds):
+            logger.warning("the cost model could not be calibrated at this token budget: it fits served steps")
 
     # ---- requests -------------------------------------------------------------
     def process_inputs(self, prompt: PromptType, params: SamplingParams | None = None) -> ProcessedInputs:

@@ -456,6 +456,11 @@ class ModelRunner:
             step.device_time = step.ended_at - t1
         return step
 
+    def reset_step_timing(self) -> None:
+        """Forget the last step (after made-up ones, e.g. calibration): the next is timed as a first step."""
+        self._previous_end = None
+        self._last_sampled_row = {}
+
     def _interval_since_previous(self, step: StepInFlight) -> float | None:
         """Seconds from the previous timed step's end to this one's, on the device's clock."""
         end = step.done if step.started is not None else step.ended_at

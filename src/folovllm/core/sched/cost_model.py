@@ -24,6 +24,14 @@ target land half their steps above it (on the H200, qwen3-8b: prompt-carrying
 steps at a 20 ms target had a median of 20.5 ms and a p99 of 23.9 ms). The target
 is a tail latency, so the model also keeps how much slower than predicted those
 steps ran (``tail_factor``) and the scheduler aims that much lower.
+
+Fitted on the steps the controller itself sized, the terms are not identified: every
+chunk is cut to fill one predicted time, so the window's features move together and
+least squares trades one term for another (six saturated H200 runs priced a 512-token
+chunk anywhere from 2.9 to 86 ms). ``calibrate`` fits the model once, before serving,
+from designed steps (``calibration_families``: decode batches, chunks and mixed steps
+whose features vary independently), as system identification does with a test
+signal; serving then only learns ``tail_factor``, one number its own steps do pin down.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class StepCostModel:
         self.min_samples = min_samples
         self._coef: np.ndarray | None = None
         self._stale = False
+        self.calibrated = False  # fitted from designed steps: serving's steps no longer refit the terms
+        self.calibration: dict[str, list] = {}  # the designed steps (shapes) and their measured seconds
         self.num_outliers = 0
         self._outliers_in_a_row = 0
 
@@ -70,7 +80,8 @@ class StepCostModel:
         says whether ``seconds`` is the forward's device time or the interval between back-to-back steps."""
         if not shapes or seconds <= 0:
             return
-        if self.ready and seconds > self.OUTLIER_FACTOR * max(self.predict(shapes), float(np.median(self._times))):
+        typical = float(np.median(self._times)) if self._times else 0.0
+        if self.ready and seconds > self.OUTLIER_FACTOR * max(self.predict(shapes), typical):
             self._outliers_in_a_row += 1
             if self._outliers_in_a_row <= self.MAX_OUTLIERS:
                 self.num_outliers += 1
@@ -105,7 +116,7 @@ class StepCostModel:
     def coef(self) -> np.ndarray | None:
         """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0) from the latest window that
         spanned every feature, or None until one has."""
-        if self._stale:
+        if self._stale and not self.calibrated:
             fitted = self._fit()
             self._coef = self._coef if fitted is None else fitted
             self._stale = False
@@ -118,7 +129,11 @@ class StepCostModel:
     def _fit(self) -> np.ndarray | None:
         if len(self._rows) < self.min_samples:
             return None
-        x, y = np.stack(self._rows), np.array(self._times)
+        return self._solve(np.stack(self._rows), np.array(self._times))
+
+    def _solve(self, x: np.ndarray, y: np.ndarray, nonnegative: bool = False) -> np.ndarray | None:
+        """Least squares, or None when the rows do not span every feature. Negative terms are clipped to 0,
+        or with ``nonnegative`` dropped and the rest refitted (non-negative least squares, by elimination)."""
         scale = np.abs(x).max(axis=0)  # columns in comparable units, so the rank test means something
         scale[scale == 0] = 1.0  # a feature no step in the window had (e.g. no prefill): rank-deficient, not NaN
         try:
@@ -127,7 +142,52 @@ class StepCostModel:
             return None
         if rank < self.NUM_FEATURES:
             return None
+        kept = np.ones(self.NUM_FEATURES, dtype=bool)
+        while nonnegative and (sol < 0).any():
+            kept &= sol >= 0
+            sol = np.zeros(self.NUM_FEATURES)
+            sol[kept] = np.linalg.lstsq(x[:, kept] / scale[kept], y, rcond=1e-6)[0]
         return np.maximum(sol / scale, 0.0)
+
+    @staticmethod
+    def calibration_families(max_tokens: int, max_seqs: int, max_len: int) -> list[list[list[Shape]]]:
+        """Steps to time before serving, within the engine's limits, in families that each grow one feature
+        (4x a step): decode batches at a short context, a decode batch's context, one chunk at the start of
+        a prompt, one chunk deep into one, a chunk beside decodes. Across families the features vary
+        independently; the calibration stops a family once its steps outgrow what serving will run."""
+        seqs = max(1, min(max_seqs, max_tokens))
+        batch = min(seqs, 16)
+        deep = max_len // 2  # where a chunk deep into a prompt starts
+
+        def grow(first: int, last: int) -> list[int]:
+            sizes = [first]
+            while sizes[-1] * 4 < last:
+                sizes.append(sizes[-1] * 4)
+            return sorted({min(n, last) for n in sizes} | {last})
+
+        def chunk_at(q: int, context: int) -> list[Shape]:
+            return [(q, context + q)]
+
+        deep_room = max(2, min(max_tokens, max_len - deep))
+        decodes = min(batch - 1, max_tokens // 2)  # beside the chunk in a mixed step
+        mixed_room = max(2, min(max_tokens - decodes, max_len - deep))
+        return [
+            [[(1, min(16, max_len))] * b for b in grow(1, seqs)],
+            [[(1, c)] * batch for c in grow(min(128, max_len - 1), max(1, max_len - 1))],
+            [chunk_at(q, 0) for q in grow(min(16, max_tokens, max_len), max(2, min(max_tokens, max_len)))],
+            [chunk_at(q, deep) for q in grow(min(16, deep_room), deep_room)],
+            [[(1, deep)] * decodes + chunk_at(q, deep) for q in grow(min(64, mixed_room), mixed_room)],
+        ]
+
+    def calibrate(self, steps: list[list[Shape]], seconds: list[float]) -> bool:
+        """Fit every term from designed steps (``calibration_families``) and keep it: from here on, measured
+        steps only teach ``tail_factor`` how much slower than priced serving's steps run. False (and the
+        model left to fit serving's steps) when the steps do not span every feature (a budget of a few tokens)."""
+        coef = self._solve(np.stack([self.features(s) for s in steps]), np.array(seconds), nonnegative=True)
+        if coef is not None:
+            self._coef, self._stale, self.calibrated = coef, False, True
+            self.calibration = {"steps": [list(map(list, s)) for s in steps], "seconds": list(seconds)}
+        return coef is not None
 
     @property
     def tail_factor(self) -> float:
