@@ -412,7 +412,8 @@ else:
         --out "$OUT/M5-saturated-12-qwen3-8b$tag-$gpu.json" > /dev/null 2>&1; echo "8b seed $seed: exit $?"
     done ;;
   m5fitinputs)
-    # #13, prepared in the ninth session, not yet run: why the dynamic mode's fits on the GPU are not identified
+    # #13, prepared in the ninth session, run in the tenth at e439b69 (each row's recorded window was the run's last
+    # 256 steps, all decode-only, so it showed nothing of the fit's prompt steps; stage m5calibrated followed): why the dynamic mode's fits on the GPU are not identified
     # (six runs priced a 512-token chunk at 2.9-86 ms). Rows now record the fit's inputs (cost_model.window: each
     # kept step's features, seconds, whether that is the forward or the interval between back-to-back steps, and
     # the fit's prediction). The saturated runs where the target was missed: qwen3-0.6b at 32 req/s (seed 1) and
