@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from folovllm import LLM
+from folovllm import LLM, SamplingParams
 from folovllm.core.sched.cost_model import StepCostModel
 from folovllm.outputs import ModelRunnerOutput
 from folovllm.worker.calibration import time_designed_steps
@@ -128,8 +128,6 @@ def test_engine_calibrates_before_serving_and_leaves_no_trace(tiny_checkpoint):
     made-up request holds a block table row or a KV block, and outputs equal a run without a target."""
     folder = str(tiny_checkpoint("qwen3"))
     prompts = [{"prompt_token_ids": [(7 * i + j) % 400 + 3 for j in range(30 + 17 * i)]} for i in range(4)]
-    from folovllm import SamplingParams
-
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for target in (None, 5.0):

@@ -11,12 +11,11 @@ from __future__ import annotations
 import statistics
 import time
 
+from folovllm.core.sched.cost_model import Shape
 from folovllm.core.sched.output import ScheduledRequest, SchedulerOutput
 from folovllm.sampling_params import SamplingParams
 from folovllm.utils import cdiv
 from folovllm.worker.model_runner import ModelRunner
-
-Shape = tuple[int, int]
 
 
 def _designed_step(shapes: list[Shape], index: int, block_size: int, num_blocks: int) -> SchedulerOutput:

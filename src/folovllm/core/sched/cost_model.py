@@ -64,7 +64,6 @@ class StepCostModel:
         self.min_samples = min_samples
         self._coef: np.ndarray | None = None
         self._stale = False
-        self.calibrated = False  # fitted from designed steps: serving's steps no longer refit the terms
         self.calibration: dict[str, list] = {}  # the designed steps (shapes) and their measured seconds
         self.num_outliers = 0
         self._outliers_in_a_row = 0
@@ -113,9 +112,14 @@ class StepCostModel:
         }
 
     @property
+    def calibrated(self) -> bool:
+        """Fitted from designed steps (``calibrate``): serving's steps no longer refit the terms."""
+        return bool(self.calibration)
+
+    @property
     def coef(self) -> np.ndarray | None:
-        """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0) from the latest window that
-        spanned every feature, or None until one has."""
+        """``[c0, cp, c1, c2, c3]`` in seconds (negative fits clipped to 0): the calibrated fit, else the one
+        from the latest window that spanned every feature, or None until one has."""
         if self._stale and not self.calibrated:
             fitted = self._fit()
             self._coef = self._coef if fitted is None else fitted
@@ -185,7 +189,7 @@ class StepCostModel:
         model left to fit serving's steps) when the steps do not span every feature (a budget of a few tokens)."""
         coef = self._solve(np.stack([self.features(s) for s in steps]), np.array(seconds), nonnegative=True)
         if coef is not None:
-            self._coef, self._stale, self.calibrated = coef, False, True
+            self._coef, self._stale = coef, False
             self.calibration = {"steps": [list(map(list, s)) for s in steps], "seconds": list(seconds)}
         return coef is not None
 
