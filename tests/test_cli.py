@@ -208,9 +208,12 @@ def test_bench_prefill_chunks_json(tmp_path, capsys):
     decode rows; the grid is the token-count one (FA2 is skipped on CPU, with the reason)."""
     out = tmp_path / "chunks.json"
     argv = "bench prefill --device cpu --dtype float32 --prompt-len 40 --context-len 0 24 --num-decodes 0 3"
-    argv += " --num-heads 4 --num-kv-heads 2 --head-dim 16 --block-size 8 --out " + str(out)
+    argv += " --num-heads 4 --num-kv-heads 2 --head-dim 16 --block-size 8 --num-splits 1 3 --out " + str(out)
     assert main(argv.split()) == 0
     rows = json.loads(out.read_text())["results"]
+    for r in rows:  # forced split-K gives the planned output (one split on CPU) up to rounding
+        assert r["triton"]["num_splits"] == 1 and sorted(r["by_splits"]) == ["1", "3"]
+        assert r["by_splits"]["1"]["max_abs_diff_vs_planned"] == 0 and r["by_splits"]["3"]["max_abs_diff_vs_planned"] < 1e-5
     assert [(r["context_len"], r["num_decodes"]) for r in rows] == [(0, 0), (0, 3), (24, 0), (24, 3)]
     for r in rows:
         assert r["triton"]["max_abs_diff"] < 1e-4 and "CUDA" in r["flash_attn"]["skipped"]
@@ -220,6 +223,8 @@ def test_bench_prefill_chunks_json(tmp_path, capsys):
     capsys.readouterr()
     assert main("bench prefill --device cpu --prompt-len 8 --context-len -1".split()) != 0
     assert "context_len must be integers >= 0, got [-1]" in capsys.readouterr().err
+    assert main("bench prefill --device cpu --prompt-len 8 --context-len 0 --num-splits 0".split()) != 0
+    assert "num_splits must be integers in [1, 16], got [0]" in capsys.readouterr().err
 
 
 def test_parser_rejects_unknown_bench():

@@ -187,6 +187,41 @@ def test_split_k_gives_the_same_result():
         assert torch.equal(paged_attention(q, cache, md, 0.3, num_splits=num_splits), split)
 
 
+def test_split_k_on_chunks_spanning_several_query_tiles():
+    """A chunk of 70 queries after 50 cached tokens spans three query tiles (the binary-search grid) beside two
+    decode rows; cutting every context into 2 or 4 slices merges to the one-slice result, launch after launch."""
+    q, k, v, cache, md = make_batch([1, 70, 1], [40, 120, 9], 4, 2, 32, 8, seed=5)
+    store_kv(k, v, cache, md.slot_mapping)
+    whole = paged_attention(q, cache, md, 0.3, num_splits=1)
+    for num_splits in (2, 4):
+        plan = plan_paged_attention(AttentionSpec(4, 2, 32, torch.float32), 8, DEVICE, 3, 70, 120, num_splits, 72)
+        assert plan.search and plan.grid == (72 // plan.q_tile + 3, 2, num_splits)
+        split = paged_attention(q, cache, md, 0.3, num_splits=num_splits)
+        torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+        assert torch.equal(paged_attention(q, cache, md, 0.3, num_splits=num_splits), split)
+
+
+@pytest.mark.parametrize(
+    ("num_seqs", "max_query_len", "max_seq_len", "query_tiles", "expected"),
+    [
+        (4, 1, 8192, 0, 8),  # few decodes: filling the SMs twice over takes 9 slices, rounded down
+        (256, 1, 8192, 0, 1),  # a full decode batch fills the GPU alone
+        (4, 1, 600, 0, 1),  # no slice shorter than 512 tokens
+        (41, 512, 9216, 16, 4),  # a 512-token chunk (16 tiles x 8 KV heads) aims at 4 programs per SM
+        (41, 2048, 9216, 64, 2),  # a 2048-token chunk: 512 programs, one more slice reaches 4 per SM
+        (1, 64, 9216, 2, 16),  # a short chunk: capped at MAX_SPLITS
+    ],
+)
+def test_split_count_follows_occupancy(monkeypatch, num_seqs, max_query_len, max_seq_len, query_tiles, expected):
+    """On a GPU of 132 SMs (an H200) with 8 KV heads: decode batches by sequences, chunks by query tiles."""
+    from folovllm.attention.ops import paged_attn
+
+    monkeypatch.setattr(paged_attn, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert paged_attn.choose_num_splits(cuda, num_seqs, 8, max_query_len, max_seq_len, query_tiles) == expected
+    assert paged_attn.choose_num_splits(torch.device("cpu"), num_seqs, 8, max_query_len, max_seq_len, query_tiles) == 1
+
+
 def test_a_plan_for_larger_bounds_serves_a_padded_batch():
     """What a CUDA graph of a mixed step replays: a launch planned once for T tokens and S sequences
     runs a smaller batch; padding sequences have no query and no context, padding tokens no sequence."""

@@ -169,6 +169,15 @@ else:
     timeout 200 python3 -m folovllm bench prefill $g --out "$OUT/M5-chunk-attention-$gpu.json" > /dev/null
     timeout 200 python3 -m folovllm bench prefill $g --num-heads 32 --out "$OUT/M5-chunk-attention-qwen3-8b-$gpu.json" \
       > /dev/null; echo "chunks: exit $?" ;;
+  chunksplits)
+    # #13, eleventh session: split-K for chunks. The paged kernel on chunk shapes with 1 to 16 context slices
+    # forced, beside the count the planner picks, for qwen3-0.6b's and qwen3-8b's head geometry (decodes at the
+    # chunk's context, as in stage chunks); what sets `_CHUNK_WAVES` in `attention/ops/paged_attn.py`.
+    g="--prompt-len 256 512 2048 --context-len 0 2048 8192 --num-decodes 0 32 --num-splits 1 2 4 8 16"
+    timeout 260 python3 -m folovllm bench prefill $g --out "$OUT/M5-chunk-splits-$gpu.json" > /dev/null
+    echo "0.6b: exit $?"
+    timeout 200 python3 -m folovllm bench prefill $g --num-heads 32 --out "$OUT/M5-chunk-splits-qwen3-8b-$gpu.json" \
+      > /dev/null; echo "8b: exit $?" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunked prefill (M5): each --prompt-len is a chunk after this many cached tokens; paged kernel vs FA2",
     )
     pre.add_argument("--num-decodes", type=int, nargs="+", default=[0], help="with --context-len: decode rows beside")
+    pre.add_argument("--num-splits", type=int, nargs="+", default=None, help="with --context-len: split-K counts to time")
     pre.add_argument("--out", default=None)
 
     ser = bench.add_parser(
@@ -456,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out,
                 bench_chunk_attention(
                     args.prompt_len, args.context_len, args.num_decodes, args.num_heads, args.num_kv_heads,
-                    args.head_dim, args.block_size, args.dtype, args.device,
+                    args.head_dim, args.block_size, args.dtype, args.device, args.num_splits,
                 ),
             )  # fmt: skip
         elif args.bench == "prefill":

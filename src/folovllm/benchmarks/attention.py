@@ -16,7 +16,7 @@ import torch
 
 from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpec
 from folovllm.attention.backends.naive import attend_padded, gather_paged_kv
-from folovllm.attention.ops.paged_attn import choose_num_splits, paged_attention
+from folovllm.attention.ops.paged_attn import MAX_SPLITS, choose_num_splits, paged_attention
 from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import graph_time_s, measure_copy_bandwidth, measure_matmul_tflops, median_time_s
 from folovllm.config import resolve_device, resolve_dtype
@@ -345,6 +345,7 @@ def bench_chunk_attention(
     block_size: int = 16,
     dtype: str | torch.dtype | None = "bfloat16",
     device: str | torch.device | None = None,
+    num_splits: list[int] | None = None,
 ) -> dict[str, Any]:
     """Attention of a chunked-prefill step (M5): the paged kernel against FA2 on the same chunk.
 
@@ -354,7 +355,9 @@ def bench_chunk_attention(
     its context already gathered into contiguous K/V, which the engine would have to copy first (not
     timed): the comparison favours FA2. FLOPs count the visible (query, key) pairs of the chunk, QK^T
     and PV: ``4 * Hq * D * (chunk * context + chunk * (chunk + 1) / 2)``; decode rows are not counted.
-    ``max_abs_diff`` compares the chunk's rows of both with the naive reference (fp32).
+    ``max_abs_diff`` compares the chunk's rows of both with the naive reference (fp32). Each of
+    ``num_splits`` times the paged kernel again with that many context slices forced (``by_splits``), beside
+    the count the planner picks (``triton.num_splits``), so one run shows what split-K does to a chunk.
     """
     from folovllm.attention.backends.triton_paged import build_paged_metadata, paged_attend
     from folovllm.attention.selector import flash_attention_unavailable
@@ -369,6 +372,8 @@ def bench_chunk_attention(
     for name, values in (("context_len", context_lens), ("num_decodes", num_decodes)):
         if any(not isinstance(v, int) or v < 0 for v in values):
             raise ValueError(f"{name} must be integers >= 0, got {values!r}")
+    if any(not isinstance(s, int) or not 1 <= s <= MAX_SPLITS for s in num_splits or []):
+        raise ValueError(f"num_splits must be integers in [1, {MAX_SPLITS}], got {num_splits!r}")
     fa2_missing = flash_attention_unavailable(dev, dt)
     peak_tflops = measure_matmul_tflops(dev, dt)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -389,9 +394,17 @@ def bench_chunk_attention(
         row: dict[str, Any] = {
             "chunk_len": chunk, "context_len": ctx, "num_decodes": decodes, "flops": flops, "timing": timing,
             "triton": {"time_us": seconds * 1e6, "TFLOPs": flops / seconds / 1e12, "grid": list(paged.plan.grid),
+                       "num_splits": paged.plan.num_splits,
                        "programs_before_m5": md.num_seqs * cdiv(chunk, paged.plan.q_tile),  # seqs x longest-query tiles
                        "max_abs_diff": (out[:chunk].float() - reference.float()).abs().max().item()},
         }  # fmt: skip
+        for splits in num_splits or []:
+            forced = build_paged_metadata(md, AttentionSpec(num_heads, num_kv_heads, head_dim, dt), num_splits=splits)
+            s_seconds, _ = _gpu_time_s(lambda: paged_attend(q, cache, forced, scale), dev)
+            row.setdefault("by_splits", {})[str(splits)] = {
+                "time_us": s_seconds * 1e6, "TFLOPs": flops / s_seconds / 1e12,
+                "max_abs_diff_vs_planned": (paged_attend(q, cache, forced, scale) - out).abs().max().item(),
+            }  # fmt: skip
         if fa2_missing:
             row["flash_attn"] = {"skipped": fa2_missing}
         else:
@@ -421,6 +434,7 @@ def bench_chunk_attention(
             "chunk_lens": list(chunk_lens),
             "context_lens": list(context_lens),
             "num_decodes": list(num_decodes),
+            "num_splits": list(num_splits or []),
             "num_heads": num_heads,
             "num_kv_heads": num_kv_heads,
             "head_dim": head_dim,

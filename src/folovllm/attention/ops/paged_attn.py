@@ -24,6 +24,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 512  # shorter slices saved less GPU time than their merge cost (H200; merge then a 2nd launch)
 MAX_SPLITS = 16
+_CHUNK_WAVES = 4  # programs per SM a chunk's tiles aim at (H200 sweep of `bench prefill --num-splits`)
 
 
 def _check_inputs(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
@@ -88,15 +89,25 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int) -> int:
-    """Split-K slices per context: >1 only for decode batches too small to fill the GPU's SMs twice over.
+def choose_num_splits(
+    device: torch.device, num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+    query_tiles: int = 1,
+) -> int:  # fmt: skip
+    """Split-K slices per context: >1 only when a launch's programs are too few to fill the GPU.
 
-    A power of two (each value compiles its own kernel), at most ``MAX_SPLITS``,
-    and no slice shorter than ``_MIN_SPLIT_TOKENS``.
+    A decode batch has one program per (sequence, KV head); it streams its context, so the SMs filled
+    twice over are enough. A step with longer queries is counted by its ``query_tiles`` (a chunk's tiles
+    carry the work; decode rows beside them are light); each tile is matmul work that needs several
+    programs resident per SM to hide its loads, so it aims at ``_CHUNK_WAVES`` programs per SM. A power of
+    two (each value compiles its own kernel), at most ``MAX_SPLITS``, and no slice shorter than
+    ``_MIN_SPLIT_TOKENS``.
     """
-    if device.type != "cuda" or max_query_len != 1:
+    if device.type != "cuda":
         return 1
-    by_occupancy = cdiv(2 * _num_sms(device), num_seqs * num_kv_heads)
+    if max_query_len == 1:
+        by_occupancy = cdiv(2 * _num_sms(device), num_seqs * num_kv_heads)
+    else:
+        by_occupancy = cdiv(_CHUNK_WAVES * _num_sms(device), max(1, query_tiles) * num_kv_heads)
     by_length = max_seq_len // _MIN_SPLIT_TOKENS
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(min(by_occupancy, by_length) + 1) // 2))
 
@@ -148,7 +159,8 @@ def plan_paged_attention(
         num_tokens = num_seqs * max_query_len
     num_programs = num_tokens // q_tile + num_seqs if search else num_seqs
     if num_splits is None:
-        num_splits = choose_num_splits(device, num_seqs, spec.num_kv_heads, max_query_len, max_seq_len)
+        tiles = num_tokens // q_tile
+        num_splits = choose_num_splits(device, num_seqs, spec.num_kv_heads, max_query_len, max_seq_len, tiles)
     return PagedAttentionPlan(
         grid=(num_programs, spec.num_kv_heads, num_splits), num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, block_size=block_size, group=group, group_pad=group_pad, q_tile=q_tile,
@@ -259,7 +271,7 @@ def paged_attention(
       empty programs for the short ones;
     * ``num_splits`` cuts each context into slices that the last to finish merges,
       so a handful of long sequences still occupies every SM. ``None`` picks
-      it (>1 only for decode batches too small to fill the GPU); an int forces it.
+      it (>1 when the sequences or a chunk's query tiles are too few to fill the GPU); an int forces it.
     """
     _check_inputs(kv_cache, q=q)
     num_tokens, num_heads, head_dim = q.shape
