@@ -207,8 +207,10 @@ def test_split_k_on_chunks_spanning_several_query_tiles():
         (4, 1, 8192, 0, 8),  # few decodes: filling the SMs twice over takes 9 slices, rounded down
         (256, 1, 8192, 0, 1),  # a full decode batch fills the GPU alone
         (4, 1, 600, 0, 1),  # no slice shorter than 512 tokens
-        (41, 512, 9216, 16, 4),  # a 512-token chunk (16 tiles x 8 KV heads) aims at 4 programs per SM
-        (41, 2048, 9216, 64, 2),  # a 2048-token chunk: 512 programs, one more slice reaches 4 per SM
+        (41, 512, 9216, 16, 2),  # a 512-token chunk (16 tiles x 8 KV heads): two slices make 2 programs per SM
+        (41, 512, 9216, 32, 1),  # the same chunk with 4 query heads per KV head (qwen3-8b): 2 per SM already
+        (41, 256, 9216, 8, 4),  # a 256-token chunk: four slices
+        (41, 2048, 9216, 64, 1),  # a 2048-token chunk fills the GPU alone
         (1, 64, 9216, 2, 16),  # a short chunk: capped at MAX_SPLITS
     ],
 )

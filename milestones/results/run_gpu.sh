@@ -178,6 +178,18 @@ else:
     echo "0.6b: exit $?"
     timeout 200 python3 -m folovllm bench prefill $g --num-heads 32 --out "$OUT/M5-chunk-splits-qwen3-8b-$gpu.json" \
       > /dev/null; echo "8b: exit $?" ;;
+  m5splits)
+    # #13, eleventh session, after chunksplits set `_CHUNK_WAVES` (2 programs per SM): the GPU tests of the paged
+    # kernel and the mixed CUDA graphs, then M4 vs M5 at 16 req/s on qwen3-0.6b, seeds 0, 1, 2 (as in
+    # ninthheadlines; M5@12 and M4@12 are warm-up rows).
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_cuda_graph.py \
+      2>&1 | tail -2
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    for seed in 0 1 2; do
+      timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 100 --request-rate 16 \
+        --seed $seed --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-splits-16-seed$seed-$gpu.json" > /dev/null 2>&1
+      echo "seed $seed: exit $?"
+    done ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);

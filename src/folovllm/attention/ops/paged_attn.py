@@ -24,7 +24,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 512  # shorter slices saved less GPU time than their merge cost (H200; merge then a 2nd launch)
 MAX_SPLITS = 16
-_CHUNK_WAVES = 4  # programs per SM a chunk's tiles aim at (H200 sweep of `bench prefill --num-splits`)
+_CHUNK_WAVES = 2  # programs per SM a chunk's tiles aim at (H200: `bench prefill --num-splits`, stage chunksplits)
 
 
 def _check_inputs(kv_cache: torch.Tensor, **tensors: torch.Tensor) -> None:
@@ -97,9 +97,10 @@ def choose_num_splits(
 
     A decode batch has one program per (sequence, KV head); it streams its context, so the SMs filled
     twice over are enough. A step with longer queries is counted by its ``query_tiles`` (a chunk's tiles
-    carry the work; decode rows beside them are light); each tile is matmul work that needs several
-    programs resident per SM to hide its loads, so it aims at ``_CHUNK_WAVES`` programs per SM. A power of
-    two (each value compiles its own kernel), at most ``MAX_SPLITS``, and no slice shorter than
+    carry the work; decode rows beside them are light); its tiles are matmul work, and on the H200 two
+    resident per SM were fastest (one left a 512-token chunk at depth 8k at 135 TFLOP/s, two reached 249,
+    more only added merging), so slices are added while they keep within ``_CHUNK_WAVES`` programs per SM.
+    A power of two (each value compiles its own kernel), at most ``MAX_SPLITS``, and no slice shorter than
     ``_MIN_SPLIT_TOKENS``.
     """
     if device.type != "cuda":
@@ -107,7 +108,7 @@ def choose_num_splits(
     if max_query_len == 1:
         by_occupancy = cdiv(2 * _num_sms(device), num_seqs * num_kv_heads)
     else:
-        by_occupancy = cdiv(_CHUNK_WAVES * _num_sms(device), max(1, query_tiles) * num_kv_heads)
+        by_occupancy = max(1, _CHUNK_WAVES * _num_sms(device) // (max(1, query_tiles) * num_kv_heads))
     by_length = max_seq_len // _MIN_SPLIT_TOKENS
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(min(by_occupancy, by_length) + 1) // 2))
 
