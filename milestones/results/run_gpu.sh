@@ -190,6 +190,19 @@ else:
         --seed $seed --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-splits-16-seed$seed-$gpu.json" > /dev/null 2>&1
       echo "seed $seed: exit $?"
     done ;;
+  m5splitsload)
+    # #13, after m5splits (whose M4 rows came out 1.3-1.6x faster than the same seeds' in ninthheadlines, so the
+    # 100-request p99 is noisy): M4 vs M5 at 16 req/s with 200 requests (seeds 0, 1, 2), then the saturated
+    # 32 req/s run of m5calibrated (seed 0) with split-K in the chunks.
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    for seed in 0 1 2; do
+      timeout 140 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 200 --request-rate 16 \
+        --seed $seed --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-splits-16x200-seed$seed-$gpu.json" > /dev/null 2>&1
+      echo "16 req/s seed $seed: exit $?"
+    done
+    timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+      --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
+      --out "$OUT/M5-splits-32-seed0-$gpu.json" > /dev/null 2>&1; echo "32 req/s: exit $?" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);
