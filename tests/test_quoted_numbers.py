@@ -89,6 +89,11 @@ DERIVED: list[tuple[str, str, str, str, str]] = [
     m5_itl_gain("4.57×", "M5-preset-nosync-seed1-h200.json"),
     m5_itl_gain("3.72×", "M5-preset-nosync-seed2-h200.json"),
     m5_itl_gain("7.03×", "M5-saturated-12-qwen3-8b-h200.json"),
+    m5_itl_gain("4.66×", "M5-splits-16x200-seed0-h200.json"),
+    m5_itl_gain("3.93×", "M5-splits-16x200-seed1-h200.json"),
+    m5_itl_gain("5.64×", "M5-splits-16x200-seed2-h200.json"),
+    *(("M5.md", "M4 / M5", f"M5-splits-16{n}-seed{s}-h200.json", "results[config=M4].p99_itl_ms",
+       "results[config=M5].p99_itl_ms") for n in ("", "x200") for s in range(3)),
 ]  # fmt: skip
 
 # Numbers in the README's status column that are not measurements: targets, workload sizes, counts of things.
