@@ -204,14 +204,17 @@ else:
       --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
       --out "$OUT/M5-splits-32-seed0-$gpu.json" > /dev/null 2>&1; echo "32 req/s: exit $?" ;;
   m5splitsseeds)
-    # #13, after m5splitsload (4.66x, 3.93x, 5.64x with 200 requests): seeds 3 and 4 the same way, then the M5
-    # chapter exported as a script (DIR as for stage chapters).
+    # #13, after m5splitsload (4.66x, 3.93x, 5.64x with 200 requests): seeds 3 and 4 the same way, workload W
+    # offline (M4 twice, the first pays the JIT, then M5: short fresh prompts are where split chunks cost), then
+    # the M5 chapter exported as a script (DIR as for stage chapters).
     s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
     for seed in 3 4; do
       timeout 140 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 200 --request-rate 16 \
         --seed $seed --milestone M5@12 M4@12 M4 M5 --out "$OUT/M5-splits-16x200-seed$seed-$gpu.json" > /dev/null 2>&1
       echo "16 req/s seed $seed: exit $?"
     done
+    timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M4 M4 M5 --out "$OUT/M5-W-splits-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     CHAPTER_TIMEOUT=200 bash "$0" chapters "${2:?usage: run_gpu.sh m5splitsseeds DIR}" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
