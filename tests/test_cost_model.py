@@ -50,6 +50,25 @@ def test_calibration_identifies_every_term_and_serving_moves_only_the_tail_facto
     assert model.tail_factor == pytest.approx(1.1)
 
 
+def test_only_steps_priced_near_the_target_teach_the_tail():
+    """Served steps come at least a host's loop apart (here 18 ms, on top of the made-up device): small prompt
+    steps then run up to twice their price, steps priced near a 40 ms target 5% over it. With ``tail_from`` at
+    half the target the tail is the large steps' 5%; learned from every prompt step it is about 2."""
+    steps = flat(StepCostModel.calibration_families(8192, 256, 9216))
+    near, everything = StepCostModel(tail_from=20e-3), StepCostModel()
+    for model in (near, everything):
+        assert model.calibrate(steps, [device(s) for s in steps])
+    rng = np.random.default_rng(2)
+    for q in rng.integers(2, 2000, size=200):
+        shapes = [(1, 1000)] * 16 + [(int(q), int(q) + 1000)]
+        interval = max(18e-3, 1.05 * device(shapes))  # the host's loop or the device, whichever is slower
+        for model in (near, everything):
+            model.observe(shapes, interval)
+    assert near.tail_factor == pytest.approx(1.05)
+    assert everything.tail_factor > 1.5
+    assert near.coef == pytest.approx(TRUE_COEF, rel=1e-6, abs=1e-12)
+
+
 def test_calibration_needs_steps_that_span_every_term():
     """A budget of two tokens cannot carry a chunk beside a decode: no calibration, the model fits served
     steps as before."""
@@ -124,8 +143,9 @@ def test_calibration_stops_a_family_once_its_steps_outgrow_the_limit():
 
 
 def test_engine_calibrates_before_serving_and_leaves_no_trace(tiny_checkpoint):
-    """With ``target_itl_ms`` the engine times the designed steps at start-up: the model is calibrated, no
-    made-up request holds a block table row or a KV block, and outputs equal a run without a target."""
+    """With ``target_itl_ms`` the engine times the designed steps at start-up: the model is calibrated (its
+    tail learned from steps priced at half the target or more), no made-up request holds a block table row or
+    a KV block, and outputs equal a run without a target."""
     folder = str(tiny_checkpoint("qwen3"))
     prompts = [{"prompt_token_ids": [(7 * i + j) % 400 + 3 for j in range(30 + 17 * i)]} for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -136,6 +156,7 @@ def test_engine_calibrates_before_serving_and_leaves_no_trace(tiny_checkpoint):
         engine = llm.llm_engine
         if target:
             assert engine.scheduler.cost_model.calibrated and engine.scheduler.cost_model.ready
+            assert engine.scheduler.cost_model.tail_from == pytest.approx(2.5e-3)  # half the target teaches the tail
             assert engine.model_runner.block_tables.row_of == {}
             assert engine.kv_cache_manager.block_pool.num_free_blocks == engine.kv_cache_manager.num_blocks
         outs[target] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -23,7 +23,11 @@ A least-squares fit predicts a step's *typical* time, so chunks sized to fill th
 target land half their steps above it (on the H200, qwen3-8b: prompt-carrying
 steps at a 20 ms target had a median of 20.5 ms and a p99 of 23.9 ms). The target
 is a tail latency, so the model also keeps how much slower than predicted those
-steps ran (``tail_factor``) and the scheduler aims that much lower.
+steps ran (``tail_factor``) and the scheduler aims that much lower. Only steps
+priced at ``tail_from`` or more teach it (the scheduler sets half its target): a
+small step's interval is the host's, not its shape's (on the H200, qwen3-0.6b's
+decode steps priced 2.2 ms were 4.5 ms apart), and a ratio learned there would
+make every step near the target as cautious as if it were host-bound.
 
 Fitted on the steps the controller itself sized, the terms are not identified: every
 chunk is cut to fill one predicted time, so the window's features move together and
@@ -56,12 +60,13 @@ class StepCostModel:
     # all gaps sits near the p97-p98 of theirs; a higher quantile of a 256-step window is two or three samples.
     TAIL_QUANTILE = 0.98
 
-    def __init__(self, window: int = 256, min_samples: int = 8) -> None:
+    def __init__(self, window: int = 256, min_samples: int = 8, tail_from: float = 0.0) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
         self._times: deque[float] = deque(maxlen=window)
         self._measured_as: deque[str] = deque(maxlen=window)  # "device" (the forward) or "interval" (the gap)
-        self._ratios: deque[float] = deque(maxlen=window)  # measured / predicted, prompt-carrying steps
+        self._ratios: deque[float] = deque(maxlen=window)  # measured / predicted, prompt steps priced >= tail_from
         self.min_samples = min_samples
+        self.tail_from = tail_from
         self._coef: np.ndarray | None = None
         self._stale = False
         self.calibration: dict[str, list] = {}  # the designed steps (shapes) and their measured seconds
@@ -87,8 +92,8 @@ class StepCostModel:
                 return
         self._outliers_in_a_row = 0
         row = self.features(shapes)
-        if self.ready and row[1]:
-            self._ratios.append(seconds / max(self.predict(shapes), 1e-9))
+        if self.ready and row[1] and (predicted := self.predict(shapes)) >= self.tail_from:
+            self._ratios.append(seconds / max(predicted, 1e-9))
         self._rows.append(row)
         self._times.append(seconds)
         self._measured_as.append(measured_as)
@@ -195,8 +200,8 @@ class StepCostModel:
 
     @property
     def tail_factor(self) -> float:
-        """How much slower than predicted a prompt-carrying step runs at ``TAIL_QUANTILE`` (at least 1; 1
-        until ``min_samples`` such steps were measured against a fit)."""
+        """How much slower than predicted a prompt-carrying step priced at ``tail_from`` or more runs, at
+        ``TAIL_QUANTILE`` (at least 1; 1 until ``min_samples`` such steps were measured against a fit)."""
         if len(self._ratios) < self.min_samples:
             return 1.0
         return max(1.0, float(np.quantile(np.array(self._ratios), self.TAIL_QUANTILE)))

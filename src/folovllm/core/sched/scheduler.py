@@ -79,7 +79,11 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
-        self.cost_model = StepCostModel()  # fed with every measured step when ``target_itl_ms`` is set
+        # Fed with every measured step when ``target_itl_ms`` is set; steps priced at half the target or more
+        # teach its tail (smaller ones cannot reach the target unless something other than their shape, the
+        # host, sets their pace).
+        target_s = (config.target_itl_ms or 0.0) / 1e3
+        self.cost_model = StepCostModel(tail_from=target_s / 2)
         self.num_target_out_of_reach = 0  # prefill chunks sized by the token budget alone (``_target_out_of_reach``)
         self._back_to_back = False  # the previous step left requests running: no idle time before this one
 
