@@ -216,6 +216,20 @@ else:
     timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
       --milestone M4 M4 M5 --out "$OUT/M5-W-splits-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     CHAPTER_TIMEOUT=200 bash "$0" chapters "${2:?usage: run_gpu.sh m5splitsseeds DIR}" ;;
+  m5tailfrom)
+    # #13, prepared in the eleventh session (not yet run): the dynamic mode after its tail is learned only from
+    # prompt steps priced at half the target or more (StepCostModel.tail_from; small steps are host-paced).
+    # qwen3-0.6b at 32 req/s (seeds 0, 1, 2; target 15 ms) beside the fixed budgets, then qwen3-8b at 12 req/s
+    # (seed 0; target 20 ms). About 4 + 4 device-minutes.
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    for seed in 0 1 2; do
+      timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+        --seed $seed --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
+        --out "$OUT/M5-tailfrom-32-seed$seed-$gpu.json" > /dev/null 2>&1; echo "0.6b seed $seed: exit $?"
+    done
+    timeout 280 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+      --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=20 \
+      --out "$OUT/M5-tailfrom-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);
