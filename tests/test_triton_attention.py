@@ -8,6 +8,8 @@ Shapes stay tiny because the interpreter executes every program in numpy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,6 +26,7 @@ from folovllm.attention.backends.abstract import (  # noqa: E402
 from folovllm.attention.backends.naive import NaiveAttentionBackend  # noqa: E402
 from folovllm.attention.backends.triton_paged import TritonPagedAttentionBackend  # noqa: E402
 from folovllm.attention.ops.paged_attn import (  # noqa: E402
+    SplitScratch,
     launch_paged_attention,
     paged_attention,
     plan_paged_attention,
@@ -199,6 +202,29 @@ def test_split_k_on_chunks_spanning_several_query_tiles():
         split = paged_attention(q, cache, md, 0.3, num_splits=num_splits)
         torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
         assert torch.equal(paged_attention(q, cache, md, 0.3, num_splits=num_splits), split)
+
+
+def test_contexts_shorter_than_the_slice_floor_run_unsplit():
+    """A plan's floor on slice length (the planner's 512 tokens; here 128) leaves a short context in one slice:
+    that program stores its rows itself and the other splits exit, so the output equals the unsplit one bit for
+    bit, while a longer context in the same launch is still split and merged; replays give the same output."""
+    q, k, v, cache, md = make_batch([1, 40, 1, 1], [300, 100, 60, 520], 4, 2, 32, 8, seed=7)
+    store_kv(k, v, cache, md.slot_mapping)
+    whole = paged_attention(q, cache, md, 0.3, num_splits=1)
+    spec = AttentionSpec(4, 2, 32, torch.float32)
+    plan = plan_paged_attention(spec, 8, DEVICE, 4, 40, 520, 4, 43)
+    assert plan.min_split == plan.block_n  # a forced count: slices of any length
+    floored = dataclasses.replace(plan, min_split=2 * plan.block_n)
+    assert plan_paged_attention(spec, 8, DEVICE, 4, 40, 520, num_tokens=43).min_split == 512  # the planner's floor
+    outs = []
+    for _ in range(2):
+        scratch = SplitScratch.allocate(floored, 43, 4, DEVICE)
+        out = launch_paged_attention(q, cache, floored, md.query_start_loc, md.seq_lens, md.block_table, 0.3, scratch)
+        outs.append(out)
+    short = torch.tensor([False, True, True, False]).repeat_interleave(torch.tensor([1, 40, 1, 1]))
+    assert torch.equal(outs[0][short], whole[short])  # one slice: no partials, no merge
+    torch.testing.assert_close(outs[0], whole, atol=1e-5, rtol=0)
+    assert torch.equal(outs[1], outs[0])
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,7 @@ class PagedAttentionPlan:
     block_n: int
     block_d: int
     num_splits: int
+    min_split: int  # no slice shorter (a multiple of block_n): shorter contexts run unsplit, on the device
     num_warps: int
     num_stages: int
     dot_precision: str
@@ -141,10 +142,11 @@ def plan_paged_attention(
     """The launch for ``num_seqs`` rows of ``num_tokens`` queries in all (default: every row at
     ``max_query_len``) whose longest query and context are the given lengths.
 
-    ``num_splits`` None picks split-K by occupancy; an int forces it. The kernel
-    reads every length on the device and slices each context by its own length,
-    so the plan stays valid for any batch within these bounds (what a captured
-    CUDA graph needs).
+    ``num_splits`` None picks split-K by occupancy, with no slice shorter than
+    ``_MIN_SPLIT_TOKENS``; an int forces that many slices of any length. The kernel
+    reads every length on the device and slices each context by its own length
+    (a context shorter than the minimum slice runs unsplit, merge-free), so the plan
+    stays valid for any batch within these bounds (what a captured CUDA graph needs).
     """
     if num_splits is not None and not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
@@ -159,14 +161,17 @@ def plan_paged_attention(
     if num_tokens is None:
         num_tokens = num_seqs * max_query_len
     num_programs = num_tokens // q_tile + num_seqs if search else num_seqs
+    min_split = block_n
     if num_splits is None:
         tiles = num_tokens // q_tile
         num_splits = choose_num_splits(device, num_seqs, spec.num_kv_heads, max_query_len, max_seq_len, tiles)
+        min_split = cdiv(_MIN_SPLIT_TOKENS, block_n) * block_n
     return PagedAttentionPlan(
         grid=(num_programs, spec.num_kv_heads, num_splits), num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, block_size=block_size, group=group, group_pad=group_pad, q_tile=q_tile,
         search=search, block_m=block_m, block_n=block_n, block_d=block_d, num_splits=num_splits,
-        num_warps=num_warps, num_stages=num_stages, dot_precision="ieee" if spec.dtype == torch.float32 else "tf32",
+        min_split=min_split, num_warps=num_warps, num_stages=num_stages,
+        dot_precision="ieee" if spec.dtype == torch.float32 else "tf32",
     )  # fmt: skip
 
 
@@ -204,7 +209,7 @@ def launch_paged_attention(
     counters = tile_counters(q.device, plan.grid[0] * plan.grid[1]) if plan.num_splits > 1 else seq_lens
     for_device(_paged_attention_kernel, q.device)[plan.grid](
         q, kv_cache, out, *parts, counters, block_table, seq_lens, query_start_loc,
-        scale * _LOG2E, len(seq_lens), kv_cache.stride(0),
+        scale * _LOG2E, len(seq_lens), plan.min_split, kv_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim,

@@ -54,7 +54,7 @@ def _store_kv_kernel(
     tl.store(dst + kv_stride, v, mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # one compilation for any batch size, 1 and multiples of 16 too
+@triton.jit(do_not_specialize=["num_seqs", "min_split"])  # one compilation for any batch size and slice floor
 def _paged_attention_kernel(
     Q,
     KV_cache,
@@ -68,6 +68,7 @@ def _paged_attention_kernel(
     query_start_loc,
     scale_log2,
     num_seqs,
+    min_split,
     kv_stride,
     stride_qt,
     stride_qh,
@@ -147,7 +148,13 @@ def _paged_attention_kernel(
     kv_end = first_pos + tl.minimum((tile + 1) * Q_TILE, q_len)
     # Each sequence cuts its own context into NUM_SPLITS slices of whole KV tiles, from its own
     # length on the device, so a launch never depends on this step's lengths (CUDA-graph safe).
-    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # No slice is shorter than min_split (a multiple of BLOCK_N), so a short context (a fresh chunk, a
+    # new decode) is one slice: its program stores the output itself and the other splits exit at once.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N, min_split)
+    one_slice = split_len >= kv_end
+    if NUM_SPLITS > 1:
+        if one_slice & (split > 0):
+            return
     lo = split * split_len
     hi = tl.minimum(kv_end, lo + split_len)
     # region online softmax
@@ -181,6 +188,10 @@ def _paged_attention_kernel(
     out_ptrs = Out + tok64[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
+        direct = True
+    else:
+        direct = one_slice  # the whole causal context was this program's slice: nothing to merge
+    if direct:
         tl.store(out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(Out.dtype.element_ty), mask=out_mask)
     else:
         # Flash-decoding's merge, in this launch: every split writes its partial (running max, sum and
@@ -190,7 +201,8 @@ def _paged_attention_kernel(
         part = (tok64 * (GROUP * NUM_KV_HEADS) + head) * NUM_SPLITS
         tl.store(M_part + part + split, m_i, mask=row_ok)
         tl.store(L_part + part + split, l_i, mask=row_ok)
-        tl.store(Acc_part + (part + split)[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        saw = row_ok & (l_i > 0)  # a row that saw no key in this slice leaves its accumulator unwritten
+        tl.store(Acc_part + (part + split)[:, None] * BLOCK_D + d[None, :], acc, mask=saw[:, None])
         tl.debug_barrier()  # this program's partial is written before its arrival is counted
         counter = Counters + pid * NUM_KV_HEADS + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
@@ -201,9 +213,12 @@ def _paged_attention_kernel(
             denom = tl.zeros([BLOCK_M], dtype=tl.float32)
             for other in tl.static_range(NUM_SPLITS):  # a split that saw no key has m = -1e30, l = 0: weight 0
                 w = tl.exp2(tl.load(M_part + part + other, mask=row_ok, other=-1.0e30) - m_max)
-                denom += tl.load(L_part + part + other, mask=row_ok, other=0.0) * w
+                l_other = tl.load(L_part + part + other, mask=row_ok, other=0.0)
+                denom += l_other * w
                 part_acc = tl.load(
-                    Acc_part + (part + other)[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None], other=0.0
+                    Acc_part + (part + other)[:, None] * BLOCK_D + d[None, :],
+                    mask=(row_ok & (l_other > 0))[:, None],
+                    other=0.0,
                 )
                 total += part_acc * w[:, None]
             tl.atomic_xchg(counter, 0)
