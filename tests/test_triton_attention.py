@@ -32,6 +32,7 @@ from folovllm.attention.ops.paged_attn import (  # noqa: E402
     plan_paged_attention,
     store_kv,
 )
+from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel  # noqa: E402
 from folovllm.benchmarks.attention import bench_attention_sweep, bench_paged_decode  # noqa: E402
 from folovllm.benchmarks.hardware import measure_copy_bandwidth, measure_matmul_tflops, median_time_s  # noqa: E402
 
@@ -340,3 +341,21 @@ def test_warm_up_launches_every_variant_on_one_block(group, block_size, width):
     before = cache.clone()
     assert warm_up_paged_attention(cache, spec, width) == 7
     assert torch.equal(cache, before)
+
+
+def test_split_kernels_compile_for_an_h200_on_this_cpu():
+    """The split paths (one-slice exit, merge) built for compute capability 9.0 by Triton's own passes on the
+    CPU, for a chunk plan and a decode plan: a kernel change that only the interpreter has run still has to
+    compile for the GPU, within its shared memory."""
+    from folovllm.triton_utils.offline_compile import compile_for_gpu
+
+    types = {n: "*bf16" for n in ("Q", "KV_cache", "Out")} | {n: "*fp32" for n in ("Acc_part", "M_part", "L_part")}
+    types |= {n: "*i32" for n in ("Counters", "block_table", "seq_lens", "query_start_loc")}
+    types |= {"scale_log2": "fp32", "kv_stride": "i64"}
+    types |= {n: "i32" for n in ("num_seqs", "min_split", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt")}
+    for search, block_m, stages in ((True, 64, 2), (False, 16, 3)):
+        constexprs = dict(NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=2, Q_TILE=block_m // 2, BLOCK_M=block_m, BLOCK_N=64,
+                          BLOCK_D=128, HEAD_DIM=128, BLOCK_SIZE=16, NUM_SPLITS=2, DOT_PRECISION="tf32",
+                          SEARCH=search)  # fmt: skip
+        asm = compile_for_gpu(_paged_attention_kernel, types, constexprs, num_warps=4, num_stages=stages)
+        assert "atom.global" in asm["ptx"] and int(asm["shared"]) <= 228 * 1024
