@@ -219,8 +219,14 @@ else:
   m5tailfrom)
     # #13, prepared in the eleventh session (not yet run): the dynamic mode after its tail is learned only from
     # prompt steps priced at half the target or more (StepCostModel.tail_from; small steps are host-paced).
-    # qwen3-0.6b at 32 req/s (seeds 0, 1, 2; target 15 ms) beside the fixed budgets, then qwen3-8b at 12 req/s
-    # (seed 0; target 20 ms). About 4 + 4 device-minutes.
+    # First the slice floor applied per sequence on the device (also eleventh session, not yet run): fresh and
+    # deep chunks, the planned launch (`triton`) beside forced counts, and W offline. Then qwen3-0.6b at 32 req/s
+    # (seeds 0, 1, 2; target 15 ms) beside the fixed budgets, and qwen3-8b at 12 req/s (seed 0; target 20 ms).
+    # About 3 + 4 + 4 device-minutes: run as `m5tailfrom` in two calls if needed (the 8b row last).
+    timeout 120 python3 -m folovllm bench prefill --prompt-len 256 512 --context-len 0 8192 --num-decodes 0 32 \
+      --num-splits 1 2 4 --out "$OUT/M5-chunk-floor-$gpu.json" > /dev/null; echo "floor: exit $?"
+    timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+      --milestone M4 M4 M5 --out "$OUT/M5-W-floor-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
     for seed in 0 1 2; do
       timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
