@@ -378,13 +378,14 @@ def bench_chunk_attention(
     peak_tflops = measure_matmul_tflops(dev, dt)
     gen = torch.Generator(device=dev).manual_seed(0)
     scale = head_dim**-0.5
+    spec = AttentionSpec(num_heads, num_kv_heads, head_dim, dt)
     rows = []
     for chunk, ctx, decodes in itertools.product(chunk_lens, context_lens, num_decodes):
         md = _chunk_batch(chunk, ctx, decodes, block_size, dev, gen)
         q = torch.randn(md.num_tokens, num_heads, head_dim, generator=gen, device=dev).to(dt)
         cache = torch.randn(2, md.block_table.numel(), block_size, num_kv_heads, head_dim, generator=gen, device=dev)
         cache = cache.to(dt)
-        paged = build_paged_metadata(md, AttentionSpec(num_heads, num_kv_heads, head_dim, dt))  # once per step
+        paged = build_paged_metadata(md, spec)  # once per step
         out = paged_attend(q, cache, paged, scale)
         k_all, v_all = gather_paged_kv(cache, md.block_table[:1], ctx + chunk)
         lens = md.seq_lens[:1], md.query_start_loc[1:2]
@@ -399,7 +400,7 @@ def bench_chunk_attention(
                        "max_abs_diff": (out[:chunk].float() - reference.float()).abs().max().item()},
         }  # fmt: skip
         for splits in num_splits or []:
-            forced = build_paged_metadata(md, AttentionSpec(num_heads, num_kv_heads, head_dim, dt), num_splits=splits)
+            forced = build_paged_metadata(md, spec, num_splits=splits)
             s_seconds, _ = _gpu_time_s(lambda: paged_attend(q, cache, forced, scale), dev)
             row.setdefault("by_splits", {})[str(splits)] = {
                 "time_us": s_seconds * 1e6, "TFLOPs": flops / s_seconds / 1e12,
