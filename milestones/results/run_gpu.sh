@@ -216,26 +216,35 @@ else:
     timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
       --milestone M4 M4 M5 --out "$OUT/M5-W-splits-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
     CHAPTER_TIMEOUT=200 bash "$0" chapters "${2:?usage: run_gpu.sh m5splitsseeds DIR}" ;;
-  m5tailfrom)
-    # #13, prepared in the eleventh session (not yet run): the dynamic mode after its tail is learned only from
-    # prompt steps priced at half the target or more (StepCostModel.tail_from; small steps are host-paced).
-    # First the slice floor applied per sequence on the device (also eleventh session, not yet run): fresh and
-    # deep chunks, the planned launch (`triton`) beside forced counts, and W offline. Then qwen3-0.6b at 32 req/s
-    # (seeds 0, 1, 2; target 15 ms) beside the fixed budgets, and qwen3-8b at 12 req/s (seed 0; target 20 ms).
-    # About 3 + 4 + 4 device-minutes: run as `m5tailfrom` in two calls if needed (the 8b row last).
-    timeout 120 python3 -m folovllm bench prefill --prompt-len 256 512 --context-len 0 8192 --num-decodes 0 32 \
-      --num-splits 1 2 4 --out "$OUT/M5-chunk-floor-$gpu.json" > /dev/null; echo "floor: exit $?"
-    timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
-      --milestone M4 M4 M5 --out "$OUT/M5-W-floor-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+  m5tailfrom|m5tailfromseeds|m5tailfrom8b)
+    # #13, prepared in the eleventh session, run in the twelfth: the dynamic mode after its tail is learned only
+    # from prompt steps priced at half the target or more (StepCostModel.tail_from; small steps are host-paced).
+    # m5tailfrom: first the slice floor applied per sequence on the device: fresh and deep chunks, the planned
+    # launch (`triton`) beside forced counts, and W offline; then qwen3-0.6b at 32 req/s, seed 0, beside the fixed
+    # budgets, the dynamic mode at 15 ms and at 11 ms (between budget 256's and 512's p99 ITL in the eleventh
+    # session's run). m5tailfromseeds: the same serve rows, seeds 1 and 2. m5tailfrom8b: qwen3-8b at 12 req/s
+    # (seed 0; targets 20 and 23 ms, between budget 256's and 512's p99 ITL in earlier runs).
     s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
-    for seed in 0 1 2; do
-      timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
-        --seed $seed --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 \
-        --out "$OUT/M5-tailfrom-32-seed$seed-$gpu.json" > /dev/null 2>&1; echo "0.6b seed $seed: exit $?"
-    done
-    timeout 280 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
-      --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=20 \
-      --out "$OUT/M5-tailfrom-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?" ;;
+    m="M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=15 M5/budget=8192/itl=11"
+    seeds="0"
+    if [ "$1" = m5tailfrom ]; then
+      timeout 120 python3 -m folovllm bench prefill --prompt-len 256 512 --context-len 0 8192 --num-decodes 0 32 \
+        --num-splits 1 2 4 --out "$OUT/M5-chunk-floor-$gpu.json" > /dev/null; echo "floor: exit $?"
+      timeout 130 python3 -m folovllm bench throughput --model random:qwen3-0.6b --max-model-len 2048 \
+        --milestone M4 M4 M5 --out "$OUT/M5-W-floor-$gpu.json" > /dev/null 2>&1; echo "W: exit $?"
+    fi
+    [ "$1" = m5tailfromseeds ] && seeds="1 2"
+    if [ "$1" != m5tailfrom8b ]; then
+      for seed in $seeds; do
+        timeout 200 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+          --seed $seed --milestone $m --out "$OUT/M5-tailfrom-32-seed$seed-$gpu.json" > /dev/null 2>&1
+        echo "0.6b seed $seed: exit $?"
+      done
+    else
+      timeout 400 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+        --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=20 M5/budget=8192/itl=23 \
+        --out "$OUT/M5-tailfrom-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?"
+    fi ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);
