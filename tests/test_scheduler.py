@@ -762,7 +762,7 @@ def test_runner_reports_the_interval_between_timed_steps_on_cpu():
 def test_dynamic_sizing_aims_below_the_target_by_how_much_slower_than_predicted_steps_run(monkeypatch):
     """Every fifth prompt-carrying step runs 25% slower than its shape says (the H200's prompt steps at a
     20 ms target: median 20.5 ms, p99 23.9 ms). Sized by the fit alone, those steps overshoot the target;
-    with the tail factor learned from the first prompts, the later ones stay under it."""
+    with the tail factor steered by the first prompts' slow steps, the later ones stay under it."""
     from folovllm.core.sched.cost_model import StepCostModel
 
     def noisy_device():
@@ -775,10 +775,10 @@ def test_dynamic_sizing_aims_below_the_target_by_how_much_slower_than_predicted_
         return step_time
 
     sched, tail = run_timed(4.0, noisy_device())
-    assert sched.cost_model.tail_factor == pytest.approx(1.2, abs=0.02)
-    monkeypatch.setattr(StepCostModel, "TAIL_QUANTILE", 0.0)  # the fit alone (the factor is then 1)
+    assert 1.25 <= sched.cost_model.tail_factor <= 1.25 * 1.1  # raised past 1.25, lowered a little since
+    monkeypatch.setattr(StepCostModel, "TAIL_GAIN", 0.0)  # the fit alone (the factor stays 1)
     sched, typical = run_timed(4.0, noisy_device())
     assert sched.cost_model.tail_factor == 1.0
-    later = slice(60, None)  # from the third prompt on: eight prompt steps measured against a fit
+    later = slice(60, None)  # from the third prompt on
     assert max(typical[later]) > 4.5e-3 and max(tail[later]) <= 4e-3
-    assert sum(t > 3e-3 for t in tail[later]) >= 6  # the chunks still fill most of what is left
+    assert sum(t > 2.75e-3 for t in tail[later]) >= 8  # the chunks still fill most of the aim (~3.1 ms)

@@ -245,6 +245,24 @@ else:
         --seed 0 --milestone M5@12 M5/budget=256 M5 M5/budget=8192/itl=20 M5/budget=8192/itl=23 \
         --out "$OUT/M5-tailfrom-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?"
     fi ;;
+  m5quantile|m5quantile8b)
+    # #13, twelfth session: m5tailfrom showed the tail factor learned as a ratio ratchets (3.0-3.7 after host
+    # stalls, kept for the rest of the run). Now the factor is steered by feedback on the target (an online
+    # 98th-percentile estimate of the prompt steps' time). m5quantile: qwen3-0.6b at 32 req/s, seeds 0-2, budgets
+    # 256/512/2048 beside the dynamic mode at 10 ms (between 256's and 512's p99 ITL in m5tailfrom) and 15 ms.
+    # m5quantile8b: qwen3-8b at 12 req/s, seed 0, budgets 128/256/512 beside the dynamic mode at 15 and 20 ms.
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    if [ "$1" = m5quantile ]; then
+      for seed in 0 1 2; do
+        timeout 180 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+          --seed $seed --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=10 M5/budget=8192/itl=15 \
+          --out "$OUT/M5-quantile-32-seed$seed-$gpu.json" > /dev/null 2>&1; echo "0.6b seed $seed: exit $?"
+      done
+    else
+      timeout 400 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+        --seed 0 --milestone M5@12 M5/budget=128 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
+        --out "$OUT/M5-quantile-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?"
+    fi ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);

@@ -22,12 +22,17 @@ alone, one whole-budget chunk, the very stall the target exists to prevent.
 A least-squares fit predicts a step's *typical* time, so chunks sized to fill the
 target land half their steps above it (on the H200, qwen3-8b: prompt-carrying
 steps at a 20 ms target had a median of 20.5 ms and a p99 of 23.9 ms). The target
-is a tail latency, so the model also keeps how much slower than predicted those
-steps ran (``tail_factor``) and the scheduler aims that much lower. Only steps
-priced at ``tail_from`` or more teach it (the scheduler sets half its target): a
-small step's interval is the host's, not its shape's (on the H200, qwen3-0.6b's
-decode steps priced 2.2 ms were 4.5 ms apart), and a ratio learned there would
-make every step near the target as cautious as if it were host-bound.
+is a tail latency, so the scheduler aims lower, at ``aim = target / tail_factor``,
+and the model steers ``tail_factor`` by feedback on the target itself: a prompt step
+measured over the target raises it by ``TAIL_GAIN``, one that met the target lowers
+it ``TAIL_QUANTILE / (1 - TAIL_QUANTILE)`` times less, so it settles where 2% of the
+prompt steps run over (an online quantile estimate). Only steps priced at half the
+aim or more lower it: a small step meeting the target says nothing about a step
+sized to the aim. A factor learned as a ratio to the price instead (the 98th
+percentile of measured / predicted) could only move when a step priced near the
+target ran, and a cautious aim ran none: on the H200 two host stalls set it at 3.7
+and kept it there for the rest of a run (qwen3-0.6b at 32 req/s, 39% of a fixed
+budget's throughput).
 
 Fitted on the steps the controller itself sized, the terms are not identified: every
 chunk is cut to fill one predicted time, so the window's features move together and
@@ -35,7 +40,7 @@ least squares trades one term for another (six saturated H200 runs priced a 512-
 chunk anywhere from 2.9 to 86 ms). ``calibrate`` fits the model once, before serving,
 from designed steps (``calibration_families``: decode batches, chunks and mixed steps
 whose features vary independently), as system identification does with a test
-signal; serving then only learns ``tail_factor``, one number its own steps do pin down.
+signal; serving then only steers ``tail_factor``, one number its own steps do pin down.
 """
 
 from __future__ import annotations
@@ -56,17 +61,20 @@ class StepCostModel:
     # call a 20 ms target unreachable. More than MAX_OUTLIERS such steps in a row are the device changing.
     OUTLIER_FACTOR = 10.0
     MAX_OUTLIERS = 3
-    # Of the gaps a client sees, prompt-carrying steps are a share (a third on the H200 runs), so the p99 of
-    # all gaps sits near the p97-p98 of theirs; a higher quantile of a 256-step window is two or three samples.
+    # Of the gaps a client sees, prompt-carrying steps are a share (a third to a half on the H200 runs), so the
+    # p99 of all gaps sits near the p98 of theirs.
     TAIL_QUANTILE = 0.98
+    # A step over the target raises the factor 10%; it takes back ~50 steps that met it to undo that.
+    TAIL_GAIN = 0.1
+    MAX_TAIL_FACTOR = 4.0
 
-    def __init__(self, window: int = 256, min_samples: int = 8, tail_from: float = 0.0) -> None:
+    def __init__(self, window: int = 256, min_samples: int = 8, target: float = 0.0) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
         self._times: deque[float] = deque(maxlen=window)
         self._measured_as: deque[str] = deque(maxlen=window)  # "device" (the forward) or "interval" (the gap)
-        self._ratios: deque[float] = deque(maxlen=window)  # measured / predicted, prompt steps priced >= tail_from
         self.min_samples = min_samples
-        self.tail_from = tail_from
+        self.target = target  # seconds a step may take (0: no target, the factor stays 1)
+        self.tail_factor = 1.0
         self._coef: np.ndarray | None = None
         self._stale = False
         self.calibration: dict[str, list] = {}  # the designed steps (shapes) and their measured seconds
@@ -92,8 +100,8 @@ class StepCostModel:
                 return
         self._outliers_in_a_row = 0
         row = self.features(shapes)
-        if self.ready and row[1] and (predicted := self.predict(shapes)) >= self.tail_from:
-            self._ratios.append(seconds / max(predicted, 1e-9))
+        if self.target and self.ready and row[1]:
+            self._steer_tail(seconds, self.predict(shapes))
         self._rows.append(row)
         self._times.append(seconds)
         self._measured_as.append(measured_as)
@@ -190,7 +198,7 @@ class StepCostModel:
 
     def calibrate(self, steps: list[list[Shape]], seconds: list[float]) -> bool:
         """Fit every term from designed steps (``calibration_families``) and keep it: from here on, measured
-        steps only teach ``tail_factor`` how much slower than priced serving's steps run. False (and the
+        steps only steer ``tail_factor``. False (and the
         model left to fit serving's steps) when the steps do not span every feature (a budget of a few tokens)."""
         coef = self._solve(np.stack([self.features(s) for s in steps]), np.array(seconds), nonnegative=True)
         if coef is not None:
@@ -199,12 +207,20 @@ class StepCostModel:
         return coef is not None
 
     @property
-    def tail_factor(self) -> float:
-        """How much slower than predicted a prompt-carrying step priced at ``tail_from`` or more runs, at
-        ``TAIL_QUANTILE`` (at least 1; 1 until ``min_samples`` such steps were measured against a fit)."""
-        if len(self._ratios) < self.min_samples:
-            return 1.0
-        return max(1.0, float(np.quantile(np.array(self._ratios), self.TAIL_QUANTILE)))
+    def aim(self) -> float:
+        """The predicted step time chunks are sized for: the target over the tail factor."""
+        return self.target / self.tail_factor
+
+    def _steer_tail(self, seconds: float, predicted: float) -> None:
+        """One prompt-carrying step's verdict on the aim (see the module's docstring)."""
+        q = self.TAIL_QUANTILE
+        if seconds > self.target:
+            step = self.TAIL_GAIN * q
+        elif predicted >= self.aim / 2:
+            step = -self.TAIL_GAIN * (1 - q)
+        else:
+            return
+        self.tail_factor = min(self.MAX_TAIL_FACTOR, max(1.0, self.tail_factor * math.exp(step)))
 
     def predict(self, shapes: list[Shape]) -> float:
         """Predicted seconds for a step of these requests (``ready`` first)."""

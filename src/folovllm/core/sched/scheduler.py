@@ -79,11 +79,8 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
-        # Fed with every measured step when ``target_itl_ms`` is set; steps priced at half the target or more
-        # teach its tail (smaller ones cannot reach the target unless something other than their shape, the
-        # host, sets their pace).
-        target_s = (config.target_itl_ms or 0.0) / 1e3
-        self.cost_model = StepCostModel(tail_from=target_s / 2)
+        # Fed with every measured step when ``target_itl_ms`` is set; prompt steps steer its tail factor.
+        self.cost_model = StepCostModel(target=(config.target_itl_ms or 0.0) / 1e3)
         self.num_target_out_of_reach = 0  # prefill chunks sized by the token budget alone (``_target_out_of_reach``)
         self._back_to_back = False  # the previous step left requests running: no idle time before this one
 
@@ -181,12 +178,7 @@ class Scheduler:
         """Dynamic chunk sizing: seconds a step may spend beyond its fixed cost, once the model is fitted."""
         if self.config.target_itl_ms is None or not self.cost_model.ready:
             return None, None
-        return self._aim() - float(self.cost_model.coef[0]), self.cost_model
-
-    def _aim(self) -> float:
-        """The predicted step time chunks are sized for: the target over the model's tail factor, so that
-        the slow steps, not the typical one, meet ``target_itl_ms``."""
-        return self.config.target_itl_ms / 1e3 / self.cost_model.tail_factor
+        return self.cost_model.aim - float(self.cost_model.coef[0]), self.cost_model
 
     def _chunk_size(self, req: Request, num_new: int, step: _StepBudget) -> int:
         """How many of ``req``'s ``num_new`` tokens this step runs (0: none).
@@ -207,15 +199,17 @@ class Scheduler:
 
     def _target_out_of_reach(self) -> bool:
         """No step that carries a prefill can meet ``target_itl_ms``, whatever its chunk: the target is then
-        given up for the token budget, since slicing prompts thinner would only make more such steps."""
+        given up for the token budget, since slicing prompts thinner would only make more such steps. Judged
+        by the fit against the target, not the aim: a tail factor steered up by slow steps must not turn the
+        target off and let whole-budget chunks in."""
         model = self.cost_model
         floor = float(model.coef[0]) + model.prefill_cost
-        out = floor >= self._aim()
+        out = floor >= model.target
         if out and not self.num_target_out_of_reach:
             logger.warning(
                 "target_itl_ms=%g is below what any step carrying a prompt costs here (%.1f ms by the fitted "
                 "model): prompt chunks fall back to max_num_batched_tokens", self.config.target_itl_ms,
-                floor * model.tail_factor * 1e3,
+                floor * 1e3,
             )  # fmt: skip
         self.num_target_out_of_reach += out
         return out
