@@ -64,10 +64,10 @@ def closed_loop(model: StepCostModel, num_steps: int, step_time) -> list[float]:
     return times
 
 
-def test_the_tail_factor_settles_where_two_percent_of_prompt_steps_miss_the_target():
+def test_the_tail_factor_settles_where_one_percent_of_the_steps_miss_the_target():
     """A made-up device whose served steps come at least a host's loop apart (18 ms) and one in ten 25% slower
-    than priced, and a 40 ms target: the factor rises to about 1.25 and settles where about 2% of the prompt
-    steps run over."""
+    than priced, and a 40 ms target: the factor rises to about 1.25 and settles where about 1% of the steps
+    run over."""
     steps = flat(StepCostModel.calibration_families(8192, 256, 9216))
     model = StepCostModel(target=40e-3)
     assert model.calibrate(steps, [device(s) for s in steps])
@@ -77,7 +77,7 @@ def test_the_tail_factor_settles_where_two_percent_of_prompt_steps_miss_the_targ
         return max(18e-3, device(shapes) * (1.25 if rng.random() < 0.1 else 1.0))
 
     times = np.array(closed_loop(model, 3000, served))
-    assert 0.005 <= (times[500:] > 40e-3).mean() <= 0.04
+    assert 0.003 <= (times[500:] > 40e-3).mean() <= 0.02
     assert 1.25 / 1.1 <= model.tail_factor <= 1.25 * 1.1  # about the slow steps' 1.25
     assert times[500:].mean() > 0.8 * 40e-3 / 1.25  # the chunks still fill most of the room
     assert model.coef == pytest.approx(TRUE_COEF, rel=1e-6, abs=1e-12)
@@ -93,32 +93,30 @@ def test_host_stalls_do_not_hold_the_aim_down():
     assert model.calibrate(steps, [device(s) for s in steps])
 
     def served(i, shapes):
-        return 0.2 if i in (100, 101) else device(shapes)
+        return 0.99 * device(shapes)
 
     closed_loop(model, 100, served)
     assert model.tail_factor == 1.0
     closed_loop(model, 2, lambda i, s: 0.2)
-    assert model.tail_factor == pytest.approx(math.exp(2 * 0.1 * 0.98))
-    closed_loop(model, 200, served)
+    assert model.tail_factor == pytest.approx(math.exp(2 * 0.1 * 0.99))
+    closed_loop(model, 300, served)
     assert model.tail_factor == pytest.approx(1.0)
 
 
-def test_small_prompt_steps_do_not_lower_the_tail_factor():
-    """Prompt steps priced under half the aim meet any target; only steps sized near the aim say whether it
-    is safe."""
+def test_decode_steps_over_the_target_do_not_raise_the_tail_factor():
+    """No chunk size shortens a decode-only step, so one over the target is not counted; one under it is (the
+    client's p99 is over every gap)."""
     steps = flat(StepCostModel.calibration_families(8192, 256, 9216))
     model = StepCostModel(target=40e-3)
     assert model.calibrate(steps, [device(s) for s in steps])
     model.tail_factor = 2.0
-    small = [(1, 1000)] * 4 + [(8, 1008)]
-    assert model.predict(small) < model.aim / 2
-    for _ in range(100):
-        model.observe(small, device(small))
+    decodes = [(1, 1000)] * 4
+    model.observe(decodes, 50e-3)
     assert model.tail_factor == 2.0
-    near = [(1, 1000)] * 4 + [(model.max_chunk(1000, model.aim * 0.9 - model.predict(small)), 0)]
-    near[-1] = (near[-1][0], near[-1][0] + 1000)
-    model.observe(near, device(near))
-    assert model.tail_factor == pytest.approx(2.0 * math.exp(-0.1 * 0.02))
+    model.observe(decodes, 10e-3)
+    assert model.tail_factor == pytest.approx(2.0 * math.exp(-0.1 * 0.01))
+    model.observe(decodes + [(64, 1064)], 50e-3)
+    assert model.tail_factor == pytest.approx(2.0 * math.exp(-0.1 * 0.01 + 0.1 * 0.99))
 
 
 def test_calibration_needs_steps_that_span_every_term():

@@ -775,7 +775,7 @@ def test_dynamic_sizing_aims_below_the_target_by_how_much_slower_than_predicted_
         return step_time
 
     sched, tail = run_timed(4.0, noisy_device())
-    assert 1.25 <= sched.cost_model.tail_factor <= 1.25 * 1.1  # raised past 1.25, lowered a little since
+    assert 1.25 / 1.1 <= sched.cost_model.tail_factor <= 1.25 * 1.1  # about the slow steps' 1.25
     monkeypatch.setattr(StepCostModel, "TAIL_GAIN", 0.0)  # the fit alone (the factor stays 1)
     sched, typical = run_timed(4.0, noisy_device())
     assert sched.cost_model.tail_factor == 1.0

@@ -263,6 +263,19 @@ else:
         --seed 0 --milestone M5@12 M5/budget=128 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
         --out "$OUT/M5-quantile-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?"
     fi ;;
+  m5p99)
+    # #13, twelfth session, after m5quantile: the factor steered to the p99 of every step (decode-only steps
+    # under the target count, those over it do not) instead of the p98 of prompt steps, which ran over the
+    # target where most steps carried prompts. qwen3-0.6b at 32 req/s (seeds 0 and 1), qwen3-8b at 12 req/s.
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    for seed in 0 1; do
+      timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+        --seed $seed --milestone M5@12 M5/budget=256 M5 M5/budget=2048 M5/budget=8192/itl=10 M5/budget=8192/itl=15 \
+        --out "$OUT/M5-p99-32-seed$seed-$gpu.json" > /dev/null 2>&1; echo "0.6b seed $seed: exit $?"
+    done
+    timeout 200 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+      --seed 0 --milestone M5@12 M5/budget=128 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
+      --out "$OUT/M5-p99-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);

@@ -23,16 +23,18 @@ A least-squares fit predicts a step's *typical* time, so chunks sized to fill th
 target land half their steps above it (on the H200, qwen3-8b: prompt-carrying
 steps at a 20 ms target had a median of 20.5 ms and a p99 of 23.9 ms). The target
 is a tail latency, so the scheduler aims lower, at ``aim = target / tail_factor``,
-and the model steers ``tail_factor`` by feedback on the target itself: a prompt step
-measured over the target raises it by ``TAIL_GAIN``, one that met the target lowers
-it ``TAIL_QUANTILE / (1 - TAIL_QUANTILE)`` times less, so it settles where 2% of the
-prompt steps run over (an online quantile estimate). Only steps priced at half the
-aim or more lower it: a small step meeting the target says nothing about a step
-sized to the aim. A factor learned as a ratio to the price instead (the 98th
-percentile of measured / predicted) could only move when a step priced near the
-target ran, and a cautious aim ran none: on the H200 two host stalls set it at 3.7
-and kept it there for the rest of a run (qwen3-0.6b at 32 req/s, 39% of a fixed
-budget's throughput).
+and the model steers ``tail_factor`` by feedback on the target itself: a step
+measured over it raises the factor about ``TAIL_GAIN``, one that met it lowers the
+factor 99 times less, so the factor settles where 1% of the steps run over, the
+p99 of the step times on the target (an online quantile estimate). Decode-only
+steps over the target are not counted (no chunk size makes them shorter), those
+under it are: the p99 a client sees is over every gap. A factor learned as a ratio to
+the price instead (the 98th percentile of measured / predicted over prompt steps
+priced near the target) could move only when such a step ran, and a cautious aim
+ran none: on the H200 two host stalls set it at 3.7 for the rest of a run
+(qwen3-0.6b at 32 req/s, 39% of a fixed budget's throughput); a factor steered to
+2% of the prompt steps ran over the target when most steps carried prompts
+(qwen3-8b at a 15 ms target: 73% of the steps, p99 ITL 17.3 ms).
 
 Fitted on the steps the controller itself sized, the terms are not identified: every
 chunk is cut to fill one predicted time, so the window's features move together and
@@ -61,10 +63,8 @@ class StepCostModel:
     # call a 20 ms target unreachable. More than MAX_OUTLIERS such steps in a row are the device changing.
     OUTLIER_FACTOR = 10.0
     MAX_OUTLIERS = 3
-    # Of the gaps a client sees, prompt-carrying steps are a share (a third to a half on the H200 runs), so the
-    # p99 of all gaps sits near the p98 of theirs.
-    TAIL_QUANTILE = 0.98
-    # A step over the target raises the factor 10%; it takes back ~50 steps that met it to undo that.
+    TAIL_QUANTILE = 0.99
+    # A step over the target raises the factor ~10%; ~100 steps that met it undo that.
     TAIL_GAIN = 0.1
     MAX_TAIL_FACTOR = 4.0
 
@@ -100,8 +100,8 @@ class StepCostModel:
                 return
         self._outliers_in_a_row = 0
         row = self.features(shapes)
-        if self.target and self.ready and row[1]:
-            self._steer_tail(seconds, self.predict(shapes))
+        if self.target and self.ready:
+            self._steer_tail(seconds, carries_prompt=bool(row[1]))
         self._rows.append(row)
         self._times.append(seconds)
         self._measured_as.append(measured_as)
@@ -211,13 +211,13 @@ class StepCostModel:
         """The predicted step time chunks are sized for: the target over the tail factor."""
         return self.target / self.tail_factor
 
-    def _steer_tail(self, seconds: float, predicted: float) -> None:
-        """One prompt-carrying step's verdict on the aim (see the module's docstring)."""
+    def _steer_tail(self, seconds: float, carries_prompt: bool) -> None:
+        """One step's verdict on the aim (see the module's docstring)."""
         q = self.TAIL_QUANTILE
-        if seconds > self.target:
-            step = self.TAIL_GAIN * q
-        elif predicted >= self.aim / 2:
+        if seconds <= self.target:
             step = -self.TAIL_GAIN * (1 - q)
+        elif carries_prompt:
+            step = self.TAIL_GAIN * q
         else:
             return
         self.tail_factor = min(self.MAX_TAIL_FACTOR, max(1.0, self.tail_factor * math.exp(step)))
