@@ -31,7 +31,7 @@ steps over the target are not counted (no chunk size makes them shorter), those
 under it are: the p99 a client sees is over every gap. A factor learned as a ratio to
 the price instead (the 98th percentile of measured / predicted over prompt steps
 priced near the target) could move only when such a step ran, and a cautious aim
-ran none: on the H200 two host stalls set it at 3.7 for the rest of a run
+ran none: on the H200 a few slow intervals set it at 3.7 for the rest of a run
 (qwen3-0.6b at 32 req/s, 39% of a fixed budget's throughput); a factor steered to
 2% of the prompt steps ran over the target when most steps carried prompts
 (qwen3-8b at a 15 ms target: 73% of the steps, p99 ITL 17.3 ms).
@@ -64,7 +64,8 @@ class StepCostModel:
     OUTLIER_FACTOR = 10.0
     MAX_OUTLIERS = 3
     TAIL_QUANTILE = 0.99
-    # A step over the target raises the factor ~10%; ~100 steps that met it undo that.
+    # A step over the target raises the factor ~10%; ~100 steps that met it undo that. The cap bounds how far
+    # a run of stalls can shrink the chunks (the factor comes back down at the same pace either way).
     TAIL_GAIN = 0.1
     MAX_TAIL_FACTOR = 4.0
 
@@ -198,8 +199,8 @@ class StepCostModel:
 
     def calibrate(self, steps: list[list[Shape]], seconds: list[float]) -> bool:
         """Fit every term from designed steps (``calibration_families``) and keep it: from here on, measured
-        steps only steer ``tail_factor``. False (and the
-        model left to fit serving's steps) when the steps do not span every feature (a budget of a few tokens)."""
+        steps only steer ``tail_factor``. False (and the model left to fit serving's steps) when the steps do
+        not span every feature (a budget of a few tokens)."""
         coef = self._solve(np.stack([self.features(s) for s in steps]), np.array(seconds), nonnegative=True)
         if coef is not None:
             self._coef, self._stale = coef, False

@@ -79,7 +79,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         self._static_batch_open = False  # static batching: still admitting (its members wait, undecoded)
-        # Fed with every measured step when ``target_itl_ms`` is set; prompt steps steer its tail factor.
+        # Fed with every measured step when ``target_itl_ms`` is set; those steps also steer its tail factor.
         self.cost_model = StepCostModel(target=(config.target_itl_ms or 0.0) / 1e3)
         self.num_target_out_of_reach = 0  # prefill chunks sized by the token budget alone (``_target_out_of_reach``)
         self._back_to_back = False  # the previous step left requests running: no idle time before this one
