@@ -12,6 +12,7 @@ import pytest
 from folovllm.benchmarks.common import mixed_workload, phased_workload, random_workload
 from folovllm.benchmarks.serve import RequestResult, bench_serve, phase_summaries, run_workload, summarize
 from folovllm.cli import main
+from folovllm.core.sched.cost_model import StepCostModel
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.entrypoints.openai.api_server import ServerThread
 
@@ -230,6 +231,13 @@ def test_engine_steps_and_cost_model_are_recorded_per_row(tmp_path):
     assert set(window["measured_as"]) <= {"device", "interval"} and all(len(row) == 5 for row in window["features"])
     assert window["predicted"] == pytest.approx([sum(f * c for f, c in zip(row, model["coef_s"]))
                                                  for row in window["features"]])  # fmt: skip
+    steered = model["steered_steps"]  # every served step after calibration, the prompt ones one by one
+    measured = steered["prompt_measured_ms"]
+    assert steered["target_ms"] == 50.0 and len(measured) >= 6 * 20 // 16
+    assert len(steered["prompt_predicted_ms"]) == len(measured) == len(steered["prompt_tail_factor"])
+    assert steered["num_prompt_over_target"] == sum(m > 50.0 for m in measured)
+    assert all(1.0 <= f <= StepCostModel.MAX_TAIL_FACTOR for f in steered["prompt_tail_factor"])
+    assert 0 <= steered["num_decode_only_over_target"] <= steered["num_decode_only"]
 
 
 def test_phased_runs_report_each_half(tmp_path):

@@ -15,8 +15,8 @@ A quoted number matches a value when the value rounds to it at the precision quo
 after the number or from the column's header (1.63 ms matches 0.00163 s; 2.05% matches 0.0205;
 32.9 GiB matches a byte count). A ratio (×) matches only a value as is. A ratio the files do not
 hold as a value is listed in ``DERIVED`` with the two values it divides; anything else is a finding:
-fix the page, never the JSON. Per-request records and profiler timelines are not searched (thousands
-of numbers would match anything).
+fix the page, never the JSON. Per-request records, the dynamic mode's per-step records and profiler
+timelines are not searched (thousands of numbers would match anything).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ UNITS = {
 }
 _UNIT = re.compile(r"(ms|µs|GiB|MiB|GB/s|TB/s|TFLOP/s|%|(?<![/\w])s(?!\w))")
 _CHAIN = re.compile(r"(?:\s*(?:–|→|vs|/)\s*[\d,]+(?:\.\d+)?k?)+")
-SKIPPED_KEYS = {"timeline", "requests"}
+SKIPPED_KEYS = {"timeline", "requests", "steered_steps"}
 
 # Ratios quoted on a page that no file holds as a value: (page, quoted text, file, numerator, denominator).
 # A path is dotted keys; ``results[config=M2]`` picks the list element whose ``config`` is ``M2``.

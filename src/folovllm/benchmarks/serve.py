@@ -38,6 +38,7 @@ from folovllm.benchmarks.common import (
     save_json,
 )
 from folovllm.config import resolve_device, resolve_dtype
+from folovllm.core.sched.cost_model import StepCostModel
 from folovllm.engine.async_llm import AsyncLLM
 from folovllm.engine.llm_engine import LLMEngine, StepStats
 from folovllm.entrypoints.llm import LLM
@@ -277,8 +278,25 @@ def _engine_records(engine: LLMEngine) -> dict[str, Any]:
             "calibrated": sched.cost_model.calibrated,
             "calibration": sched.cost_model.calibration,
             "window": sched.cost_model.window(),
+            "steered_steps": steered_steps(sched.cost_model),
         }
     return out
+
+
+def steered_steps(model: StepCostModel) -> dict[str, Any]:
+    """Every step of the run the tail factor was steered by: prompt-carrying steps as arrays (predicted and
+    measured ms, the factor after each), decode-only ones counted, with how many ran over the target."""
+    prompt = [s for s in model.steered if s[2]]
+    decode_over = sum(1 for s in model.steered if not s[2] and s[1] > model.target)
+    return {
+        "target_ms": model.target * 1e3,
+        "num_decode_only": len(model.steered) - len(prompt),
+        "num_decode_only_over_target": decode_over,
+        "num_prompt_over_target": sum(1 for s in prompt if s[1] > model.target),
+        "prompt_predicted_ms": [round(s[0] * 1e3, 3) for s in prompt],
+        "prompt_measured_ms": [round(s[1] * 1e3, 3) for s in prompt],
+        "prompt_tail_factor": [round(s[3], 4) for s in prompt],
+    }
 
 
 def run_inprocess(
@@ -314,6 +332,7 @@ def run_inprocess(
         runs = []
         for k, rate in enumerate(request_rates):  # no local keeps the engine alive past ``finally`` (its memory)
             llm.llm_engine.step_stats.clear()  # this rate's steps only (not the warm-up's, not the last rate's)
+            llm.llm_engine.scheduler.cost_model.steered.clear()
             with watch_compiles() as compiled:
                 results, duration = asyncio.run(
                     run_workload(inprocess_sender(engine, f"req{k}"), prompts, outputs, rate, max_concurrency, seed)

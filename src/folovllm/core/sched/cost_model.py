@@ -68,6 +68,7 @@ class StepCostModel:
     # a run of stalls can shrink the chunks (the factor comes back down at the same pace either way).
     TAIL_GAIN = 0.1
     MAX_TAIL_FACTOR = 4.0
+    STEERED_LIMIT = 65536  # steps ``steered`` keeps: a ring buffer, never a leak
 
     def __init__(self, window: int = 256, min_samples: int = 8, target: float = 0.0) -> None:
         self._rows: deque[np.ndarray] = deque(maxlen=window)
@@ -76,6 +77,9 @@ class StepCostModel:
         self.min_samples = min_samples
         self.target = target  # seconds a step may take (0: no target, the factor stays 1)
         self.tail_factor = 1.0
+        # Per steered step: (predicted s, measured s, carried a prompt, tail factor after it). What a benchmark
+        # reads to tell a controller that leaves room (steps far under the target) from a model that misprices.
+        self.steered: deque[tuple[float, float, bool, float]] = deque(maxlen=self.STEERED_LIMIT)
         self._coef: np.ndarray | None = None
         self._stale = False
         self.calibration: dict[str, list] = {}  # the designed steps (shapes) and their measured seconds
@@ -103,6 +107,7 @@ class StepCostModel:
         row = self.features(shapes)
         if self.target and self.ready:
             self._steer_tail(seconds, carries_prompt=bool(row[1]))
+            self.steered.append((self.predict(shapes), seconds, bool(row[1]), self.tail_factor))
         self._rows.append(row)
         self._times.append(seconds)
         self._measured_as.append(measured_as)
