@@ -267,6 +267,8 @@ else:
     # #13, twelfth session, after m5quantile: the factor steered to the p99 of every step (decode-only steps
     # under the target count, those over it do not) instead of the p98 of prompt steps, which ran over the
     # target where most steps carried prompts. qwen3-0.6b at 32 req/s (seeds 0 and 1), qwen3-8b at 12 req/s.
+    # Run again from d959e87 on, its dynamic rows also record every steered step (cost_model.steered_steps): the
+    # next step for #13, whether the dynamic points sit under the fixed budgets' frontier by mispricing or by room left.
     s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
     for seed in 0 1; do
       timeout 150 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
