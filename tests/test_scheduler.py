@@ -574,14 +574,18 @@ def eager_step_time(shapes) -> float:
     return linear_step_time(shapes) + (12e-3 if any(q > 1 for q, _ in shapes) else 0.0)
 
 
-def run_timed(target_itl_ms: float | None, step_time) -> tuple[Scheduler, list[float]]:
-    """Four decoders and 600-token prompts arriving now and then, on a made-up device; every step's time."""
+def run_timed(
+    target_itl_ms: float | None, step_time, step_sizes: tuple[int, ...] = (), shapes: list | None = None
+) -> tuple[Scheduler, list[float]]:
+    """Four decoders and 600-token prompts arriving now and then, on a made-up device; every step's time (and,
+    into ``shapes``, every step's (new tokens, prompt tokens left after it) per request)."""
     prompts = [[(j * (i + 3)) % VOCAB for j in range(600)] for i in range(4)]
     arrivals = {
         0: [make_request(f"d{i}", [i + 1] * 4, 120) for i in range(4)],
         **{t: [make_request(f"p{i}", p, 4)] for i, (t, p) in enumerate(zip((3, 30, 50, 70), prompts))},
     }
     sched = chunked("paged", 512, 16, 1024, budget=256, target_itl_ms=target_itl_ms)
+    sched.step_sizes = list(step_sizes)  # what the engine passes from its mixed-step graphs
     runner = FakeRunner(16, step_time=step_time)
     measured = []
     original = runner.execute
@@ -589,6 +593,9 @@ def run_timed(target_itl_ms: float | None, step_time) -> tuple[Scheduler, list[f
     def timed(out):
         result = original(out)
         measured.append(result.device_time)
+        if shapes is not None:
+            left = [sched.requests[s.req_id].num_prompt_tokens - s.start_pos - s.num_tokens for s in out.scheduled]
+            shapes.append([(s.num_tokens, n) for s, n in zip(out.scheduled, left)])
         return result
 
     runner.execute = timed
@@ -610,6 +617,23 @@ def test_dynamic_chunk_sizing_holds_the_target_a_fixed_budget_misses():
     assert max(warm) <= 4e-3
     assert sum(t > 3.5e-3 for t in warm) >= 10  # and the chunks fill the target, not a token less than needed
     assert sched.num_target_out_of_reach == 0
+
+
+def test_dynamic_chunk_sizing_fills_the_captured_size_a_step_pads_to():
+    """With mixed-step graphs captured at 16, 32, 64, ... tokens a step pads up to the next size; the dynamic mode
+    fills that padding with prompt tokens instead (a padded row costs a token's linear work and carries nothing),
+    so every step whose prompts had tokens left lands on a size, and outputs do not change."""
+    sizes = (16, 32, 64, 128, 192, 256)
+    unfilled, filled = [], []
+    run_timed(4.0, linear_step_time, shapes=unfilled)
+    run_timed(4.0, linear_step_time, sizes, shapes=filled)
+
+    def chunked_steps(steps):
+        return [st for st in steps if any(q > 1 for q, _ in st) and any(left > 0 for q, left in st if q > 1)]
+
+    totals = [sum(q for q, _ in st) for st in chunked_steps(filled)]
+    assert totals and all(t in sizes for t in totals)
+    assert sum(sum(q for q, _ in st) not in sizes for st in chunked_steps(unfilled)) >= 10  # it padded before
 
 
 def test_dynamic_chunk_sizing_prices_the_eager_step_and_gives_up_a_target_out_of_reach(caplog):

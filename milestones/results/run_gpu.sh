@@ -278,6 +278,20 @@ else:
     timeout 200 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
       --seed 0 --milestone M5@12 M5/budget=128 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=8192/itl=20 \
       --out "$OUT/M5-p99-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?" ;;
+  m5padded)
+    # #13, prepared in the twelfth session (not yet run): the dynamic mode filling the captured size a step pads to
+    # (Scheduler._padded), beside the fixed budgets, with its ceiling at 8,192 tokens (steps past the ladder's 2,048
+    # run eagerly) and at 2,048; qwen3-0.6b at 32 req/s (seeds 0 and 1), then qwen3-8b at 12 req/s. ~6 min.
+    s="--workload mixed --output-len 100:512 --long-fraction 0.15 --collect-step-stats --max-model-len 9216"
+    d="M5/budget=8192/itl=10 M5/budget=8192/itl=15 M5/budget=2048/itl=10 M5/budget=2048/itl=15"
+    for seed in 0 1; do
+      timeout 170 python3 -m folovllm bench serve --model random:qwen3-0.6b $s --num-prompts 160 --request-rate 32 \
+        --seed $seed --milestone M5@12 M5/budget=256 M5 M5/budget=2048 $d \
+        --out "$OUT/M5-padded-32-seed$seed-$gpu.json" > /dev/null 2>&1; echo "0.6b seed $seed: exit $?"
+    done
+    timeout 240 python3 -m folovllm bench serve --model random:qwen3-8b $s --num-prompts 100 --request-rate 12 \
+      --seed 0 --milestone M5@12 M5/budget=128 M5/budget=256 M5 M5/budget=8192/itl=15 M5/budget=2048/itl=15 \
+      M5/budget=2048/itl=20 --out "$OUT/M5-padded-12-qwen3-8b-seed0-$gpu.json" > /dev/null 2>&1; echo "8b: exit $?" ;;
   hfcb)
     # #11: workload W (64-prompt subset, as the issue allows for HF) with M4 and HF transformers' own continuous
     # batching (ContinuousBatchingManager: same weights, same requests, each its own output length, EOS off);

@@ -156,8 +156,13 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(loaded)
         self.model_runner = ModelRunner(config, loaded)
         self.kv_cache_manager = self._make_kv_cache_manager()
+        mixed = self.model_runner.mixed_graphs
         self.scheduler = Scheduler(
-            sched_cfg, self.kv_cache_manager, self.max_model_len, recompute_each_step=config.cache_config.kv_layout == "none"
+            sched_cfg,
+            self.kv_cache_manager,
+            self.max_model_len,
+            recompute_each_step=config.cache_config.kv_layout == "none",
+            step_sizes=mixed.sizes if mixed is not None else (),
         )
         if sched_cfg.target_itl_ms is not None:
             self._calibrate_cost_model()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from folovllm.config import SchedulerConfig
@@ -67,8 +68,12 @@ class Scheduler:
         kv_cache_manager: BaseKVCacheManager,
         max_model_len: int,
         recompute_each_step: bool = False,
+        step_sizes: Sequence[int] = (),
     ) -> None:
         self.config = config
+        # Token counts a step's CUDA graph is captured at (mixed steps): a step pads up to the next one, so
+        # dynamic sizing fills that padding with prompt tokens instead (their linear work is paid anyway).
+        self.step_sizes = sorted(step_sizes)
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.recompute_each_step = recompute_each_step  # M0: no KV cache, redo the whole sequence
@@ -194,8 +199,15 @@ class Scheduler:
         if step.time_left is not None and num_new > 1 and not self._target_out_of_reach():
             time_left = step.time_left - (0.0 if step.num_chunks else step.cost_model.prefill_cost)
             fits = step.cost_model.max_chunk(req.num_computed_tokens, time_left)
-            num_new = min(num_new, max(fits, 0 if step.num_chunks else MIN_DYNAMIC_CHUNK))
+            num_new = min(num_new, self._padded(step, max(fits, 0 if step.num_chunks else MIN_DYNAMIC_CHUNK)))
         return num_new
+
+    def _padded(self, step: _StepBudget, num_new: int) -> int:
+        """``num_new`` grown to fill the captured size the step would pad up to with it (unchanged past the
+        largest size, or without graphs): padded rows cost a token's linear work and carry nothing."""
+        used = self.config.max_num_batched_tokens - step.tokens_left
+        size = next((n for n in self.step_sizes if n >= used + num_new), None)
+        return num_new if size is None else size - used
 
     def _target_out_of_reach(self) -> bool:
         """No step that carries a prefill can meet ``target_itl_ms``, whatever its chunk: the target is then
