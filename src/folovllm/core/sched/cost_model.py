@@ -97,17 +97,18 @@ class StepCostModel:
         says whether ``seconds`` is the forward's device time or the interval between back-to-back steps."""
         if not shapes or seconds <= 0:
             return
+        row = self.features(shapes)
+        predicted = float(row @ self.coef) if self.ready else None
         typical = float(np.median(self._times)) if self._times else 0.0
-        if self.ready and seconds > self.OUTLIER_FACTOR * max(self.predict(shapes), typical):
+        if predicted is not None and seconds > self.OUTLIER_FACTOR * max(predicted, typical):
             self._outliers_in_a_row += 1
             if self._outliers_in_a_row <= self.MAX_OUTLIERS:
                 self.num_outliers += 1
                 return
         self._outliers_in_a_row = 0
-        row = self.features(shapes)
-        if self.target and self.ready:
+        if self.target and predicted is not None:
             self._steer_tail(seconds, carries_prompt=bool(row[1]))
-            self.steered.append((self.predict(shapes), seconds, bool(row[1]), self.tail_factor))
+            self.steered.append((predicted, seconds, bool(row[1]), self.tail_factor))
         self._rows.append(row)
         self._times.append(seconds)
         self._measured_as.append(measured_as)
