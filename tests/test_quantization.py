@@ -296,6 +296,7 @@ def _random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, s
         (16, 2, False, False),  # decode: tl.dot, scales applied per group, split-K
         (5, 2, False, "swap_ab"),  # decode: tl.dot with the codes as first operand
         (16, 3, False, "swap_ab"),
+        (5, 2, False, "pairs"),  # fp32 activations: runs as its swap_ab twin
         (33, None, None, None),
         (70, 1, True, False),  # GEMM: dequantized tiles
         (70, 1, True, "block_dot"),  # GEMM: whole dequantized blocks, one tl.dot each
@@ -310,8 +311,8 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     k_blocks = -(-k // block_rows(bits))
     if split_k is None:
         plan = None
-    elif gemv == "swap_ab":
-        plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True)
+    elif gemv in ("swap_ab", "pairs"):
+        plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True, pairs=gemv == "pairs")
     elif gemv == "block_dot":
         plan = GemmPlan(32, 32, True, split_k, -(-k_blocks // split_k), 4, 1, block_dot=True)
     elif gemv:
@@ -328,6 +329,25 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m, split_k", [(1, 1), (5, 2), (16, 3)])
+@pytest.mark.parametrize(
+    "bits, group_size, act_order", [(4, 128, False), (4, 32, True), (4, -1, False), (2, 16, False), (2, 256, True)]
+)
+def test_pairs_kernel_matches_the_reference_in_bf16(m, split_k, bits, group_size, act_order):
+    """The bf16-pairs kernel computes ``(128 + q) - (128 + z)`` in bf16: exact for 2- and 4-bit codes, so its only
+    rounding is the fp32 accumulation and the bf16 output (one bf16 unit in the last place: 2^-7 relative; Triton's
+    interpreter rounds the output toward zero)."""
+    k, n = 512, 96
+    k_blocks = -(-k // block_rows(bits))
+    plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True, pairs=True)
+    qweight, scales, zeros, perm = (None if t is None else t.to(DEVICE)
+                                    for t in _random_layer(k, n, bits, group_size, act_order, seed=m))  # fmt: skip
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
+    got = gptq_gemm(x, qweight, scales, zeros, perm, None, bits, group_size, plan).double()
+    want = gptq_gemm_reference(x.double(), qweight, scales.double(), zeros.double(), perm, None, bits, group_size)
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-4 * want.abs().max().item())
+
+
 def test_kernel_refuses_bad_shapes():
     qweight, scales, zeros, _ = _random_layer(256, 64, 4, 128, False, 0)
     with pytest.raises(ValueError, match=r"scales must have shape \(2, 64\) for K=256, got \(1, 64\)"):
@@ -342,6 +362,9 @@ def test_kernel_refuses_bad_shapes():
     with pytest.raises(ValueError, match="swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles"):
         gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128,
                   GemmPlan(16, 64, True, 1, 2, 4, 1, swap_ab=True))  # fmt: skip
+    with pytest.raises(ValueError, match="pairs is a kind of swap_ab plan: it needs swap_ab=True"):
+        gptq_gemm(torch.randn(4, 256), qweight, scales, zeros, None, None, 4, 128,
+                  GemmPlan(16, 64, False, 1, 2, 4, 1, pairs=True))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the algorithms
@@ -590,6 +613,24 @@ def test_swapped_decode_runs_on_hopper_warpgroup_mma_with_the_codes_in_registers
     assert 3 * swapped["ptx"].count("bar.sync") < plain["ptx"].count("bar.sync")
 
 
+def test_pairs_kernel_makes_two_codes_per_word_op_and_drops_the_zero_point_sums():
+    """Compiled for an H200 on this CPU: the swapped kernel's K loop turns each code into an fp32 ``1 + q/16`` (a
+    shift and an AND-OR per code), converts pairs to bf16, and reduces every slice of X across lanes for the
+    zero-point term; the pairs kernel makes two bf16 ``128 + q`` per shift and AND-OR and subtracts ``128 + z``
+    with ``sub.bf16x2``, so no reductions are left and the loop is much shorter."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
+
+    def k_loop(ptx: str) -> list[str]:
+        body = ptx.split("Inner Loop Header", 1)[1].split("bra.uni", 1)[0]
+        return [line for line in body.splitlines() if line.strip() and not line.strip().startswith(("//", "$L"))]
+
+    swapped = k_loop(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True))["ptx"])
+    pairs = k_loop(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True, pairs=True))["ptx"])
+    assert any("shfl.sync" in line for line in swapped) and not any("shfl.sync" in line for line in pairs)
+    assert any("sub.bf16x2" in line for line in pairs) and not any("cvt.rn.bf16x2.f32" in line for line in pairs)
+    assert 4 * len(pairs) < 3 * len(swapped)
+
+
 def test_prefill_blocks_run_one_deep_product_per_block():
     """Compiled for an H200 on this CPU: the dequantized-tile prefill path waits for its ``wgmma`` once per
     16-row slice (eight times per block); dequantizing the whole block first waits once per block."""
@@ -651,6 +692,8 @@ def test_act_order_permutes_x_once_for_several_rows(monkeypatch):
         (4, GemmPlan(16, 64, False, 4, 4, 4, 4)),
         (16, GemmPlan(16, 128, False, 4, 4, 4, 4, swap_ab=True)),
         (5, GemmPlan(16, 64, False, 2, 8, 4, 4, swap_ab=True)),
+        (16, GemmPlan(16, 128, False, 4, 4, 4, 4, swap_ab=True, pairs=True)),
+        (1, GemmPlan(16, 256, False, 8, 2, 4, 4, swap_ab=True, pairs=True)),
         (256, GemmPlan(128, 128, True, 1, 16, 8, 3)),
         (256, GemmPlan(128, 128, True, 1, 16, 8, 3, block_dot=True)),
         (40, GemmPlan(64, 256, True, 1, 16, 4, 3, block_dot=True)),

@@ -510,6 +510,15 @@ else:
     timeout 480 python3 -m folovllm bench gptq --sweep-m 1 --m 1 4 16 --out "$OUT/M7-prefetch-sweep-$gpu.json" \
       > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  gptqpairs)
+    # #15, fifteenth session: the decode tl.dot kernel with codes made bf16 two per word op and the zero point
+    # subtracted in bf16 (GemmPlan.pairs, _gptq_gemm_pairs_kernel: ~5 PTX instructions per weight in its K loop
+    # against ~9 for swap_ab, compiled on the CPU). GPU tests, then the sweep at M = 1 and 16 with the pairs plans
+    # beside the others (their winners replace the table's M = 1 and 16 entries), the kernel table at M = 1, 4, 16.
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "pairs or bf16_plans" 2>&1 | tail -2
+    timeout 480 python3 -m folovllm bench gptq --kernels-only --sweep-m 1 16 --m 1 4 16 \
+      --out "$OUT/M7-pairs-sweep-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

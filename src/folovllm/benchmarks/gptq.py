@@ -190,8 +190,9 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                 for per_sm in (2, 8, 32) if wide else (2, 8):
                     for min_blocks in (1, 4) if wide else (4,):
                         split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, min_blocks)
-                        for swap_ab in (False,) if gemv else (False, True):
-                            plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab))
+                        for swap_ab, pairs in ((False, False),) if gemv else ((False, False), (True, False), (True, True)):
+                            plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab,
+                                                  pairs=pairs))  # fmt: skip
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 

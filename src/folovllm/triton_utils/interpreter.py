@@ -7,8 +7,8 @@ every launch runs in numpy. Our tests and CPU notebooks set it where they can
 ``transformers`` does it for us) gets compiled-only kernels; for those, CPU launches
 switch to the interpreter for the duration of one call (``_interpreting``).
 
-Two interpreter bugs of Triton 3.6 are patched around every CPU launch, whichever
-way it was reached: scalar indexing under numpy >= 2.4 and ``tl.dot`` on bf16.
+Three interpreter bugs of Triton 3.6 are patched around every CPU launch, whichever
+way it was reached: scalar indexing under numpy >= 2.4, ``tl.dot`` on bf16 and bf16 arithmetic.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ Kernel = JITFunction | InterpretedFunction
 
 _ORIGINAL_PATCH_TENSOR = interpreter._patch_lang_tensor
 _ORIGINAL_DOT = interpreter.InterpreterBuilder.create_dot
+_ORIGINAL_BINARY_OP = interpreter.InterpreterBuilder.binary_op
+_FLOAT_ARITHMETIC = (np.add, np.subtract, np.multiply, np.divide)
 _LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype, tl.core.tensor_descriptor_base)
 
 
@@ -51,16 +53,30 @@ def _dot_bf16_as_fp32(
     return _ORIGINAL_DOT(self, _bf16_as_fp32(a), _bf16_as_fp32(b), *args)
 
 
+def _bf16_arithmetic(
+    self: interpreter.InterpreterBuilder, lhs: interpreter.TensorHandle, rhs: interpreter.TensorHandle, op: Callable
+) -> interpreter.TensorHandle:
+    """bf16 ``+ - * /`` would also act on the raw bits: computed in fp32, rounded to the nearest bf16 (ties to
+    even), as the GPU's ``sub.bf16x2`` and friends round."""
+    if lhs.dtype.scalar != tl.bfloat16 or rhs.dtype.scalar != tl.bfloat16 or op not in _FLOAT_ARITHMETIC:
+        return _ORIGINAL_BINARY_OP(self, lhs, rhs, op)
+    bits = op(_bf16_as_fp32(lhs).data, _bf16_as_fp32(rhs).data).astype(np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+
+
 @contextmanager
 def _interpreter_fixes() -> Iterator[None]:
-    """The two bug patches, in place for one launch only."""
+    """The three bug patches, in place for one launch only."""
     interpreter._patch_lang_tensor = _index_via_item
     interpreter.InterpreterBuilder.create_dot = _dot_bf16_as_fp32
+    interpreter.InterpreterBuilder.binary_op = _bf16_arithmetic
     try:
         yield
     finally:
         interpreter._patch_lang_tensor = _ORIGINAL_PATCH_TENSOR
         interpreter.InterpreterBuilder.create_dot = _ORIGINAL_DOT
+        interpreter.InterpreterBuilder.binary_op = _ORIGINAL_BINARY_OP
 
 
 @cache

@@ -17,6 +17,7 @@ import torch
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
     _gptq_gemm_block_kernel,
     _gptq_gemm_kernel,
+    _gptq_gemm_pairs_kernel,
     _gptq_gemm_swap_ab_kernel,
     _gptq_gemv_kernel,
 )
@@ -95,6 +96,7 @@ class GemmPlan:
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
+    pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -172,12 +174,16 @@ def _constexprs(plan: GemmPlan, bits: int, group_size: int, has_perm: bool, has_
     )  # fmt: skip
 
 
-def _kernel_for(plan: GemmPlan, fp32: bool) -> tuple[object, dict]:
+def _kernel_for(plan: GemmPlan, act: torch.dtype, bits: int) -> tuple[object, dict]:
     """The kernel a plan runs and the compile-time arguments it takes beyond ``_constexprs`` (``tl.dot`` in IEEE
-    precision for fp32 activations, as the reference computes; the tensor cores' default otherwise)."""
-    precision = "ieee" if fp32 else "tf32"
+    precision for fp32 activations, as the reference computes; the tensor cores' default otherwise). A ``pairs``
+    plan runs as its ``swap_ab`` twin where bf16 codes cannot serve: other activations, or 8-bit codes (128 + q
+    is exact in bf16 below q = 128 only)."""
+    precision = "ieee" if act == torch.float32 else "tf32"
     if plan.gemv:
         return _gptq_gemv_kernel, {}
+    if plan.pairs and act == torch.bfloat16 and bits < 8:
+        return _gptq_gemm_pairs_kernel, {}
     if plan.block_dot or plan.swap_ab:
         return (_gptq_gemm_block_kernel if plan.block_dot else _gptq_gemm_swap_ab_kernel), dict(DOT_PRECISION=precision)
     return _gptq_gemm_kernel, dict(DOT_PRECISION=precision, DEQUANT_TILES=plan.dequant_tiles)
@@ -210,6 +216,8 @@ def launch_gptq_gemm(
         raise ValueError(f"a GEMV plan runs one row of X per program: block_m must be 1, got {plan.block_m}")
     if plan.swap_ab and (plan.gemv or plan.dequant_tiles):
         raise ValueError("swap_ab is a decode tl.dot plan: it cannot also be gemv or dequant_tiles")
+    if plan.pairs and not plan.swap_ab:
+        raise ValueError("pairs is a kind of swap_ab plan: it needs swap_ab=True")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -223,7 +231,7 @@ def launch_gptq_gemm(
     )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
-    kernel, extra = _kernel_for(plan, x.dtype == torch.float32)
+    kernel, extra = _kernel_for(plan, x.dtype, bits)
     for_device(kernel, x.device)[grid](*args, **extra, **common)
     return out
 
@@ -239,7 +247,7 @@ def compile_plan(
     pointers = dict(X=f"*{act}", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias=f"*{act}",
                     Out=f"*{act}", Partials="*fp32", Counters="*i32")  # fmt: skip
     types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
-    kernel, extra = _kernel_for(plan, act == "fp32")
+    kernel, extra = _kernel_for(plan, torch.float32 if act == "fp32" else torch.bfloat16, bits)
     return compile_for_gpu(kernel, types, _constexprs(plan, bits, group_size, False, False) | extra,
                            ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 

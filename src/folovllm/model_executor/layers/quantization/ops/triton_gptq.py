@@ -12,7 +12,9 @@ rows of one group, ``Σ_k x_k s (q_k - z) = s (Σ_k x_k q_k - z Σ_k x_k)``, so 
 converts codes and ``s`` and ``z`` touch a ``[BLOCK_M, BLOCK_N]`` tile once per group.
 
 Decode (few rows of X) is bound by the weight bytes: the planner then splits K across programs
-(split-K, ``layers/ops/split_k.py``) so every SM streams weights.
+(split-K, ``layers/ops/split_k.py``) so every SM streams weights. With bf16 activations the decode
+tiles can also make their operands in bf16 directly, two codes per word operation, with the zero point
+subtracted before the product (``_gptq_gemm_pairs_kernel``).
 """
 
 from __future__ import annotations
@@ -353,3 +355,96 @@ def _gptq_gemv_kernel(
                 x_sum = tl.zeros((ROWS,), dtype=tl.float32)
     out = tl.sum(acc, axis=0)[None, :]
     store_tile(out, Out, Bias, Partials, Counters, rm, rn, rm < M, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _code_pairs(words, J: tl.constexpr, BITS: tl.constexpr):
+    """Bit fields ``J`` and ``J + 16 / BITS`` of each word as bf16 ``128 + q``, two codes per shift and AND-OR."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    pair = ((words >> (J * BITS)) & MASK) | 0x43004300
+    lo = pair.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _gptq_gemm_pairs_kernel(
+    X,
+    QWeight,
+    Scales,
+    Zeros,
+    Perm,
+    Bias,
+    Out,
+    Partials,
+    Counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    blocks_per_split,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """``_gptq_gemm_swap_ab_kernel`` with the codes made bf16 two at a time and the zero point taken off in bf16.
+
+    Compiled for an H200, the swapped kernel's K loop spent about nine instructions per weight: a shift and an
+    AND-OR per code for the fp32 ``1 + q/16``, a conversion per pair to bf16, and, for the zero-point term, a
+    sum of every 16-row slice of X across lanes (shuffles and adds). Here one shift and one AND-OR make two
+    codes, fields ``j`` and ``j + 16/BITS`` of a word, as bf16 ``128 + q`` (the code under a bf16 exponent of
+    2^7, whose mantissa step is 1); ``sub.bf16x2`` takes ``128 + z`` off two at a time, exactly, since
+    ``q - z`` is a small integer; and the tensor cores get ``q - z`` itself, so a group needs only its scale,
+    applied to the product once. About five instructions per weight are left (loads and addresses among
+    them). Weights of 2 or 4 bits with bf16 activations only: ``128 + q`` is exact below q = 128.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PACK // 2
+    ONE_GROUP: tl.constexpr = SLICES_PER_GROUP >= PACK
+    ROWS: tl.constexpr = 16
+    BLOCK_K: tl.constexpr = ROWS * PACK
+    split = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    t = tl.arange(0, ROWS)
+    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    last_group = (K - 1) // GROUP_SIZE
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    first = split * blocks_per_split
+    for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
+        words = tl.load(QWeight + (blk * ROWS + t)[None, :] * N + rn[:, None], mask=n_ok[:, None], other=0)
+        base = blk * BLOCK_K
+        if ONE_GROUP:
+            s, z = _group_scale_zero(Scales, Zeros, base, last_group, N, rn, n_ok, GROUP_SIZE)
+            off = (128 + z).to(tl.bfloat16)[:, None]
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(HALF):
+            lo, hi = _code_pairs(words, j, BITS)
+            x_lo = tl.trans(_x_slice(x_rows, Perm, base + j * ROWS + t, K, m_ok, HAS_PERM))
+            x_hi = tl.trans(_x_slice(x_rows, Perm, base + (j + HALF) * ROWS + t, K, m_ok, HAS_PERM))
+            if ONE_GROUP:
+                part = tl.dot(lo - off, x_lo, part)
+                part = tl.dot(hi - off, x_hi, part)
+            else:
+                if j % SLICES_PER_GROUP == 0:
+                    s_lo, z_lo = _group_scale_zero(Scales, Zeros, base + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
+                    s_hi, z_hi = _group_scale_zero(Scales, Zeros, base + (j + HALF) * ROWS, last_group, N, rn, n_ok,
+                                                   GROUP_SIZE)  # fmt: skip
+                    off_lo = (128 + z_lo).to(tl.bfloat16)[:, None]
+                    off_hi = (128 + z_hi).to(tl.bfloat16)[:, None]
+                    part_lo = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    part_hi = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                part_lo = tl.dot(lo - off_lo, x_lo, part_lo)
+                part_hi = tl.dot(hi - off_hi, x_hi, part_hi)
+                if (j + 1) % SLICES_PER_GROUP == 0:
+                    acc += part_lo * s_lo[:, None] + part_hi * s_hi[:, None]
+        if ONE_GROUP:
+            acc += part * s[:, None]
+    store_tile(tl.trans(acc), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
