@@ -418,11 +418,16 @@ def _gptq_gemm_pairs_kernel(
     last_group = (K - 1) // GROUP_SIZE
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     first = split * blocks_per_split
+    if ONE_GROUP:
+        s_next, z_next = _group_scale_zero(Scales, Zeros, first * BLOCK_K, last_group, N, rn, n_ok, GROUP_SIZE)
     for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
         words = tl.load(QWeight + (blk * ROWS + t)[None, :] * N + rn[:, None], mask=n_ok[:, None], other=0)
         base = blk * BLOCK_K
         if ONE_GROUP:
-            s, z = _group_scale_zero(Scales, Zeros, base, last_group, N, rn, n_ok, GROUP_SIZE)
+            # The next block's scale and zero point are requested a block ahead: the zero point is needed
+            # before the first product, and a load issued here would stall every block for a trip to HBM.
+            s, z = s_next, z_next
+            s_next, z_next = _group_scale_zero(Scales, Zeros, base + BLOCK_K, last_group, N, rn, n_ok, GROUP_SIZE)
             off = (128 + z).to(tl.bfloat16)[:, None]
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for j in tl.static_range(HALF):
