@@ -519,6 +519,15 @@ else:
     timeout 480 python3 -m folovllm bench gptq --kernels-only --sweep-m 1 16 --m 1 4 16 \
       --out "$OUT/M7-pairs-sweep-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  gptqpairs2)
+    # #15, fifteenth session, after gptqpairs (at 51e9fdb; its table committed): the sweep at M = 4 (pairs plans
+    # there too; the table keeps its other entries), then the kernel table at every M with the new table, weight
+    # memory and batch-1 TPOT bf16 vs GPTQ, then W's fair pair (64-prompt subset). About 8 device-minutes.
+    timeout 300 python3 -m folovllm bench gptq --sweep-m 4 --m 1 4 16 64 256 4096 --out "$OUT/M7-pairs-$gpu.json" \
+      > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"; cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    w="--model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 --subset 64"
+    timeout 250 python3 -m folovllm bench throughput $w --milestone M7 M7 M7/gptq M7/gptq \
+      --out "$OUT/M7-throughput-pairs-$gpu.json" > /dev/null 2>&1; echo "throughput: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
