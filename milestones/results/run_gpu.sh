@@ -528,6 +528,15 @@ else:
     w="--model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 --subset 64"
     timeout 250 python3 -m folovllm bench throughput $w --milestone M7 M7 M7/gptq M7/gptq \
       --out "$OUT/M7-throughput-pairs-$gpu.json" > /dev/null 2>&1; echo "throughput: exit $?" ;;
+  gptqpairs3)
+    # #15, fifteenth session, after gptqpairs2: the pairs kernel with one tensor-core product per block (the block's
+    # codes joined into one operand, the zero point taken off with one sum of X per block: one wait per block
+    # instead of eight, ~3.9 PTX instructions per weight). GPU tests of the pairs plans, the sweep at M = 1, 4, 16
+    # (the table's entries there replaced), the kernel table at every M, weight memory and batch-1 TPOT.
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py -k "pairs" 2>&1 | tail -2
+    timeout 360 python3 -m folovllm bench gptq --sweep-m 1 4 16 --m 1 4 16 64 256 4096 \
+      --out "$OUT/M7-pairs-block-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
