@@ -533,7 +533,8 @@ else:
     # codes joined into one operand, the zero point taken off with one sum of X per block: one wait per block
     # instead of eight, ~3.9 PTX instructions per weight). No sweep (the device budget left allowed none): the
     # kernel table at M = 1, 4, 16 under the plans gptqpairs and gptqpairs2 tuned for the slice version, weight
-    # memory and batch-1 TPOT. About 2 device-minutes.
+    # memory and batch-1 TPOT. About 2 device-minutes. Ran at ed200a9: slower against bf16 on every pairs row
+    # (M7-pairs-block-h200.json), so the kernel went back to c164d6f's slice pairs.
     timeout 240 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-pairs-block-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?" ;;
   saturatedseeds)

@@ -96,7 +96,7 @@ class GemmPlan:
     gemv: bool = False  # the FMA kernel (one row of X per program: ``block_m`` must be 1) instead of the tl.dot one
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
-    pairs: bool = False  # swap_ab with codes made bf16 two per word op, a product per block (bf16, bits < 8)
+    pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)

@@ -368,19 +368,6 @@ def _code_pairs(words, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _block_code_pairs(words, BITS: tl.constexpr):
-    """A ``[BLOCK_N, 16]`` tile of words (transposed, as the swapped kernels load it) as the ``[BLOCK_N, BLOCK_K]``
-    bf16 ``128 + q`` of its block's rows in input-row order: two codes per shift and AND-OR, the halves of each
-    result joined then moved to field order (field ``j`` holds rows ``16 j + t``)."""
-    HALF: tl.constexpr = 16 // BITS
-    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    shifts = tl.arange(0, HALF) * BITS
-    pair = ((words[:, None, :] >> shifts[None, :, None]) & MASK) | 0x43004300  # [BLOCK_N, HALF, 16]
-    codes = tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16)).to(tl.bfloat16, bitcast=True)  # [.., 16, 2]
-    return tl.reshape(tl.permute(codes, (0, 3, 1, 2)), (words.shape[0], 32 * HALF))
-
-
-@triton.jit
 def _gptq_gemm_pairs_kernel(
     X,
     QWeight,
@@ -405,18 +392,19 @@ def _gptq_gemm_pairs_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """``_gptq_gemm_swap_ab_kernel`` with the codes made bf16 two at a time, one product per block.
+    """``_gptq_gemm_swap_ab_kernel`` with the codes made bf16 two at a time and the zero point taken off in bf16.
 
     Compiled for an H200, the swapped kernel's K loop spent about nine instructions per weight: a shift and an
-    AND-OR per code for the fp32 ``1 + q/16``, a conversion per pair to bf16, a sum of every 16-row slice of X
-    across lanes for the zero-point term, and a wait for the tensor cores after every slice. Here one shift and
-    one AND-OR make two codes, fields ``j`` and ``j + 16/BITS`` of a word, as bf16 ``128 + q`` (the code under a
-    bf16 exponent of 2^7, whose mantissa step is 1; exact below q = 128, so 2- and 4-bit weights with bf16
-    activations only). When a group spans whole blocks (128 rows and more at 4 bits) the block's codes go to
-    the tensor cores as one ``[BLOCK_N, BLOCK_K]`` operand, one wait per block, and the zero point is taken
-    off the product with one sum of the block's X: ``s (P - (128 + z) sum x)``. About four instructions per
-    weight are left. Shorter groups go slice by slice, ``128 + z`` subtracted in bf16 (``sub.bf16x2``, exact:
-    ``q - z`` is a small integer) so each group needs only its scale.
+    AND-OR per code for the fp32 ``1 + q/16``, a conversion per pair to bf16, and, for the zero-point term, a
+    sum of every 16-row slice of X across lanes (shuffles and adds). Here one shift and one AND-OR make two
+    codes, fields ``j`` and ``j + 16/BITS`` of a word, as bf16 ``128 + q`` (the code under a bf16 exponent of
+    2^7, whose mantissa step is 1); ``sub.bf16x2`` takes ``128 + z`` off two at a time, exactly, since
+    ``q - z`` is a small integer; and the tensor cores get ``q - z`` itself, so a group needs only its scale,
+    applied to the product once. About five instructions per weight are left (loads and addresses among
+    them). Weights of 2 or 4 bits with bf16 activations only: ``128 + q`` is exact below q = 128.
+    Each slice pair still waits for its product. Joining a block's codes into one operand (one wait per block,
+    ~3.9 instructions per weight, the zero point off the product with one sum of X) was slower against bf16 on
+    every projection and M on the H200 (M7.md, 2026-12-03); its loop held more barriers (7 against 4).
     """
     PACK: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PACK // 2
@@ -438,20 +426,21 @@ def _gptq_gemm_pairs_kernel(
     for blk in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))):
         words = tl.load(QWeight + (blk * ROWS + t)[None, :] * N + rn[:, None], mask=n_ok[:, None], other=0)
         base = blk * BLOCK_K
-        if ONE_GROUP:  # one product per block, one scale and zero point
-            # The next block's scale and zero point are requested a block ahead; loaded in the block they
-            # stalled it for a trip to HBM (1.07-1.40x bf16 at M = 16 on the H200, 1.21-1.54x a block ahead).
+        if ONE_GROUP:
+            # The next block's scale and zero point are requested a block ahead: the zero point is needed
+            # before the first product, and a load issued here would stall every block for a trip to HBM.
             s, z = s_next, z_next
             s_next, z_next = _group_scale_zero(Scales, Zeros, base + BLOCK_K, last_group, N, rn, n_ok, GROUP_SIZE)
-            x_t = tl.trans(_x_slice(x_rows, Perm, base + tl.arange(0, BLOCK_K), K, m_ok, HAS_PERM))
-            x_sum = tl.sum(x_t.to(tl.float32), axis=0)
-            part = tl.dot(_block_code_pairs(words, BITS), x_t)
-            acc += (part - (128 + z)[:, None] * x_sum[None, :]) * s[:, None]
-        else:  # groups shorter than a block: per 16-row slice, the zero point taken off in bf16
-            for j in tl.static_range(HALF):
-                lo, hi = _code_pairs(words, j, BITS)
-                x_lo = tl.trans(_x_slice(x_rows, Perm, base + j * ROWS + t, K, m_ok, HAS_PERM))
-                x_hi = tl.trans(_x_slice(x_rows, Perm, base + (j + HALF) * ROWS + t, K, m_ok, HAS_PERM))
+            off = (128 + z).to(tl.bfloat16)[:, None]
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(HALF):
+            lo, hi = _code_pairs(words, j, BITS)
+            x_lo = tl.trans(_x_slice(x_rows, Perm, base + j * ROWS + t, K, m_ok, HAS_PERM))
+            x_hi = tl.trans(_x_slice(x_rows, Perm, base + (j + HALF) * ROWS + t, K, m_ok, HAS_PERM))
+            if ONE_GROUP:
+                part = tl.dot(lo - off, x_lo, part)
+                part = tl.dot(hi - off, x_hi, part)
+            else:
                 if j % SLICES_PER_GROUP == 0:
                     s_lo, z_lo = _group_scale_zero(Scales, Zeros, base + j * ROWS, last_group, N, rn, n_ok, GROUP_SIZE)
                     s_hi, z_hi = _group_scale_zero(Scales, Zeros, base + (j + HALF) * ROWS, last_group, N, rn, n_ok,
@@ -464,4 +453,6 @@ def _gptq_gemm_pairs_kernel(
                 part_hi = tl.dot(hi - off_hi, x_hi, part_hi)
                 if (j + 1) % SLICES_PER_GROUP == 0:
                     acc += part_lo * s_lo[:, None] + part_hi * s_hi[:, None]
+        if ONE_GROUP:
+            acc += part * s[:, None]
     store_tile(tl.trans(acc), Out, Bias, Partials, Counters, rm, rn, m_ok, n_ok, M, N, split, HAS_BIAS, SPLIT_K)
