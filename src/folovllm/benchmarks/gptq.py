@@ -167,8 +167,8 @@ def bench_gptq_kernel(
 
 def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
     """Decode launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``)
-    and ``tl.dot`` tiles, plain and with the operands swapped, over tile width, warps and the programs-per-SM
-    target of the K split.
+    and ``tl.dot`` tiles (plain, with the operands swapped, and swapped with bf16 code pairs), over tile width,
+    warps and the programs-per-SM target of the K split.
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
