@@ -619,13 +619,10 @@ def test_pairs_kernel_makes_two_codes_per_word_op_and_drops_the_zero_point_sums(
     zero-point term; the pairs kernel makes two bf16 ``128 + q`` per shift and AND-OR and subtracts ``128 + z``
     with ``sub.bf16x2``, so no reductions are left and the loop is much shorter."""
     from folovllm.model_executor.layers.quantization.ops.gptq_gemm import compile_plan
+    from folovllm.triton_utils.offline_compile import loop_instructions
 
-    def k_loop(ptx: str) -> list[str]:
-        body = ptx.split("Inner Loop Header", 1)[1].split("bra.uni", 1)[0]
-        return [line for line in body.splitlines() if line.strip() and not line.strip().startswith(("//", "$L"))]
-
-    swapped = k_loop(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True))["ptx"])
-    pairs = k_loop(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True, pairs=True))["ptx"])
+    swapped = loop_instructions(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True))["ptx"])
+    pairs = loop_instructions(compile_plan(GemmPlan(16, 128, False, 8, 4, 4, 4, swap_ab=True, pairs=True))["ptx"])
     assert any("shfl.sync" in line for line in swapped) and not any("shfl.sync" in line for line in pairs)
     assert any("sub.bf16x2" in line for line in pairs) and not any("cvt.rn.bf16x2.f32" in line for line in pairs)
     assert 4 * len(pairs) < 3 * len(swapped)

@@ -60,6 +60,13 @@ def compile_for_gpu(
     return {stage: compiled.asm[stage] for stage in STAGES} | {"shared": str(compiled.metadata.shared)}
 
 
+def loop_instructions(ptx: str) -> list[str]:
+    """The PTX instructions of a kernel's first loop (the K loop of the kernels here): from LLVM's "Inner Loop
+    Header" label to the loop's closing branch, without comments, labels and directives (``.loc``)."""
+    body = ptx.split("Inner Loop Header", 1)[1].split("bra.uni", 1)[0]
+    return [line for line in body.splitlines() if line.strip() and not line.strip().startswith(("//", "$L", "."))]
+
+
 def _compile_in_child(module: str, name: str, args: tuple) -> dict[str, str]:
     code = (
         "import importlib, json, sys\n"
