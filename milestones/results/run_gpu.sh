@@ -537,6 +537,12 @@ else:
     # (M7-pairs-block-h200.json), so the kernel went back to c164d6f's slice pairs.
     timeout 240 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-pairs-block-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?" ;;
+  decodelimits)
+    # #15, sixteenth session: what limits the decode kernel (milestones/results/m7_decode_limits.py): the pairs
+    # kernel against a variant with 18% fewer K-loop instructions (code pairs adjacent along K, no byte shuffles),
+    # the same loop with no integer work, the word-streaming twin, and the pairs kernel at 5 and 6 programs per SM
+    # (maxnreg 96, 80). About 4 device-minutes.
+    timeout 420 python3 milestones/results/m7_decode_limits.py "$OUT/M7-decode-limits-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
