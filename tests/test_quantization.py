@@ -329,17 +329,17 @@ def test_kernel_matches_dequantize_then_matmul(m, split_k, dequant_tiles, gemv, 
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("m, split_k", [(1, 1), (5, 2), (16, 3)])
+@pytest.mark.parametrize("m, split_k, block_m", [(1, 1, 16), (5, 2, 16), (16, 3, 16), (40, 2, 64), (40, 1, 32)])
 @pytest.mark.parametrize(
     "bits, group_size, act_order", [(4, 128, False), (4, 32, True), (4, -1, False), (2, 16, False), (2, 256, True)]
 )
-def test_pairs_kernel_matches_the_reference_in_bf16(m, split_k, bits, group_size, act_order):
+def test_pairs_kernel_matches_the_reference_in_bf16(m, split_k, block_m, bits, group_size, act_order):
     """The bf16-pairs kernel computes ``(128 + q) - (128 + z)`` in bf16: exact for 2- and 4-bit codes, so its only
     rounding is the fp32 accumulation and the bf16 output (one bf16 unit in the last place: 2^-7 relative; Triton's
-    interpreter rounds the output toward zero)."""
+    interpreter rounds the output toward zero). Up to 64 rows run in one tile, or in several (40 rows, 32-row tiles)."""
     k, n = 512, 96
     k_blocks = -(-k // block_rows(bits))
-    plan = GemmPlan(16, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True, pairs=True)
+    plan = GemmPlan(block_m, 64, False, split_k, -(-k_blocks // split_k), 4, 1, swap_ab=True, pairs=True)
     qweight, scales, zeros, perm = (None if t is None else t.to(DEVICE)
                                     for t in _random_layer(k, n, bits, group_size, act_order, seed=m))  # fmt: skip
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
@@ -529,6 +529,10 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
     prefill = sweep_plans(256, 4096, 4096, 4, 132, torch.device("cpu"))
     assert all(p.dequant_tiles and p.split_k == 1 for p in prefill) and {p.block_dot for p in prefill} == {True, False}
+    at_64 = sweep_plans(64, 4096, 4096, 4, 132, torch.device("cpu"))
+    pairs_64 = [p for p in at_64 if p.pairs]  # up to 64 rows also the code pairs, every row in one tile
+    assert pairs_64 and all(p.block_m == 64 and p.swap_ab for p in pairs_64) and max(p.split_k for p in pairs_64) > 1
+    assert {p.block_dot for p in at_64 if p.dequant_tiles} == {True, False}
     assert tuned_key(4, 17, 64, 8) == "bits=4,m=64,k=64,n=8" and tuned_key(4, 4096, 64, 8) == "bits=4,m=256,k=64,n=8"
     at_sixteen = sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu"))
     assert not any(p.gemv for p in at_sixteen) and {p.swap_ab for p in at_sixteen} == {True, False}

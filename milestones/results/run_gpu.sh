@@ -537,6 +537,17 @@ else:
     # (M7-pairs-block-h200.json), so the kernel went back to c164d6f's slice pairs.
     timeout 240 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-pairs-block-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?" ;;
+  gptqpairs64)
+    # #15, sixteenth session: up to 64 rows the GEMM still streams weights, but the sweep offered only dequantized
+    # tiles there (0.41-0.77x bf16 at M = 64). Now it also times the bf16 code pairs with all rows in one 64-row
+    # tile (sweep_plans); the winners replace the table's M = 64 entries. Then the kernel table at M = 16 and 64,
+    # and W's fair pair (64-prompt subset) with the new table. About 8 device-minutes.
+    timeout 280 python3 -m folovllm bench gptq --kernels-only --sweep-m 64 --m 16 64 \
+      --out "$OUT/M7-pairs64-$gpu.json" > "$OUT/gptq.log" 2>&1; echo "gptq: exit $?"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    w="--model random:qwen3-8b --max-model-len 2048 --kv-cache-memory 17179869184 --subset 64"
+    timeout 250 python3 -m folovllm bench throughput $w --milestone M7 M7 M7/gptq M7/gptq \
+      --out "$OUT/M7-throughput-pairs64-$gpu.json" > /dev/null 2>&1; echo "throughput: exit $?" ;;
   decodelimits)
     # #15, sixteenth session: what limits the decode kernel (milestones/results/m7_decode_limits.py): the pairs
     # kernel against a variant with 18% fewer K-loop instructions (code pairs adjacent along K, no byte shuffles),

@@ -166,9 +166,10 @@ def bench_gptq_kernel(
 
 
 def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.device) -> list[GemmPlan]:
-    """Decode launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``)
-    and ``tl.dot`` tiles (plain, with the operands swapped, and swapped with bf16 code pairs), over tile width,
-    warps and the programs-per-SM target of the K split.
+    """Launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``) and
+    ``tl.dot`` tiles (plain, with the operands swapped, and swapped with bf16 code pairs), over tile width,
+    warps and the programs-per-SM target of the K split; above 16 rows the dequantized-tile plans, and up to 64
+    rows the code pairs in one 64-row tile too (a 16-row tile would read the weights once per 16 rows).
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
@@ -181,6 +182,11 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                     for stages in (3, 4):
                         for block_dot in (False, True):
                             plans.append(GemmPlan(block_m, block_n, True, 1, k_blocks, warps, stages, block_dot=block_dot))
+        if m <= 64:  # still bound by the weight stream: the bf16 code pairs with all rows in one 64-wide tile
+            for block_n, warps in ((64, 4), (128, 8)):
+                for per_sm in (2, 8):
+                    split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms)
+                    plans.append(GemmPlan(64, block_n, False, split, per_split, warps, 4, swap_ab=True, pairs=True))
         return list(dict.fromkeys(plans))
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
         block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program
