@@ -38,10 +38,31 @@ ZP_MODES = {1: "sum of X", 2: "second product", 3: "no integer work (wrong value
 
 
 @triton.jit
-def _adjacent_pairs_kernel(X, QWeight, Scales, Zeros, Perm, Bias, Out, Partials, Counters, M, N, K, stride_xm,
-                           blocks_per_split, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                           SLICES_PER_GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ZP: tl.constexpr):
+def _adjacent_pairs_kernel(
+    X,
+    QWeight,
+    Scales,
+    Zeros,
+    Perm,
+    Bias,
+    Out,
+    Partials,
+    Counters,
+    M,
+    N,
+    K,
+    stride_xm,
+    blocks_per_split,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SLICES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ZP: tl.constexpr,
+):
     """4-bit, one group per block of 128 rows. Each pair ``(lo, hi)`` of a word is joined into consecutive K columns
     of one ``[BLOCK_N, 32]`` operand: the layout the tensor cores take from registers."""
     PACK: tl.constexpr = 32 // BITS
@@ -108,17 +129,42 @@ def launch_adjacent(x, qweight, scales, zeros, plan: ops.GemmPlan, zp: int) -> t
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, grid[0] * grid[1])
     for_device(_adjacent_pairs_kernel, x.device)[grid](
-        x, qweight, scales, zeros, x, x, out, partials, counters, m, n, k, x.stride(0), plan.blocks_per_split,
-        ZP=zp, num_warps=plan.num_warps, num_stages=plan.num_stages, **ops._constexprs(plan, 4, 128, False, False))
+        x,
+        qweight,
+        scales,
+        zeros,
+        x,
+        x,
+        out,
+        partials,
+        counters,
+        m,
+        n,
+        k,
+        x.stride(0),
+        plan.blocks_per_split,
+        ZP=zp,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+        **ops._constexprs(plan, 4, 128, False, False),
+    )
     return out
+
+
+def launch_adjacent_on(x, layer: dict[str, torch.Tensor], plan: ops.GemmPlan, zp: int) -> torch.Tensor:
+    return launch_adjacent(x, layer["adjacent"], layer["scales"], layer["zeros"], plan, zp)
 
 
 def random_layer(k: int, n: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(seed)
     codes = torch.randint(0, 16, (k, n), device=device, generator=gen)
-    return {"codes": codes, "pairs": ops.pack_for_kernel(codes, 4), "adjacent": pack_adjacent(codes),
-            "scales": (torch.rand(k // 128, n, device=device, generator=gen) * 0.01 + 0.001).half(),
-            "zeros": torch.randint(0, 16, (k // 128, n), device=device, generator=gen).half()}
+    return {
+        "codes": codes,
+        "pairs": ops.pack_for_kernel(codes, 4),
+        "adjacent": pack_adjacent(codes),
+        "scales": (torch.rand(k // 128, n, device=device, generator=gen) * 0.01 + 0.001).half(),
+        "zeros": torch.randint(0, 16, (k // 128, n), device=device, generator=gen).half(),
+    }
 
 
 def reference(x: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -148,13 +194,27 @@ def count() -> None:
 
     plan = ops.GemmPlan(16, 128, False, 4, 8, 4, 4, swap_ab=True, pairs=True)
     print("pairs kernel:", len(loop_instructions(ops.compile_plan(plan)["ptx"])))
-    types = {name: "*i32" if name in ("QWeight", "Counters") else "*fp32" if name == "Partials" else
-             "*fp16" if name in ("Scales", "Zeros") else "*bf16"
-             for name in ("X", "QWeight", "Scales", "Zeros", "Perm", "Bias", "Out", "Partials", "Counters")}
+    types = {
+        name: "*i32"
+        if name in ("QWeight", "Counters")
+        else "*fp32"
+        if name == "Partials"
+        else "*fp16"
+        if name in ("Scales", "Zeros")
+        else "*bf16"
+        for name in ("X", "QWeight", "Scales", "Zeros", "Perm", "Bias", "Out", "Partials", "Counters")
+    }
     types |= dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
     for zp, what in ZP_MODES.items():
-        asm = compile_for_gpu(_adjacent_pairs_kernel, types, ops._constexprs(plan, 4, 128, False, False) | {"ZP": zp},
-                              ("N", "K", "stride_xm"), 90, 4, 4)
+        asm = compile_for_gpu(
+            _adjacent_pairs_kernel,
+            types,
+            ops._constexprs(plan, 4, 128, False, False) | {"ZP": zp},
+            ("N", "K", "stride_xm"),
+            90,
+            4,
+            4,
+        )
         print(f"adjacent pairs, zp={zp} ({what}):", len(loop_instructions(asm["ptx"])))
 
 
@@ -169,8 +229,7 @@ def measure(out: str) -> None:
     for name, (k, n) in QWEN3_8B_SHAPES.items():
         layer_bytes = k * n // 2 + 4 * (k // 128) * n
         layers = [random_layer(k, n, dev, seed) for seed in range(copies_beyond_l2(layer_bytes, dev))]
-        dense = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
-                 for _ in range(copies_beyond_l2(2 * k * n, dev))]
+        dense = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies_beyond_l2(2 * k * n, dev))]
         for m in (1, 4, 16):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             ref = reference(x, layers[0])
@@ -178,8 +237,9 @@ def measure(out: str) -> None:
 
             def run_pairs(layer, plan, maxnreg=None):
                 if maxnreg is None:
-                    return ops.launch_gptq_gemm(x, layer["pairs"], layer["scales"], layer["zeros"], None, None, 4, 128,
-                                                plan=plan)
+                    return ops.launch_gptq_gemm(
+                        x, layer["pairs"], layer["scales"], layer["zeros"], None, None, 4, 128, plan=plan
+                    )
                 real = ops._constexprs
                 ops._constexprs = lambda *a: real(*a) | {"maxnreg": maxnreg}  # a launch option, passed with them
                 try:
@@ -188,12 +248,22 @@ def measure(out: str) -> None:
                     ops._constexprs = real
 
             def timed(fn) -> dict:
-                return {"us": graph_time_s([partial(fn, layer) for layer in layers], dev) * 1e6,
-                        "err": rel_err(fn(layers[0]), ref)}
+                return {
+                    "us": graph_time_s([partial(fn, layer) for layer in layers], dev) * 1e6,
+                    "err": rel_err(fn(layers[0]), ref),
+                }
 
-            row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
-                   "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
-                   "pairs": timed(partial(run_pairs, plan=tuned)), "adjacent": [], "maxnreg": []}
+            row = {
+                "layer": name,
+                "m": m,
+                "k": k,
+                "n": n,
+                "tuned_plan": dataclasses.asdict(tuned),
+                "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
+                "pairs": timed(partial(run_pairs, plan=tuned)),
+                "adjacent": [],
+                "maxnreg": [],
+            }
             if not tuned.gemv:
                 row["words_only_us"] = graph_time_s([partial(stream_words, L["pairs"], tuned) for L in layers], dev) * 1e6
             blocks = ops.cdiv(k, 128)
@@ -201,22 +271,31 @@ def measure(out: str) -> None:
                 if ops.cdiv(blocks, split) < 3:
                     continue
                 plan = ops.GemmPlan(16, 128, False, split, ops.cdiv(blocks, split), 4, stages, swap_ab=True, pairs=True)
-                fn = lambda L, plan=plan, zp=zp: launch_adjacent(x, L["adjacent"], L["scales"], L["zeros"], plan, zp)
+                fn = partial(launch_adjacent_on, x, plan=plan, zp=zp)
                 row["adjacent"].append({"split_k": split, "num_stages": stages, "zp": zp} | timed(fn))
             for split, maxnreg in itertools.product({tuned.split_k, max(tuned.split_k // 2, 2)}, (96, 80)):
                 plan = dataclasses.replace(tuned, split_k=split, blocks_per_split=ops.cdiv(blocks, split))
-                row["maxnreg"].append({"split_k": split, "maxnreg": maxnreg} |
-                                      timed(partial(run_pairs, plan=plan, maxnreg=maxnreg)))
-            best = {zp: min((a["us"] for a in row["adjacent"] if a["zp"] == zp and (zp == 3 or a["err"] < 0.02)))
-                    for zp in ZP_MODES}
+                row["maxnreg"].append(
+                    {"split_k": split, "maxnreg": maxnreg} | timed(partial(run_pairs, plan=plan, maxnreg=maxnreg))
+                )
+            best = {
+                zp: min(a["us"] for a in row["adjacent"] if a["zp"] == zp and (zp == 3 or a["err"] < 0.02))
+                for zp in ZP_MODES
+            }
             best_reg = min(v["us"] for v in row["maxnreg"] if v["err"] < 0.02)
             row["best_adjacent_us"], row["best_maxnreg_us"] = {str(z): v for z, v in best.items()}, best_reg
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.1f} us, pairs {row['pairs']['us']:.1f}, adjacent "
-                  f"zp1 {best[1]:.1f} zp2 {best[2]:.1f} no-int {best[3]:.1f}, maxnreg {best_reg:.1f}, words only "
-                  f"{row.get('words_only_us', float('nan')):.1f}", flush=True)
+            print(
+                f"{name} m={m}: bf16 {row['bf16_us']:.1f} us, pairs {row['pairs']['us']:.1f}, adjacent "
+                f"zp1 {best[1]:.1f} zp2 {best[2]:.1f} no-int {best[3]:.1f}, maxnreg {best_reg:.1f}, words only "
+                f"{row.get('words_only_us', float('nan')):.1f}",
+                flush=True,
+            )
             rows.append(row)
-    save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16) | {
-        "benchmark": "m7_decode_limits", "zp_modes": ZP_MODES, "rows": rows})
+    save_json(
+        out,
+        provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+        | {"benchmark": "m7_decode_limits", "zp_modes": ZP_MODES, "rows": rows},
+    )
 
 
 if __name__ == "__main__":
