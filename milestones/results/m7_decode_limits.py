@@ -31,8 +31,6 @@ import triton.language as tl
 from folovllm.model_executor.layers.ops.split_k import store_tile
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import _group_scale_zero, _x_slice
-from folovllm.triton_utils import for_device
-from folovllm.triton_utils.counters import tile_counters
 
 ZP_MODES = {1: "sum of X", 2: "second product", 3: "no integer work (wrong values)"}
 
@@ -120,35 +118,7 @@ def pack_adjacent(codes: torch.Tensor) -> torch.Tensor:
 
 
 def launch_adjacent(x, qweight, scales, zeros, plan: ops.GemmPlan, zp: int) -> torch.Tensor:
-    m, k = x.shape
-    n = qweight.shape[1]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (ops.cdiv(m, plan.block_m), ops.cdiv(n, plan.block_n), plan.split_k)
-    partials = counters = out
-    if plan.split_k > 1:
-        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, grid[0] * grid[1])
-    for_device(_adjacent_pairs_kernel, x.device)[grid](
-        x,
-        qweight,
-        scales,
-        zeros,
-        x,
-        x,
-        out,
-        partials,
-        counters,
-        m,
-        n,
-        k,
-        x.stride(0),
-        plan.blocks_per_split,
-        ZP=zp,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-        **ops._constexprs(plan, 4, 128, False, False),
-    )
-    return out
+    return ops.launch_plan(_adjacent_pairs_kernel, {"ZP": zp}, x, qweight, scales, zeros, None, None, 4, 128, plan)
 
 
 def launch_adjacent_on(x, layer: dict[str, torch.Tensor], plan: ops.GemmPlan, zp: int) -> torch.Tensor:
@@ -194,21 +164,10 @@ def count() -> None:
 
     plan = ops.GemmPlan(16, 128, False, 4, 8, 4, 4, swap_ab=True, pairs=True)
     print("pairs kernel:", len(loop_instructions(ops.compile_plan(plan)["ptx"])))
-    types = {
-        name: "*i32"
-        if name in ("QWeight", "Counters")
-        else "*fp32"
-        if name == "Partials"
-        else "*fp16"
-        if name in ("Scales", "Zeros")
-        else "*bf16"
-        for name in ("X", "QWeight", "Scales", "Zeros", "Perm", "Bias", "Out", "Partials", "Counters")
-    }
-    types |= dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
     for zp, what in ZP_MODES.items():
         asm = compile_for_gpu(
             _adjacent_pairs_kernel,
-            types,
+            ops.kernel_arg_types(),
             ops._constexprs(plan, 4, 128, False, False) | {"ZP": zp},
             ("N", "K", "stride_xm"),
             90,
@@ -240,12 +199,9 @@ def measure(out: str) -> None:
                     return ops.launch_gptq_gemm(
                         x, layer["pairs"], layer["scales"], layer["zeros"], None, None, 4, 128, plan=plan
                     )
-                real = ops._constexprs
-                ops._constexprs = lambda *a: real(*a) | {"maxnreg": maxnreg}  # a launch option, passed with them
-                try:
-                    return run_pairs(layer, plan)
-                finally:
-                    ops._constexprs = real
+                kernel, extra = ops._kernel_for(plan, x.dtype, 4)
+                args = (x, layer["pairs"], layer["scales"], layer["zeros"], None, None, 4, 128, plan)
+                return ops.launch_plan(kernel, extra | {"maxnreg": maxnreg}, *args)  # a launch option
 
             def timed(fn) -> dict:
                 return {

@@ -220,6 +220,27 @@ def launch_gptq_gemm(
         raise ValueError("pairs is a kind of swap_ab plan: it needs swap_ab=True")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
+    kernel, extra = _kernel_for(plan, x.dtype, bits)
+    return launch_plan(kernel, extra, x, qweight, scales, zeros, perm, bias, bits, group_size, plan)
+
+
+def launch_plan(
+    kernel: object,
+    extra: dict,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    plan: GemmPlan,
+) -> torch.Tensor:
+    """One launch of ``kernel`` (any kernel with these kernels' arguments) under ``plan``: the output, the split-K
+    partials and counters, the grid; ``extra`` adds compile-time arguments or launch options (``maxnreg``)."""
+    m, k = x.shape
+    n = qweight.shape[1]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), plan.split_k)
     partials = counters = out
@@ -231,9 +252,16 @@ def launch_gptq_gemm(
     )
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
-    kernel, extra = _kernel_for(plan, x.dtype, bits)
     for_device(kernel, x.device)[grid](*args, **extra, **common)
     return out
+
+
+def kernel_arg_types(act: str = "bf16") -> dict[str, str]:
+    """The Triton type of every runtime argument the GPTQ kernels take, for ``act`` (``"bf16"`` or ``"fp32"``)
+    activations: what ``compile_for_gpu`` needs to compile one on any machine."""
+    pointers = dict(X=f"*{act}", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias=f"*{act}",
+                    Out=f"*{act}", Partials="*fp32", Counters="*i32")  # fmt: skip
+    return pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
 
 
 def compile_plan(
@@ -244,11 +272,8 @@ def compile_plan(
     its layouts, barriers, loop and shared memory."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
-    pointers = dict(X=f"*{act}", QWeight="*i32", Scales="*fp16", Zeros="*fp16", Perm="*bf16", Bias=f"*{act}",
-                    Out=f"*{act}", Partials="*fp32", Counters="*i32")  # fmt: skip
-    types = pointers | dict(M="i32", N="i32", K="i32", stride_xm="i32", blocks_per_split="i32")
     kernel, extra = _kernel_for(plan, torch.float32 if act == "fp32" else torch.bfloat16, bits)
-    return compile_for_gpu(kernel, types, _constexprs(plan, bits, group_size, False, False) | extra,
+    return compile_for_gpu(kernel, kernel_arg_types(act), _constexprs(plan, bits, group_size, False, False) | extra,
                            ("N", "K", "stride_xm"), capability, plan.num_warps, plan.num_stages)  # fmt: skip
 
 
