@@ -1,0 +1,207 @@
+"""The W4A16 decode matmul, warp-specialized (Gluon, Hopper): one warp only loads, four only convert and multiply.
+
+The Triton decode kernels (``triton_gptq.py``) issue loads, convert codes, wait for products and wait for loads in
+the same four warps, and on the H200 that structure, not the instruction count, kept them at 1.3-1.8x bf16 at one
+row (``milestones/results/m7_decode_limits.py``). Here a loader warp streams each K block's words and X slices into
+a ring of shared-memory stages with TMA and signals an mbarrier per stage; the compute warpgroup waits on it, makes
+the codes bf16 ``q - z`` two per word operation, as ``_gptq_gemm_pairs_kernel`` does, and multiplies them from
+registers (``wgmma`` with A in registers: the weight tile is the first operand, ``W^T X^T``), then frees the stage.
+Loads for later stages are in flight all the while, whatever the compute warps are doing.
+
+Gluon runs on the GPU only (the interpreter cannot run it): CPU tests compile it for sm_90 and check the reference
+path it shares with the Triton kernels (``gptq_gemm_reference``); GPU tests compare it with that reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from folovllm.triton_utils.counters import tile_counters
+
+ROWS = gl.constexpr(16)  # word rows per K block (a block holds 16 * 32 / BITS input rows)
+M_TILE = gl.constexpr(16)  # rows of X per program: wgmma's N
+
+
+@gluon.jit
+def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n,
+                    STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
+    """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words and its PACK
+    16-column slices of X into it; the stage's ``ready`` barrier completes when all the bytes have landed."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
+    for i in range(count):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+        blk = first + i
+        bar = ready.index(s)
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
+        for j in gl.static_range(PACK):
+            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
+
+
+@gluon.jit
+def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
+                       BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       ASYNC: gl.constexpr):  # fmt: skip
+    """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
+    ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
+    PACK: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = PACK // 2
+    MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M_TILE, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    rn_a = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+    rn_c = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    ok_a = rn_a < N
+    ok_c = rn_c < N
+    acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+    g = gl.minimum(first * ROWS * PACK // GROUP_SIZE, last_group)
+    z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
+    s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
+    for i in range(count):
+        z = z_next
+        sc = s_next
+        g = gl.minimum((first + i + 1) * ROWS * PACK // GROUP_SIZE, last_group)
+        z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
+        s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
+        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        words = w_bufs.index(s).permute((1, 0)).load(a_layout)
+        part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+        for j in gl.static_range(HALF):
+            pair = ((words >> (j * BITS)) & MASK) | 0x43004300
+            lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+            hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+            part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
+            part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
+        if ASYNC:
+            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+        mbarrier.arrive(empty.index(s), count=1)
+        acc += part * sc.to(gl.float32)[:, None]
+    return (acc,)
+
+
+@gluon.jit
+def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
+                          BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                          ASYNC: gl.constexpr):  # fmt: skip
+    """``Out [M, N] = X [M, K] @ W`` for ``M <= 16`` on bf16 X: program ``(n, split)`` owns ``BLOCK_N`` columns and
+    ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet as ``split_k.store_tile`` does."""
+    PACK: gl.constexpr = 32 // BITS
+    pid_n = gl.program_id(0)
+    split = gl.program_id(1)
+    off_n = pid_n * BLOCK_N
+    total = gl.cdiv(K, ROWS * PACK)
+    first = split * blocks_per_split
+    count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
+    last_group = (K - 1) // GROUP_SIZE
+
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+
+    # fmt: off
+    results = gl.warp_specialize([
+        (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
+                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC)),
+        (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
+    ], [1], [24])
+    # fmt: on
+    acc = results[0]
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M_TILE, 16])
+    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
+    mask = (rn < N)[:, None] & (rm < M)[None, :]
+    offs = rm[None, :] * N + rn[:, None]
+    store_mask = mask
+    if SPLIT_K > 1:
+        gl.store(Partials + split * M * N + offs, acc, mask=mask)
+        gl.thread_barrier()
+        arrived = gl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = gl.zeros_like(acc)
+            for other in gl.static_range(SPLIT_K):
+                acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+            gl.atomic_xchg(Counters + pid_n, 0)
+        store_mask = mask & (arrived == SPLIT_K - 1)
+    if HAS_BIAS:
+        acc += gl.load(Bias + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+    gl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=store_mask)
+
+
+@dataclass(frozen=True)
+class WsPlan:
+    """One launch of the warp-specialized kernel: columns per program, K split, ring depth, async products and the
+    register cap per thread (``maxnreg``: 8 warps a program, so 80 leaves room for three programs per SM)."""
+
+    block_n: int = 128
+    split_k: int = 4
+    stages: int = 4
+    async_mma: bool = True
+    maxnreg: int = 80
+
+
+def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
+    """Where the kernel applies: a Hopper GPU, bf16 X of at most 16 rows with 16-byte aligned rows (TMA), 2- or 4-bit
+    codes, one scale per K block or per channel, no act-order permutation."""
+    return (
+        x.is_cuda
+        and torch.cuda.get_device_capability(x.device)[0] == 9
+        and x.dtype == torch.bfloat16
+        and x.shape[0] <= 16
+        and x.stride(1) == 1
+        and (x.stride(0) * 2) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and bits in (2, 4)
+        and (group_size == -1 or group_size % (16 * 32 // bits) == 0)
+        and perm is None
+    )
+
+
+def launch_gptq_decode_ws(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    plan: WsPlan,
+) -> torch.Tensor:
+    """``x [M <= 16, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
+    test ``ws_supported`` first."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    pack = 32 // bits
+    blocks = -(-k // (16 * pack))
+    per_split = -(-blocks // plan.split_k)
+    w_layout = gl.NVMMASharedLayout.get_default_for([16, plan.block_n], gl.int32)
+    x_layout = gl.NVMMASharedLayout.get_default_for([16, 16], gl.bfloat16)
+    w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
+    x_desc = TensorDescriptor.from_tensor(x, [16, 16], x_layout)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tiles = -(-n // plan.block_n)
+    partials = counters = out
+    if plan.split_k > 1:
+        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, tiles)
+    gptq_decode_ws_kernel[(tiles, plan.split_k)](
+        w_desc, x_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
+        BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=bias is not None,
+        BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
+        num_warps=4, maxnreg=plan.maxnreg,
+    )  # fmt: skip
+    return out
