@@ -23,6 +23,7 @@ from m7_decode_limits import random_layer, reference, rel_err  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
+from folovllm.triton_utils.offline_compile import ptxas_report  # noqa: E402
 
 
 def plans(k: int) -> list[ws.WsPlan]:
@@ -103,37 +104,9 @@ def measure(out: str) -> None:
 
 def compile_only() -> None:
     """Compile every plan for sm_90 on this machine and report ptxas's registers and the shared memory."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    kernel = ws.gptq_decode_ws_kernel
-    names = list(kernel.arg_names)
-    index = {name: (i,) for i, name in enumerate(names)}
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     for plan in plans(4096):
-        wl = gl.NVMMASharedLayout.get_default_for([16, plan.block_n], gl.int32)
-        xl = gl.NVMMASharedLayout.get_default_for([16, 16], gl.bfloat16)
-        types = dict(w_desc=f"tensordesc<i32[16, {plan.block_n}],{wl!r}>", x_desc=f"tensordesc<bf16[16, 16],{xl!r}>",
-                     Scales="*fp16", Zeros="*fp16", Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32",
-                     M="i32", N="i32", K="i32", blocks_per_split="i32")  # fmt: skip
-        consts = dict(BITS=4, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_N=plan.block_n, SPLIT_K=plan.split_k,
-                      STAGES=plan.stages, ASYNC=plan.async_mma)  # fmt: skip
-        source = GluonASTSource(fn=kernel, signature={n: types.get(n, "constexpr") for n in names},
-                                constexprs={index[n]: v for n, v in consts.items()})  # fmt: skip
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4, "maxnreg": plan.maxnreg})  # fmt: skip
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(compiled.asm["ptx"])
-            f.flush()
-            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                                  text=True, check=True).stderr  # fmt: skip
-        regs = [line.split("Used")[1].split(",")[0].strip() for line in info.splitlines() if "Used" in line]
-        print(plan, "shared", compiled.metadata.shared, "registers", regs, flush=True)
+        asm = ws.compile_ws_plan(plan)
+        print(plan, "shared", asm["shared"], ptxas_report(asm["ptx"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import triton
@@ -28,20 +30,23 @@ def compile_for_gpu(
     capability: int = 90,
     num_warps: int = 4,
     num_stages: int = 3,
+    maxnreg: int | None = None,
 ) -> dict[str, str]:
-    """``{stage: text}`` (``ttir``, ``ttgir``, ``llir``, ``ptx``) of ``kernel`` compiled for compute capability
+    """``{stage: text}`` (``ttir`` but for Gluon, ``ttgir``, ``llir``, ``ptx``) of ``kernel`` compiled for compute capability
     ``capability``, and ``shared``: the bytes of shared memory one program allocates (as text). ``types``
     gives every runtime argument's Triton type (``"*bf16"``, ``"i32"``), ``constexprs`` every constexpr's
     value; pointers and the integers named in ``divisible_by_16`` are specialized as 16-divisible, as
-    launches with aligned tensors and round sizes are.
+    launches with aligned tensors and round sizes are. Gluon kernels compile too (a TMA descriptor's type is
+    ``"tensordesc<i32[16, 128],NVMMASharedLayout(...)>"``), and ``maxnreg`` caps registers per thread.
 
     Under ``TRITON_INTERPRET=1`` (our CPU tests and notebooks) ``@triton.jit`` made an interpreted
     function, which cannot be compiled; a child Python without that switch compiles it instead."""
-    args = (types, constexprs, list(divisible_by_16), capability, num_warps, num_stages)
+    args = (types, constexprs, list(divisible_by_16), capability, num_warps, num_stages, maxnreg)
     if not isinstance(kernel, JITFunction):
         return _compile_in_child(kernel.fn.__module__, kernel.fn.__qualname__, args)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     names = list(kernel.arg_names)
     missing = [n for n in names if n not in types and n not in constexprs]
@@ -49,15 +54,17 @@ def compile_for_gpu(
         raise ValueError(f"no type or constexpr value for {missing}")
     index = {name: (i,) for i, name in enumerate(names)}
     aligned = [n for n, t in types.items() if t.startswith("*")] + list(divisible_by_16)
-    source = ASTSource(
+    source = (GluonASTSource if kernel.is_gluon() else ASTSource)(
         fn=kernel,
         signature={n: types.get(n, "constexpr") for n in names},
         constexprs={index[n]: v for n, v in constexprs.items()},
         attrs={index[n]: [["tt.divisibility", 16]] for n in aligned},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
-    return {stage: compiled.asm[stage] for stage in STAGES} | {"shared": str(compiled.metadata.shared)}
+    options = {"num_warps": num_warps, "num_stages": num_stages} | ({} if maxnreg is None else {"maxnreg": maxnreg})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    return {stage: compiled.asm[stage] for stage in STAGES if stage in compiled.asm.keys()} | {
+        "shared": str(compiled.metadata.shared)
+    }
 
 
 def loop_instructions(ptx: str) -> list[str]:
@@ -65,6 +72,20 @@ def loop_instructions(ptx: str) -> list[str]:
     Header" label to the loop's closing branch, without comments, labels and directives (``.loc``)."""
     body = ptx.split("Inner Loop Header", 1)[1].split("bra.uni", 1)[0]
     return [line for line in body.splitlines() if line.strip() and not line.strip().startswith(("//", "$L", "."))]
+
+
+def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
+    """What ptxas (shipped with Triton) makes of ``ptx``: registers per thread and spilled bytes."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True,
+                              check=True).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
 def _compile_in_child(module: str, name: str, args: tuple) -> dict[str, str]:

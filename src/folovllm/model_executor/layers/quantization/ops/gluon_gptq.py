@@ -171,6 +171,30 @@ def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | No
     )
 
 
+def _descriptor_layouts(block_n: int) -> tuple[gl.NVMMASharedLayout, gl.NVMMASharedLayout]:
+    """Shared-memory layouts of a stage's words ``[16, block_n]`` and of one X slice ``[16, 16]``."""
+    return (gl.NVMMASharedLayout.get_default_for([16, block_n], gl.int32),
+            gl.NVMMASharedLayout.get_default_for([16, 16], gl.bfloat16))  # fmt: skip
+
+
+def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
+    return dict(BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=has_bias,
+                BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma)  # fmt: skip
+
+
+def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
+    """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``)."""
+    from folovllm.triton_utils.offline_compile import compile_for_gpu
+
+    w_layout, x_layout = _descriptor_layouts(plan.block_n)
+    types = dict(w_desc=f"tensordesc<i32[16, {plan.block_n}],{w_layout!r}>",
+                 x_desc=f"tensordesc<bf16[16, 16],{x_layout!r}>", Scales="*fp16", Zeros="*fp16", Bias="*bf16",
+                 Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
+                 blocks_per_split="i32")  # fmt: skip
+    return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False), ("N", "K"),
+                           capability, 4, 1, plan.maxnreg)  # fmt: skip
+
+
 def launch_gptq_decode_ws(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -188,8 +212,7 @@ def launch_gptq_decode_ws(
     pack = 32 // bits
     blocks = -(-k // (16 * pack))
     per_split = -(-blocks // plan.split_k)
-    w_layout = gl.NVMMASharedLayout.get_default_for([16, plan.block_n], gl.int32)
-    x_layout = gl.NVMMASharedLayout.get_default_for([16, 16], gl.bfloat16)
+    w_layout, x_layout = _descriptor_layouts(plan.block_n)
     w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
     x_desc = TensorDescriptor.from_tensor(x, [16, 16], x_layout)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -200,8 +223,6 @@ def launch_gptq_decode_ws(
         counters = tile_counters(x.device, tiles)
     gptq_decode_ws_kernel[(tiles, plan.split_k)](
         w_desc, x_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
-        BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=bias is not None,
-        BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-        num_warps=4, maxnreg=plan.maxnreg,
+        **_constexprs(plan, bits, group_size, bias is not None), num_warps=4, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
