@@ -1,0 +1,57 @@
+"""M7: the warp-specialized decode kernel (Gluon). The interpreter cannot run Gluon, so on a CPU the tests compile it
+for an H200 and read what the compiler made; on a Hopper GPU they also compare it with the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws
+from folovllm.model_executor.layers.quantization.ops.gptq_gemm import gptq_gemm_reference, pack_for_kernel
+from folovllm.triton_utils.offline_compile import ptxas_report
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def test_loader_warp_streams_with_tma_and_compute_warps_multiply_codes_from_registers():
+    """Compiled for an H200 on this CPU: one loader warp with 24 registers issues TMA copies (the words and eight
+    X slices per block); the compute warpgroup runs ``wgmma`` m64n16k16 whose first operand, the codes made bf16,
+    stays in registers (two products per 16-row slice pair, 16 per block of a 128-column tile), and the kernel fits
+    80 registers a thread (three programs per SM) without spilling."""
+    asm = ws.compile_ws_plan(ws.WsPlan(block_n=128, split_k=4, stages=4, async_mma=True))
+    ptx = asm["ptx"]
+    assert ptx.count("cp.async.bulk.tensor") >= 2
+    assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16") == 16
+    assert "#ttg.dot_op<{opIdx = 0" in asm["ttgir"] and "ttg.warp_specialize" in asm["ttgir"]
+    assert ptxas_report(ptx) == {"registers": 80, "spill_bytes": 0}
+    assert int(asm["shared"]) < 4 * (16 * 128 * 4 + 8 * 16 * 16 * 2) + 1024
+
+
+def test_ws_supported_names_what_the_kernel_serves():
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    assert not ws.ws_supported(x, torch.zeros(32, 64, dtype=torch.int32), None, 4, 128)  # a CPU tensor
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group", "m", "with_bias", "plan"),
+    [
+        (1024, 320, 4, 128, 1, False, ws.WsPlan(64, 2, 4, True)),
+        (1024, 320, 4, -1, 16, True, ws.WsPlan(128, 1, 4, False)),
+        (2048, 256, 2, 256, 5, False, ws.WsPlan(128, 4, 2, True)),
+    ],
+)
+def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
+    gen = torch.Generator(device="cuda").manual_seed(k + m)
+    codes = torch.randint(0, 2**bits, (k, n), device="cuda", generator=gen)
+    groups = 1 if group == -1 else k // group
+    scales = (torch.rand(groups, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 2**bits, (groups, n), device="cuda", generator=gen).half()
+    qweight = pack_for_kernel(codes, bits)
+    bias = torch.randn(n, device="cuda", generator=gen).bfloat16() if with_bias else None
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    assert ws.ws_supported(x, qweight, None, bits, group)
+    got = ws.launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group, plan)
+    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, bias, bits, group)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
