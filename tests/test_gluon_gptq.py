@@ -55,3 +55,23 @@ def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
     got = ws.launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group, plan)
     ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, bias, bits, group)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+
+
+def test_ws_plan_runs_its_triton_twin_where_gluon_cannot():
+    """On a CPU (and for act-order at one row, fp32 activations or small groups) a ``ws`` plan runs the pairs kernel
+    with the same tiles and split, so a tuned table with Gluon plans serves every caller."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import GemmPlan, gptq_gemm
+
+    gen = torch.Generator().manual_seed(3)
+    k, n = 512, 128
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    scales = (torch.rand(k // 128, n, generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // 128, n), generator=gen).half()
+    qweight = pack_for_kernel(codes, 4)
+    x = torch.randn(3, k, generator=gen).bfloat16()
+    plan = GemmPlan(16, 64, False, 2, 2, 4, 4, swap_ab=True, pairs=True, ws=True)
+    got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
+    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    with pytest.raises(ValueError, match="ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m=16"):
+        gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))

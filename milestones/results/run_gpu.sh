@@ -554,6 +554,12 @@ else:
     # the same loop with no integer work, the word-streaming twin, and the pairs kernel at 5 and 6 programs per SM
     # (maxnreg 96, 80). About 4 device-minutes.
     timeout 420 python3 milestones/results/m7_decode_limits.py "$OUT/M7-decode-limits-$gpu.json" ;;
+  wsdecode)
+    # #15, seventeenth session: the warp-specialized Gluon decode kernel (ops/gluon_gptq.py: a TMA loader warp, a
+    # compute warpgroup with wgmma on register codes) over tile width, ring depth, sync or async products and K
+    # split, against the tuned plans and bf16 cuBLAS at M = 1, 4, 16; edge cases (partial tile, bias, per-channel,
+    # 2-bit) checked against the reference. About 3 device-minutes.
+    timeout 420 python3 milestones/results/m7_ws_decode.py "$OUT/M7-ws-decode-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from folovllm.model_executor.layers.quantization.ops.gluon_gptq import WsPlan, launch_gptq_decode_ws, ws_supported
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
     _gptq_gemm_block_kernel,
     _gptq_gemm_kernel,
@@ -97,6 +98,7 @@ class GemmPlan:
     swap_ab: bool = False  # decode tl.dot with the codes as first operand (``_gptq_gemm_swap_ab_kernel``)
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
     pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
+    ws: bool = False  # the warp-specialized Gluon kernel (``gluon_gptq.py``); ``num_stages`` is its ring depth
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -206,7 +208,8 @@ def launch_gptq_gemm(
     rather than gathered through ``perm`` by every column tile of the kernel: ``N / BLOCK_N`` scattered
     reads of all of X, which made act-order about 2x slower than the plain kernel at 16 rows and 6-7x
     slower at 256 on the H200 (0a8f201).
-    One row keeps the in-kernel gather, which costs less than a launch there."""
+    One row keeps the in-kernel gather, which costs less than a launch there.
+    A ``ws`` plan runs the Gluon kernel where it applies (``ws_supported``) and its Triton pairs twin elsewhere."""
     m, k = x.shape
     n = qweight.shape[1]
     if perm is not None and m > 1:
@@ -220,6 +223,11 @@ def launch_gptq_gemm(
         raise ValueError("pairs is a kind of swap_ab plan: it needs swap_ab=True")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
+    if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m == DECODE_MAX_M):
+        raise ValueError(f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m={DECODE_MAX_M}")
+    if plan.ws and ws_supported(x, qweight, perm, bits, group_size):
+        return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size,
+                                     WsPlan(plan.block_n, plan.split_k, plan.num_stages))  # fmt: skip
     kernel, extra = _kernel_for(plan, x.dtype, bits)
     return launch_plan(kernel, extra, x, qweight, scales, zeros, perm, bias, bits, group_size, plan)
 
