@@ -40,6 +40,7 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 320, 4, 128, 1, False, ws.WsPlan(64, 2, 4, True)),
         (1024, 320, 4, -1, 16, True, ws.WsPlan(128, 1, 4, False)),
         (2048, 256, 2, 256, 5, False, ws.WsPlan(128, 4, 2, True)),
+        (1024, 384, 4, 128, 7, True, ws.WsPlan(128, 16, 4, False, 64, 8, 8)),
     ],
 )
 def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
@@ -58,20 +59,23 @@ def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
 
 
 def test_ws_plan_runs_its_triton_twin_where_gluon_cannot():
-    """On a CPU (and for act-order at one row, fp32 activations or small groups) a ``ws`` plan runs the pairs kernel
-    with the same tiles and split, so a tuned table with Gluon plans serves every caller."""
+    """On a CPU, and wherever the Gluon kernel does not apply (here: groups of 32 rows, shorter than a K block), a
+    ``ws`` plan runs the pairs kernel with the same tiles and split, so a tuned table with Gluon plans serves every
+    caller."""
     from folovllm.model_executor.layers.quantization.ops.gptq_gemm import GemmPlan, gptq_gemm
 
-    gen = torch.Generator().manual_seed(3)
-    k, n = 512, 128
-    codes = torch.randint(0, 16, (k, n), generator=gen)
-    scales = (torch.rand(k // 128, n, generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (k // 128, n), generator=gen).half()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(3)
+    k, n, group = 512, 128, 32
+    codes = torch.randint(0, 16, (k, n), generator=gen, device=device)
+    scales = (torch.rand(k // group, n, generator=gen, device=device) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen, device=device).half()
     qweight = pack_for_kernel(codes, 4)
-    x = torch.randn(3, k, generator=gen).bfloat16()
+    x = torch.randn(3, k, generator=gen, device=device).bfloat16()
+    assert not ws.ws_supported(x, qweight, None, 4, group)
     plan = GemmPlan(16, 64, False, 2, 2, 4, 4, swap_ab=True, pairs=True, ws=True)
-    got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
-    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
+    got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, plan)
+    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, group)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
     with pytest.raises(ValueError, match="ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m=16"):
-        gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))
+        gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))

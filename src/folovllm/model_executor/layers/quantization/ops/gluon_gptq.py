@@ -25,7 +25,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from folovllm.triton_utils.counters import tile_counters
 
 ROWS = gl.constexpr(16)  # word rows per K block (a block holds 16 * 32 / BITS input rows)
-M_TILE = gl.constexpr(16)  # rows of X per program: wgmma's N
 
 
 @gluon.jit
@@ -48,13 +47,13 @@ def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, 
 @gluon.jit
 def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
                        BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       ASYNC: gl.constexpr):  # fmt: skip
+                       ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
     """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
     ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
     PACK: gl.constexpr = 32 // BITS
     HALF: gl.constexpr = PACK // 2
     MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M_TILE, 16])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rn_a = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
     rn_c = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
@@ -92,10 +91,12 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
 def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr):  # fmt: skip
-    """``Out [M, N] = X [M, K] @ W`` for ``M <= 16`` on bf16 X: program ``(n, split)`` owns ``BLOCK_N`` columns and
-    ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet as ``split_k.store_tile`` does."""
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8 or 16, the X descriptor's rows) on bf16 X: program
+    ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
+    as ``split_k.store_tile`` does."""
     PACK: gl.constexpr = 32 // BITS
+    M_TILE: gl.constexpr = x_desc.block_type.shape[0]
     pid_n = gl.program_id(0)
     split = gl.program_id(1)
     off_n = pid_n * BLOCK_N
@@ -115,13 +116,13 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     # fmt: off
     results = gl.warp_specialize([
         (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
-                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC)),
+                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS)),
         (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
     acc = results[0]
 
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, M_TILE, 16])
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     mask = (rn < N)[:, None] & (rm < M)[None, :]
@@ -133,7 +134,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
         arrived = gl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
-            for other in gl.static_range(SPLIT_K):
+            for other in range(SPLIT_K):
                 acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
             gl.atomic_xchg(Counters + pid_n, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
@@ -144,14 +145,18 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
 
 @dataclass(frozen=True)
 class WsPlan:
-    """One launch of the warp-specialized kernel: columns per program, K split, ring depth, async products and the
-    register cap per thread (``maxnreg``: 8 warps a program, so 80 leaves room for three programs per SM)."""
+    """One launch of the warp-specialized kernel: columns per program, K split, ring depth, async products, the
+    register cap per thread (``maxnreg``: a program of 4 compute warps and a loader is allocated 8 warps' registers,
+    so 80 leaves room for three programs per SM, 64 for four), compute warps (4 or 8: one or two warpgroups, each
+    64 columns per product) and rows of X per product (8 or 16, at least the rows of X)."""
 
     block_n: int = 128
     split_k: int = 4
     stages: int = 4
     async_mma: bool = True
     maxnreg: int = 80
+    num_warps: int = 4
+    m_tile: int = 16
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -171,28 +176,29 @@ def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | No
     )
 
 
-def _descriptor_layouts(block_n: int) -> tuple[gl.NVMMASharedLayout, gl.NVMMASharedLayout]:
-    """Shared-memory layouts of a stage's words ``[16, block_n]`` and of one X slice ``[16, 16]``."""
-    return (gl.NVMMASharedLayout.get_default_for([16, block_n], gl.int32),
-            gl.NVMMASharedLayout.get_default_for([16, 16], gl.bfloat16))  # fmt: skip
+def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASharedLayout]:
+    """Shared-memory layouts of a stage's words ``[16, block_n]`` and of one X slice ``[m_tile, 16]``."""
+    return (gl.NVMMASharedLayout.get_default_for([16, plan.block_n], gl.int32),
+            gl.NVMMASharedLayout.get_default_for([plan.m_tile, 16], gl.bfloat16))  # fmt: skip
 
 
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
     return dict(BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=has_bias,
-                BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma)  # fmt: skip
+                BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
+                WARPS=plan.num_warps)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
     """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``)."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
-    w_layout, x_layout = _descriptor_layouts(plan.block_n)
+    w_layout, x_layout = _descriptor_layouts(plan)
     types = dict(w_desc=f"tensordesc<i32[16, {plan.block_n}],{w_layout!r}>",
-                 x_desc=f"tensordesc<bf16[16, 16],{x_layout!r}>", Scales="*fp16", Zeros="*fp16", Bias="*bf16",
+                 x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", Scales="*fp16", Zeros="*fp16", Bias="*bf16",
                  Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
                  blocks_per_split="i32")  # fmt: skip
     return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False), ("N", "K"),
-                           capability, 4, 1, plan.maxnreg)  # fmt: skip
+                           capability, plan.num_warps, 1, plan.maxnreg)  # fmt: skip
 
 
 def launch_gptq_decode_ws(
@@ -208,13 +214,15 @@ def launch_gptq_decode_ws(
     """``x [M <= 16, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
     test ``ws_supported`` first."""
     m, k = x.shape
+    if m > plan.m_tile:
+        raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
     pack = 32 // bits
     blocks = -(-k // (16 * pack))
     per_split = -(-blocks // plan.split_k)
-    w_layout, x_layout = _descriptor_layouts(plan.block_n)
+    w_layout, x_layout = _descriptor_layouts(plan)
     w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
-    x_desc = TensorDescriptor.from_tensor(x, [16, 16], x_layout)
+    x_desc = TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = -(-n // plan.block_n)
     partials = counters = out
@@ -223,6 +231,6 @@ def launch_gptq_decode_ws(
         counters = tile_counters(x.device, tiles)
     gptq_decode_ws_kernel[(tiles, plan.split_k)](
         w_desc, x_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
-        **_constexprs(plan, bits, group_size, bias is not None), num_warps=4, maxnreg=plan.maxnreg,
+        **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
