@@ -79,3 +79,23 @@ def test_ws_plan_runs_its_triton_twin_where_gluon_cannot():
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
     with pytest.raises(ValueError, match="ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m=16"):
         gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))
+
+
+def test_sweep_offers_gluon_plans_up_to_16_rows_only():
+    from folovllm.benchmarks.gptq import sweep_plans
+
+    cpu = torch.device("cpu")
+    decode = [p for p in sweep_plans(1, 4096, 6144, 4, 132, cpu) if p.ws]
+    assert decode and {p.maxnreg for p in decode} == {80, 64, 48} and all(p.swap_ab and p.pairs for p in decode)
+    assert not [p for p in sweep_plans(64, 4096, 6144, 4, 132, cpu) if p.ws]
+
+
+def test_h200_table_holds_gluon_plans_with_register_caps():
+    """The seventeenth session's probe (``m7_ws_decode.py --tune``) put Gluon plans in the H200 table where they beat
+    the tuned Triton plans by 2% or more; they load as ``GemmPlan``s with their register caps."""
+    from folovllm.model_executor.layers.quantization.ops.gptq_gemm import TUNED, tuned_key
+
+    plans = TUNED.plans("NVIDIA H200")
+    gluon = {key: plan for key, plan in plans.items() if plan.ws}
+    assert tuned_key(4, 1, 4096, 24576) in gluon and gluon[tuned_key(4, 1, 4096, 24576)].maxnreg in (80, 64, 48)
+    assert all(plan.block_m == 16 and plan.swap_ab and plan.pairs for plan in gluon.values())

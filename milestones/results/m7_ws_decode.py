@@ -6,6 +6,7 @@ the time this structure needs to bring the words and X into shared memory, with 
 Run from the repository root:
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --compile   # CPU: compile for sm_90, ptxas registers
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py OUT.json    # H200
+    PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --tune OUT.json  # its winners into the tuned table
 """
 
 from __future__ import annotations
@@ -175,5 +176,30 @@ def compile_only() -> None:
         print(plan, "shared", asm["shared"], ptxas_report(asm["ptx"]), flush=True)
 
 
+def tune(path: str) -> None:
+    """Write into the tuned table (merged) each (projection, M) whose fastest correct Gluon plan beat the tuned plan
+    by 2% or more in this run, as a ``ws`` plan; only plans with the rows per product the engine picks (8 up to 8
+    rows, else 16) qualify."""
+    import json
+
+    result = json.loads(open(path).read())
+    plans = {}
+    for row in result["rows"]:
+        m_tile = 8 if row["m"] <= 8 else 16
+        good = [r for r in row["ws"] if "us" in r and r["err"] < 0.02 and r["m_tile"] == m_tile and not r["async_mma"]]
+        best = min(good, key=lambda r: r["us"], default=None)
+        if best is None or best["us"] > 0.98 * row["tuned"]["us"]:
+            continue
+        per_split = ops.cdiv(ops.cdiv(row["k"], 128), best["split_k"])
+        plan = ops.GemmPlan(16, best["block_n"], False, best["split_k"], per_split, best["num_warps"], best["stages"],
+                            swap_ab=True, pairs=True, ws=True, maxnreg=best["maxnreg"])  # fmt: skip
+        plans[ops.tuned_key(4, row["m"], row["k"], row["n"])] = dataclasses.asdict(plan)
+        print(f"{row['layer']} m={row['m']}: {row['tuned']['us']:.1f} -> {best['us']:.1f} us", plan)
+    source = {key: result[key] for key in ("commit", "date", "gpu")} | {"from": os.path.basename(path)}
+    print(ops.write_tuned_plans(result["gpu"], plans, source, merge=True))
+
+
 if __name__ == "__main__":
-    compile_only() if sys.argv[1] == "--compile" else measure(sys.argv[1])
+    {"--compile": lambda: compile_only(), "--tune": lambda: tune(sys.argv[2])}.get(
+        sys.argv[1], lambda: measure(sys.argv[1])
+    )()

@@ -12,6 +12,7 @@ speed and memory do not depend on the values, and quantizing an 8B model here wo
 from __future__ import annotations
 
 import gc
+import itertools
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,9 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     """Launch plans worth timing at ``m`` rows: the default first, then the FMA kernel (``m <= 4``) and
     ``tl.dot`` tiles (plain, with the operands swapped, and swapped with bf16 code pairs), over tile width,
     warps and the programs-per-SM target of the K split; above 16 rows the dequantized-tile plans, and up to 64
-    rows the code pairs in one 64-row tile too (a 16-row tile would read the weights once per 16 rows).
+    rows the code pairs in one 64-row tile too (a 16-row tile would read the weights once per 16 rows). Up to 16 rows
+    also the warp-specialized Gluon kernel (its pairs twin where Gluon does not run) at 3-5 programs per SM
+    (``maxnreg`` 80, 64, 48), about one wave of programs: the fastest grids of the seventeenth session's probe.
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
@@ -199,6 +202,10 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                         for swap_ab, pairs in ((False, False),) if gemv else ((False, False), (True, False), (True, True)):
                             plans.append(GemmPlan(block_m, block_n, False, split, per_split, warps, 4, gemv, swap_ab,
                                                   pairs=pairs))  # fmt: skip
+    for block_n, maxnreg, per_sm in itertools.product((64, 128), (80, 64, 48), (2, 3, 4)):
+        split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, 2)
+        plans.append(GemmPlan(DECODE_MAX_M, block_n, False, split, per_split, 4, 4, swap_ab=True, pairs=True, ws=True,
+                              maxnreg=maxnreg))  # fmt: skip
     return list(dict.fromkeys(plans))  # targets that give the same split are one plan
 
 

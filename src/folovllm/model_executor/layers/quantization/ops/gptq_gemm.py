@@ -8,7 +8,7 @@ method repacks once after loading (``pack_for_kernel``), as vLLM repacks for its
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -99,6 +99,7 @@ class GemmPlan:
     block_dot: bool = False  # prefill: one tl.dot per dequantized block of rows (``_gptq_gemm_block_kernel``)
     pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
     ws: bool = False  # the warp-specialized Gluon kernel (``gluon_gptq.py``); ``num_stages`` is its ring depth
+    maxnreg: int | None = None  # registers per thread, a launch option (programs per SM); None: the compiler's choice
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -226,8 +227,11 @@ def launch_gptq_gemm(
     if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m == DECODE_MAX_M):
         raise ValueError(f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m={DECODE_MAX_M}")
     if plan.ws and ws_supported(x, qweight, perm, bits, group_size):
-        return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size,
-                                     WsPlan(plan.block_n, plan.split_k, plan.num_stages))  # fmt: skip
+        ws_plan = WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps,
+                         8 if m <= 8 else 16)  # fmt: skip
+        return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size, ws_plan)
+    if plan.ws:  # the register cap was tuned for the Gluon kernel, not for its twin
+        plan = replace(plan, ws=False, maxnreg=None)
     kernel, extra = _kernel_for(plan, x.dtype, bits)
     return launch_plan(kernel, extra, x, qweight, scales, zeros, perm, bias, bits, group_size, plan)
 
@@ -258,6 +262,8 @@ def launch_plan(
     common = _constexprs(plan, bits, group_size, perm is not None, bias is not None) | dict(
         num_warps=plan.num_warps, num_stages=plan.num_stages
     )
+    if plan.maxnreg is not None:
+        common["maxnreg"] = plan.maxnreg
     args = (x, qweight, scales, zeros, x if perm is None else perm, x if bias is None else bias, out, partials,
             counters, m, n, k, x.stride(0), plan.blocks_per_split)  # fmt: skip
     for_device(kernel, x.device)[grid](*args, **extra, **common)
