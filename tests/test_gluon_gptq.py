@@ -99,3 +99,24 @@ def test_h200_table_holds_gluon_plans_with_register_caps():
     gluon = {key: plan for key, plan in plans.items() if plan.ws}
     assert tuned_key(4, 1, 4096, 24576) in gluon and gluon[tuned_key(4, 1, 4096, 24576)].maxnreg in (80, 64, 48)
     assert all(plan.block_m == 16 and plan.swap_ab and plan.pairs for plan in gluon.values())
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("m", [1, 6, 16])
+def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
+    """A ``ws`` plan reaches the Gluon kernel through ``gptq_gemm`` (the Triton twin is never launched) and equals the
+    reference, with 8 rows per product up to 8 rows and 16 above."""
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    k, n = 1024, 256
+    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
+    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
+    qweight = pack_for_kernel(codes, 4)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    monkeypatch.setattr(ops, "launch_plan", lambda *args, **kwargs: pytest.fail("the Triton twin ran"))
+    plan = ops.GemmPlan(16, 128, False, 2, 4, 4, 4, swap_ab=True, pairs=True, ws=True, maxnreg=64)
+    got = ops.gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
+    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()

@@ -560,6 +560,13 @@ else:
     # split, against the tuned plans and bf16 cuBLAS at M = 1, 4, 16; edge cases (partial tile, bias, per-channel,
     # 2-bit) checked against the reference. About 3 device-minutes.
     timeout 420 python3 milestones/results/m7_ws_decode.py "$OUT/M7-ws-decode-$gpu.json" ;;
+  wstpot)
+    # #15, seventeenth session, with the Gluon plans in the tuned table (m7_ws_decode.py --tune): GPU tests of the
+    # Gluon kernel and its dispatch, the kernel table at M = 1, 4, 16, weight memory and batch-1 TPOT bf16 vs GPTQ.
+    # About 3 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 240 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-ws-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
