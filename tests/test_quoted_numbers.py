@@ -96,6 +96,8 @@ DERIVED: list[tuple[str, str, str, str, str]] = [
     m5_itl_gain("5.62×", "M5-splits-16x200-seed4-h200.json"),
     ("README.md", "0.71×", "M7-throughput-pairs-h200.json", "results[config=M7/gptq].output_tokens_per_s",
      "results[config=M7].output_tokens_per_s"),
+    ("M7.md", "Gluon vs bf16", "M7-ws-decode-h200.json", "rows[*].bf16_us", "rows[*].best_ws.us"),
+    ("M7.md", "Gluon vs Triton", "M7-ws-decode-h200.json", "rows[*].tuned.us", "rows[*].best_ws.us"),
     ("README.md", "0.82×", "M7-throughput-pairs64-h200.json", "results[config=M7/gptq].output_tokens_per_s",
      "results[config=M7].output_tokens_per_s"),
     *(("M5.md", "M4 / M5", f"M5-splits-16{n}-seed{s}-h200.json", "results[config=M4].p99_itl_ms",
