@@ -8,6 +8,10 @@ the codes bf16 ``q - z`` two per word operation, as ``_gptq_gemm_pairs_kernel`` 
 registers (``wgmma`` with A in registers: the weight tile is the first operand, ``W^T X^T``), then frees the stage.
 Loads for later stages are in flight all the while, whatever the compute warps are doing.
 
+Measured on the H200 (``milestones/results/m7_ws_decode.py``): 1.00-1.16x the tuned Triton plans, 1.45-2.16x bf16 at
+one row. The split moved the limit rather than removing it: the compute warpgroup now bounds the large projections,
+and on the small ones the loader alone is slower than 3x bf16 allows.
+
 Gluon runs on the GPU only (the interpreter cannot run it): CPU tests compile it for sm_90 and check the reference
 path it shares with the Triton kernels (``gptq_gemm_reference``); GPU tests compare it with that reference.
 """
@@ -23,6 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from folovllm.triton_utils.counters import tile_counters
+from folovllm.utils import cdiv
 
 ROWS = gl.constexpr(16)  # word rows per K block (a block holds 16 * 32 / BITS input rows)
 
@@ -153,7 +158,7 @@ class WsPlan:
     block_n: int = 128
     split_k: int = 4
     stages: int = 4
-    async_mma: bool = True
+    async_mma: bool = False  # waiting once per block instead of per product was never faster by more than 3%
     maxnreg: int = 80
     num_warps: int = 4
     m_tile: int = 16
@@ -183,6 +188,7 @@ def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASha
 
 
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
+    """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
                 WARPS=plan.num_warps)  # fmt: skip
@@ -217,14 +223,12 @@ def launch_gptq_decode_ws(
     if m > plan.m_tile:
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
-    pack = 32 // bits
-    blocks = -(-k // (16 * pack))
-    per_split = -(-blocks // plan.split_k)
+    per_split = cdiv(cdiv(k, 16 * 32 // bits), plan.split_k)
     w_layout, x_layout = _descriptor_layouts(plan)
     w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
     x_desc = TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tiles = -(-n // plan.block_n)
+    tiles = cdiv(n, plan.block_n)
     partials = counters = out
     if plan.split_k > 1:
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
