@@ -137,6 +137,17 @@ def random_layer(k: int, n: int, device: torch.device, seed: int) -> dict[str, t
     }
 
 
+def weight_copies(k: int, n: int, device: torch.device) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Random 4-bit layers and bf16 weights of one shape, as many copies of each as add up to more than the L2 holds
+    (``graph_time_s`` replays over them, so each call reads HBM as a model's next layer would)."""
+    from folovllm.benchmarks.hardware import copies_beyond_l2
+
+    layer_bytes = k * n // 2 + 4 * (k // 128) * n
+    layers = [random_layer(k, n, device, seed) for seed in range(copies_beyond_l2(layer_bytes, device))]
+    copies = copies_beyond_l2(2 * k * n, device)
+    return layers, [torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(copies)]
+
+
 def reference(x: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
     scale, zero = (layer[name].float().repeat_interleave(128, 0) for name in ("scales", "zeros"))
     return x.float() @ ((layer["codes"] - zero) * scale)
@@ -180,15 +191,13 @@ def count() -> None:
 def measure(out: str) -> None:
     from folovllm.benchmarks.common import provenance, save_json
     from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s
+    from folovllm.benchmarks.hardware import graph_time_s
     from folovllm.benchmarks.word_stream import stream_words
 
     dev = torch.device("cuda")
     rows = []
     for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layer_bytes = k * n // 2 + 4 * (k // 128) * n
-        layers = [random_layer(k, n, dev, seed) for seed in range(copies_beyond_l2(layer_bytes, dev))]
-        dense = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies_beyond_l2(2 * k * n, dev))]
+        layers, dense = weight_copies(k, n, dev)
         for m in (1, 4, 16):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             ref = reference(x, layers[0])

@@ -26,7 +26,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from m7_decode_limits import random_layer, reference, rel_err  # noqa: E402
+from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
@@ -48,13 +48,7 @@ def _stream_kernel(w_desc, x_desc, K, blocks_per_split, BLOCK_N: gl.constexpr, S
     total = gl.cdiv(K, 16 * PACK)
     first = gl.program_id(1) * blocks_per_split
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    w_bufs, x_bufs, ready, empty = ws.ring(w_desc, x_desc, STAGES, PACK)
     off_n = gl.program_id(0) * BLOCK_N
     # fmt: off
     gl.warp_specialize([
@@ -118,15 +112,13 @@ def checks(dev: torch.device) -> list[dict]:
 def measure(out: str) -> None:
     from folovllm.benchmarks.common import provenance, save_json
     from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s
+    from folovllm.benchmarks.hardware import graph_time_s
 
     dev = torch.device("cuda")
     rows = []
     check_rows = checks(dev)
     for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layer_bytes = k * n // 2 + 4 * (k // 128) * n
-        layers = [random_layer(k, n, dev, seed) for seed in range(copies_beyond_l2(layer_bytes, dev))]
-        dense = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies_beyond_l2(2 * k * n, dev))]
+        layers, dense = weight_copies(k, n, dev)
         for m in (1, 4, 16):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             ref = reference(x, layers[0])

@@ -33,6 +33,20 @@ ROWS = gl.constexpr(16)  # word rows per K block (a block holds 16 * 32 / BITS i
 
 
 @gluon.jit
+def ring(w_desc, x_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
+    """The shared-memory ring: per stage a block's words and its PACK slices of X, and two barriers, ``ready`` (the
+    loader's copies landed) and ``empty`` (the compute warps are done with the stage)."""
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    return w_bufs, x_bufs, ready, empty
+
+
+@gluon.jit
 def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n,
                     STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
     """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words and its PACK
@@ -110,13 +124,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
     last_group = (K - 1) // GROUP_SIZE
 
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+    w_bufs, x_bufs, ready, empty = ring(w_desc, x_desc, STAGES, PACK)
 
     # fmt: off
     results = gl.warp_specialize([
