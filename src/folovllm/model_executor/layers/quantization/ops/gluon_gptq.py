@@ -26,10 +26,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from folovllm.model_executor.layers.quantization.ops.triton_gptq import PER_CHANNEL, SLICE_ROWS, block_rows
 from folovllm.triton_utils.counters import tile_counters
 from folovllm.utils import cdiv
 
-ROWS = gl.constexpr(16)  # word rows per K block (a block holds 16 * 32 / BITS input rows)
+ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
 
 
 @gluon.jit
@@ -184,7 +185,7 @@ def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | No
         and (x.stride(0) * 2) % 16 == 0
         and x.data_ptr() % 16 == 0
         and bits in (2, 4)
-        and (group_size == -1 or group_size % (16 * 32 // bits) == 0)
+        and (group_size == -1 or group_size % block_rows(bits) == 0)
         and perm is None
     )
 
@@ -197,7 +198,7 @@ def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASha
 
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
-    return dict(BITS=bits, GROUP_SIZE=2**30 if group_size == -1 else group_size, HAS_BIAS=has_bias,
+    return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
                 WARPS=plan.num_warps)  # fmt: skip
 
@@ -231,7 +232,7 @@ def launch_gptq_decode_ws(
     if m > plan.m_tile:
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
-    per_split = cdiv(cdiv(k, 16 * 32 // bits), plan.split_k)
+    per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
     w_layout, x_layout = _descriptor_layouts(plan)
     w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
     x_desc = TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout)

@@ -16,11 +16,14 @@ import torch
 
 from folovllm.model_executor.layers.quantization.ops.gluon_gptq import WsPlan, launch_gptq_decode_ws, ws_supported
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
+    PER_CHANNEL,
+    SLICE_ROWS,
     _gptq_gemm_block_kernel,
     _gptq_gemm_kernel,
     _gptq_gemm_pairs_kernel,
     _gptq_gemm_swap_ab_kernel,
     _gptq_gemv_kernel,
+    block_rows,
 )
 from folovllm.triton_utils import for_device
 from folovllm.triton_utils.counters import tile_counters
@@ -28,18 +31,11 @@ from folovllm.triton_utils.tuned import TunedTable
 from folovllm.utils import cdiv
 
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
-SLICE_ROWS = 16  # K of one tl.dot: rows of X per slice
 DECODE_MAX_M = 16  # up to here one M tile holds every row: the split-K plan
 GEMV_MAX_M = 4  # the FMA kernel's most rows (a 16-row tl.dot would be mostly padding); tuned plans choose
-PER_CHANNEL = 2**30  # the group size the kernel sees for group_size=-1: one group longer than any K
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
 _SHARED_BYTES = 200 * 1024  # a whole-block plan's estimated shared memory: Hopper allows 227 KiB per block
-
-
-def block_rows(bits: int) -> int:
-    """Input rows per block of 16 words: ``16 * 32 / bits``."""
-    return SLICE_ROWS * (32 // bits)
 
 
 def pack_for_kernel(codes: torch.Tensor, bits: int) -> torch.Tensor:

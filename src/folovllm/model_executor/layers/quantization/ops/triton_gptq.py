@@ -1,4 +1,5 @@
-"""The W4A16 GPTQ matmul in Triton: the kernel only (layout, planning and launch live in ``gptq_gemm.py``).
+"""The W4A16 GPTQ matmul in Triton: the kernels and the sizes of their block layout (packing, planning and launch live
+in ``gptq_gemm.py``).
 
 ``Out [M, N] = X [M, K] @ W [K, N] (+ bias)`` where ``W`` exists only as packed codes: each program
 loads a tile of 32-bit words, shifts and masks them into floats in registers (``_codes_as_floats``), and feeds them to
@@ -23,6 +24,14 @@ import triton
 import triton.language as tl
 
 from folovllm.model_executor.layers.ops.split_k import store_tile
+
+SLICE_ROWS = 16  # K of one tl.dot: rows of X per slice
+PER_CHANNEL = 2**30  # the group size the kernels see for group_size=-1: one group longer than any K
+
+
+def block_rows(bits: int) -> int:
+    """Input rows per block of 16 words: ``16 * 32 / bits``."""
+    return SLICE_ROWS * (32 // bits)
 
 
 @triton.jit
