@@ -40,9 +40,11 @@ def compile_for_gpu(
     ``"tensordesc<i32[16, 128],NVMMASharedLayout(...)>"``), and ``maxnreg`` caps registers per thread.
 
     Under ``TRITON_INTERPRET=1`` (our CPU tests and notebooks) ``@triton.jit`` made an interpreted
-    function, which cannot be compiled; a child Python without that switch compiles it instead."""
+    function, which cannot be compiled, and a process that has run interpreted kernels has Triton's language
+    patched for the interpreter (a Gluon kernel, still compilable, then failed in its front end); a child
+    Python without that switch compiles either instead."""
     args = (types, constexprs, list(divisible_by_16), capability, num_warps, num_stages, maxnreg)
-    if not isinstance(kernel, JITFunction):
+    if not isinstance(kernel, JITFunction) or os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(kernel.fn.__module__, kernel.fn.__qualname__, args)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
