@@ -16,16 +16,62 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 def test_loader_warp_streams_with_tma_and_compute_warps_multiply_codes_from_registers():
     """Compiled for an H200 on this CPU: one loader warp with 24 registers issues TMA copies (the words and eight
     X slices per block); the compute warpgroup runs ``wgmma`` m64n16k16 whose first operand, the codes made bf16,
-    stays in registers (two products per 16-row slice pair, 16 per block of a 128-column tile), and the kernel fits
+    stays in registers (16 per block of a 128-column tile, made by ``_byte_perm_asm``), and the kernel fits
     80 registers a thread (three programs per SM) without spilling."""
     asm = ws.compile_ws_plan(ws.WsPlan(block_n=128, split_k=4, stages=4, async_mma=True))
     ptx = asm["ptx"]
     assert ptx.count("cp.async.bulk.tensor") >= 2
     assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16") == 16
+    # a thread's 128 codes per block: 64 registers of two, one lop3 and one sub.bf16x2 each, 16 byte permutes
+    assert (ptx.count("lop3.b32"), ptx.count("sub.bf16x2"), ptx.count("prmt.b32")) == (64, 64, 16)
     assert "#ttg.dot_op<{opIdx = 0" in asm["ttgir"] and "ttg.warp_specialize" in asm["ttgir"]
     assert ptxas_report(ptx) == {"registers": 80, "spill_bytes": 0}
     assert int(asm["shared"]) < 4 * (16 * 128 * 4 + 8 * 16 * 16 * 2) + 1024
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """The four PTX instructions ``_byte_perm_asm`` uses, on Python integers (32-bit registers)."""
+    for line in asm.strip("{}\n").splitlines():
+        op, args = line.split(" ", 1)
+        if op == ".reg":
+            continue
+        d, *src = [a.strip() for a in args.rstrip(";").split(",")]
+        val = [regs[a] if a in regs else int(a, 0) for a in src]
+        if op == "prmt.b32":  # selector nibble i picks byte i of the result from the 8 bytes of (a, b)
+            both = val[0] | val[1] << 32
+            regs[d] = sum(((both >> 8 * ((val[2] >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.u32":
+            regs[d] = val[0] >> val[1]
+        elif op == "lop3.b32":
+            assert val[3] == 0xEA  # (a & b) | c
+            regs[d] = (val[0] & val[1]) | val[2]
+        elif op == "sub.bf16x2":
+            halves = [(val[0] >> s & 0xFFFF, val[1] >> s & 0xFFFF) for s in (0, 16)]
+            diffs = [torch.tensor([a, b], dtype=torch.int32).to(torch.int16).view(torch.bfloat16) for a, b in halves]
+            regs[d] = sum((int((x[0] - x[1]).view(torch.int16)) & 0xFFFF) << s for x, s in zip(diffs, (0, 16)))
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+    return regs
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_byte_perm_asm_makes_both_halves_of_a_register_from_one_field_of_two_words(bits):
+    """Each output register of ``_byte_perm_asm`` is one ``wgmma`` A register: bit field ``p`` of word row ``c`` in its
+    low half and of row ``c + 1`` in its high half, as bf16 ``q - z``; emulated here instruction by instruction."""
+    gen = torch.Generator().manual_seed(bits)
+    pack = 32 // bits
+    for _ in range(20):
+        w0, w1 = (int(v) for v in torch.randint(0, 2**32, (2,), generator=gen, dtype=torch.int64))
+        z = int(torch.randint(0, 2**bits, (1,), generator=gen))
+        off = int(torch.tensor([128.0 + z]).bfloat16().view(torch.int16)) & 0xFFFF
+        for q in range(pack // 4):
+            regs = _run_ptx(ws._byte_perm_asm.fn(bits, q), {"$4": w0, "$5": w1, "$6": off | off << 16})
+            for i in range(4):
+                field = q * 4 + i
+                want = [(w >> field * bits & (2**bits - 1)) - z for w in (w0, w1)]
+                got = torch.tensor([regs[f"${i}"] & 0xFFFF, regs[f"${i}"] >> 16], dtype=torch.int32).to(torch.int16)
+                assert got.view(torch.bfloat16).tolist() == want
 
 
 def test_ws_supported_names_what_the_kernel_serves():
@@ -41,6 +87,8 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 320, 4, -1, 16, True, ws.WsPlan(128, 1, 4, False)),
         (2048, 256, 2, 256, 5, False, ws.WsPlan(128, 4, 2, True)),
         (1024, 384, 4, 128, 7, True, ws.WsPlan(128, 16, 4, False, 64, 8, 8)),
+        (1024, 320, 4, 128, 3, True, ws.WsPlan(64, 2, 4, False, byte_perm=False)),
+        (2048, 256, 2, 256, 9, False, ws.WsPlan(128, 4, 2, False, byte_perm=False)),
     ],
 )
 def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):

@@ -1,5 +1,6 @@
-"""#15: the warp-specialized W4A16 decode kernel (``ops/gluon_gptq.py``) against the engine's tuned Triton plans and
-bf16 cuBLAS, in one run on Qwen3-8B's projections at M = 1, 4, 16; every variant checked against the reference.
+"""#15: the warp-specialized W4A16 decode kernel (``ops/gluon_gptq.py``) against the engine's tuned plans and bf16
+cuBLAS, in one run on Qwen3-8B's projections at M = 1, 4, 16; every variant checked against the reference. Where the
+tuned plan is a Gluon plan, ``tuned_shift`` times it with the codes made the earlier way (``byte_perm=False``).
 Beside it, the kernel's loader alone (``_stream_kernel``: the compute warps only wait for each stage and free it):
 the time this structure needs to bring the words and X into shared memory, with no conversion and no product.
 
@@ -99,7 +100,7 @@ def checks(dev: torch.device) -> list[dict]:
         x = torch.randn(m, k, device=dev, generator=gen).bfloat16()
         ref = ops.gptq_gemm_reference(x.float(), qweight, scales, zeros, None, bias, bits, group).float()
         for plan in (ws.WsPlan(64, 2, 4, True), ws.WsPlan(128, 4, 4, False, 64, 8), ws.WsPlan(128, 1, 8, True, 48),
-                     ws.WsPlan(128, 2, 4, False, 64, 4, 8)):  # fmt: skip
+                     ws.WsPlan(128, 2, 4, False, 64, 4, 8), ws.WsPlan(128, 2, 4, False, 64, 4, 8, False)):  # fmt: skip
             if m > plan.m_tile:
                 continue
             got = ws.launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group, plan)
@@ -137,6 +138,10 @@ def measure(out: str) -> None:
             row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
                    "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
                    "tuned": timed(run_tuned), "ws": []}  # fmt: skip
+            if tuned.ws:  # the same plan with the codes made by Gluon integer operations (before _byte_perm_asm)
+                shift = ws.WsPlan(tuned.block_n, tuned.split_k, tuned.num_stages, False, tuned.maxnreg or 80,
+                                  tuned.num_warps, 8 if m <= 8 else 16, byte_perm=False)  # fmt: skip
+                row["tuned_shift"] = timed(partial(run_ws, plan=shift))
             for plan in plans(k, m):
                 try:
                     row["ws"].append(dataclasses.asdict(plan) | timed(partial(run_ws, plan=plan)))
@@ -153,7 +158,8 @@ def measure(out: str) -> None:
                         us = graph_time_s([partial(stream, x, L["pairs"], plan) for L in layers], dev) * 1e6
                         row["stream"].append({"split_k": split, "maxnreg": maxnreg, "us": us})
                 row["best_stream_us"] = min(r["us"] for r in row["stream"])
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.1f} us, tuned {row['tuned']['us']:.1f}, ws "
+            print(f"{name} m={m}: bf16 {row['bf16_us']:.1f} us, tuned {row['tuned']['us']:.1f} (shift "
+                  f"{row.get('tuned_shift', {}).get('us', float('nan')):.1f}), ws "
                   f"{best['us'] if best else float('nan'):.1f}, stream {row.get('best_stream_us', 0):.1f} {best}",
                   flush=True)  # fmt: skip
             rows.append(row)

@@ -567,6 +567,17 @@ else:
     python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
     timeout 240 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-ws-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?" ;;
+  permdecode)
+    # #15, eighteenth session: the Gluon kernel's codes made by _byte_perm_asm (prmt + lop3 + sub.bf16x2 per
+    # register, 363 SASS instructions per block against 480); GPU tests of both ways, then the sweep with the
+    # tuned plan timed both ways side by side (tuned, tuned_shift). About 4 device-minutes.
+    python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 420 python3 milestones/results/m7_ws_decode.py "$OUT/M7-perm-decode-$gpu.json" ;;
+  permtpot)
+    # #15, eighteenth session, after m7_ws_decode.py --tune on permdecode's JSON: the kernel table at M = 1, 4, 16,
+    # weight memory and batch-1 TPOT bf16 vs GPTQ. About 3 device-minutes.
+    timeout 300 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-perm-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

@@ -33,6 +33,32 @@ from folovllm.utils import cdiv
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
 
 
+PER_ASM = gl.constexpr(4)  # product operands one ``_byte_perm_asm`` block makes
+_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r", "r", "r"]))
+
+
+@gluon.constexpr_function
+def _byte_perm_asm(bits: int, q: int) -> str:
+    """PTX that makes product operands ``q * PER_ASM ...`` from two words of a row (``$4``, ``$5``: word rows ``c`` and
+    ``c + 1``, the two K positions one register of ``wgmma``'s A holds): ``prmt`` puts the two words' bytes holding
+    those fields side by side, one 16-bit half each; per field a shift and one ``lop3`` (``(t & mask) | 0x4300``)
+    make both halves bf16 ``128 + q``, and ``sub.bf16x2`` takes ``128 + z`` (``$6``) from both."""
+    fields_per_half = 16 // bits
+    first = q * 4
+    selector = "0x5410" if first < fields_per_half else "0x7632"
+    mask = hex(((1 << bits) - 1) * 0x10001)
+    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, $4, $5, {selector};"]
+    for i in range(4):
+        shift = ((first + i) % fields_per_half) * bits
+        src = "t"
+        if shift:
+            lines.append(f"shr.u32 u, t, {shift};")
+            src = "u"
+        lines.append(f"lop3.b32 u, {src}, {mask}, 0x43004300, 0xEA;")
+        lines.append(f"sub.bf16x2 ${i}, u, $6;")
+    return "\n".join(lines + ["}"])
+
+
 @gluon.jit
 def ring(w_desc, x_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
     """The shared-memory ring: per stage a block's words and its PACK slices of X, and two barriers, ``ready`` (the
@@ -67,7 +93,8 @@ def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, 
 @gluon.jit
 def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
                        BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+                       ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
+                       BYTE_PERM: gl.constexpr):  # fmt: skip
     """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
     ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
     PACK: gl.constexpr = 32 // BITS
@@ -94,12 +121,28 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         words = w_bufs.index(s).permute((1, 0)).load(a_layout)
         part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
-        for j in gl.static_range(HALF):
-            pair = ((words >> (j * BITS)) & MASK) | 0x43004300
-            lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
-            hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
-            part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
-            part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
+        if BYTE_PERM:
+            offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
+            for q in gl.static_range(PACK // PER_ASM):
+                codes = gl.inline_asm_elementwise(
+                    _byte_perm_asm(BITS, q),
+                    _CONSTRAINTS,
+                    [words, offs],
+                    dtype=(gl.bfloat16,) * PER_ASM,
+                    is_pure=True,
+                    pack=2,
+                )
+                for i in gl.static_range(PER_ASM):
+                    part = warpgroup_mma(
+                        codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
+                    )
+        else:
+            for j in gl.static_range(HALF):
+                pair = ((words >> (j * BITS)) & MASK) | 0x43004300
+                lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+                hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+                part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
+                part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
         if ASYNC:
             part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
         mbarrier.arrive(empty.index(s), count=1)
@@ -111,7 +154,7 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
 def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8 or 16, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
     as ``split_k.store_tile`` does."""
@@ -130,7 +173,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     # fmt: off
     results = gl.warp_specialize([
         (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
-                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS)),
+                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM)),
         (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
@@ -171,6 +214,7 @@ class WsPlan:
     maxnreg: int = 80
     num_warps: int = 4
     m_tile: int = 16
+    byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -200,7 +244,7 @@ def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dic
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
