@@ -8,6 +8,7 @@ Run from the repository root:
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --compile   # CPU: compile for sm_90, ptxas registers
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py OUT.json    # H200
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --tune OUT.json  # its winners into the tuned table
+    PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --variants OUT.json  # H200: tuned plan vs variants
 """
 
 from __future__ import annotations
@@ -167,6 +168,44 @@ def measure(out: str) -> None:
               | {"benchmark": "m7_ws_decode", "checks": check_rows, "rows": rows})  # fmt: skip
 
 
+def variants(out: str) -> None:
+    """The large projections at M = 1 and 4, where the compute warps are the limit: each one's tuned Gluon plan beside
+    itself with asynchronous products (one wait per block), a deeper ring and two compute warpgroups."""
+    from folovllm.benchmarks.common import provenance, save_json
+    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+    from folovllm.benchmarks.hardware import graph_time_s
+
+    dev = torch.device("cuda")
+    rows = []
+    for name in ("gate_up_proj", "down_proj"):
+        k, n = QWEN3_8B_SHAPES[name]
+        layers, _ = weight_copies(k, n, dev)
+        for m in (1, 4):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            ref = reference(x, layers[0])
+            t = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
+            base = ws.WsPlan(t.block_n, t.split_k, t.num_stages, False, t.maxnreg or 80, t.num_warps, 8 if m <= 8 else 16)
+            row = {"layer": name, "m": m, "k": k, "n": n, "plans": []}
+            for plan in (base, dataclasses.replace(base, async_mma=True), dataclasses.replace(base, stages=6),
+                         dataclasses.replace(base, async_mma=True, stages=6), dataclasses.replace(base, num_warps=8),
+                         dataclasses.replace(base, num_warps=8, async_mma=True), dataclasses.replace(base, maxnreg=64),
+                         dataclasses.replace(base, maxnreg=96)):  # fmt: skip
+
+                def run(layer, plan=plan):
+                    return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
+
+                try:
+                    err = rel_err(run(layers[0]), ref)
+                    us = graph_time_s([partial(run, layer) for layer in layers], dev) * 1e6
+                    row["plans"].append(dataclasses.asdict(plan) | {"us": us, "err": err})
+                except Exception as exc:  # recorded, not fatal
+                    row["plans"].append(dataclasses.asdict(plan) | {"error": repr(exc)[:300]})
+                print(name, m, row["plans"][-1], flush=True)
+            rows.append(row)
+    save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+              | {"benchmark": "m7_ws_decode variants", "rows": rows})  # fmt: skip
+
+
 def compile_only() -> None:
     """Compile every plan for sm_90 on this machine and report ptxas's registers and the shared memory."""
     for plan in plans(4096, 1):
@@ -198,6 +237,6 @@ def tune(path: str) -> None:
 
 
 if __name__ == "__main__":
-    {"--compile": lambda: compile_only(), "--tune": lambda: tune(sys.argv[2])}.get(
+    {"--compile": compile_only, "--tune": lambda: tune(sys.argv[2]), "--variants": lambda: variants(sys.argv[2])}.get(
         sys.argv[1], lambda: measure(sys.argv[1])
     )()

@@ -575,9 +575,11 @@ else:
     timeout 420 python3 milestones/results/m7_ws_decode.py "$OUT/M7-perm-decode-$gpu.json" ;;
   permtpot)
     # #15, eighteenth session, after m7_ws_decode.py --tune on permdecode's JSON: the kernel table at M = 1, 4, 16,
-    # weight memory and batch-1 TPOT bf16 vs GPTQ. About 3 device-minutes.
+    # weight memory and batch-1 TPOT bf16 vs GPTQ; then --variants. About 4 device-minutes.
     timeout 300 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-perm-$gpu.json" > "$OUT/gptq.log" 2>&1
-    echo "gptq: exit $?" ;;
+    echo "gptq: exit $?"
+    # the large projections' tuned plans beside async products, a deeper ring, two warpgroups, other register caps
+    timeout 200 python3 milestones/results/m7_ws_decode.py --variants "$OUT/M7-perm-variants-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
