@@ -580,6 +580,13 @@ else:
     echo "gptq: exit $?"
     # the large projections' tuned plans beside async products, a deeper ring, two warpgroups, other register caps
     timeout 200 python3 milestones/results/m7_ws_decode.py --variants "$OUT/M7-perm-variants-$gpu.json" ;;
+  permstep)
+    # #15, eighteenth session: where batch-1 decode time goes on random:qwen3-8b, kernel by kernel (torch.profiler),
+    # bf16 (M4) beside GPTQ with and without CUDA graphs: the projections' share of a step bounds what any W4A16
+    # kernel can do for TPOT. About 3 device-minutes.
+    timeout 400 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/eager \
+      --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-step-$gpu.json" > "$OUT/step.log" 2>&1
+    echo "step: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
