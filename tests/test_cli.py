@@ -266,6 +266,21 @@ def test_bench_step_json(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_bench_step_floor_is_each_configs_own(tmp_path, capsys):
+    """A GPTQ config reads about a quarter of the projections' bytes, so its row's floor and ratio use its own
+    weight bytes, not the first config's."""
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M4", "M7/gptq"]
+    assert main([*argv, "--batch-size", "1", "--prompt-len", "8", "--steps", "2", "--no-timeline", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    bf16, gptq = data["results"]
+    assert gptq["weight_bytes"] < bf16["weight_bytes"] == data["floor"]["weight_bytes"]
+    for row in (bf16, gptq):
+        assert row["wall_vs_weights_floor"] == pytest.approx(row["wall_ms_per_step"] / row["weights_floor_ms"])
+        assert row["weights_floor_ms"] == pytest.approx(row["weight_bytes"] / (data["floor"]["copy_GBps"] * 1e6))
+    capsys.readouterr()
+
+
 def test_bench_step_block_sizes_without_timeline(tmp_path, capsys):
     out = tmp_path / "step.json"
     argv = ["bench", "step", "--model", "random:tiny-llama", "--device", "cpu", "--milestone", "M3/block=4", "M3/block=32"]
