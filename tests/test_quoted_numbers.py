@@ -98,6 +98,8 @@ DERIVED: list[tuple[str, str, str, str, str]] = [
      "results[config=M7].output_tokens_per_s"),
     ("M7.md", "Gluon vs bf16", "M7-ws-decode-h200.json", "rows[*].bf16_us", "rows[*].best_ws.us"),
     ("M7.md", "Gluon vs Triton", "M7-ws-decode-h200.json", "rows[*].tuned.us", "rows[*].best_ws.us"),
+    ("M7.md", "byte permute vs before", "M7-perm-decode-h200.json", "rows[*].tuned_shift.us", "rows[*].tuned.us"),
+    ("M7.md", "byte permute vs bf16", "M7-perm-decode-h200.json", "rows[*].bf16_us", "rows[*].tuned.us"),
     ("README.md", "0.82×", "M7-throughput-pairs64-h200.json", "results[config=M7/gptq].output_tokens_per_s",
      "results[config=M7].output_tokens_per_s"),
     *(("M5.md", "M4 / M5", f"M5-splits-16{n}-seed{s}-h200.json", "results[config=M4].p99_itl_ms",
@@ -209,7 +211,10 @@ def derived_for(page: str) -> dict[str, list[float]]:
         data = json.loads((RESULTS / name).read_text())
         n = len(resolve_list(data, num.split("[*]")[0])) if "[*]" in num else 1
         for i in range(n):
-            a, b = (resolve(data, path.replace("[*]", f"[{i}]")) for path in (num, den))
+            try:
+                a, b = (resolve(data, path.replace("[*]", f"[{i}]")) for path in (num, den))
+            except KeyError:  # a row without one of the two values has no ratio
+                continue
             out.setdefault(label, []).append(a / b)
     return out
 
