@@ -587,6 +587,14 @@ else:
     timeout 400 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/eager \
       --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-step-$gpu.json" > "$OUT/step.log" 2>&1
     echo "step: exit $?" ;;
+  permstalls)
+    # #15, eighteenth session: Nsight Compute on the tuned Gluon plans of gate_up_proj and down_proj at M = 1
+    # (m7_ws_stalls.py): issue-slot use and warps stalled per issued instruction, by reason. About 2 device-minutes.
+    timeout 300 /usr/local/cuda/bin/ncu --kernel-name gptq_decode_ws_kernel --section WarpStateStats \
+      --section SchedulerStats --section SpeedOfLight --page raw --csv \
+      python3 milestones/results/m7_ws_stalls.py run > "$OUT/stalls.csv" 2> "$OUT/ncu.err"
+    echo "ncu: exit $?"
+    python3 milestones/results/m7_ws_stalls.py collect "$OUT/stalls.csv" "$OUT/M7-ws-stalls-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

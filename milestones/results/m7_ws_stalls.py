@@ -1,0 +1,58 @@
+"""#15: what the Gluon decode kernel's warps wait on, from Nsight Compute (on the H200 box at /usr/local/cuda/bin).
+
+``run`` launches the engine's tuned plan for ``gate_up_proj`` and ``down_proj`` of Qwen3-8B at M = 1 twice each
+(the first launch compiles); stage ``permstalls`` runs it under ``ncu --page raw --csv`` with the warp-state and
+scheduler sections, and ``collect`` keeps each shape's second launch: issue-slot use and the average number of warps
+stalled per issued instruction, by reason (all warps of the program, the loader warp included).
+
+    ncu ... python3 milestones/results/m7_ws_stalls.py run > stalls.csv
+    python3 milestones/results/m7_ws_stalls.py collect stalls.csv OUT.json
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+
+import torch
+
+from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+LAYERS = ("gate_up_proj", "down_proj")
+
+
+def run() -> None:
+    dev = torch.device("cuda")
+    for name in LAYERS:
+        k, n = QWEN3_8B_SHAPES[name]
+        codes = torch.randint(0, 16, (k, n), device=dev)
+        qweight = ops.pack_for_kernel(codes, 4)
+        scales = (torch.rand(k // 128, n, device=dev) * 0.01 + 0.001).half()
+        zeros = torch.randint(0, 16, (k // 128, n), device=dev).half()
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
+        plan = ops.plan_gptq_gemm(1, n, k, 4, dev, 2)
+        for _ in range(2):
+            ops.launch_gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
+        torch.cuda.synchronize()
+
+
+def collect(path: str, out: str) -> None:
+    from folovllm.benchmarks.common import provenance, save_json
+
+    text = open(path).read()
+    rows = list(csv.reader(io.StringIO(text[text.index('"ID"') :])))
+    header, units, kernels = rows[0], rows[1], rows[2:]
+    keep = [i for i, h in enumerate(header) if "stalled" in h or "issue_active" in h or "inst_executed" in h
+            or h in ("Kernel Name", "gpu__time_duration.sum", "sm__warps_active.avg.pct_of_peak_sustained_active")]  # fmt: skip
+    results = []
+    for name, row in zip(LAYERS, kernels[1::2]):
+        metrics = {header[i]: row[i] for i in keep}
+        results.append({"layer": name, "m": 1, "units": {header[i]: units[i] for i in keep}, "metrics": metrics})
+    save_json(out, provenance(torch.device("cuda"), "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+              | {"benchmark": "m7_ws_stalls", "results": results})  # fmt: skip
+
+
+if __name__ == "__main__":
+    run() if sys.argv[1] == "run" else collect(sys.argv[2], sys.argv[3])
