@@ -44,8 +44,8 @@ def collect(path: str, out: str) -> None:
     text = open(path).read()
     rows = list(csv.reader(io.StringIO(text[text.index('"ID"') :])))
     header, units, kernels = rows[0], rows[1], rows[2:]
-    keep = [i for i, h in enumerate(header) if "stalled" in h or "issue_active" in h or "inst_executed" in h
-            or h in ("Kernel Name", "gpu__time_duration.sum", "sm__warps_active.avg.pct_of_peak_sustained_active")]  # fmt: skip
+    wanted = ("stalled", "issue_active", "inst_executed", "Kernel Name", "gpu__time_duration", "warps_active")
+    keep = [i for i, h in enumerate(header) if any(w in h for w in wanted)]
     results = []
     for name, row in zip(LAYERS, kernels[1::2]):
         metrics = {header[i]: row[i] for i in keep}
