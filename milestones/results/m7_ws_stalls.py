@@ -2,8 +2,9 @@
 
 ``run`` launches the engine's tuned plan for ``gate_up_proj`` and ``down_proj`` of Qwen3-8B at M = 1 twice each
 (the first launch compiles); stage ``permstalls`` runs it under ``ncu --page raw --csv`` with the warp-state and
-scheduler sections, and ``collect`` keeps each shape's second launch: issue-slot use and the average number of warps
-stalled per issued instruction, by reason (all warps of the program, the loader warp included).
+scheduler sections, and ``collect`` keeps each shape's second launch: issue-slot use, the average number of warps
+stalled per issued instruction by reason (all warps of the program, the loader warp included) and (since the
+eighteenth session's run, whose raw CSV is ``M7-ws-stalls-h200.csv``) the launch's waves and occupancy limits.
 
     ncu ... python3 milestones/results/m7_ws_stalls.py run > stalls.csv
     python3 milestones/results/m7_ws_stalls.py collect stalls.csv OUT.json
@@ -44,7 +45,18 @@ def collect(path: str, out: str) -> None:
     text = open(path).read()
     rows = list(csv.reader(io.StringIO(text[text.index('"ID"') :])))
     header, units, kernels = rows[0], rows[1], rows[2:]
-    wanted = ("stalled", "issue_active", "inst_executed", "Kernel Name", "gpu__time_duration", "warps_active")
+    wanted = (
+        "stalled",
+        "issue_active",
+        "inst_executed",
+        "Kernel Name",
+        "gpu__time_duration",
+        "warps_active",
+        "launch__waves",
+        "launch__occupancy_limit",
+        "launch__block_size",
+        "launch__grid_size",
+    )
     keep = [i for i, h in enumerate(header) if any(w in h for w in wanted)]
     results = []
     for name, row in zip(LAYERS, kernels[1::2]):
