@@ -161,7 +161,8 @@ def numbers_in(text: str, header: str = "") -> list[Quoted]:
 
 @cache
 def values_in(name: str) -> tuple[float, ...]:
-    """Every number in a results file: the JSON's numeric leaves, or the numbers printed in a log."""
+    """Every number in a results file: the JSON's numeric leaves (strings that are a number too: Nsight Compute
+    prints ``"27,648"``), or the numbers printed in a log."""
     text = (RESULTS / name).read_text()
     if name.endswith(".log"):
         return tuple(float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", text.replace(",", "")))
@@ -177,6 +178,8 @@ def values_in(name: str) -> tuple[float, ...]:
                 walk(v)
         elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node):
             out.append(float(node))
+        elif isinstance(node, str) and re.fullmatch(r"-?[\d,]+(?:\.\d+)?", node):
+            out.append(float(node.replace(",", "")))
 
     walk(json.loads(text))
     return tuple(out)
