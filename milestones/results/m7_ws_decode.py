@@ -140,8 +140,7 @@ def measure(out: str) -> None:
                    "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
                    "tuned": timed(run_tuned), "ws": []}  # fmt: skip
             if tuned.ws:  # the same plan with the codes made by Gluon integer operations (before _byte_perm_asm)
-                shift = ws.WsPlan(tuned.block_n, tuned.split_k, tuned.num_stages, False, tuned.maxnreg or 80,
-                                  tuned.num_warps, 8 if m <= 8 else 16, byte_perm=False)  # fmt: skip
+                shift = dataclasses.replace(ops.as_ws_plan(tuned, m), byte_perm=False)
                 row["tuned_shift"] = timed(partial(run_ws, plan=shift))
             for plan in plans(k, m):
                 try:
@@ -183,8 +182,7 @@ def variants(out: str) -> None:
         for m in (1, 4):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             ref = reference(x, layers[0])
-            t = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
-            base = ws.WsPlan(t.block_n, t.split_k, t.num_stages, False, t.maxnreg or 80, t.num_warps, 8 if m <= 8 else 16)
+            base = ops.as_ws_plan(ops.plan_gptq_gemm(m, n, k, 4, dev, 2), m)
             row = {"layer": name, "m": m, "k": k, "n": n, "plans": []}
             for plan in (base, dataclasses.replace(base, async_mma=True), dataclasses.replace(base, stages=6),
                          dataclasses.replace(base, async_mma=True, stages=6), dataclasses.replace(base, num_warps=8),

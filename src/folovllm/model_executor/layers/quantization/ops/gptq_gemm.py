@@ -188,6 +188,13 @@ def _kernel_for(plan: GemmPlan, act: torch.dtype, bits: int) -> tuple[object, di
     return _gptq_gemm_kernel, dict(DOT_PRECISION=precision, DEQUANT_TILES=plan.dequant_tiles)
 
 
+def as_ws_plan(plan: GemmPlan, m: int) -> WsPlan:
+    """The Gluon launch a ``ws`` plan stands for at ``m`` rows: its tiles, split, ring depth and register cap, 8 rows
+    of X per product up to 8 rows and 16 above."""
+    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps,
+                  8 if m <= 8 else 16)  # fmt: skip
+
+
 def launch_gptq_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -223,9 +230,7 @@ def launch_gptq_gemm(
     if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m == DECODE_MAX_M):
         raise ValueError(f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m={DECODE_MAX_M}")
     if plan.ws and ws_supported(x, qweight, perm, bits, group_size):
-        ws_plan = WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps,
-                         8 if m <= 8 else 16)  # fmt: skip
-        return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size, ws_plan)
+        return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size, as_ws_plan(plan, m))
     if plan.ws:  # the register cap was tuned for the Gluon kernel, not for its twin
         plan = replace(plan, ws=False, maxnreg=None)
     kernel, extra = _kernel_for(plan, x.dtype, bits)
