@@ -33,8 +33,9 @@ from folovllm.utils import cdiv
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
 
 
-PER_ASM = gl.constexpr(4)  # product operands one ``_byte_perm_asm`` block makes
-_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r", "r", "r"]))
+_PER_ASM = 4  # product operands one ``_byte_perm_asm`` block makes (its outputs $0..$3; its inputs follow)
+PER_ASM = gl.constexpr(_PER_ASM)
+_CONSTRAINTS = gl.constexpr(",".join(["=r"] * _PER_ASM + ["r"] * 3))
 
 
 @gluon.constexpr_function
@@ -44,18 +45,19 @@ def _byte_perm_asm(bits: int, q: int) -> str:
     those fields side by side, one 16-bit half each; per field a shift and one ``lop3`` (``(t & mask) | 0x4300``)
     make both halves bf16 ``128 + q``, and ``sub.bf16x2`` takes ``128 + z`` (``$6``) from both."""
     fields_per_half = 16 // bits
-    first = q * 4
+    first = q * _PER_ASM
     selector = "0x5410" if first < fields_per_half else "0x7632"
     mask = hex(((1 << bits) - 1) * 0x10001)
-    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, $4, $5, {selector};"]
-    for i in range(4):
+    word_c, word_next, off = (f"${_PER_ASM + i}" for i in range(3))
+    lines = ["{", ".reg .b32 t, u;", f"prmt.b32 t, {word_c}, {word_next}, {selector};"]
+    for i in range(_PER_ASM):
         shift = ((first + i) % fields_per_half) * bits
         src = "t"
         if shift:
             lines.append(f"shr.u32 u, t, {shift};")
             src = "u"
         lines.append(f"lop3.b32 u, {src}, {mask}, 0x43004300, 0xEA;")
-        lines.append(f"sub.bf16x2 ${i}, u, $6;")
+        lines.append(f"sub.bf16x2 ${i}, u, {off};")
     return "\n".join(lines + ["}"])
 
 
