@@ -34,17 +34,13 @@ def test_byte_perm_takes_a_quarter_of_the_compute_loops_machine_instructions():
     """Compiled down to SASS: the compute warps' loop per block (128 codes a thread) with ``_byte_perm_asm`` against
     the same plan with the codes made by Gluon integer operations; same 16 products, at least 20% fewer
     instructions, fewer LOP3 and PRMT (ptxas had already fused each AND with its OR)."""
-    from collections import Counter
-
-    from folovllm.triton_utils.offline_compile import sass_loop
-
-    def ops(loop: list[str]) -> Counter:
-        return Counter(text.split()[text.startswith("@")].split(".")[0] for text in loop)
+    from folovllm.triton_utils.offline_compile import opcode_counts, sass_loop
 
     new, old = (sass_loop(ws.compile_ws_plan(ws.WsPlan(128, 2, 4, False, 64, 4, 8, perm))["ptx"]) for perm in (True, False))
-    assert ops(new)["HGMMA"] == ops(old)["HGMMA"] == 16
+    ops_new, ops_old = opcode_counts(new), opcode_counts(old)
+    assert ops_new["HGMMA"] == ops_old["HGMMA"] == 16
     assert len(new) <= 0.8 * len(old)
-    assert ops(new)["LOP3"] <= ops(old)["LOP3"] // 2 + 2 and ops(new)["PRMT"] < ops(old)["PRMT"] // 2
+    assert ops_new["LOP3"] <= ops_old["LOP3"] // 2 + 2 and ops_new["PRMT"] < ops_old["PRMT"] // 2
 
 
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:

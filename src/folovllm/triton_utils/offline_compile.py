@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from typing import Any
 
 import triton
@@ -78,7 +79,7 @@ def loop_instructions(ptx: str) -> list[str]:
 
 def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
     """What ptxas (shipped with Triton) makes of ``ptx``: registers per thread and spilled bytes."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _nvidia_tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -94,13 +95,12 @@ def sass_loop(ptx: str, marker: str = "HGMMA", arch: str = "sm_90a") -> list[str
     """The machine instructions (SASS: ptxas, then cuobjdump, both shipped with Triton) of the loop that holds
     ``marker``: from the target of the first backward branch after the marker's last use to that branch. ptxas
     fuses and reorders what the PTX lists (an AND then an OR become one LOP3), so this is what the SM issues."""
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx_path, "w") as f:
             f.write(ptx)
-        subprocess.run([os.path.join(bin_dir, "ptxas"), f"-arch={arch}", ptx_path, "-o", cubin], check=True)
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+        subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", ptx_path, "-o", cubin], check=True)
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
     code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     last = max(i for i, (_, text) in enumerate(code) if marker in text)
@@ -110,6 +110,16 @@ def sass_loop(ptx: str, marker: str = "HGMMA", arch: str = "sm_90a") -> list[str
             start = int(target.group(1), 16)
             return [text for addr, text in code[: end + 1] if addr >= start]
     raise ValueError(f"no loop around {marker}")
+
+
+def opcode_counts(sass: list[str]) -> Counter:
+    """How many of each opcode (``LOP3.LUT`` counts as ``LOP3``; a predicate such as ``@P0`` is skipped)."""
+    return Counter(text.split()[text.startswith("@")].split(".")[0] for text in sass)
+
+
+def _nvidia_tool(name: str) -> str:
+    """The path of a CUDA tool Triton ships (``ptxas``, ``cuobjdump``)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _compile_in_child(module: str, name: str, args: tuple) -> dict[str, str]:
