@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 
 import torch
 
-from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from m7_decode_limits import random_layer  # noqa: E402
+
+from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES  # noqa: E402
+from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
 
 LAYERS = ("gate_up_proj", "down_proj")
 
@@ -28,14 +33,11 @@ def run() -> None:
     dev = torch.device("cuda")
     for name in LAYERS:
         k, n = QWEN3_8B_SHAPES[name]
-        codes = torch.randint(0, 16, (k, n), device=dev)
-        qweight = ops.pack_for_kernel(codes, 4)
-        scales = (torch.rand(k // 128, n, device=dev) * 0.01 + 0.001).half()
-        zeros = torch.randint(0, 16, (k // 128, n), device=dev).half()
+        layer = random_layer(k, n, dev, seed=0)
         x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
         plan = ops.plan_gptq_gemm(1, n, k, 4, dev, 2)
         for _ in range(2):
-            ops.launch_gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
+            ops.launch_gptq_gemm(x, layer["pairs"], layer["scales"], layer["zeros"], None, None, 4, 128, plan)
         torch.cuda.synchronize()
 
 
