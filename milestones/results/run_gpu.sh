@@ -595,6 +595,18 @@ else:
       python3 milestones/results/m7_ws_stalls.py run > "$OUT/stalls.csv" 2> "$OUT/ncu.err"
     echo "ncu: exit $?"
     python3 milestones/results/m7_ws_stalls.py collect "$OUT/stalls.csv" "$OUT/M7-ws-stalls-$gpu.json" ;;
+  pdl)
+    # #15, nineteenth session: programmatic dependent launch (triton_utils/pdl.py): the norm, SiLU and attention
+    # kernels let the next kernel start, and the Gluon kernel streams its first ring stages' words before
+    # griddepcontrol.wait. GPU tests, then the kernel table (with and without PDL side by side), weight memory and
+    # batch-1 TPOT (gptq and gptq-no-pdl beside bf16), then the decode step profile. About 8 device-minutes.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py \
+      tests/test_fused_ops.py tests/test_triton_attention.py 2>&1 | tail -3
+    timeout 280 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-pdl-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"
+    timeout 160 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/no-pdl \
+      --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-pdl-step-$gpu.json" > "$OUT/step.log" 2>&1
+    echo "step: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
