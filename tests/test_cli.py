@@ -84,7 +84,6 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
     assert parse_config("M4/sync/eager") == ("M4", {"async_scheduling": False, "enforce_eager": True}, None)
     assert parse_config("M3/block=32@4") == ("M3", {"block_size": 32}, 4)
     assert parse_config("M7/gptq") == ("M7", {"quantization": "gptq"}, None)
-    assert parse_config("M7/gptq/no-pdl") == ("M7", {"quantization": "gptq", "pdl": False}, None)
     assert parse_config("M4/compile") == ("M4", {"compilation_config": 3, "fuse_kernels": False}, None)
     assert parse_config("M5/decode-graphs") == ("M5", {"cudagraph_mode": "FULL_DECODE_ONLY"}, None)
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):

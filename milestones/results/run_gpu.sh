@@ -596,10 +596,11 @@ else:
     echo "ncu: exit $?"
     python3 milestones/results/m7_ws_stalls.py collect "$OUT/stalls.csv" "$OUT/M7-ws-stalls-$gpu.json" ;;
   pdl)
-    # #15, nineteenth session: programmatic dependent launch (triton_utils/pdl.py): the norm, SiLU and attention
-    # kernels let the next kernel start, and the Gluon kernel streams its first ring stages' words before
+    # #15, nineteenth session, run at 9db752b (check that commit out first: the code was reverted after this run,
+    # since TPOT did not move): programmatic dependent launch (triton_utils/pdl.py there): the norm, SiLU and
+    # attention kernels let the next kernel start, and the Gluon kernel streams its first ring stages' words before
     # griddepcontrol.wait. GPU tests, then the kernel table (with and without PDL side by side), weight memory and
-    # batch-1 TPOT (gptq and gptq-no-pdl beside bf16), then the decode step profile. About 8 device-minutes.
+    # batch-1 TPOT (gptq and gptq-no-pdl beside bf16), then the decode step profile. About 4 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py \
       tests/test_fused_ops.py tests/test_triton_attention.py 2>&1 | tail -3
     timeout 280 python3 -m folovllm bench gptq --m 1 4 16 --out "$OUT/M7-pdl-$gpu.json" > "$OUT/gptq.log" 2>&1

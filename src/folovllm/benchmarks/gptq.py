@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     tuned_key,
     write_tuned_plans,
 )
-from folovllm.triton_utils.pdl import without_pdl
 from folovllm.utils import cdiv
 
 # (K, N) of each decoder projection of Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288.
@@ -160,9 +158,6 @@ def bench_gptq_kernel(
                 qweight_bytes = ops.layers[0]["qweight"].numel() * 4
                 row |= {"words_only_us": words_s * 1e6, "words_only_GBps": qweight_bytes / words_s / 1e9}
             if m <= 16 and device.type == "cuda":
-                with without_pdl():  # the same kernels, each starting only when the one before has ended
-                    alone_s = ops.time_gptq(x)
-                row |= {"gptq_no_pdl_us": alone_s * 1e6, "speedup_no_pdl": dense_s / alone_s}
                 args = ops.args(ops.layers[0])
                 row["cuda_graph_replay_equal"] = _graph_replay_matches(lambda: launch_gptq_gemm(x, *args), device)
             rows.append(row)
@@ -307,35 +302,30 @@ def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16
 def bench_gptq_tpot(
     model: str, input_len: int, output_len: int, device: str | None = None, kv_cache_memory: int = 4 * 2**30
 ) -> list[dict[str, Any]]:
-    """Batch-1 decode of the whole model: bf16 (M4) vs GPTQ (M7, CUDA graphs) vs GPTQ without programmatic
-    dependent launch vs GPTQ eager."""
+    """Batch-1 decode of the whole model: bf16 (M4) vs GPTQ (M7, CUDA graphs) vs GPTQ eager."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
     for label, kwargs in (
         ("bf16", {"milestone": "M4"}),
         ("gptq", {"milestone": "M7", "quantization": "gptq"}),
-        ("gptq-no-pdl", {"milestone": "M7", "quantization": "gptq", "pdl": False}),
         ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
     ):
-        pdl = kwargs.pop("pdl", True)
-        with nullcontext() if pdl else without_pdl():
-            result = bench_latency(
-                model,
-                [input_len],
-                output_len,
-                1,
-                device=device,
-                with_hf=False,
-                kv_cache_memory=kv_cache_memory,
-                max_num_seqs=8,
-                **kwargs,
-            )
+        result = bench_latency(
+            model,
+            [input_len],
+            output_len,
+            1,
+            device=device,
+            with_hf=False,
+            kv_cache_memory=kv_cache_memory,
+            max_num_seqs=8,
+            **kwargs,
+        )
         rows.append(
             {
                 "config": label,
                 **kwargs,
-                "pdl": pdl,
                 "weight_bytes": result["weight_bytes"],
                 "decode_floor_s": result["decode_floor_s"],
                 **result["results"][0]["folovllm"],

@@ -13,7 +13,6 @@ import gc
 import itertools
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from folovllm.benchmarks.hardware import measure_copy_bandwidth
 from folovllm.engine.llm_engine import EngineStats
 from folovllm.entrypoints.llm import LLM
 from folovllm.sampling_params import SamplingParams
-from folovllm.triton_utils.pdl import without_pdl
 
 # Host calls that put work on the GPU: runtime and driver kernel launches (Triton uses the driver), graph launches.
 LAUNCH_CALLS = (
@@ -205,45 +203,43 @@ def bench_step(
     budget = {"max_num_batched_tokens": max(max(batch_sizes) * prompt_len, max_model_len)} if prefill else {}
     for milestone in configs:
         as_of, variant, _ = parse_config(milestone)
-        pdl = variant.pop("pdl", True)
-        with nullcontext() if pdl else without_pdl():  # graphs captured inside keep it
-            llm = LLM(
-                model,
-                milestone=as_of,
-                device=device,
-                dtype=dtype,
-                max_num_seqs=max(batch_sizes),
-                **{"max_model_len": max_model_len, **budget, **variant, **overrides},
-            )
-            engine = llm.llm_engine
-            weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
-            if meta is None:
-                dev, dt = engine.config.device, engine.config.model_config.dtype
-                meta = provenance(dev, model, dt)
-                floor = {"weight_bytes": weight_bytes, "copy_GBps": measure_copy_bandwidth(dev)}
-            own_floor_ms = weight_bytes / (floor["copy_GBps"] * 1e9) * 1e3  # a quantized config reads fewer bytes
-            floor.setdefault("weights_floor_ms", own_floor_ms)  # the top-level floor is the first config's
-            runner = engine.model_runner
-            graphs = runner.cuda_graphs
-            for bs in batch_sizes:
-                row = {
-                    "milestone": milestone,
-                    "weight_bytes": weight_bytes,
-                    "weights_floor_ms": own_floor_ms,
-                    "block_size": engine.config.cache_config.block_size,
-                    "attention_backend": engine.model_runner.backend_name,
-                    "cuda_graphs": graphs is not None,
-                    "fused_kernels": engine.model_runner.fused,
-                }
-                if prefill:
-                    row.update(profile_prefill(llm, bs, prompt_len, steps, timeline=timeline))
-                else:
-                    row.update(profile_decode(llm, bs, prompt_len, steps, timeline=timeline))
-                    row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / own_floor_ms
-                rows.append(row)
-            if graphs is not None:
-                rows[-1]["cuda_graph_capture_s"] = runner.graph_capture_seconds
-                rows[-1]["cuda_graph_memory_MiB"] = runner.graph_memory_bytes / 2**20
+        llm = LLM(
+            model,
+            milestone=as_of,
+            device=device,
+            dtype=dtype,
+            max_num_seqs=max(batch_sizes),
+            **{"max_model_len": max_model_len, **budget, **variant, **overrides},
+        )
+        engine = llm.llm_engine
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.model_runner.model.parameters())
+        if meta is None:
+            dev, dt = engine.config.device, engine.config.model_config.dtype
+            meta = provenance(dev, model, dt)
+            floor = {"weight_bytes": weight_bytes, "copy_GBps": measure_copy_bandwidth(dev)}
+        own_floor_ms = weight_bytes / (floor["copy_GBps"] * 1e9) * 1e3  # a quantized config reads fewer bytes
+        floor.setdefault("weights_floor_ms", own_floor_ms)  # the top-level floor is the first config's
+        runner = engine.model_runner
+        graphs = runner.cuda_graphs
+        for bs in batch_sizes:
+            row = {
+                "milestone": milestone,
+                "weight_bytes": weight_bytes,
+                "weights_floor_ms": own_floor_ms,
+                "block_size": engine.config.cache_config.block_size,
+                "attention_backend": engine.model_runner.backend_name,
+                "cuda_graphs": graphs is not None,
+                "fused_kernels": engine.model_runner.fused,
+            }
+            if prefill:
+                row.update(profile_prefill(llm, bs, prompt_len, steps, timeline=timeline))
+            else:
+                row.update(profile_decode(llm, bs, prompt_len, steps, timeline=timeline))
+                row["wall_vs_weights_floor"] = row["wall_ms_per_step"] / own_floor_ms
+            rows.append(row)
+        if graphs is not None:
+            rows[-1]["cuda_graph_capture_s"] = runner.graph_capture_seconds
+            rows[-1]["cuda_graph_memory_MiB"] = runner.graph_memory_bytes / 2**20
         del llm, engine, runner, graphs  # the runner holds the KV cache: the next engine profiles free memory
         gc.collect()
         if torch.cuda.is_available():

@@ -18,7 +18,7 @@ path it shares with the Triton kernels (``gptq_gemm_reference``); GPU tests comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from triton.experimental import gluon
@@ -28,7 +28,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import PER_CHANNEL, SLICE_ROWS, block_rows
 from folovllm.triton_utils.counters import tile_counters
-from folovllm.triton_utils.pdl import pdl_supported
 from folovllm.utils import cdiv
 
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
@@ -77,41 +76,12 @@ def ring(w_desc, x_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
 
 
 @gluon.jit
-def _grid_wait():
-    """``griddepcontrol.wait``: returns once the kernel this one was launched after (PDL) has finished and its
-    writes are visible; at once without PDL."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _launch_dependents():
-    """``griddepcontrol.launch_dependents``: a PDL-launched next kernel may be scheduled now."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
-
-
-@gluon.jit
 def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n,
-                    STAGES: gl.constexpr, PACK: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                    STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
     """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words and its PACK
-    16-column slices of X into it; the stage's ``ready`` barrier completes when all the bytes have landed. Under
-    PDL the first ``STAGES`` blocks' words go out before ``_grid_wait``, while the kernel before (which writes X)
-    may still run, and their X slices after it."""
+    16-column slices of X into it; the stage's ``ready`` barrier completes when all the bytes have landed."""
     nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
-    start = 0
-    if PDL:
-        for i in gl.static_range(STAGES):
-            if i < count:
-                mbarrier.expect(ready.index(i), nbytes)
-                tma.async_copy_global_to_shared(w_desc, [(first + i) * ROWS, off_n], ready.index(i), w_bufs.index(i))
-        _grid_wait()
-        for i in gl.static_range(STAGES):
-            if i < count:
-                for j in gl.static_range(PACK):
-                    tma.async_copy_global_to_shared(x_desc, [0, ((first + i) * PACK + j) * ROWS], ready.index(i),
-                                                    x_bufs.index(i * PACK + j))  # fmt: skip
-        start = STAGES
-    for i in range(start, count):
+    for i in range(count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         blk = first + i
@@ -186,14 +156,10 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
 def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
-                          PDL: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8 or 16, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
-    as ``split_k.store_tile`` does. Under ``PDL`` (``triton_utils.pdl``) the next kernel may start at once, and
-    this one reads its weights before the kernel before it has ended, everything else after."""
-    if PDL:
-        _launch_dependents()
+    as ``split_k.store_tile`` does."""
     PACK: gl.constexpr = 32 // BITS
     M_TILE: gl.constexpr = x_desc.block_type.shape[0]
     pid_n = gl.program_id(0)
@@ -210,7 +176,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     results = gl.warp_specialize([
         (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
                               BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM)),
-        (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK, PDL)),
+        (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
     acc = results[0]
@@ -221,8 +187,6 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     offs = rm[None, :] * N + rn[:, None]
     store_mask = mask
-    if PDL:
-        _grid_wait()  # returned in the loader already; here too, so no write of this warpgroup can precede it
     if SPLIT_K > 1:
         gl.store(Partials + split * M * N + offs, acc, mask=mask)
         gl.thread_barrier()
@@ -253,7 +217,6 @@ class WsPlan:
     num_warps: int = 4
     m_tile: int = 16
     byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
-    pdl: bool = True  # programmatic dependent launch: words stream while the kernel before still runs
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -283,7 +246,7 @@ def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dic
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, PDL=plan.pdl)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
@@ -311,8 +274,6 @@ def launch_gptq_decode_ws(
 ) -> torch.Tensor:
     """``x [M <= 16, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
     test ``ws_supported`` first."""
-    if plan.pdl and not pdl_supported(x.device):
-        plan = replace(plan, pdl=False)
     m, k = x.shape
     if m > plan.m_tile:
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
@@ -330,6 +291,5 @@ def launch_gptq_decode_ws(
     gptq_decode_ws_kernel[(tiles, plan.split_k)](
         w_desc, x_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
         **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
-        launch_pdl=plan.pdl,
     )  # fmt: skip
     return out
