@@ -608,6 +608,10 @@ else:
     timeout 160 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/no-pdl \
       --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-pdl-step-$gpu.json" > "$OUT/step.log" 2>&1
     echo "step: exit $?" ;;
+  gaps)
+    # #15, nineteenth session: where a batch-1 decode step leaves the GPU idle, by the kernel after each gap
+    # (m7_gaps.py), bf16 (M4) beside GPTQ. About 2 device-minutes.
+    timeout 300 python3 milestones/results/m7_gaps.py "$OUT/M7-gaps-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

@@ -1,0 +1,79 @@
+"""#15: where a batch-1 decode step leaves the GPU idle, kernel by kernel (the ``M7-step`` profile's 0.17 ms).
+
+For bf16 (M4) and GPTQ (M7/gptq) on ``random:qwen3-8b``: decode steps under ``torch.profiler``, every GPU event
+in start order, and each event's gap (its start minus the latest end before it) charged to the event that
+follows the gap, summed by name: a gap before a kernel is the launch latency inside a CUDA graph (or a host
+wait, at a step's first kernel). Writes one JSON: per config the busy and idle time per step and, per kernel
+name, its count, time and the idle time before it.
+
+    python3 milestones/results/m7_gaps.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from folovllm import LLM, SamplingParams
+from folovllm.benchmarks.common import provenance
+
+MODEL, PROMPT_LEN, STEPS = "random:qwen3-8b", 128, 5
+
+
+def gaps(llm: LLM) -> dict:
+    engine = llm.llm_engine
+    prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request("gaps", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=64, ignore_eos=True))
+    for _ in range(8):  # the prefill, then warm decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.abort_request(["gaps"])
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    by_name: dict[str, dict] = {}
+    end = events[0].time_range.start
+    idle = []
+    for e in events:
+        gap = max(0.0, e.time_range.start - end)
+        end = max(end, e.time_range.end)
+        entry = by_name.setdefault(e.name[:60], {"count": 0, "busy_us": 0.0, "idle_before_us": 0.0})
+        entry["count"] += 1
+        entry["busy_us"] += e.time_range.elapsed_us()
+        entry["idle_before_us"] += gap
+        idle.append((gap, e.name[:60]))
+    span = (end - events[0].time_range.start) / STEPS
+    total_idle = sum(g for g, _ in idle) / STEPS
+    per_step = {n: {k: (v / STEPS if k != "count" else v // STEPS) for k, v in d.items()} for n, d in by_name.items()}
+    return {
+        "span_us_per_step": span,
+        "idle_us_per_step": total_idle,
+        "kernels_per_step": len(events) / STEPS,
+        "by_name": dict(sorted(per_step.items(), key=lambda kv: -kv[1]["idle_before_us"])),
+        "largest_gaps_us": [[round(g, 2), n] for g, n in sorted(idle, reverse=True)[:12]],
+    }
+
+
+def main(out: str) -> None:
+    result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
+              "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
+    for label, kwargs in (("M4", {"milestone": "M4"}), ("M7/gptq", {"milestone": "M7", "quantization": "gptq"})):
+        llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, **kwargs)
+        result["configs"][label] = gaps(llm)
+        del llm
+        torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    for label, r in result["configs"].items():
+        top = [(n, round(d["idle_before_us"], 1), d["count"]) for n, d in list(r["by_name"].items())[:6]]
+        print(label, round(r["span_us_per_step"], 1), round(r["idle_us_per_step"], 1), top)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
