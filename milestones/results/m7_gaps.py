@@ -11,6 +11,7 @@ name, its count, time and the idle time before it.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -64,9 +65,10 @@ def main(out: str) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     for label, kwargs in (("M4", {"milestone": "M4"}), ("M7/gptq", {"milestone": "M7", "quantization": "gptq"})):
-        llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, **kwargs)
+        llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
         result["configs"][label] = gaps(llm)
         del llm
+        gc.collect()  # the engine holds the weights and the KV cache until collected
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
