@@ -1,6 +1,7 @@
 """#15: where a batch-1 decode step leaves the GPU idle, kernel by kernel (the ``M7-step`` profile's 0.17 ms).
 
-For bf16 (M4) and GPTQ (M7/gptq) on ``random:qwen3-8b``: decode steps under ``torch.profiler``, every GPU event
+For bf16 (M4), GPTQ (M7/gptq) and GPTQ with every Gluon launch replaced by its Triton twin (``M7/gptq-triton``,
+``gptq_gemm.ws_supported`` patched to refuse) on ``random:qwen3-8b``: decode steps under ``torch.profiler``, every GPU event
 in start order, and each event's gap (its start minus the latest end before it) charged to the event that
 follows the gap, summed by name: a gap before a kernel is the launch latency inside a CUDA graph (or a host
 wait, at a step's first kernel). Writes one JSON: per config the busy and idle time per step and, per kernel
@@ -14,6 +15,8 @@ from __future__ import annotations
 import gc
 import json
 import sys
+from contextlib import nullcontext
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
@@ -21,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from folovllm import LLM, SamplingParams
 from folovllm.benchmarks.common import provenance
+from folovllm.model_executor.layers.quantization.ops import gptq_gemm
 
 MODEL, PROMPT_LEN, STEPS = "random:qwen3-8b", 128, 5
 
@@ -64,9 +68,12 @@ def gaps(llm: LLM) -> dict:
 def main(out: str) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
-    for label, kwargs in (("M4", {"milestone": "M4"}), ("M7/gptq", {"milestone": "M7", "quantization": "gptq"})):
-        llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
-        result["configs"][label] = gaps(llm)
+    gptq = {"milestone": "M7", "quantization": "gptq"}
+    for label, kwargs in (("M4", {"milestone": "M4"}), ("M7/gptq", gptq), ("M7/gptq-triton", gptq)):
+        twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
+        with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
+            llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
+            result["configs"][label] = gaps(llm)
         del llm
         gc.collect()  # the engine holds the weights and the KV cache until collected
         torch.cuda.empty_cache()

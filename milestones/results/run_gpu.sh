@@ -610,7 +610,7 @@ else:
     echo "step: exit $?" ;;
   gaps)
     # #15, nineteenth session: where a batch-1 decode step leaves the GPU idle, by the kernel after each gap
-    # (m7_gaps.py), bf16 (M4) beside GPTQ. About 2 device-minutes.
+    # (m7_gaps.py), bf16 (M4) beside GPTQ and GPTQ on the Triton twins. About 2 device-minutes.
     timeout 300 python3 milestones/results/m7_gaps.py "$OUT/M7-gaps-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
