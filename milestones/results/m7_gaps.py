@@ -1,7 +1,8 @@
 """#15: where a batch-1 decode step leaves the GPU idle, kernel by kernel (the ``M7-step`` profile's 0.17 ms).
 
-For bf16 (M4), GPTQ (M7/gptq) and GPTQ with every Gluon launch replaced by its Triton twin (``M7/gptq-triton``,
-``gptq_gemm.ws_supported`` patched to refuse) on ``random:qwen3-8b``: decode steps under ``torch.profiler``, every GPU event
+For bf16 (M4, and M6 with M5's graph mode), GPTQ (M7/gptq, and with M4's graph mode) and GPTQ with every
+Gluon launch replaced by its Triton twin (``M7/gptq-triton``, ``gptq_gemm.ws_supported`` patched to refuse) on
+``random:qwen3-8b``: decode steps under ``torch.profiler``, every GPU event
 in start order, and each event's gap (its start minus the latest end before it) charged to the event that
 follows the gap, summed by name: a gap before a kernel is the launch latency inside a CUDA graph (or a host
 wait, at a step's first kernel). Writes one JSON: per config the busy and idle time per step and, per kernel
@@ -69,7 +70,10 @@ def main(out: str) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     gptq = {"milestone": "M7", "quantization": "gptq"}
-    for label, kwargs in (("M4", {"milestone": "M4"}), ("M7/gptq", gptq), ("M7/gptq-triton", gptq)):
+    decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
+    configs = (("M4", {"milestone": "M4"}), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
+               ("M7/gptq/decode-graphs", gptq | decode_graphs), ("M7/gptq-triton", gptq))  # fmt: skip
+    for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
             llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
