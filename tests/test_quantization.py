@@ -513,7 +513,7 @@ def test_bench_gptq_parts_run_on_cpu(monkeypatch):
     memory = bench.bench_weight_memory("random:tiny-llama", torch.device("cpu"), dtype="float32")
     assert memory["ratio_decoder_linears"] > 3  # tiny K: padding to 128-row blocks and per-group scales dominate
     tpot = bench.bench_gptq_tpot("random:tiny-llama", 8, 4, device="cpu", kv_cache_memory=2**20)
-    assert [r["config"] for r in tpot] == ["bf16", "gptq", "gptq-eager"] and tpot[0]["tpot_speedup_vs_bf16"] == 1
+    assert [r["config"] for r in tpot] == ["bf16", "bf16-m7", "gptq", "gptq-eager"] and tpot[0]["tpot_speedup_vs_bf16"] == 1
 
 
 def test_gptq_sweep_plans_cover_both_decode_kernels():

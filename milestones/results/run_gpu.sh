@@ -612,6 +612,11 @@ else:
     # #15, nineteenth session: where a batch-1 decode step leaves the GPU idle, by the kernel after each gap
     # (m7_gaps.py), bf16 (M4) beside GPTQ and GPTQ on the Triton twins. About 2 device-minutes.
     timeout 300 python3 milestones/results/m7_gaps.py "$OUT/M7-gaps-$gpu.json" ;;
+  sametpot)
+    # #15, nineteenth session, after gaps showed M6's bf16 graph idle like GPTQ's: batch-1 TPOT with a bf16 row on
+    # M7's preset (bf16-m7) beside M4's, so GPTQ's ratio can be read against the same preset. About 3 device-minutes.
+    timeout 400 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-sametpot-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

@@ -302,12 +302,14 @@ def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16
 def bench_gptq_tpot(
     model: str, input_len: int, output_len: int, device: str | None = None, kv_cache_memory: int = 4 * 2**30
 ) -> list[dict[str, Any]]:
-    """Batch-1 decode of the whole model: bf16 (M4) vs GPTQ (M7, CUDA graphs) vs GPTQ eager."""
+    """Batch-1 decode of the whole model: bf16 (M4, and M7's preset on bf16 weights) vs GPTQ (M7, CUDA graphs) vs
+    GPTQ eager. Ratios are to the first row, M4's."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
     for label, kwargs in (
         ("bf16", {"milestone": "M4"}),
+        ("bf16-m7", {"milestone": "M7"}),  # M5's graph mode, chunked prefill and prefix caching, as GPTQ runs
         ("gptq", {"milestone": "M7", "quantization": "gptq"}),
         ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
     ):
