@@ -84,6 +84,7 @@ def test_workload_matches_nano_vllm_and_ranges_parse():
     assert parse_config("M4/sync/eager") == ("M4", {"async_scheduling": False, "enforce_eager": True}, None)
     assert parse_config("M3/block=32@4") == ("M3", {"block_size": 32}, 4)
     assert parse_config("M7/gptq") == ("M7", {"quantization": "gptq"}, None)
+    assert parse_config("M7/gptq/lm-head")[1]["hf_overrides"]["quantization_config"]["lm_head"] is True
     assert parse_config("M4/compile") == ("M4", {"compilation_config": 3, "fuse_kernels": False}, None)
     assert parse_config("M5/decode-graphs") == ("M5", {"cudagraph_mode": "FULL_DECODE_ONLY"}, None)
     with pytest.raises(ValueError, match="unknown config variant 'fast'"):

@@ -19,8 +19,9 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from folovllm import LLM, SamplingParams
+from folovllm import LLM, InvalidTypeError, SamplingParams
 from folovllm.cli import main
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     GemmPlan,
     block_rows,
@@ -132,9 +133,16 @@ def np_quantize_and_pack(w: np.ndarray, g_idx: np.ndarray, bits: int) -> tuple[d
 
 
 def write_np_gptq_checkpoint(
-    src, dst, bits: int = 4, group_size: int = 32, desc_act: bool = False, config_overrides: dict | None = None
+    src,
+    dst,
+    bits: int = 4,
+    group_size: int = 32,
+    desc_act: bool = False,
+    config_overrides: dict | None = None,
+    lm_head: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Quantize a dense HF folder's decoder projections with numpy; returns HF name -> dequantized weight.
+    """Quantize a dense HF folder's decoder projections (and ``lm_head`` of an untied model) with numpy; returns
+    HF name -> dequantized weight.
 
     With ``desc_act`` each layer input gets a seeded random column order, so ``g_idx`` is a permutation
     of groups (shared by the projections that read the same input, as in real act-order checkpoints).
@@ -145,7 +153,7 @@ def write_np_gptq_checkpoint(
     out, dequantized, orders = {}, {}, {}
     for name, w in dense.items():
         proj = name.split(".")[-2]
-        if proj not in PROJECTIONS or not name.endswith(".weight"):
+        if (proj not in PROJECTIONS and not (lm_head and name == "lm_head.weight")) or not name.endswith(".weight"):
             out[name] = w
             continue
         k = w.shape[1]
@@ -166,6 +174,7 @@ def write_np_gptq_checkpoint(
         "desc_act": desc_act,
         "sym": False,
         "checkpoint_format": "gptq",
+        "lm_head": lm_head,
         **(config_overrides or {}),
     }
     (dst / "config.json").write_text(json.dumps(config))
@@ -175,6 +184,8 @@ def write_np_gptq_checkpoint(
 def hf_with_weights(folder, weights: dict[str, np.ndarray]) -> torch.nn.Module:
     """HF transformers (fp32, CPU) on the dense checkpoint with ``weights`` swapped in."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if "lm_head.weight" in weights and model.config.tie_word_embeddings:  # a quantized lm_head has its own weight
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, w in weights.items():
@@ -220,6 +231,37 @@ def test_independently_packed_checkpoint_matches_hf_on_dequantized_weights(tiny_
     src = tiny_checkpoint(variant)
     dequantized = write_np_gptq_checkpoint(src, tmp_path / "q", desc_act=desc_act)
     assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+def test_checkpoint_with_a_quantized_lm_head_matches_hf_on_dequantized_weights(tiny_checkpoint, tmp_path):
+    """``lm_head: true`` (vLLM's ``lm_head_quantized``): the output projection is read from ``lm_head.qweight`` and
+    friends, and the greedy tokens are HF's with every projection and ``lm_head`` dequantized."""
+    src = tiny_checkpoint("llama")
+    dequantized = write_np_gptq_checkpoint(src, tmp_path / "q", lm_head=True)
+    assert "lm_head.weight" in dequantized
+    llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_model_len=64, kv_cache_memory=2**20)
+    assert type(llm.llm_engine.model_runner.model.lm_head.quant_method).__name__ == "GPTQLinearMethod"
+    assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+def test_gptq_config_reads_and_writes_lm_head():
+    config = GPTQConfig.from_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True})
+    assert config.lm_head_quantized and config.to_dict()["lm_head"] is True
+    assert not GPTQConfig.from_config({"bits": 4, "group_size": 128}).lm_head_quantized
+
+
+def test_random_model_quantized_as_hf_overrides_say():
+    """A ``random:`` model takes its ``quantization_config`` from ``hf_overrides``: with ``lm_head: true`` its output
+    projection holds 4-bit codes too, untied from the embeddings; a malformed ``hf_overrides`` is refused first."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "lm_head": True}
+    llm = LLM("random:tiny-llama", device="cpu", dtype="float32", quantization="gptq",
+              hf_overrides={"quantization_config": qc}, max_model_len=32, kv_cache_memory=2**20)  # fmt: skip
+    model = llm.llm_engine.model_runner.model
+    assert model.lm_head.quant_method.config.group_size == 32 and not model.tie_word_embeddings
+    assert hasattr(model.lm_head, "qweight") and not hasattr(model.lm_head, "weight")
+    with pytest.raises(InvalidTypeError) as err:
+        LLM("random:tiny-llama", device="cpu", hf_overrides=["quantization_config"])
+    assert str(err.value) == "hf_overrides must be a dict of HF config field names to values, got ['quantization_config']"
 
 
 def with_nonnegative_rows(src, dst):
@@ -437,6 +479,23 @@ def test_hessian_is_twice_the_mean_outer_product():
 # ---------------------------------------------------------------- the driver and the command line
 
 
+def np_dequantize_4bit(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """HF name -> weight of every 4-bit GPTQ-packed linear in ``tensors``, unpacked by numpy alone."""
+    dequantized = {}
+    for name in tensors:
+        if name.endswith(".qweight"):
+            prefix = name[: -len(".qweight")]
+            qw, qz = tensors[name].numpy().view(np.uint32), tensors[f"{prefix}.qzeros"].numpy().view(np.uint32)
+            g_idx, scales = tensors[f"{prefix}.g_idx"].numpy(), tensors[f"{prefix}.scales"].numpy().astype(np.float32)
+            shifts = (np.arange(qw.shape[0] * 8) % 8 * 4).astype(np.uint32)
+            codes = (qw.repeat(8, axis=0) >> shifts[:, None]) & 15  # [in, out], numpy's own unpacking
+            zshifts = (np.arange(qz.shape[1] * 8) % 8 * 4).astype(np.uint32)
+            zeros = ((qz.repeat(8, axis=1) >> zshifts[None, :]) & 15) + 1
+            w = scales[g_idx] * (codes.astype(np.float32) - zeros[g_idx])
+            dequantized[f"{prefix}.weight"] = np.ascontiguousarray(w.T)
+    return dequantized
+
+
 @pytest.mark.parametrize("method, extra", [("gptq", ["--desc-act"]), ("rtn", ["--sym"])])
 def test_quantize_cli_writes_a_checkpoint_that_matches_hf_on_its_dequantized_weights(
     tiny_checkpoint, tmp_path, capsys, method, extra
@@ -472,21 +531,32 @@ def test_quantize_cli_writes_a_checkpoint_that_matches_hf_on_its_dequantized_wei
     }
     assert (tmp_path / "q" / "quantize_config.json").is_file()
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
-    dequantized = {}
-    for name in tensors:
-        if name.endswith(".qweight"):
-            prefix = name[: -len(".qweight")]
-            qw, qz = tensors[name].numpy().view(np.uint32), tensors[f"{prefix}.qzeros"].numpy().view(np.uint32)
-            g_idx, scales = tensors[f"{prefix}.g_idx"].numpy(), tensors[f"{prefix}.scales"].numpy().astype(np.float32)
-            shifts = (np.arange(qw.shape[0] * 8) % 8 * 4).astype(np.uint32)
-            codes = (qw.repeat(8, axis=0) >> shifts[:, None]) & 15  # [in, out], numpy's own unpacking
-            zshifts = (np.arange(qz.shape[1] * 8) % 8 * 4).astype(np.uint32)
-            zeros = ((qz.repeat(8, axis=1) >> zshifts[None, :]) & 15) + 1
-            w = scales[g_idx] * (codes.astype(np.float32) - zeros[g_idx])
-            dequantized[f"{prefix}.weight"] = np.ascontiguousarray(w.T)
+    dequantized = np_dequantize_4bit(tensors)
     assert len(dequantized) == 2 * 7
     if method == "gptq":
         assert any((np.diff(tensors[f"{p.rsplit('.', 1)[0]}.g_idx"].numpy()) != 0).sum() > 3 for p in dequantized)
+    assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+def test_quantize_cli_lm_head_unties_it_from_the_embeddings(tiny_checkpoint, tmp_path, capsys):
+    """``--lm-head`` on a model with tied embeddings (the tiny Llama 3 variant): GPTQ quantizes ``lm_head`` last, from the
+    final hidden states of the already quantized decoder; the checkpoint keeps the embedding table dense and
+    unchanged, says ``lm_head: true`` and ``tie_word_embeddings: false``, and generates HF's greedy tokens on
+    its dequantized weights."""
+    src = tiny_checkpoint("llama3")
+    args = ["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--group-size", "32", "--calib-samples",
+            "4", "--calib-seq-len", "32", "--lm-head"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == 2 * 4 + 1 and summary["lm_head"] is True
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["lm_head"] is True and config["tie_word_embeddings"] is False
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    dense = load_file(str(src / "model.safetensors"))
+    assert "lm_head.weight" not in tensors and "lm_head.qweight" in tensors
+    assert torch.equal(tensors["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    dequantized = np_dequantize_4bit(tensors)
+    assert "lm_head.weight" in dequantized
     assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
 
 
@@ -513,7 +583,9 @@ def test_bench_gptq_parts_run_on_cpu(monkeypatch):
     memory = bench.bench_weight_memory("random:tiny-llama", torch.device("cpu"), dtype="float32")
     assert memory["ratio_decoder_linears"] > 3  # tiny K: padding to 128-row blocks and per-group scales dominate
     tpot = bench.bench_gptq_tpot("random:tiny-llama", 8, 4, device="cpu", kv_cache_memory=2**20)
-    assert [r["config"] for r in tpot] == ["bf16", "bf16-m7", "gptq", "gptq-eager"] and tpot[0]["tpot_speedup_vs_bf16"] == 1
+    assert [r["config"] for r in tpot] == ["bf16", "bf16-m7", "gptq", "gptq-lm-head", "gptq-eager"] and tpot[0][
+        "tpot_speedup_vs_bf16"
+    ] == 1
 
 
 def test_gptq_sweep_plans_cover_both_decode_kernels():

@@ -617,6 +617,19 @@ else:
     # M7's preset (bf16-m7) beside M4's, so GPTQ's ratio can be read against the same preset. About 3 device-minutes.
     timeout 400 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-sametpot-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
+  lmhead)
+    # #15, nineteenth session: lm_head in 4 bits (GPTQ checkpoints' lm_head: true; random:qwen3-8b through
+    # hf_overrides). The sweep of lm_head's shape (4096 x 151936) at M = 1 tunes its plan into the table; then the
+    # kernel table at M = 1, weight memory and batch-1 TPOT with gptq-lm-head beside gptq and bf16; then the step
+    # profile. About 6 device-minutes.
+    timeout 200 python3 -m folovllm bench gptq --lm-head --kernels-only --sweep-m 1 --m 1 \
+      --out "$OUT/M7-lmhead-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1; echo "sweep: exit $?"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    timeout 240 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-lmhead-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"
+    timeout 150 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/lm-head \
+      --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-lmhead-step-$gpu.json" > "$OUT/step.log" 2>&1
+    echo "step: exit $?" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.

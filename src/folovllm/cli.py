@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--damp-percent", type=float, default=0.01)
     qnt.add_argument("--seed", type=int, default=0)
     qnt.add_argument("--device", default=None, help="where to quantize (default: cpu)")
+    qnt.add_argument("--lm-head", action="store_true", help="quantize lm_head too (untied from the embeddings)")
 
     ev = sub.add_parser("eval", help="quality measures, printed as JSON").add_subparsers(dest="eval", required=True)
     ppl = ev.add_parser("perplexity", help="perplexity on the held-out split of Python's docs")
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--sweep", action="store_true", help="also time every launch plan at M = 1, 4, 16, 64, 256")
     gq.add_argument(
         "--sweep-m", type=int, nargs="+", default=None, help="sweep these M only; the tuned table keeps its other plans"
+    )
+    gq.add_argument(
+        "--lm-head", action="store_true", help="only lm_head's shape (4096 x 151936) in the kernel table and sweep"
     )
     gq.add_argument("--out", default=None)
 
@@ -309,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.damp_percent,
                     args.seed,
                     args.device,
+                    lm_head=args.lm_head,
                 ),
             )
         elif args.command == "eval":
@@ -444,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     skip_model=args.kernels_only,
                     sweep=args.sweep or args.sweep_m is not None,
                     sweep_ms=args.sweep_m,
+                    lm_head=args.lm_head,
                 ),
             )
         elif args.bench == "gemm":

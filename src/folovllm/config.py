@@ -78,6 +78,8 @@ class ModelConfig:
 
     ``quantization`` (vLLM's name): None reads the checkpoint's ``quantization_config``
     (from M7 on); "gptq" insists on GPTQ weights (random ones for ``random:`` models).
+    ``hf_overrides`` (vLLM's name): fields set on the HF config after it is read, e.g.
+    ``{"quantization_config": {...}}`` for a ``random:`` model quantized as a checkpoint would say.
     """
 
     model: str = "smollm2-135m"
@@ -92,6 +94,7 @@ class ModelConfig:
     compilation_config: int = 0
     max_logprobs: int = 20
     quantization: str | None = None
+    hf_overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -108,6 +111,9 @@ class ModelConfig:
             )
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS} or None, got {self.quantization!r}")
+        overrides = self.hf_overrides
+        if overrides is not None and (not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides)):
+            raise InvalidTypeError(f"hf_overrides must be a dict of HF config field names to values, got {overrides!r}")
         _positive("max_model_len", self.max_model_len, allow_none=True)
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool):
             raise InvalidTypeError(

@@ -162,6 +162,11 @@ _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "decode-graphs": {"cudagraph_mode": "FULL_DECODE_ONLY"},  # M5 with M4's graphs: mixed steps eager
     "compile": {"compilation_config": 3, "fuse_kernels": False},  # Inductor's fusion instead of ours
     "gptq": {"quantization": "gptq"},  # M7/gptq: GPTQ weights beside the same preset in bf16 (M7)
+    # M7/gptq/lm-head: lm_head 4-bit too (the random GPTQ layers' settings, as a checkpoint's lm_head: true)
+    "lm-head": {
+        "quantization": "gptq",
+        "hf_overrides": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True}},
+    },
 }
 _SETTINGS = {
     "block": ("block_size", int),
@@ -185,8 +190,8 @@ def parse_config(spec: str) -> tuple[str, dict[str, Any], int | None]:
     Each ``/variant`` is a batching mode, an attention backend (``M3/naive``), a KV block size
     (``M3/block=32``), a switch (``M4/sync``, ``M4/eager``, ``M4/unfused``: one of M4's fast-path
     pieces off; ``M4/compile``: Inductor instead of our fused kernels; ``M5/decode-graphs``: M4's
-    graphs; ``M7/gptq``: GPTQ weights) or one of M5's chunking settings (``M5/budget=512``,
-    ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
+    graphs; ``M7/gptq``: GPTQ weights; ``M7/gptq/lm-head``: ``lm_head`` 4-bit too) or one of M5's chunking
+    settings (``M5/budget=512``, ``M5/threshold=256``, ``M5/itl=20``: target ITL in ms).
     """
     spec, limit = split_prompt_limit(spec)
     milestone, *variants = spec.split("/")

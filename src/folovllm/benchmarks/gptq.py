@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from folovllm.benchmarks.common import provenance
 from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s, measure_copy_bandwidth, median_time_s
 from folovllm.benchmarks.word_stream import stream_words
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     DECODE_MAX_M,
     GEMV_MAX_M,
@@ -45,6 +46,9 @@ QWEN3_8B_SHAPES = {
     "gate_up_proj": (4096, 24576),
     "down_proj": (12288, 4096),
 }
+LM_HEAD_SHAPE = {"lm_head": (4096, 151936)}  # Qwen3-8B's vocabulary: 4-bit when a checkpoint says ``lm_head: true``
+# ``hf_overrides`` that give a ``random:`` model's lm_head 4-bit codes too (the random GPTQ layers' own settings)
+LM_HEAD_OVERRIDES = {"quantization_config": GPTQConfig(lm_head_quantized=True).to_dict()}
 WEIGHTS_NOTE = (
     "random weights: uniform 4-bit codes, symmetric, group 128 (what RTN of random weights gives); "
     "speed and memory do not depend on the values"
@@ -125,12 +129,14 @@ def bench_gptq_kernel(
     act_order: bool = False,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (projection, M): bf16 ``F.linear`` vs the GPTQ kernel (GPU time from CUDA-graph replays
-    over weights that do not fit in L2), bytes moved, error vs the reference."""
+    over weights that do not fit in L2), bytes moved, error vs the reference; ``shapes`` default to Qwen3-8B's
+    decoder projections."""
     device = device or torch.device("cuda")
     rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
+    for name, (k, n) in (shapes or QWEN3_8B_SHAPES).items():
         ops = _Operands(k, n, bits, group_size, act_order, device, dtype)
         for m in ms:
             x = torch.randn(m, k, dtype=dtype, device=device)
@@ -211,13 +217,14 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
 
 @torch.inference_mode()
 def bench_gptq_sweep(ms: list[int], bits: int = 4, group_size: int = 128, device: torch.device | None = None,
-                     dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:  # fmt: skip
-    """Every plan of ``sweep_plans`` on every Qwen3-8B shape, timed as ``bench_gptq_kernel`` times: the data
-    the tuned plans (``write_tuned_plans``) come from."""
+                     dtype: torch.dtype = torch.bfloat16,
+                     shapes: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every plan of ``sweep_plans`` on every shape (default: Qwen3-8B's decoder projections), timed as
+    ``bench_gptq_kernel`` times: the data the tuned plans (``write_tuned_plans``) come from."""
     device = device or torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
+    for name, (k, n) in (shapes or QWEN3_8B_SHAPES).items():
         ops = _Operands(k, n, bits, group_size, False, device, dtype)
         for m in ms:
             x = torch.randn(m, k, dtype=dtype, device=device)
@@ -302,8 +309,8 @@ def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16
 def bench_gptq_tpot(
     model: str, input_len: int, output_len: int, device: str | None = None, kv_cache_memory: int = 4 * 2**30
 ) -> list[dict[str, Any]]:
-    """Batch-1 decode of the whole model: bf16 (M4, and M7's preset on bf16 weights) vs GPTQ (M7, CUDA graphs) vs
-    GPTQ eager. Ratios are to the first row, M4's."""
+    """Batch-1 decode of the whole model: bf16 (M4, and M7's preset on bf16 weights) vs GPTQ (M7, CUDA graphs;
+    with ``lm_head`` 4-bit too) vs GPTQ eager. Ratios are to the first row, M4's."""
     from folovllm.benchmarks.latency import bench_latency
 
     rows = []
@@ -311,6 +318,7 @@ def bench_gptq_tpot(
         ("bf16", {"milestone": "M4"}),
         ("bf16-m7", {"milestone": "M7"}),  # M5's graph mode, chunked prefill and prefix caching, as GPTQ runs
         ("gptq", {"milestone": "M7", "quantization": "gptq"}),
+        ("gptq-lm-head", {"milestone": "M7", "quantization": "gptq", "hf_overrides": LM_HEAD_OVERRIDES}),
         ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
     ):
         result = bench_latency(
@@ -349,10 +357,13 @@ def bench_gptq(
     skip_model: bool = False,
     sweep: bool = False,
     sweep_ms: list[int] | None = None,
+    lm_head: bool = False,
 ) -> dict[str, Any]:
     """Kernels (plain and act-order), weight memory and TPOT in one JSON; ``sweep`` adds every decode
     plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill), or at ``sweep_ms`` only,
-    whose tuned plans then replace just their own entries of the table."""
+    whose tuned plans then replace just their own entries of the table. ``lm_head`` puts ``lm_head``'s shape in
+    place of the decoder projections in the kernel table and the sweep (no act-order table)."""
+    shapes = LM_HEAD_SHAPE if lm_head else QWEN3_8B_SHAPES
     dev = torch.device(device or "cuda")
     if dev.type != "cuda":
         raise ValueError(f"bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got {dev}")
@@ -362,8 +373,8 @@ def bench_gptq(
         "milestone": "M7",
         "weights": WEIGHTS_NOTE,
         "workload": {
-            "kernel_shapes": "Qwen3-8B decoder projections (K, N)",
-            "shapes": QWEN3_8B_SHAPES,
+            "kernel_shapes": f"Qwen3-8B {'lm_head' if lm_head else 'decoder projections'} (K, N)",
+            "shapes": shapes,
             "ms": ms,
             "bits": 4,
             "group_size": 128,
@@ -372,13 +383,14 @@ def bench_gptq(
         "copy_GBps": measure_copy_bandwidth(dev),
     }
     if sweep:  # first, so that the kernel table below runs the plans it tunes
-        result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev)
+        result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev, shapes=shapes)
         source = {key: result[key] for key in ("commit", "date", "gpu")}
         best = best_plans(result["sweep"])
         path = write_tuned_plans(torch.cuda.get_device_name(dev), best, source, merge=sweep_ms is not None)
         result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))
-    result["kernel"] = bench_gptq_kernel(ms, device=dev)
-    result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)
+    result["kernel"] = bench_gptq_kernel(ms, device=dev, shapes=shapes)
+    if not lm_head:
+        result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
         result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)

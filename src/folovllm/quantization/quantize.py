@@ -4,7 +4,9 @@ One forward pass of the calibration batch does the whole job: a hook on every de
 quantizes it the first time it is called, from the inputs it receives, and the projection then
 computes with its quantized weight. So each layer's inputs come from the model running on its
 own, already quantized, earlier layers (GPTQ's sequential scheme), and no activations are kept
-beyond the current layer. RTN needs no data and skips the pass.
+beyond the current layer. With ``lm_head`` the output projection is quantized last, from the final
+hidden states that pass gives (tied embeddings are untied first: the embedding table stays dense).
+RTN needs no data and skips the pass.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def quantize_weights(
     calib: torch.Tensor | None = None,
     damp_percent: float = 0.01,
     progress: bool = True,
+    lm_head: bool = False,
 ) -> dict[str, QuantizedWeight]:
-    """Quantize every decoder projection of ``model`` in place (its weight becomes the dequantized one).
+    """Quantize every decoder projection of ``model`` in place (its weight becomes the dequantized one), and
+    ``lm_head`` too if asked.
 
     ``calib [num_samples, seq_len]`` token ids drive GPTQ; the result maps module names to the
     quantized weights to pack.
@@ -65,8 +69,9 @@ def quantize_weights(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_quant_args(bits, group_size)
     linears = decoder_linears(model)
+    head = {"lm_head": untied_lm_head(model)} if lm_head else {}
     results: dict[str, QuantizedWeight] = {}
-    bar = tqdm(total=len(linears), desc=f"{method.upper()} {bits}-bit", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=len(linears) + len(head), desc=f"{method.upper()} {bits}-bit", file=sys.stderr, disable=not progress)
 
     def quantize(name: str, layer: Linear, x: torch.Tensor | None) -> None:
         if method == "rtn":
@@ -80,7 +85,7 @@ def quantize_weights(
         bar.update(1)
 
     if method == "rtn":
-        for name, layer in linears.items():
+        for name, layer in (linears | head).items():
             quantize(name, layer, None)
     else:
         if calib is None:
@@ -95,12 +100,22 @@ def quantize_weights(
             device = next(model.parameters()).device
             ids = calib.to(device).reshape(-1)
             positions = torch.arange(calib.shape[1], device=device).repeat(calib.shape[0])
-            model(ids, positions, prefill_metadata([calib.shape[1]] * calib.shape[0], device))
+            hidden = model(ids, positions, prefill_metadata([calib.shape[1]] * calib.shape[0], device))
         finally:
             for hook in hooks:
                 hook.remove()
+        for name, layer in head.items():  # its input: the final norm's output, from the quantized decoder
+            quantize(name, layer, hidden)
     bar.close()
     return results
+
+
+def untied_lm_head(model: nn.Module) -> Linear:
+    """``model.lm_head`` with a weight of its own: tied to the embeddings, quantizing it would change them too."""
+    if model.tie_word_embeddings:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model.tie_word_embeddings = False
+    return model.lm_head
 
 
 def quantized_state_dict(model: nn.Module, results: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
@@ -130,6 +145,8 @@ def save_quantized(
     save_file(quantized_state_dict(loaded.model, results), str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config = copy.deepcopy(loaded.hf_config)
     hf_config.quantization_config = quant_config
+    if quant_config.get("lm_head"):  # its own quantized tensors now, not the embedding table
+        hf_config.tie_word_embeddings = False
     hf_config.save_pretrained(out)
     (out / "quantize_config.json").write_text(json.dumps(quant_config, indent=2) + "\n")
     if loaded.tokenizer is not None:
@@ -153,8 +170,10 @@ def quantize_model(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    lm_head: bool = False,
 ) -> dict[str, Any]:
-    """Load ``model`` (fp32 on CPU), quantize it, write the checkpoint; returns a summary."""
+    """Load ``model`` (fp32 on CPU), quantize it (``lm_head`` too if asked), write the checkpoint; returns a
+    summary."""
     check_quant_args(bits, group_size)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -165,7 +184,7 @@ def quantize_model(
     calib = None
     if method == "gptq":
         calib = calibration_ids(loaded.tokenizer, loaded.hf_config.vocab_size, calib_samples, calib_seq_len, seed)
-    results = quantize_weights(loaded.model, method, bits, group_size, sym, desc_act, calib, damp_percent, progress)
+    results = quantize_weights(loaded.model, method, bits, group_size, sym, desc_act, calib, damp_percent, progress, lm_head)
     quant_config = {
         "quant_method": "gptq",
         "bits": bits,
@@ -175,7 +194,7 @@ def quantize_model(
         "damp_percent": damp_percent,
         "true_sequential": True,
         "static_groups": False,
-        "lm_head": False,
+        "lm_head": lm_head,
         "checkpoint_format": "gptq",
         "meta": {
             "quantizer": "folovllm",
@@ -194,6 +213,7 @@ def quantize_model(
         "group_size": group_size,
         "desc_act": desc_act,
         "sym": sym,
+        "lm_head": lm_head,
         "layers": len(results),
         "calib_tokens": 0 if calib is None else calib.numel(),
         "seconds": time.perf_counter() - start,

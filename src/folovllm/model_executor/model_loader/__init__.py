@@ -24,7 +24,11 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from folovllm.config import ModelConfig
-from folovllm.model_executor.layers.quantization import QuantizationConfig, get_quantization_config
+from folovllm.model_executor.layers.quantization import (
+    QuantizationConfig,
+    checkpoint_quant_config,
+    get_quantization_config,
+)
 from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 from folovllm.model_executor.model_loader.smollm2 import SMOLLM2_NAME, ensure_smollm2
 from folovllm.model_executor.model_loader.weight_utils import (
@@ -57,7 +61,7 @@ def load_model(model_config: ModelConfig, allow_quantized: bool = True) -> Loade
     ``model_config.quantization`` asks for it."""
     name = model_config.model
     if name.startswith(RANDOM_PREFIX):
-        return _load_random(model_config, name[len(RANDOM_PREFIX) :])
+        return _load_random(model_config, name[len(RANDOM_PREFIX) :], allow_quantized)
     if name == SMOLLM2_NAME:
         return _load_folder(model_config, ensure_smollm2(), SMOLLM2_NAME, allow_quantized)
     path = Path(name).expanduser()
@@ -73,7 +77,7 @@ def _load_folder(model_config: ModelConfig, path: Path, name: str, allow_quantiz
         raise ValueError(f"model folder {path} has no config.json")
     files = find_safetensors_files(path)
     model_cls = get_model_class(json.loads((path / "config.json").read_text()).get("architectures"))
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = _override(AutoConfig.from_pretrained(path), model_config)
     quant_config = get_quantization_config(model_config.quantization, hf_config, str(path), allow_quantized)
     model = _build(model_cls, hf_config, model_config, quant_config)
     model.load_weights(safetensors_weights_iterator(files))
@@ -81,13 +85,24 @@ def _load_folder(model_config: ModelConfig, path: Path, name: str, allow_quantiz
     return _finish(model, hf_config, tokenizer, path, name, model_config, quant_config)
 
 
-def _load_random(model_config: ModelConfig, preset: str) -> LoadedModel:
-    """``quantization="gptq"`` gives random 4-bit codes (group 128, symmetric) instead of dense weights."""
-    hf_config = preset_config(preset)
-    quant_config = GPTQConfig() if model_config.quantization == "gptq" else None
+def _load_random(model_config: ModelConfig, preset: str, allow_quantized: bool = True) -> LoadedModel:
+    """``quantization="gptq"`` gives random 4-bit codes (group 128, symmetric) instead of dense weights, or codes as
+    a ``quantization_config`` given in ``hf_overrides`` says (``lm_head: true`` quantizes ``lm_head`` too)."""
+    hf_config = _override(preset_config(preset), model_config)
+    if checkpoint_quant_config(hf_config) is not None:
+        quant_config = get_quantization_config(model_config.quantization, hf_config, RANDOM_PREFIX + preset, allow_quantized)
+    else:
+        quant_config = GPTQConfig() if model_config.quantization == "gptq" else None
     model = _build(get_model_class(hf_config.architectures), hf_config, model_config, quant_config)
     initialize_dummy_weights(model, model_config.seed)
     return _finish(model, hf_config, None, None, RANDOM_PREFIX + preset, model_config, quant_config)
+
+
+def _override(hf_config: Any, model_config: ModelConfig) -> Any:
+    """``hf_config`` with ``model_config.hf_overrides`` set on it."""
+    for key, value in (model_config.hf_overrides or {}).items():
+        setattr(hf_config, key, value)
+    return hf_config
 
 
 @contextmanager

@@ -166,7 +166,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """``forward`` maps a flattened token batch to final hidden states; ``compute_logits`` projects rows.
 
-    ``quant_config`` (M7) quantizes the decoder layers' projections; embeddings and ``lm_head`` stay dense.
+    ``quant_config`` (M7) quantizes the decoder layers' projections, and ``lm_head`` when the checkpoint says so
+    (``lm_head_quantized``; tied embeddings are then untied: the embedding table stays dense). Embeddings stay dense.
     """
 
     qk_norm = False
@@ -175,10 +176,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         _check_supported(hf_config)
         self.config = hf_config
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        head_quant = quant_config if quant_config is not None and quant_config.lm_head_quantized else None
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False)) and head_quant is None
         qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
         self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm, quant_config)
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size)
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, quant_config=head_quant)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -35,9 +35,11 @@ class LinearMethodBase(ABC):
 
 
 class QuantizationConfig(ABC):
-    """One quantization format's settings, read from ``config.json``'s ``quantization_config``."""
+    """One quantization format's settings, read from ``config.json``'s ``quantization_config``.
+    ``lm_head_quantized`` (vLLM's name): the output projection is quantized too, not only the decoder's."""
 
     name: str
+    lm_head_quantized: bool = False
 
     @classmethod
     @abstractmethod

@@ -42,6 +42,7 @@ class GPTQConfig(QuantizationConfig):
     desc_act: bool = False
     sym: bool = True
     kernel: str = "auto"
+    lm_head_quantized: bool = False
 
     name = "gptq"
 
@@ -63,8 +64,6 @@ class GPTQConfig(QuantizationConfig):
                 f"GPTQ checkpoint_format {fmt!r}{' (marlin)' if config.get('is_marlin_format') else ''} "
                 "is not supported; supported: 'gptq'"
             )
-        if config.get("lm_head"):
-            raise ValueError("GPTQ checkpoints with a quantized lm_head (lm_head=true) are not supported")
         if config.get("dynamic"):
             raise ValueError("GPTQ per-module overrides (quantization_config.dynamic) are not supported")
         for key in ("bits", "group_size"):
@@ -75,6 +74,7 @@ class GPTQConfig(QuantizationConfig):
             group_size=config["group_size"],
             desc_act=bool(config.get("desc_act", False)),
             sym=bool(config.get("sym", True)),
+            lm_head_quantized=bool(config.get("lm_head", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +86,7 @@ class GPTQConfig(QuantizationConfig):
             "desc_act": self.desc_act,
             "sym": self.sym,
             "checkpoint_format": "gptq",
-            "lm_head": False,
+            "lm_head": self.lm_head_quantized,
         }
 
     def get_linear_method(self) -> "GPTQLinearMethod":
