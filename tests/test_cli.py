@@ -411,3 +411,15 @@ def test_bench_gptq_sweep_of_some_m_needs_a_gpu(capsys, monkeypatch):
     assert main(["bench", "gptq", "--device", "cpu", "--m", "1", "--sweep-m", "1"]) == 2
     assert seen == {"skip_model": False, "sweep": True, "sweep_ms": [1]}
     assert "bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got cpu" in capsys.readouterr().err
+
+
+def test_generate_takes_hf_overrides_as_a_json_object(tiny_checkpoint, capsys):
+    """``--hf-overrides`` (vLLM's flag) reaches the HF config before the model is built: a context window cut to
+    16 positions caps the engine's ``max_model_len``; a value that is not a JSON object is refused by argparse."""
+    args = ["generate", "--model", str(tiny_checkpoint("llama")), "--prompt", "w5 " * 20, "--max-tokens", "2",
+            "--kv-cache-memory", str(2**20), "--hf-overrides", '{"max_position_embeddings": 16}']  # fmt: skip
+    assert main(args) == 2
+    assert "prompt has 20 tokens; max_model_len is 16, which leaves no room to generate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["[1, 2]"])
+    assert "--hf-overrides: expected a JSON object, got [1, 2]" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -21,10 +22,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--quantization", default=None, help="'gptq' insists on GPTQ weights (random codes for random:)")
+    p.add_argument("--hf-overrides", type=_json_object, default=None, help="HF config fields as a JSON object (vLLM's flag)")
+
+
+def _json_object(text: str) -> dict:
+    """``--hf-overrides``'s value: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size", "quantization", "collect_step_stats")
+    keys = ("max_model_len", "kv_cache_memory", "max_num_seqs", "block_size", "quantization", "hf_overrides",
+            "collect_step_stats")  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
