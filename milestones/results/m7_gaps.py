@@ -9,6 +9,10 @@ wait, at a step's first kernel). Writes one JSON: per config the busy and idle t
 name, its count, time and the idle time before it.
 
     python3 milestones/results/m7_gaps.py OUT.json
+    python3 milestones/results/m7_gaps.py --switches OUT.json
+
+``--switches`` runs bf16 only, M4 with each of M5's and M6's changes alone (chunked prefill with M5's budget, M5's
+graph mode, prefix caching), then M5 and M6: which change brings the gaps.
 """
 
 from __future__ import annotations
@@ -66,13 +70,18 @@ def gaps(llm: LLM) -> dict:
     }
 
 
-def main(out: str) -> None:
+def main(out: str, switches: bool = False) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     gptq = {"milestone": "M7", "quantization": "gptq"}
     decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
     configs = (("M4", {"milestone": "M4"}), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
                ("M7/gptq/decode-graphs", gptq | decode_graphs), ("M7/gptq-triton", gptq))  # fmt: skip
+    if switches:
+        m4 = {"milestone": "M4"}
+        configs = (("M4", m4), ("M4+chunked", m4 | {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}),
+                   ("M4+full-graphs", m4 | {"cudagraph_mode": "FULL"}), ("M4+prefix", m4 | {"enable_prefix_caching": True}),
+                   ("M5", {"milestone": "M5"}), ("M6", {"milestone": "M6"}))  # fmt: skip
     for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
@@ -89,4 +98,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[-1], switches="--switches" in sys.argv[1:-1])

@@ -630,6 +630,10 @@ else:
     timeout 150 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/lm-head \
       --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-lmhead-step-$gpu.json" > "$OUT/step.log" 2>&1
     echo "step: exit $?" ;;
+  gapswitches)
+    # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
+    # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
+    timeout 300 python3 milestones/results/m7_gaps.py --switches "$OUT/M7-gaps-switches-$gpu.json" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
