@@ -634,11 +634,6 @@ else:
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
     timeout 300 python3 milestones/results/m7_gaps.py --switches "$OUT/M7-gaps-switches-$gpu.json" ;;
-  graphdump)
-    # #15, nineteenth session, after gapswitches: the batch-1 decode graph as Graphviz text for M4, M4 with M5's
-    # graph mode and M4 with prefix caching (m7_graph_dump.py), to compare what the two slower ones add. About
-    # 2 device-minutes.
-    timeout 300 python3 milestones/results/m7_graph_dump.py "$OUT" ;;
   saturatedseeds)
     # Ninth session, after m5saturated (03129fe): the 32 req/s run again with two more arrival seeds, M4 beside
     # the fixed budgets and the dynamic mode at 15 ms, so the claim rests on three runs, not one.
