@@ -402,15 +402,18 @@ def test_hf_continuous_batching_baseline_runs_our_workload():
 
 
 def test_bench_gptq_sweep_of_some_m_needs_a_gpu(capsys, monkeypatch):
-    """``--sweep-m`` reaches ``bench_gptq`` as a sweep of those M (here stopped by the CPU, before any work)."""
+    """``--sweep-m`` reaches ``bench_gptq`` as a sweep of those M, ``--lm-head`` as lm_head's shape alone (here
+    stopped by the CPU, before any work)."""
     from folovllm.benchmarks import gptq
 
     seen = {}
     real = gptq.bench_gptq
     monkeypatch.setattr(gptq, "bench_gptq", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
     assert main(["bench", "gptq", "--device", "cpu", "--m", "1", "--sweep-m", "1"]) == 2
-    assert seen == {"skip_model": False, "sweep": True, "sweep_ms": [1]}
+    assert seen == {"skip_model": False, "sweep": True, "sweep_ms": [1], "lm_head": False}
     assert "bench gptq times the Triton kernel against cuBLAS and needs a CUDA device, got cpu" in capsys.readouterr().err
+    assert main(["bench", "gptq", "--device", "cpu", "--m", "1", "--sweep-m", "1", "--lm-head"]) == 2
+    assert seen["lm_head"] is True
 
 
 def test_generate_takes_hf_overrides_as_a_json_object(tiny_checkpoint, capsys):
