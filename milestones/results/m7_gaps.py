@@ -73,15 +73,15 @@ def gaps(llm: LLM) -> dict:
 def main(out: str, switches: bool = False) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
-    gptq = {"milestone": "M7", "quantization": "gptq"}
-    decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
-    configs = (("M4", {"milestone": "M4"}), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
-               ("M7/gptq/decode-graphs", gptq | decode_graphs), ("M7/gptq-triton", gptq))  # fmt: skip
+    m4, gptq = {"milestone": "M4"}, {"milestone": "M7", "quantization": "gptq"}
     if switches:
-        m4 = {"milestone": "M4"}
         configs = (("M4", m4), ("M4+chunked", m4 | {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}),
                    ("M4+full-graphs", m4 | {"cudagraph_mode": "FULL"}), ("M4+prefix", m4 | {"enable_prefix_caching": True}),
                    ("M5", {"milestone": "M5"}), ("M6", {"milestone": "M6"}))  # fmt: skip
+    else:
+        decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
+        configs = (("M4", m4), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
+                   ("M7/gptq/decode-graphs", gptq | decode_graphs), ("M7/gptq-triton", gptq))  # fmt: skip
     for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside

@@ -155,6 +155,9 @@ def phased_workload(
     return prompts + late_prompts, outputs + late_outputs
 
 
+# ``hf_overrides`` that give a ``random:`` model 4-bit codes in ``lm_head`` too, as a checkpoint's ``lm_head: true``
+# (the random GPTQ layers' own settings: GPTQConfig's defaults)
+LM_HEAD_OVERRIDES = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True}}
 _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "sync": {"async_scheduling": False},
     "eager": {"enforce_eager": True},
@@ -162,11 +165,7 @@ _SWITCHES: dict[str, dict[str, Any]] = {  # M4's fast-path pieces, one at a time
     "decode-graphs": {"cudagraph_mode": "FULL_DECODE_ONLY"},  # M5 with M4's graphs: mixed steps eager
     "compile": {"compilation_config": 3, "fuse_kernels": False},  # Inductor's fusion instead of ours
     "gptq": {"quantization": "gptq"},  # M7/gptq: GPTQ weights beside the same preset in bf16 (M7)
-    # M7/gptq/lm-head: lm_head 4-bit too (the random GPTQ layers' settings, as a checkpoint's lm_head: true)
-    "lm-head": {
-        "quantization": "gptq",
-        "hf_overrides": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True}},
-    },
+    "lm-head": {"quantization": "gptq", "hf_overrides": LM_HEAD_OVERRIDES},  # M7/gptq/lm-head: lm_head 4-bit too
 }
 _SETTINGS = {
     "block": ("block_size", int),

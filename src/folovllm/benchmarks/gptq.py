@@ -20,10 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from folovllm.benchmarks.common import provenance
+from folovllm.benchmarks.common import LM_HEAD_OVERRIDES, provenance
 from folovllm.benchmarks.hardware import copies_beyond_l2, graph_time_s, measure_copy_bandwidth, median_time_s
 from folovllm.benchmarks.word_stream import stream_words
-from folovllm.model_executor.layers.quantization.gptq import GPTQConfig
 from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     DECODE_MAX_M,
     GEMV_MAX_M,
@@ -47,8 +46,6 @@ QWEN3_8B_SHAPES = {
     "down_proj": (12288, 4096),
 }
 LM_HEAD_SHAPE = {"lm_head": (4096, 151936)}  # Qwen3-8B's vocabulary: 4-bit when a checkpoint says ``lm_head: true``
-# ``hf_overrides`` that give a ``random:`` model's lm_head 4-bit codes too (the random GPTQ layers' own settings)
-LM_HEAD_OVERRIDES = {"quantization_config": GPTQConfig(lm_head_quantized=True).to_dict()}
 WEIGHTS_NOTE = (
     "random weights: uniform 4-bit codes, symmetric, group 128 (what RTN of random weights gives); "
     "speed and memory do not depend on the values"
