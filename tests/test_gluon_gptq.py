@@ -30,6 +30,16 @@ def test_loader_warp_streams_with_tma_and_compute_warps_multiply_codes_from_regi
     assert int(asm["shared"]) < 4 * (16 * 128 * 4 + 8 * 16 * 16 * 2) + 1024
 
 
+@pytest.mark.parametrize(("m_tile", "block_n", "warps", "maxnreg"), [(32, 64, 4, 80), (64, 64, 4, 96), (64, 128, 8, 128)])
+def test_up_to_64_rows_share_each_block_of_words_in_one_product(m_tile, block_n, warps, maxnreg):
+    """Compiled for an H200 on this CPU: with 32 or 64 rows of X per product the weights are still read once per
+    block (one ``wgmma`` m64nMk16 per 16 codes a warpgroup converts, N = the rows), and the register caps the sweep
+    offers hold both accumulators without spilling."""
+    asm = ws.compile_ws_plan(ws.WsPlan(block_n, 4, 4, False, maxnreg, warps, m_tile))
+    assert asm["ptx"].count(f"wgmma.mma_async.sync.aligned.m64n{m_tile}k16.f32.bf16.bf16") == 8 * block_n // (16 * warps)
+    assert ptxas_report(asm["ptx"]) == {"registers": maxnreg, "spill_bytes": 0}
+
+
 def test_byte_perm_takes_a_quarter_of_the_compute_loops_machine_instructions():
     """Compiled down to SASS: the compute warps' loop per block (128 codes a thread) with ``_byte_perm_asm`` against
     the same plan with the codes made by Gluon integer operations; same 16 products, at least 20% fewer
@@ -90,6 +100,7 @@ def test_byte_perm_asm_makes_both_halves_of_a_register_from_one_field_of_two_wor
 def test_ws_supported_names_what_the_kernel_serves():
     x = torch.zeros(4, 256, dtype=torch.bfloat16)
     assert not ws.ws_supported(x, torch.zeros(32, 64, dtype=torch.int32), None, 4, 128)  # a CPU tensor
+    assert ws.WS_MAX_M == 64 and ws.M_TILES == (8, 16, 32, 64)
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
@@ -102,6 +113,9 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 384, 4, 128, 7, True, ws.WsPlan(128, 16, 4, False, 64, 8, 8)),
         (1024, 320, 4, 128, 3, True, ws.WsPlan(64, 2, 4, False, byte_perm=False)),
         (2048, 256, 2, 256, 9, False, ws.WsPlan(128, 4, 2, False, byte_perm=False)),
+        (1024, 320, 4, 128, 24, True, ws.WsPlan(64, 2, 4, False, 80, 4, 32)),
+        (2048, 256, 2, 256, 33, False, ws.WsPlan(64, 4, 3, False, 96, 4, 64)),
+        (1024, 384, 4, -1, 64, False, ws.WsPlan(128, 2, 4, False, 128, 8, 64)),
     ],
 )
 def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
@@ -138,17 +152,21 @@ def test_ws_plan_runs_its_triton_twin_where_gluon_cannot():
     got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, plan)
     ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, group)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
-    with pytest.raises(ValueError, match="ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m=16"):
+    needs = "ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m 16 or 64"
+    with pytest.raises(ValueError, match=needs):
         gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))
 
 
-def test_sweep_offers_gluon_plans_up_to_16_rows_only():
+def test_sweep_offers_gluon_plans_up_to_64_rows_only():
     from folovllm.benchmarks.gptq import sweep_plans
 
     cpu = torch.device("cpu")
     decode = [p for p in sweep_plans(1, 4096, 6144, 4, 132, cpu) if p.ws]
     assert decode and {p.maxnreg for p in decode} == {80, 64, 48} and all(p.swap_ab and p.pairs for p in decode)
-    assert not [p for p in sweep_plans(64, 4096, 6144, 4, 132, cpu) if p.ws]
+    wide = [p for p in sweep_plans(64, 4096, 6144, 4, 132, cpu) if p.ws]
+    assert wide and all(p.block_m == 64 and p.swap_ab and p.pairs for p in wide)
+    assert {(p.block_n, p.num_warps, p.maxnreg) for p in wide} == {(64, 4, 96), (64, 4, 128), (128, 8, 128)}
+    assert not [p for p in sweep_plans(256, 4096, 6144, 4, 132, cpu) if p.ws]
 
 
 def test_h200_table_holds_gluon_plans_with_register_caps():
@@ -159,14 +177,14 @@ def test_h200_table_holds_gluon_plans_with_register_caps():
     plans = TUNED.plans("NVIDIA H200")
     gluon = {key: plan for key, plan in plans.items() if plan.ws}
     assert tuned_key(4, 1, 4096, 24576) in gluon and gluon[tuned_key(4, 1, 4096, 24576)].maxnreg in (80, 64, 48)
-    assert all(plan.block_m == 16 and plan.swap_ab and plan.pairs for plan in gluon.values())
+    assert all(plan.block_m in (16, 64) and plan.swap_ab and plan.pairs for plan in gluon.values())
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("m", [1, 6, 16])
+@pytest.mark.parametrize("m", [1, 6, 16, 17, 40, 64])
 def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
     """A ``ws`` plan reaches the Gluon kernel through ``gptq_gemm`` (the Triton twin is never launched) and equals the
-    reference, with 8 rows per product up to 8 rows and 16 above."""
+    reference, with the fewest rows per product (8, 16, 32 or 64) that hold X."""
     from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
 
     gen = torch.Generator(device="cuda").manual_seed(m)
@@ -178,6 +196,9 @@ def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     monkeypatch.setattr(ops, "launch_plan", lambda *args, **kwargs: pytest.fail("the Triton twin ran"))
     plan = ops.GemmPlan(16, 128, False, 2, 4, 4, 4, swap_ab=True, pairs=True, ws=True, maxnreg=64)
+    if m > 16:
+        plan = ops.GemmPlan(64, 64, False, 2, 4, 4, 4, swap_ab=True, pairs=True, ws=True, maxnreg=96)
+    assert ops.as_ws_plan(plan, m).m_tile == next(t for t in (8, 16, 32, 64) if t >= m)
     got = ops.gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
     ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()

@@ -10,9 +10,12 @@ name, its count, time and the idle time before it.
 
     python3 milestones/results/m7_gaps.py OUT.json
     python3 milestones/results/m7_gaps.py --switches OUT.json
+    python3 milestones/results/m7_gaps.py --switches --reverse OUT.json
 
 ``--switches`` runs bf16 only, M4 with each of M5's and M6's changes alone (chunked prefill with M5's budget, M5's
-graph mode, prefix caching), then M5 and M6: which change brings the gaps.
+graph mode, prefix caching), then M5 and M6: which change brings the gaps. ``--reverse`` runs the same list last
+to first and profiles each engine twice, and records the device memory still allocated before each engine is
+built: whether the gaps follow the config, the order of engines in one process, or the profiler's session.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def gaps(llm: LLM) -> dict:
     }
 
 
-def main(out: str, switches: bool = False) -> None:
+def main(out: str, switches: bool = False, reverse: bool = False) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     m4, gptq = {"milestone": "M4"}, {"milestone": "M7", "quantization": "gptq"}
@@ -78,6 +81,7 @@ def main(out: str, switches: bool = False) -> None:
         configs = (("M4", m4), ("M4+chunked", m4 | {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}),
                    ("M4+full-graphs", m4 | {"cudagraph_mode": "FULL"}), ("M4+prefix", m4 | {"enable_prefix_caching": True}),
                    ("M5", {"milestone": "M5"}), ("M6", {"milestone": "M6"}))  # fmt: skip
+        configs = configs[::-1] if reverse else configs
     else:
         decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
         configs = (("M4", m4), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
@@ -85,8 +89,11 @@ def main(out: str, switches: bool = False) -> None:
     for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
+            allocated = torch.cuda.memory_allocated()
             llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
-            result["configs"][label] = gaps(llm)
+            result["configs"][label] = gaps(llm) | {"allocated_before_GiB": allocated / 2**30}
+            if reverse:  # the same engine under a second profiler session
+                result["configs"][label + "#2"] = gaps(llm)
         del llm
         gc.collect()  # the engine holds the weights and the KV cache until collected
         torch.cuda.empty_cache()
@@ -98,4 +105,4 @@ def main(out: str, switches: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[-1], switches="--switches" in sys.argv[1:-1])
+    main(sys.argv[-1], switches="--switches" in sys.argv[1:-1], reverse="--reverse" in sys.argv[1:-1])

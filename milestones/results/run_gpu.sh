@@ -630,6 +630,21 @@ else:
     timeout 150 python3 -m folovllm bench step --model random:qwen3-8b --milestone M4 M7/gptq M7/gptq/lm-head \
       --batch-size 1 --prompt-len 128 --no-timeline --out "$OUT/M7-lmhead-step-$gpu.json" > "$OUT/step.log" 2>&1
     echo "step: exit $?" ;;
+  wide)
+    # #15, twentieth session: the Gluon kernel with 32 or 64 rows per product (M 17-64, the decode batches of W).
+    # The GPU tests, the sweep at M = 64 (tunes the 17-64 rows entries), the kernel table at M = 16, 32, 64, then
+    # W bf16 vs GPTQ, each twice, interleaved. About 8 device-minutes.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 240 python3 -m folovllm bench gptq --kernels-only --sweep-m 64 --m 16 32 64 \
+      --out "$OUT/M7-wide-sweep-$gpu.json" > "$OUT/sweep.log" 2>&1; echo "sweep: exit $?"; tail -2 "$OUT/sweep.log"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
+      --out "$OUT/M7-throughput-wide-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log" ;;
+  gaporder)
+    # #15, twentieth session: the gapswitches list last to first, each engine profiled twice, with the memory left
+    # allocated before each engine: do the gaps follow the config or the order? About 3 device-minutes.
+    timeout 300 python3 milestones/results/m7_gaps.py --switches --reverse "$OUT/M7-gaps-order-$gpu.json" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.

@@ -31,6 +31,8 @@ from folovllm.triton_utils.counters import tile_counters
 from folovllm.utils import cdiv
 
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
+M_TILES = (8, 16, 32, 64)  # rows of X per product (``wgmma``'s N): the weights are read once for up to 64 rows
+WS_MAX_M = M_TILES[-1]
 
 
 _PER_ASM = 4  # product operands one ``_byte_perm_asm`` block makes (its outputs $0..$3; its inputs follow)
@@ -157,7 +159,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                           ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
-    """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8 or 16, the X descriptor's rows) on bf16 X: program
+    """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
     as ``split_k.store_tile`` does."""
     PACK: gl.constexpr = 32 // BITS
@@ -207,7 +209,9 @@ class WsPlan:
     """One launch of the warp-specialized kernel: columns per program, K split, ring depth, async products, the
     register cap per thread (``maxnreg``: a program of 4 compute warps and a loader is allocated 8 warps' registers,
     so 80 leaves room for three programs per SM, 64 for four), compute warps (4 or 8: one or two warpgroups, each
-    64 columns per product) and rows of X per product (8 or 16, at least the rows of X)."""
+    64 columns per product) and rows of X per product (``M_TILES``, at least the rows of X). A thread holds
+    ``block_n * m_tile / (32 * num_warps)`` accumulators twice (the sum and the block's product), so 64 rows want
+    64 columns per warpgroup and about 96 registers."""
 
     block_n: int = 128
     split_k: int = 4
@@ -220,13 +224,13 @@ class WsPlan:
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
-    """Where the kernel applies: a Hopper GPU, bf16 X of at most 16 rows with 16-byte aligned rows (TMA), 2- or 4-bit
-    codes, one scale per K block or per channel, no act-order permutation."""
+    """Where the kernel applies: a Hopper GPU, bf16 X of at most ``WS_MAX_M`` rows with 16-byte aligned rows (TMA), 2- or
+    4-bit codes, one scale per K block or per channel, no act-order permutation."""
     return (
         x.is_cuda
         and torch.cuda.get_device_capability(x.device)[0] == 9
         and x.dtype == torch.bfloat16
-        and x.shape[0] <= 16
+        and x.shape[0] <= WS_MAX_M
         and x.stride(1) == 1
         and (x.stride(0) * 2) % 16 == 0
         and x.data_ptr() % 16 == 0
@@ -272,7 +276,7 @@ def launch_gptq_decode_ws(
     group_size: int,
     plan: WsPlan,
 ) -> torch.Tensor:
-    """``x [M <= 16, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
+    """``x [M <= m_tile, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
     test ``ws_supported`` first."""
     m, k = x.shape
     if m > plan.m_tile:

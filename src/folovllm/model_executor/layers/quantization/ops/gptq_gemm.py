@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from folovllm.model_executor.layers.quantization.ops.gluon_gptq import WsPlan, launch_gptq_decode_ws, ws_supported
+from folovllm.model_executor.layers.quantization.ops.gluon_gptq import (
+    M_TILES,
+    WS_MAX_M,
+    WsPlan,
+    launch_gptq_decode_ws,
+    ws_supported,
+)
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import (
     PER_CHANNEL,
     SLICE_ROWS,
@@ -189,10 +195,10 @@ def _kernel_for(plan: GemmPlan, act: torch.dtype, bits: int) -> tuple[object, di
 
 
 def as_ws_plan(plan: GemmPlan, m: int) -> WsPlan:
-    """The Gluon launch a ``ws`` plan stands for at ``m`` rows: its tiles, split, ring depth and register cap, 8 rows
-    of X per product up to 8 rows and 16 above."""
-    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps,
-                  8 if m <= 8 else 16)  # fmt: skip
+    """The Gluon launch a ``ws`` plan stands for at ``m`` rows: its tiles, split, ring depth and register cap, and the
+    fewest rows of X per product (8, 16, 32 or 64) that hold all ``m``."""
+    m_tile = next(t for t in M_TILES if t >= min(m, WS_MAX_M))
+    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps, m_tile)
 
 
 def launch_gptq_gemm(
@@ -227,8 +233,10 @@ def launch_gptq_gemm(
         raise ValueError("pairs is a kind of swap_ab plan: it needs swap_ab=True")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
-    if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m == DECODE_MAX_M):
-        raise ValueError(f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m={DECODE_MAX_M}")
+    if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m in (DECODE_MAX_M, WS_MAX_M)):
+        raise ValueError(
+            f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m {DECODE_MAX_M} or {WS_MAX_M}"
+        )
     if plan.ws and ws_supported(x, qweight, perm, bits, group_size):
         return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size, as_ws_plan(plan, m))
     if plan.ws:  # the register cap was tuned for the Gluon kernel, not for its twin
