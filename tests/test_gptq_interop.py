@@ -5,8 +5,10 @@ Both ways:
   GPTQModel's modules and CPU kernel) and, when symmetric, in ``GPTQModel.load``; the weights they read
   equal ours bit for bit and their model computes our logits;
 - a checkpoint quantized and saved by GPTQModel itself (its GPTQ, its packer, act-order, asymmetric, with
-  rows whose zero point is 0) loads in our engine: same weights, same bytes when we pack them again, and
-  HF's logits and greedy tokens on those weights.
+  rows whose zero point is 0, with and without a 4-bit ``lm_head``) loads in our engine: same weights, same bytes
+  when we pack them again, and HF's logits and greedy tokens on those weights;
+- a 4-bit ``lm_head`` of ours loads in GPTQModel; transformers cannot serve one. GPTQModel's own quantized
+  ``lm_head`` is 8-bit, given by a per-module override (``dynamic``), which our loader applies.
 
 Skipped where GPTQModel is not installed (the project's venv and CI): ``make interop`` builds its own venv
 from ``requirements-interop.txt`` and runs this file there.
@@ -35,6 +37,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from folovllm.attention.layer import prefill_metadata  # noqa: E402
 from folovllm.cli import main  # noqa: E402
 from folovllm.config import ModelConfig  # noqa: E402
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig  # noqa: E402
 from folovllm.model_executor.model_loader import load_model  # noqa: E402
 from folovllm.quantization.packing import pack_gptq, unpack_gptq, unpack_zeros  # noqa: E402
 
@@ -65,18 +68,21 @@ def hf_logits(model: torch.nn.Module) -> torch.Tensor:
         return torch.cat([model(s[None]).logits[0].float() for s in SEQS])
 
 
+def module_settings(folder, prefix: str) -> GPTQConfig:
+    """The bits and group size our loader gives checkpoint module ``prefix`` (``dynamic`` overrides applied)."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    return GPTQConfig.from_config(config).for_layer([prefix])
+
+
 def read_by_us(folder) -> dict[str, np.ndarray]:
     """Our reader (``unpack_gptq``, the loader's unpacking) on every quantized layer: fp32 ``[out, in]`` by HF name."""
     tensors = load_file(str(folder / "model.safetensors"))
-    bits, group_size = 4, GROUP_SIZE
-    return {
-        f"{prefix}.weight": unpack_gptq(
-            *(tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")), bits, group_size
-        )
-        .dequantize()
-        .numpy()
-        for prefix in (name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight"))
-    }
+    weights = {}
+    for prefix in (name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight")):
+        settings = module_settings(folder, prefix)
+        stored = (tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx"))
+        weights[f"{prefix}.weight"] = unpack_gptq(*stored, settings.bits, settings.group_size).dequantize().numpy()
+    return weights
 
 
 def read_by_gptqmodel(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -93,8 +99,9 @@ def read_by_gptqmodel(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return weights
 
 
-def assert_same_weights(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> None:
-    assert sorted(theirs) == sorted(ours) and len(ours) == 2 * 7  # every projection of both layers
+def assert_same_weights(theirs: dict[str, np.ndarray], ours: dict[str, np.ndarray], lm_head: bool = False) -> None:
+    assert sorted(theirs) == sorted(ours) and len(ours) == 2 * 7 + lm_head  # every projection of both layers
+    assert ("lm_head.weight" in ours) == lm_head
     for name, w in ours.items():
         assert np.array_equal(theirs[name], w), name
 
@@ -126,10 +133,34 @@ def test_our_checkpoint_loads_in_transformers_and_gptqmodel(tiny_checkpoint, tmp
     assert_same_weights(read_by_gptqmodel(model.model), ours)
 
 
-def test_gptqmodel_checkpoint_loads_in_ours(tiny_checkpoint, tmp_path, monkeypatch):
+def test_our_lm_head_checkpoint_loads_in_gptqmodel_not_in_transformers(tiny_checkpoint, tmp_path):
+    """``quantize --lm-head`` (``lm_head: true``, vLLM's ``lm_head_quantized``): GPTQModel reads the 4-bit
+    ``lm_head`` as we do and computes our logits. transformers (optimum 2.3) quantizes decoder blocks only: it builds
+    a dense ``lm_head``, ignores the packed tensors and initializes ``lm_head.weight`` at random, so it cannot serve
+    such a checkpoint."""
+    src, q = tiny_checkpoint("llama"), tmp_path / "q"
+    args = ["--method", "rtn", "--sym", "--lm-head", "--group-size", str(GROUP_SIZE)]
+    assert main(["quantize", "--model", str(src), "--out", str(q), *args]) == 0
+    assert json.loads((q / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    ours = read_by_us(q)
+    logits = our_logits(q)
+
+    model = GPTQModel.load(str(q), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+    assert isinstance(model.lm_head, BaseQuantLinear)
+    theirs = read_by_gptqmodel(model)
+    assert_same_weights(theirs, ours, lm_head=True)
+    assert rel_err(hf_logits(model.float()), logits) < NATIVE_KERNEL_RTOL
+    assert rel_err(hf_logits(hf_with_weights(src, theirs)), logits) < FP32_RTOL
+
+    hf, info = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32, output_loading_info=True)
+    assert type(hf.lm_head) is torch.nn.Linear and "lm_head.weight" in info["missing_keys"]
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_gptqmodel_checkpoint_loads_in_ours(tiny_checkpoint, tmp_path, monkeypatch, lm_head):
     src, q = with_nonnegative_rows(tiny_checkpoint("llama"), tmp_path / "dense"), tmp_path / "q"
     monkeypatch.chdir(tmp_path)  # GPTQModel's quantizer writes a log folder into the working directory
-    config = QuantizeConfig(bits=4, group_size=GROUP_SIZE, desc_act=True, sym=False)
+    config = QuantizeConfig(bits=4, group_size=GROUP_SIZE, desc_act=True, sym=False, lm_head=lm_head)
     model = GPTQModel.load(str(src), config, device="cpu")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 512, (8, 1, 32), generator=gen)
@@ -137,22 +168,32 @@ def test_gptqmodel_checkpoint_loads_in_ours(tiny_checkpoint, tmp_path, monkeypat
     model.save(str(q))
     del model
     written = json.loads((q / "config.json").read_text())["quantization_config"]
-    assert (written["checkpoint_format"], written["sym"], written["desc_act"]) == ("gptq", False, True)
+    assert (written["checkpoint_format"], written["sym"], written["desc_act"], written["lm_head"]) == (
+        "gptq", False, True, lm_head
+    )  # fmt: skip
     assert written["meta"]["quantizer"] == [f"gptqmodel:{gptqmodel.__version__}"]
 
+    # GPTQModel quantizes lm_head at 8 bits, symmetric, in natural order: a per-module override we read
+    assert written.get("dynamic", {}).get("lm_head", {}).get("bits") == (8 if lm_head else None)
     tensors = load_file(str(q / "model.safetensors"))
     ours = read_by_us(q)
     for name in ours:
         prefix = name.removesuffix(".weight")
         stored = {k: tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-        qw = unpack_gptq(**stored, bits=4, group_size=GROUP_SIZE)
-        assert not torch.equal(qw.g_idx, qw.g_idx.sort().values)  # act-order: a permutation of groups
+        settings = module_settings(q, prefix)
+        assert settings.bits == (8 if prefix == "lm_head" else 4)
+        qw = unpack_gptq(**stored, bits=settings.bits, group_size=settings.group_size)
+        # act-order: a permutation of groups (GPTQModel 7.6 quantizes lm_head in natural order even with desc_act)
+        assert torch.equal(qw.g_idx, qw.g_idx.sort().values) == (name == "lm_head.weight")
         for key, t in pack_gptq(qw).items():  # what we read, packed again: GPTQModel's bytes
             assert torch.equal(t, stored[key]), (name, key)
-    assert all((unpack_zeros(tensors[f"{n.removesuffix('.weight')}.qzeros"], 4, ours[n].shape[0]) == 0).any() for n in ours)
+    decoder = [n for n in ours if n != "lm_head.weight"]
+    assert all(
+        (unpack_zeros(tensors[f"{n.removesuffix('.weight')}.qzeros"], 4, ours[n].shape[0]) == 0).any() for n in decoder
+    )
 
     theirs = read_by_gptqmodel(GPTQModel.load(str(q), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model)
-    assert_same_weights(theirs, ours)
+    assert_same_weights(theirs, ours, lm_head)
     # HF on GPTQModel's weights, with the unquantized tensors as GPTQModel saved them (it quantized in bf16)
     weights = {
         name: t.float().numpy() for name, t in tensors.items() if not name.endswith(("qweight", "qzeros", "scales", "g_idx"))

@@ -8,6 +8,7 @@ and the loader cannot cancel out.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -140,9 +141,11 @@ def write_np_gptq_checkpoint(
     desc_act: bool = False,
     config_overrides: dict | None = None,
     lm_head: bool = False,
+    dynamic: dict[str, dict] | None = None,
 ) -> dict[str, np.ndarray]:
     """Quantize a dense HF folder's decoder projections (and ``lm_head`` of an untied model) with numpy; returns
-    HF name -> dequantized weight.
+    HF name -> dequantized weight. ``dynamic`` (GPTQModel's per-module overrides, written to the config too): the
+    first pattern matching a module's name gives it its own ``bits``/``group_size`` (``+:``) or leaves it dense (``-:``).
 
     With ``desc_act`` each layer input gets a seeded random column order, so ``g_idx`` is a permutation
     of groups (shared by the projections that read the same input, as in real act-order checkpoints).
@@ -156,14 +159,21 @@ def write_np_gptq_checkpoint(
         if (proj not in PROJECTIONS and not (lm_head and name == "lm_head.weight")) or not name.endswith(".weight"):
             out[name] = w
             continue
+        prefix = name.rpartition(".")[0]
+        rule = next(
+            ((key, v) for key, v in (dynamic or {}).items() if re.match(key.lstrip("+-").lstrip(":"), prefix)), ("", {})
+        )
+        if rule[0].startswith("-:"):
+            out[name] = w
+            continue
+        module_bits, module_group = rule[1].get("bits", bits), rule[1].get("group_size", group_size)
         k = w.shape[1]
         input_key = (name.rsplit(".", 2)[0], proj in ("q_proj", "k_proj", "v_proj"), proj in ("gate_proj", "up_proj"))
         if input_key not in orders:
             orders[input_key] = rng.permutation(k) if desc_act else np.arange(k)
         g_idx = np.empty(k, dtype=np.int64)
-        g_idx[orders[input_key]] = np.arange(k) // group_size
-        tensors, dequantized[name] = np_quantize_and_pack(w, g_idx, bits)
-        prefix = name.rpartition(".")[0]
+        g_idx[orders[input_key]] = np.arange(k) // module_group
+        tensors, dequantized[name] = np_quantize_and_pack(w, g_idx, module_bits)
         out.update({f"{prefix}.{key}": t for key, t in tensors.items()})
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((dst / "config.json").read_text())
@@ -175,6 +185,7 @@ def write_np_gptq_checkpoint(
         "sym": False,
         "checkpoint_format": "gptq",
         "lm_head": lm_head,
+        **({"dynamic": dynamic} if dynamic else {}),
         **(config_overrides or {}),
     }
     (dst / "config.json").write_text(json.dumps(config))
@@ -242,6 +253,61 @@ def test_checkpoint_with_a_quantized_lm_head_matches_hf_on_dequantized_weights(t
     llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_model_len=64, kv_cache_memory=2**20)
     assert type(llm.llm_engine.model_runner.model.lm_head.quant_method).__name__ == "GPTQLinearMethod"
     assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+def test_per_module_overrides_give_layers_their_own_bits_or_keep_them_dense(tiny_checkpoint, tmp_path):
+    """``dynamic`` as GPTQModel writes it (an 8-bit ``lm_head``) plus a positive and a negative pattern: each layer is
+    built with the settings of the first pattern its checkpoint names match, and the greedy tokens are HF's on the
+    dequantized (and the dense) weights."""
+    src = tiny_checkpoint("llama")
+    dynamic = {"lm_head": {"bits": 8, "sym": True, "mse": 2.4}, r"-:model\.layers\.1\.mlp\.down_proj": {},
+               r"+:.*\.0\.self_attn\.": {"bits": 8, "group_size": 16}}  # fmt: skip
+    dequantized = write_np_gptq_checkpoint(src, tmp_path / "q", lm_head=True, dynamic=dynamic)
+    assert "model.layers.1.mlp.down_proj.weight" not in dequantized
+    llm = LLM(str(tmp_path / "q"), device="cpu", dtype="float32", max_model_len=64, kv_cache_memory=2**20)
+    model = llm.llm_engine.model_runner.model
+    settings = {name: (m.quant_method.config.bits, m.quant_method.config.group_size) if m.quant_method else None
+                for name, m in model.named_modules() if hasattr(m, "quant_method")}  # fmt: skip
+    assert settings["lm_head"] == (8, 32) and settings["model.layers.1.mlp.down_proj"] is None
+    assert settings["model.layers.0.self_attn.qkv_proj"] == settings["model.layers.0.self_attn.o_proj"] == (8, 16)
+    assert settings["model.layers.1.self_attn.qkv_proj"] == settings["model.layers.0.mlp.down_proj"] == (4, 32)
+    assert our_greedy(tmp_path / "q", PROMPTS) == hf_greedy_on(src, dequantized, PROMPTS, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "message"),
+    [
+        ([], "GPTQ quantization_config.dynamic must be a dict of patterns to settings, got []"),
+        ({"lm_head": 8}, "GPTQ quantization_config.dynamic must map pattern strings to dicts, got 'lm_head': 8"),
+        ({"+:(": {}}, "GPTQ quantization_config.dynamic key '+:(' is not a regular expression: missing ), unterminated"),
+        ({"lm_head": {"bits": 3}}, "GPTQ quantization_config.dynamic['lm_head']: GPTQ bits=3 cannot be served"),
+        ({"lm_head": {"sym": "yes"}}, "GPTQ quantization_config.dynamic['lm_head'].sym must be a bool"),
+    ],
+)
+def test_malformed_per_module_overrides_are_refused_naming_the_entry(dynamic, message):
+    with pytest.raises(ValueError) as err:
+        GPTQConfig.from_config({"bits": 4, "group_size": 128, "dynamic": dynamic})
+    assert str(err.value).startswith(message)
+
+
+def test_per_module_overrides_must_agree_on_projections_merged_into_one_layer():
+    """q/k/v are one layer here: a pattern matching q_proj alone cannot be served, and says which names differ; the
+    first matching pattern decides; the overrides round-trip through ``to_dict``."""
+    config = GPTQConfig.from_config({"bits": 4, "group_size": 128, "dynamic": {r"-:.*q_proj": {}}})
+    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    with pytest.raises(ValueError) as err:
+        config.for_layer(names)
+    assert str(err.value) == (
+        "GPTQ quantization_config.dynamic gives model.layers.0.self_attn.q_proj and model.layers.0.self_attn.k_proj "
+        "different settings, but they are merged into one layer"
+    )
+    assert config.for_layer(names[:1]) is None and config.for_layer(names[1:]) is config
+    first = GPTQConfig.from_config({"bits": 4, "group_size": 128, "dynamic": {"+:.*proj": {"bits": 8}, ".*": {"bits": 2}}})
+    assert first.for_layer(names).bits == 8 and first.for_layer(["lm_head"]).bits == 2
+    assert GPTQConfig.from_config(first.to_dict()) == first
+    with pytest.raises(ValueError, match="merged into one layer"):
+        LLM("random:tiny-llama", device="cpu", dtype="float32", quantization="gptq", max_model_len=32,
+            kv_cache_memory=2**20, hf_overrides={"quantization_config": config.to_dict()})  # fmt: skip
 
 
 def test_gptq_config_reads_and_writes_lm_head():

@@ -48,10 +48,19 @@ class Linear(CustomOp):
     """``y = x W^T (+ b)`` with ``W [output_size, input_size]``, or whatever ``quant_config``'s method stores."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, quant_config: QuantizationConfig | None = None
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str | list[str] = "",
     ) -> None:
+        """``prefix``: the checkpoint module name(s) this layer holds (a merged layer names each projection), for
+        per-module quantization settings (``QuantizationConfig.for_layer``)."""
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
+        if quant_config is not None:
+            quant_config = quant_config.for_layer([prefix] if isinstance(prefix, str) else prefix)
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
         if self.quant_method is None:
             self.weight = nn.Parameter(torch.empty(output_size, input_size))
@@ -97,9 +106,14 @@ class MergedLinear(Linear):
     """Several projections of one input stacked along the output dim (``gate_up_proj``)."""
 
     def __init__(
-        self, input_size: int, output_sizes: list[int], bias: bool = False, quant_config: QuantizationConfig | None = None
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefixes: list[str] | None = None,
     ) -> None:
-        super().__init__(input_size, sum(output_sizes), bias, quant_config)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config, prefixes or [""])
         self.output_sizes = list(output_sizes)
         self.shard_ids: list[int | str] = list(range(len(output_sizes)))
 
@@ -121,9 +135,12 @@ class QKVLinear(MergedLinear):
         num_kv_heads: int,
         bias: bool = False,
         quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
+        """``prefix``: the attention module's checkpoint name (its projections are ``{prefix}.q_proj`` ...)."""
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, quant_config)
+        names = [f"{prefix}.{proj}" for proj in ("q_proj", "k_proj", "v_proj")]
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, quant_config, names)
         self.q_size, self.kv_size = q_size, kv_size
         self.shard_ids = ["q", "k", "v"]
 

@@ -44,11 +44,17 @@ def num_kv_heads_of(hf_config: Any) -> int:
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, hidden_size: int, intermediate_size: int, bias: bool, quant_config: QuantizationConfig | None = None
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, quant_config)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, quant_config)
+        names = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias, quant_config, names)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, quant_config, f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,7 @@ class LlamaAttention(nn.Module):
         o_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.rotary_emb = rotary_emb  # shared by every layer
@@ -74,9 +81,9 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = num_kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.qkv_proj = QKVLinear(
-            hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, quant_config
+            hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias, quant_config, prefix
         )
-        self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias, quant_config)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hf_config.hidden_size, o_bias, quant_config, f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5)
@@ -111,12 +118,14 @@ class LlamaDecoderLayer(nn.Module):
         mlp_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm, quant_config)
+        attn_prefix, mlp_prefix = f"{prefix}.self_attn", f"{prefix}.mlp"
+        self.self_attn = LlamaAttention(hf_config, rotary_emb, qkv_bias, o_bias, qk_norm, quant_config, attn_prefix)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias, quant_config)
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, mlp_bias, quant_config, mlp_prefix)
 
     def forward(
         self,
@@ -148,8 +157,10 @@ class LlamaModel(nn.Module):
             head_dim_of(hf_config), hf_config.max_position_embeddings, rope_parameters(hf_config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config)
-            for _ in range(hf_config.num_hidden_layers)
+            LlamaDecoderLayer(
+                hf_config, self.rotary_emb, qkv_bias, o_bias, mlp_bias, qk_norm, quant_config, f"model.layers.{i}"
+            )
+            for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -168,6 +179,7 @@ class LlamaForCausalLM(nn.Module):
 
     ``quant_config`` (M7) quantizes the decoder layers' projections, and ``lm_head`` when the checkpoint says so
     (``lm_head_quantized``; tied embeddings are then untied: the embedding table stays dense). Embeddings stay dense.
+    Every layer is built with its checkpoint name(s), so per-module settings (GPTQ's ``dynamic``) reach it.
     """
 
     qk_norm = False
@@ -176,11 +188,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         _check_supported(hf_config)
         self.config = hf_config
-        head_quant = quant_config if quant_config is not None and quant_config.lm_head_quantized else None
+        quantized_head = quant_config is not None and quant_config.lm_head_quantized
+        head_quant = quant_config.for_layer(["lm_head"]) if quantized_head else None
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False)) and head_quant is None
         qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
         self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm, quant_config)
-        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, quant_config=head_quant)
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, quant_config=head_quant, prefix="lm_head")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -49,3 +49,8 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_linear_method(self) -> LinearMethodBase:
         """A fresh linear method for one layer."""
+
+    def for_layer(self, prefixes: list[str]) -> "QuantizationConfig | None":
+        """The settings of the layer holding the checkpoint modules ``prefixes`` (several when merged), or None
+        to keep it dense: the same for every layer unless the format has per-module overrides."""
+        return self

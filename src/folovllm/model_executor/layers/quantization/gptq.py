@@ -9,7 +9,8 @@ per bit field, zero points unpacked (stored ``zero - 1`` in the checkpoint, see 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from folovllm.quantization.packing import pack_zeros, unpack_rows, unpack_zeros
 from folovllm.utils import cdiv
 
 KERNELS = ("auto", "triton", "torch")
+# What a ``dynamic`` entry may change for the modules it matches (vLLM reads these; GPTQModel also records settings
+# of its own quantizer there, such as ``mse``, which do not change how the weights are stored and are ignored).
+OVERRIDABLE = ("bits", "group_size", "desc_act", "sym")
 
 
 @dataclass
@@ -35,6 +39,11 @@ class GPTQConfig(QuantizationConfig):
 
     ``kernel`` is ours, not the checkpoint's: "auto" runs the Triton kernel on CUDA and the PyTorch
     reference (dequantize, then one matmul) elsewhere; tests force "triton" on CPU (interpreter).
+
+    ``dynamic`` (GPTQModel's per-module overrides, read as vLLM reads them): regular expressions matched from the
+    start of a module's checkpoint name, in order, the first match deciding. ``"-:pattern"`` keeps the module
+    dense; ``"+:pattern"`` or a bare pattern gives it the entry's ``OVERRIDABLE`` settings. GPTQModel writes
+    ``{"lm_head": {"bits": 8, ...}}`` when it quantizes ``lm_head``.
     """
 
     bits: int = 4
@@ -43,6 +52,7 @@ class GPTQConfig(QuantizationConfig):
     sym: bool = True
     kernel: str = "auto"
     lm_head_quantized: bool = False
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     name = "gptq"
 
@@ -55,6 +65,28 @@ class GPTQConfig(QuantizationConfig):
             raise ValueError(f"GPTQ group_size must be -1 or a power of two >= 16, got {gs!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if not isinstance(self.dynamic, dict):
+            raise ValueError(
+                f"GPTQ quantization_config.dynamic must be a dict of patterns to settings, got {self.dynamic!r}"
+            )
+        for pattern, settings in self.dynamic.items():
+            if not isinstance(pattern, str) or not isinstance(settings, dict):
+                raise ValueError(
+                    f"GPTQ quantization_config.dynamic must map pattern strings to dicts, got {pattern!r}: {settings!r}"
+                )
+            try:
+                re.compile(_pattern(pattern))
+            except re.error as exc:
+                raise ValueError(
+                    f"GPTQ quantization_config.dynamic key {pattern!r} is not a regular expression: {exc}"
+                ) from exc
+            for key in ("desc_act", "sym"):
+                if key in settings and not isinstance(settings[key], bool):
+                    raise ValueError(f"GPTQ quantization_config.dynamic[{pattern!r}].{key} must be a bool")
+            try:  # the settings it gives must be servable too: checked now, not when a layer is built
+                replace(self, dynamic={}, **{k: settings[k] for k in OVERRIDABLE if k in settings})
+            except ValueError as exc:
+                raise ValueError(f"GPTQ quantization_config.dynamic[{pattern!r}]: {exc}") from exc
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GPTQConfig":
@@ -64,8 +96,6 @@ class GPTQConfig(QuantizationConfig):
                 f"GPTQ checkpoint_format {fmt!r}{' (marlin)' if config.get('is_marlin_format') else ''} "
                 "is not supported; supported: 'gptq'"
             )
-        if config.get("dynamic"):
-            raise ValueError("GPTQ per-module overrides (quantization_config.dynamic) are not supported")
         for key in ("bits", "group_size"):
             if key not in config:
                 raise ValueError(f"GPTQ quantization_config has no {key!r}")
@@ -75,6 +105,7 @@ class GPTQConfig(QuantizationConfig):
             desc_act=bool(config.get("desc_act", False)),
             sym=bool(config.get("sym", True)),
             lm_head_quantized=bool(config.get("lm_head", False)),
+            dynamic={} if config.get("dynamic") is None else config["dynamic"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,10 +118,35 @@ class GPTQConfig(QuantizationConfig):
             "sym": self.sym,
             "checkpoint_format": "gptq",
             "lm_head": self.lm_head_quantized,
-        }
+        } | ({"dynamic": self.dynamic} if self.dynamic else {})
+
+    def for_layer(self, prefixes: list[str]) -> "GPTQConfig | None":
+        """The settings ``dynamic`` gives the modules ``prefixes`` (one layer: they must agree), None if dense."""
+        found = [self._for_module(prefix) for prefix in prefixes]
+        settings = [None if c is None else tuple(getattr(c, k) for k in OVERRIDABLE) for c in found]
+        for prefix, setting in zip(prefixes[1:], settings[1:]):
+            if setting != settings[0]:
+                raise ValueError(
+                    f"GPTQ quantization_config.dynamic gives {prefixes[0]} and {prefix} different settings, "
+                    "but they are merged into one layer"
+                )
+        return found[0]
+
+    def _for_module(self, prefix: str) -> "GPTQConfig | None":
+        for pattern, settings in self.dynamic.items():
+            if re.match(_pattern(pattern), prefix):
+                if pattern.startswith("-:"):
+                    return None
+                return replace(self, dynamic={}, **{k: settings[k] for k in OVERRIDABLE if k in settings})
+        return self
 
     def get_linear_method(self) -> "GPTQLinearMethod":
         return GPTQLinearMethod(self)
+
+
+def _pattern(key: str) -> str:
+    """A ``dynamic`` key without its ``+:`` / ``-:`` sign."""
+    return key[2:] if key.startswith(("+:", "-:")) else key
 
 
 def _sharded_loader(layer: nn.Module, param: nn.Parameter, output_dim: int, pack: int = 1):
