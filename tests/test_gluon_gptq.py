@@ -171,13 +171,17 @@ def test_sweep_offers_gluon_plans_up_to_64_rows_only():
 
 def test_h200_table_holds_gluon_plans_with_register_caps():
     """The seventeenth session's probe (``m7_ws_decode.py --tune``) put Gluon plans in the H200 table where they beat
-    the tuned Triton plans by 2% or more; they load as ``GemmPlan``s with their register caps."""
+    the tuned Triton plans by 2% or more, and later sweeps kept them; they load as ``GemmPlan``s with their register
+    caps."""
     from folovllm.model_executor.layers.quantization.ops.gptq_gemm import TUNED, tuned_key
 
     plans = TUNED.plans("NVIDIA H200")
     gluon = {key: plan for key, plan in plans.items() if plan.ws}
     assert tuned_key(4, 1, 4096, 24576) in gluon and gluon[tuned_key(4, 1, 4096, 24576)].maxnreg in (80, 64, 48)
     assert all(plan.block_m in (16, 64) and plan.swap_ab and plan.pairs for plan in gluon.values())
+    # the twentieth session's sweep at 64 rows (M7-wide-sweep-h200.json): two warpgroups, every row in one product
+    wide = [tuned_key(4, 64, k, n) for k, n in ((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096))]
+    assert all(gluon[key].block_m == 64 and gluon[key].num_warps == 8 for key in wide)
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
