@@ -11,11 +11,13 @@ name, its count, time and the idle time before it.
     python3 milestones/results/m7_gaps.py OUT.json
     python3 milestones/results/m7_gaps.py --switches OUT.json
     python3 milestones/results/m7_gaps.py --switches --reverse OUT.json
+    python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 OUT.json
 
 ``--switches`` runs bf16 only, M4 with each of M5's and M6's changes alone (chunked prefill with M5's budget, M5's
 graph mode, prefix caching), then M5 and M6: which change brings the gaps. ``--reverse`` runs the same list last
 to first and profiles each engine twice, and records the device memory still allocated before each engine is
 built: whether the gaps follow the config, the order of engines in one process, or the profiler's session.
+``--sequence`` runs the switch configs named, in that order, repeats allowed.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def gaps(llm: LLM) -> dict:
     }
 
 
-def main(out: str, switches: bool = False, reverse: bool = False) -> None:
+def main(out: str, switches: bool = False, reverse: bool = False, sequence: list[str] | None = None) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     m4, gptq = {"milestone": "M4"}, {"milestone": "M7", "quantization": "gptq"}
@@ -82,6 +84,9 @@ def main(out: str, switches: bool = False, reverse: bool = False) -> None:
                    ("M4+full-graphs", m4 | {"cudagraph_mode": "FULL"}), ("M4+prefix", m4 | {"enable_prefix_caching": True}),
                    ("M5", {"milestone": "M5"}), ("M6", {"milestone": "M6"}))  # fmt: skip
         configs = configs[::-1] if reverse else configs
+    if sequence:  # switch configs by label, in this order, repeats allowed (labelled by position)
+        by_label = dict(configs)
+        configs = tuple((f"{i}:{label}", by_label[label]) for i, label in enumerate(sequence, 1))
     else:
         decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
         configs = (("M4", m4), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
@@ -105,4 +110,7 @@ def main(out: str, switches: bool = False, reverse: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[-1], switches="--switches" in sys.argv[1:-1], reverse="--reverse" in sys.argv[1:-1])
+    flags = sys.argv[1:-1]
+    sequence = flags[flags.index("--sequence") + 1].split(",") if "--sequence" in flags else None
+    main(sys.argv[-1], switches="--switches" in flags or sequence is not None, reverse="--reverse" in flags,
+         sequence=sequence)  # fmt: skip

@@ -645,6 +645,13 @@ else:
     # #15, twentieth session: the gapswitches list last to first, each engine profiled twice, with the memory left
     # allocated before each engine: do the gaps follow the config or the order? About 3 device-minutes.
     timeout 300 python3 milestones/results/m7_gaps.py --switches --reverse "$OUT/M7-gaps-order-$gpu.json" ;;
+  gapsequence)
+    # #15, twentieth session, after gaporder showed M4 with the gaps too when engines with M5's graph mode came
+    # first: M4 twice in one process, then M4, M4 with M5's graph mode, M4 again in another. About 3 device-minutes.
+    timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4 "$OUT/M7-gaps-m4m4-$gpu.json" > /dev/null 2>&1
+    echo "M4,M4: exit $?"
+    timeout 250 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 "$OUT/M7-gaps-m4full-$gpu.json"
+    ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
