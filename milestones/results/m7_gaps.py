@@ -17,7 +17,8 @@ name, its count, time and the idle time before it.
 graph mode, prefix caching), then M5 and M6: which change brings the gaps. ``--reverse`` runs the same list last
 to first and profiles each engine twice, and records the device memory still allocated before each engine is
 built: whether the gaps follow the config, the order of engines in one process, or the profiler's session.
-``--sequence`` runs the switch configs named, in that order, repeats allowed.
+``--sequence`` runs the switch configs named, in that order, repeats allowed. Each config also records the wall time
+of 40 decode steps run just before, without the profiler.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from contextlib import nullcontext
 from unittest import mock
 
@@ -36,16 +38,21 @@ from folovllm import LLM, SamplingParams
 from folovllm.benchmarks.common import provenance
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm
 
-MODEL, PROMPT_LEN, STEPS = "random:qwen3-8b", 128, 5
+MODEL, PROMPT_LEN, STEPS, UNPROFILED = "random:qwen3-8b", 128, 5, 40
 
 
 def gaps(llm: LLM) -> dict:
     engine = llm.llm_engine
     prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
-    engine.add_request("gaps", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=64, ignore_eos=True))
+    engine.add_request("gaps", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=128, ignore_eos=True))
     for _ in range(8):  # the prefill, then warm decode steps
         engine.step()
     torch.cuda.synchronize()
+    start = time.perf_counter()  # the same steps unprofiled: what the profiler's view costs in wall time
+    for _ in range(UNPROFILED):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / UNPROFILED
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
             engine.step()
@@ -67,6 +74,7 @@ def gaps(llm: LLM) -> dict:
     total_idle = sum(g for g, _ in idle) / STEPS
     per_step = {n: {k: (v / STEPS if k != "count" else v // STEPS) for k, v in d.items()} for n, d in by_name.items()}
     return {
+        "unprofiled_ms_per_step": wall_ms,
         "span_us_per_step": span,
         "idle_us_per_step": total_idle,
         "kernels_per_step": len(events) / STEPS,

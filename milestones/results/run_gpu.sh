@@ -652,6 +652,13 @@ else:
     echo "M4,M4: exit $?"
     timeout 250 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 "$OUT/M7-gaps-m4full-$gpu.json"
     ;;
+  gapwall)
+    # #15, twentieth session, after gapsequence: the same M4, M4 with M5's graph mode, M4 sequence, twice, with the
+    # wall time of 40 unprofiled decode steps per engine: does a step slow down, or only the profiler's view of it?
+    for i in 1 2; do
+      timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 "$OUT/M7-gaps-wall$i-$gpu.json" \
+        > /dev/null 2>&1; echo "run $i: exit $?"
+    done ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
