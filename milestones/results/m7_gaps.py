@@ -18,7 +18,7 @@ graph mode, prefix caching), then M5 and M6: which change brings the gaps. ``--r
 to first and profiles each engine twice, and records the device memory still allocated before each engine is
 built: whether the gaps follow the config, the order of engines in one process, or the profiler's session.
 ``--sequence`` runs the switch configs named, in that order, repeats allowed. Each config also records the wall time
-of 40 decode steps run just before, without the profiler.
+of 40 decode steps run just before, without the profiler, and the CUDA graphs still alive when it is built.
 """
 
 from __future__ import annotations
@@ -103,8 +103,13 @@ def main(out: str, switches: bool = False, reverse: bool = False, sequence: list
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
             allocated = torch.cuda.memory_allocated()
+            alive = sum(isinstance(o, torch.cuda.CUDAGraph) for o in gc.get_objects())  # graphs of engines before
             llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
-            result["configs"][label] = gaps(llm) | {"allocated_before_GiB": allocated / 2**30}
+            result["configs"][label] = gaps(llm) | {
+                "allocated_before_GiB": allocated / 2**30,
+                "graphs_alive_before": alive,
+                "reserved_before_GiB": torch.cuda.memory_reserved() / 2**30,
+            }
             if reverse:  # the same engine under a second profiler session
                 result["configs"][label + "#2"] = gaps(llm)
         del llm
