@@ -87,14 +87,18 @@ def main(out: str, switches: bool = False, reverse: bool = False, sequence: list
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     m4, gptq = {"milestone": "M4"}, {"milestone": "M7", "quantization": "gptq"}
-    if switches:
-        configs = (("M4", m4), ("M4+chunked", m4 | {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}),
-                   ("M4+full-graphs", m4 | {"cudagraph_mode": "FULL"}), ("M4+prefix", m4 | {"enable_prefix_caching": True}),
-                   ("M5", {"milestone": "M5"}), ("M6", {"milestone": "M6"}))  # fmt: skip
-        configs = configs[::-1] if reverse else configs
+    switch_configs = {
+        "M4": m4, "M4+chunked": m4 | {"enable_chunked_prefill": True, "max_num_batched_tokens": 512},
+        "M4+full-graphs": m4 | {"cudagraph_mode": "FULL"}, "M4+prefix": m4 | {"enable_prefix_caching": True},
+        "M5": {"milestone": "M5"}, "M6": {"milestone": "M6"},
+        # M5's graph mode with a 16-token budget: one mixed-step graph instead of the whole ladder
+        "M4+full-graphs-16": m4 | {"cudagraph_mode": "FULL", "enable_chunked_prefill": True, "max_num_batched_tokens": 16},
+    }  # fmt: skip
     if sequence:  # switch configs by label, in this order, repeats allowed (labelled by position)
-        by_label = dict(configs)
-        configs = tuple((f"{i}:{label}", by_label[label]) for i, label in enumerate(sequence, 1))
+        configs = tuple((f"{i}:{label}", switch_configs[label]) for i, label in enumerate(sequence, 1))
+    elif switches:
+        configs = tuple(switch_configs.items())[:6]
+        configs = configs[::-1] if reverse else configs
     else:
         decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
         configs = (("M4", m4), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),

@@ -659,6 +659,13 @@ else:
       timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 "$OUT/M7-gaps-wall$i-$gpu.json" \
         > /dev/null 2>&1; echo "run $i: exit $?"
     done ;;
+  gapcause)
+    # #15, twentieth session, after gapwall: M4, M5's graph mode, M4 again, counting the CUDA graphs still alive
+    # before each engine; then the same with a 16-token budget (one mixed-step graph, not the whole ladder).
+    timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs,M4 "$OUT/M7-gaps-alive-$gpu.json" \
+      > /dev/null 2>&1; echo "alive: exit $?"
+    timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs-16,M4 "$OUT/M7-gaps-16-$gpu.json" \
+      > /dev/null 2>&1; echo "16: exit $?" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
