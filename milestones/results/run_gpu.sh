@@ -666,6 +666,10 @@ else:
       > /dev/null 2>&1; echo "alive: exit $?"
     timeout 200 python3 milestones/results/m7_gaps.py --sequence M4,M4+full-graphs-16,M4 "$OUT/M7-gaps-16-$gpu.json" \
       > /dev/null 2>&1; echo "16: exit $?" ;;
+  graphgaps)
+    # #15, twentieth session, after gapcause: the engine left out, 24 graphs of the same 400 tiny kernels captured in
+    # one process, time per kernel by capture index. Under a device-minute.
+    timeout 120 python3 milestones/results/graph_gaps.py "$OUT/M7-graph-gaps-$gpu.json" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
