@@ -19,6 +19,7 @@ to first and profiles each engine twice, and records the device memory still all
 built: whether the gaps follow the config, the order of engines in one process, or the profiler's session.
 ``--sequence`` runs the switch configs named, in that order, repeats allowed. Each config also records the wall time
 of 40 decode steps run just before, without the profiler, and the CUDA graphs still alive when it is built.
+``--decode-first`` captures the decode ladder before the mixed-step graphs (the engine captures mixed steps first).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 from folovllm import LLM, SamplingParams
 from folovllm.benchmarks.common import provenance
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm
+from folovllm.worker import model_runner
 
 MODEL, PROMPT_LEN, STEPS, UNPROFILED = "random:qwen3-8b", 128, 5, 40
 
@@ -83,7 +85,9 @@ def gaps(llm: LLM) -> dict:
     }
 
 
-def main(out: str, switches: bool = False, reverse: bool = False, sequence: list[str] | None = None) -> None:
+def main(
+    out: str, switches: bool = False, reverse: bool = False, sequence: list[str] | None = None, decode_first: bool = False
+) -> None:
     result = {"probe": "m7_gaps", **provenance(torch.device("cuda"), MODEL, torch.bfloat16), "steps": STEPS,
               "prompt_len": PROMPT_LEN, "configs": {}}  # fmt: skip
     m4, gptq = {"milestone": "M4"}, {"milestone": "M7", "quantization": "gptq"}
@@ -103,9 +107,11 @@ def main(out: str, switches: bool = False, reverse: bool = False, sequence: list
         decode_graphs = {"cudagraph_mode": "FULL_DECODE_ONLY"}  # M4's graphs (M5 on capture mixed steps too)
         configs = (("M4", m4), ("M6", {"milestone": "M6"}), ("M7/gptq", gptq),
                    ("M7/gptq/decode-graphs", gptq | decode_graphs), ("M7/gptq-triton", gptq))  # fmt: skip
+    capture = model_runner.capture_in_one_pool
+    order = mock.patch.object(model_runner, "capture_in_one_pool", lambda runners, *a, **k: capture(runners[::-1], *a, **k))
     for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
-        with twin if label.endswith("triton") else nullcontext():  # graphs are captured inside
+        with twin if label.endswith("triton") else nullcontext(), order if decode_first else nullcontext():
             allocated = torch.cuda.memory_allocated()
             alive = sum(isinstance(o, torch.cuda.CUDAGraph) for o in gc.get_objects())  # graphs of engines before
             llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
@@ -130,4 +136,4 @@ if __name__ == "__main__":
     flags = sys.argv[1:-1]
     sequence = flags[flags.index("--sequence") + 1].split(",") if "--sequence" in flags else None
     main(sys.argv[-1], switches="--switches" in flags or sequence is not None, reverse="--reverse" in flags,
-         sequence=sequence)  # fmt: skip
+         sequence=sequence, decode_first="--decode-first" in flags)  # fmt: skip

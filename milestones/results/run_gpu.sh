@@ -670,6 +670,13 @@ else:
     # #15, twentieth session, after gapcause: the engine left out, 24 graphs of the same 400 tiny kernels captured in
     # one process, time per kernel by capture index. Under a device-minute.
     timeout 120 python3 milestones/results/graph_gaps.py "$OUT/M7-graph-gaps-$gpu.json" ;;
+  gaporderfix)
+    # #15, twentieth session, after graphgaps: M5 alone in a fresh process, its graphs captured as the engine does
+    # (mixed steps first), then in another process with the decode ladder captured first.
+    timeout 150 python3 milestones/results/m7_gaps.py --sequence M5 "$OUT/M7-gaps-m5-$gpu.json" > /dev/null 2>&1
+    echo "M5: exit $?"
+    timeout 150 python3 milestones/results/m7_gaps.py --decode-first --sequence M5 "$OUT/M7-gaps-m5-decode-first-$gpu.json" \
+      > /dev/null 2>&1; echo "M5 decode first: exit $?" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
