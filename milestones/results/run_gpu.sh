@@ -677,6 +677,10 @@ else:
     echo "M5: exit $?"
     timeout 150 python3 milestones/results/m7_gaps.py --decode-first --sequence M5 "$OUT/M7-gaps-m5-decode-first-$gpu.json" \
       > /dev/null 2>&1; echo "M5 decode first: exit $?" ;;
+  gapcapture)
+    # #15, twentieth session, after gaporderfix: one engine with M5's graph mode, decode ladder captured first; the
+    # one-sequence decode graph's replay timed right after its capture, after the mixed-step graphs, and when ready.
+    timeout 150 python3 milestones/results/gap_capture_probe.py "$OUT/M7-gap-capture-$gpu.json" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
