@@ -112,13 +112,13 @@ def main(
     for label, kwargs in configs:
         twin = mock.patch.object(gptq_gemm, "ws_supported", lambda *args: False)
         with twin if label.endswith("triton") else nullcontext(), order if decode_first else nullcontext():
-            allocated = torch.cuda.memory_allocated()
+            allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
             alive = sum(isinstance(o, torch.cuda.CUDAGraph) for o in gc.get_objects())  # graphs of engines before
             llm = LLM(MODEL, max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30, **kwargs)
             result["configs"][label] = gaps(llm) | {
                 "allocated_before_GiB": allocated / 2**30,
                 "graphs_alive_before": alive,
-                "reserved_before_GiB": torch.cuda.memory_reserved() / 2**30,
+                "reserved_before_GiB": reserved / 2**30,
             }
             if reverse:  # the same engine under a second profiler session
                 result["configs"][label + "#2"] = gaps(llm)

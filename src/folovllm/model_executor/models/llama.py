@@ -188,12 +188,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         _check_supported(hf_config)
         self.config = hf_config
-        quantized_head = quant_config is not None and quant_config.lm_head_quantized
-        head_quant = quant_config.for_layer(["lm_head"]) if quantized_head else None
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False)) and head_quant is None
+        head_quant = quant_config if quant_config is not None and quant_config.lm_head_quantized else None
         qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
         self.model = LlamaModel(hf_config, qkv_bias, o_bias, mlp_bias, self.qk_norm, quant_config)
         self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, quant_config=head_quant, prefix="lm_head")
+        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = tied and self.lm_head.quant_method is None  # a quantized lm_head has its own codes
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -84,7 +84,7 @@ class GPTQConfig(QuantizationConfig):
                 if key in settings and not isinstance(settings[key], bool):
                     raise ValueError(f"GPTQ quantization_config.dynamic[{pattern!r}].{key} must be a bool")
             try:  # the settings it gives must be servable too: checked now, not when a layer is built
-                replace(self, dynamic={}, **{k: settings[k] for k in OVERRIDABLE if k in settings})
+                self._overridden(settings)
             except ValueError as exc:
                 raise ValueError(f"GPTQ quantization_config.dynamic[{pattern!r}]: {exc}") from exc
 
@@ -135,10 +135,12 @@ class GPTQConfig(QuantizationConfig):
     def _for_module(self, prefix: str) -> "GPTQConfig | None":
         for pattern, settings in self.dynamic.items():
             if re.match(_pattern(pattern), prefix):
-                if pattern.startswith("-:"):
-                    return None
-                return replace(self, dynamic={}, **{k: settings[k] for k in OVERRIDABLE if k in settings})
+                return None if pattern.startswith("-:") else self._overridden(settings)
         return self
+
+    def _overridden(self, settings: dict[str, Any]) -> "GPTQConfig":
+        """This config with a ``dynamic`` entry's ``OVERRIDABLE`` settings (validated as the checkpoint's own are)."""
+        return replace(self, dynamic={}, **{k: settings[k] for k in OVERRIDABLE if k in settings})
 
     def get_linear_method(self) -> "GPTQLinearMethod":
         return GPTQLinearMethod(self)
