@@ -681,6 +681,13 @@ else:
     # #15, twentieth session, after gaporderfix: one engine with M5's graph mode, decode ladder captured first; the
     # one-sequence decode graph's replay timed right after its capture, after the mixed-step graphs, and when ready.
     timeout 150 python3 milestones/results/gap_capture_probe.py "$OUT/M7-gap-capture-$gpu.json" ;;
+  gapactions)
+    # #15, twenty-first session, after gapcapture: one engine per process (M5's graph mode without its attention
+    # warm-up, with the warm-up before the captures, and M4), its decode graph's replay timed after each of a new
+    # Triton kernel, a large-shared-memory one, a 1 GiB allocation, the warm-up and empty_cache. About 4 minutes.
+    for mode in full-nowarm full-warmfirst m4; do
+      timeout 150 python3 milestones/results/gap_cause_probe.py $mode "$OUT/M7-gap-actions-$mode-$gpu.json"
+    done ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.

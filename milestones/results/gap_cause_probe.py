@@ -1,0 +1,127 @@
+"""#15, twenty-first session: what, after the captures, slows an engine's decode graph (``gap_capture_probe.py``)?
+
+``gap_capture_probe.py`` timed the one-sequence decode graph of an engine with M5's graph mode at 4.15 ms a replay
+after its capture and 4.27 ms once the engine was ready; the attention warm-up is what runs in between. Here one
+engine per process is built and the same replay is timed at checkpoints, each after one action:
+
+- ``full-nowarm``: M5's graph mode, the warm-up skipped at build; then a new small Triton kernel, a new Triton kernel
+  with a large shared-memory tile, a 1 GiB allocation, the warm-up itself (twice), and ``empty_cache``.
+- ``full-warmfirst``: M5's graph mode with the warm-up run before the graphs are captured (and again after, as usual).
+- ``m4``: M4's decode-only graphs, as built; then the new kernels and the warm-up.
+
+    python3 milestones/results/gap_cause_probe.py MODE OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from unittest import mock
+
+import torch
+import triton
+import triton.language as tl
+
+from folovllm import LLM
+from folovllm.attention.ops import paged_attn
+from folovllm.benchmarks.common import provenance
+from folovllm.worker import model_runner
+from folovllm.worker.cuda_graph import CUDAGraphRunner
+
+MODEL, REPLAYS = "random:qwen3-8b", 100
+ENGINE = dict(max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30)
+
+
+@triton.jit
+def _scale_kernel(X, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs, mask=offs < N) * SCALE, mask=offs < N)
+
+
+@triton.jit
+def _tile_kernel(A, B, C, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    a = tl.load(A + r[:, None] * BLOCK + r[None, :])
+    b = tl.load(B + r[:, None] * BLOCK + r[None, :])
+    tl.store(C + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+
+
+def replay_ms(runner: CUDAGraphRunner) -> float:
+    size = runner.sizes[0]
+    runner.replay(size)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(REPLAYS):
+        runner.replay(size)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / REPLAYS
+
+
+def new_small_kernel() -> None:
+    x = torch.ones(4096, device="cuda")
+    _scale_kernel[(4,)](x, 4096, SCALE=3.0, BLOCK=1024)
+
+
+def new_large_smem_kernel() -> None:
+    a = torch.ones(128, 128, device="cuda")  # fp32 operands of a 128 x 128 tl.dot: 128 KiB of shared memory
+    c = torch.empty_like(a)
+    _tile_kernel[(1,)](a, a, c, BLOCK=128, num_warps=8)
+
+
+def main(mode: str, out: str) -> None:
+    times: dict[str, float] = {}
+    holder: dict[str, object] = {}
+    real_warm_up, real_capture, real_init = (
+        paged_attn.warm_up_paged_attention, model_runner.capture_in_one_pool, model_runner.ModelRunner.initialize_kv_cache
+    )  # fmt: skip
+
+    def warm_up(runner=None) -> None:
+        runner = runner or holder["runner"]
+        real_warm_up(runner.kv_caches[0], runner.attn_spec, runner.max_blocks_per_req)
+
+    def init(self, num_blocks: int) -> None:
+        holder["runner"] = self
+        real_init(self, num_blocks)
+
+    def warm_first_capture(runners, largest_only: bool = False) -> None:
+        if not largest_only:
+            warm_up()
+        real_capture(runners, largest_only)
+
+    patches = [mock.patch.object(model_runner.ModelRunner, "initialize_kv_cache", init)]
+    if mode == "full-nowarm":
+        patches.append(mock.patch.object(paged_attn, "warm_up_paged_attention", lambda *a, **k: 0))
+    if mode == "full-warmfirst":
+        patches.append(mock.patch.object(model_runner, "capture_in_one_pool", warm_first_capture))
+    graph_mode = {} if mode == "m4" else {"cudagraph_mode": "FULL"}
+    for p in patches:
+        p.start()
+    llm = LLM(MODEL, milestone="M4", **graph_mode, **ENGINE)
+    for p in patches:
+        p.stop()
+    runner = llm.llm_engine.model_runner.cuda_graphs
+    times["ready"] = replay_ms(runner)
+    times["ready_again"] = replay_ms(runner)
+    new_small_kernel()
+    times["after_new_small_kernel"] = replay_ms(runner)
+    new_large_smem_kernel()
+    times["after_new_large_smem_kernel"] = replay_ms(runner)
+    block = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    times["after_alloc_1g"] = replay_ms(runner)
+    del block
+    warm_up()
+    times["after_warm_up"] = replay_ms(runner)
+    warm_up()
+    times["after_warm_up_again"] = replay_ms(runner)
+    torch.cuda.empty_cache()
+    times["after_empty_cache"] = replay_ms(runner)
+    result = {"probe": "gap_cause_probe", "mode": mode, **provenance(torch.device("cuda"), MODEL, torch.bfloat16),
+              "engine": ENGINE, "replays": REPLAYS, "decode_graph_replay_ms": times}  # fmt: skip
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(mode, {k: round(v, 4) for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[-2], sys.argv[-1])
