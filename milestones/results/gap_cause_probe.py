@@ -8,6 +8,8 @@ engine per process is built and the same replay is timed at checkpoints, each af
   with a large shared-memory tile, a 1 GiB allocation, the warm-up itself (twice), and ``empty_cache``.
 - ``full-warmfirst``: M5's graph mode with the warm-up run before the graphs are captured (and again after, as usual).
 - ``m4``: M4's decode-only graphs, as built; then the new kernels and the warm-up.
+- ``full-bisect``: as ``full-nowarm``, then the warm-up's launches one at a time (``paged_attention_variants``);
+  ``full-bisect-reverse`` in reverse order.
 
     python3 milestones/results/gap_cause_probe.py MODE OUT.json
 """
@@ -90,7 +92,7 @@ def main(mode: str, out: str) -> None:
         real_capture(runners, largest_only)
 
     patches = [mock.patch.object(model_runner.ModelRunner, "initialize_kv_cache", init)]
-    if mode == "full-nowarm":
+    if mode in ("full-nowarm", "full-bisect", "full-bisect-reverse"):
         patches.append(mock.patch.object(paged_attn, "warm_up_paged_attention", lambda *a, **k: 0))
     if mode == "full-warmfirst":
         patches.append(mock.patch.object(model_runner, "capture_in_one_pool", warm_first_capture))
@@ -103,6 +105,13 @@ def main(mode: str, out: str) -> None:
     runner = llm.llm_engine.model_runner.cuda_graphs
     times["ready"] = replay_ms(runner)
     times["ready_again"] = replay_ms(runner)
+    if mode.startswith("full-bisect"):
+        r = holder["runner"]
+        variants = paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device)
+        for plan, q_len in variants[::-1] if mode.endswith("reverse") else variants:
+            paged_attn.launch_on_block_zero(r.kv_caches[0], r.attn_spec, r.max_blocks_per_req, plan, q_len)
+            name = f"after_splits{plan.num_splits}_q{q_len}_search{int(plan.search)}_m{plan.block_m}_n{plan.block_n}"
+            times[name] = replay_ms(runner)
     new_small_kernel()
     times["after_new_small_kernel"] = replay_ms(runner)
     new_large_smem_kernel()

@@ -685,7 +685,7 @@ else:
     # #15, twenty-first session, after gapcapture: one engine per process (M5's graph mode without its attention
     # warm-up, with the warm-up before the captures, and M4), its decode graph's replay timed after each of a new
     # Triton kernel, a large-shared-memory one, a 1 GiB allocation, the warm-up and empty_cache. About 4 minutes.
-    for mode in full-nowarm full-warmfirst m4; do
+    for mode in ${GAP_MODES:-full-nowarm full-warmfirst m4}; do
       timeout 150 python3 milestones/results/gap_cause_probe.py $mode "$OUT/M7-gap-actions-$mode-$gpu.json"
     done ;;
   gapswitches)

@@ -219,33 +219,46 @@ def launch_paged_attention(
     return out
 
 
-def warm_up_paged_attention(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int) -> int:
-    """Launch every variant of the kernel that a step can reach, once, on one block of ``kv_cache``.
-
-    Each variant (decode or prefill tiles, binary search or not, every split-K count
-    with its merge) is a Triton compilation of hundreds of milliseconds, paid by the
-    first step that needs it: a stall for every running request, in the middle of
-    serving. An engine calls this at start-up, after capturing its graphs. The block
-    table has the engine's width so the launches specialize as real ones do. Returns
-    how many variants were launched.
-    """
-    device, block_size = kv_cache.device, kv_cache.shape[2]
+def paged_attention_variants(
+    spec: AttentionSpec, block_size: int, device: torch.device
+) -> list[tuple[PagedAttentionPlan, int]]:
+    """Every variant of the kernel a step can reach, as ``(plan, query length)`` for one sequence: decode tiles at
+    every split-K count (with its merge), one prefill tile, and two tiles (the binary-search variant)."""
     one_tile = plan_paged_attention(spec, block_size, device, num_seqs=1, max_query_len=2, max_seq_len=2)
-    longest = one_tile.q_tile + 1  # two tiles: the binary-search variant
+    longest = one_tile.q_tile + 1
     launches = [
         (plan_paged_attention(spec, block_size, device, 1, 1, 1, num_splits=2**i), 1) for i in range(MAX_SPLITS.bit_length())
-    ]  # decode tiles, every split count
-    launches += [(one_tile, 2), (plan_paged_attention(spec, block_size, device, 1, longest, longest), longest)]
-    # Every row reads block 0; the table has the engine's row stride but room for the longest query's blocks.
-    table = torch.zeros(max(block_table_width, cdiv(longest, block_size)), dtype=torch.int32, device=device)
+    ]
+    return launches + [(one_tile, 2), (plan_paged_attention(spec, block_size, device, 1, longest, longest), longest)]
+
+
+def launch_on_block_zero(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int, plan: PagedAttentionPlan,
+                         q_len: int) -> None:  # fmt: skip
+    """One launch of ``plan`` for a query of ``q_len`` zeros whose every row reads block 0 of ``kv_cache``; the block
+    table has the engine's row stride (so the launch specializes as real ones do) and room for the query's blocks."""
+    device = kv_cache.device
+    table = torch.zeros(max(block_table_width, cdiv(q_len, kv_cache.shape[2])), dtype=torch.int32, device=device)
     block_table = table.as_strided((1, block_table_width), (block_table_width, 1))
-    for plan, q_len in launches:
-        lens = torch.tensor([q_len], dtype=torch.int32, device=device)
-        starts = torch.tensor([0, q_len], dtype=torch.int32, device=device)
-        q = torch.zeros(q_len, spec.num_heads, spec.head_dim, dtype=kv_cache.dtype, device=device)
-        scratch = SplitScratch.allocate(plan, q_len, spec.num_heads, device)
-        launch_paged_attention(q, kv_cache, plan, starts, lens, block_table, 1.0, scratch)
-    return len(launches)
+    lens = torch.tensor([q_len], dtype=torch.int32, device=device)
+    starts = torch.tensor([0, q_len], dtype=torch.int32, device=device)
+    q = torch.zeros(q_len, spec.num_heads, spec.head_dim, dtype=kv_cache.dtype, device=device)
+    scratch = SplitScratch.allocate(plan, q_len, spec.num_heads, device)
+    launch_paged_attention(q, kv_cache, plan, starts, lens, block_table, 1.0, scratch)
+
+
+def warm_up_paged_attention(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int) -> int:
+    """Launch every variant of the kernel that a step can reach (``paged_attention_variants``), once, on one block
+    of ``kv_cache``.
+
+    Each variant is a Triton compilation of hundreds of milliseconds, paid by the
+    first step that needs it: a stall for every running request, in the middle of
+    serving. An engine calls this at start-up, after capturing its graphs. Returns
+    how many variants were launched.
+    """
+    variants = paged_attention_variants(spec, kv_cache.shape[2], kv_cache.device)
+    for plan, q_len in variants:
+        launch_on_block_zero(kv_cache, spec, block_table_width, plan, q_len)
+    return len(variants)
 
 
 def check_paged_metadata(metadata: AttentionMetadata, device: torch.device, block_size: int) -> None:
