@@ -11,11 +11,17 @@ engine per process is built and the same replay is timed at checkpoints, each af
 - ``full-bisect``: as ``full-nowarm``, then the warm-up's launches one at a time (``paged_attention_variants``);
   ``full-bisect-reverse`` in reverse order.
 
+Each checkpoint also records the context's stack limit (``cuCtxGetLimit``): a kernel needing more local memory per
+thread than any loaded before makes the driver raise it. ``full-bisect`` then sets the limit back to its value at
+``ready`` and times the replay again. The JSON lists every compiled variant of the paged-attention kernel with its
+registers, spills and local memory per thread.
+
     python3 milestones/results/gap_cause_probe.py MODE OUT.json
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 import time
@@ -47,6 +53,37 @@ def _tile_kernel(A, B, C, BLOCK: tl.constexpr):
     a = tl.load(A + r[:, None] * BLOCK + r[None, :])
     b = tl.load(B + r[:, None] * BLOCK + r[None, :])
     tl.store(C + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+
+
+_CUDA = ctypes.CDLL("libcuda.so.1")
+_STACK_SIZE, _LOCAL_SIZE_BYTES, _NUM_REGS = 0, 3, 4  # CU_LIMIT_STACK_SIZE, CU_FUNC_ATTRIBUTE_*
+
+
+def stack_limit() -> int:
+    value = ctypes.c_size_t()
+    assert _CUDA.cuCtxGetLimit(ctypes.byref(value), _STACK_SIZE) == 0
+    return value.value
+
+
+def set_stack_limit(value: int) -> None:
+    assert _CUDA.cuCtxSetLimit(_STACK_SIZE, ctypes.c_size_t(value)) == 0
+
+
+def compiled_variants(fn) -> list[dict]:
+    """Registers, spills and local bytes per thread of every compiled variant of a Triton kernel."""
+    rows = []
+    for cache in fn.device_caches.values():
+        for kernel in cache[0].values():
+            local = ctypes.c_int(-1)
+            if getattr(kernel, "function", None):
+                _CUDA.cuFuncGetAttribute(ctypes.byref(local), _LOCAL_SIZE_BYTES, ctypes.c_void_p(kernel.function))
+            constants = getattr(getattr(kernel, "src", None), "constants", {})
+            rows.append({
+                "n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+                "local_bytes": local.value, "shared": kernel.metadata.shared,
+                "constants": {str(k): v for k, v in constants.items() if isinstance(v, (int, bool, str))},
+            })  # fmt: skip
+    return rows
 
 
 def replay_ms(runner: CUDAGraphRunner) -> float:
@@ -103,7 +140,9 @@ def main(mode: str, out: str) -> None:
     for p in patches:
         p.stop()
     runner = llm.llm_engine.model_runner.cuda_graphs
+    stacks: dict[str, int] = {}
     times["ready"] = replay_ms(runner)
+    stacks["ready"] = stack_limit()
     times["ready_again"] = replay_ms(runner)
     if mode.startswith("full-bisect"):
         r = holder["runner"]
@@ -112,6 +151,10 @@ def main(mode: str, out: str) -> None:
             paged_attn.launch_on_block_zero(r.kv_caches[0], r.attn_spec, r.max_blocks_per_req, plan, q_len)
             name = f"after_splits{plan.num_splits}_q{q_len}_search{int(plan.search)}_m{plan.block_m}_n{plan.block_n}"
             times[name] = replay_ms(runner)
+            stacks[name] = stack_limit()
+        set_stack_limit(stacks["ready"])
+        stacks["reset"] = stack_limit()
+        times["after_stack_limit_reset"] = replay_ms(runner)
     new_small_kernel()
     times["after_new_small_kernel"] = replay_ms(runner)
     new_large_smem_kernel()
@@ -125,11 +168,14 @@ def main(mode: str, out: str) -> None:
     times["after_warm_up_again"] = replay_ms(runner)
     torch.cuda.empty_cache()
     times["after_empty_cache"] = replay_ms(runner)
+    stacks["end"] = stack_limit()
     result = {"probe": "gap_cause_probe", "mode": mode, **provenance(torch.device("cuda"), MODEL, torch.bfloat16),
-              "engine": ENGINE, "replays": REPLAYS, "decode_graph_replay_ms": times}  # fmt: skip
+              "engine": ENGINE, "replays": REPLAYS, "decode_graph_replay_ms": times, "stack_limit": stacks,
+              "paged_attention_variants": compiled_variants(paged_attn._paged_attention_kernel)}  # fmt: skip
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(mode, {k: round(v, 4) for k, v in times.items()})
+    print(mode, {k: round(v, 4) for k, v in times.items()}, stacks)
+    print([{k: v for k, v in row.items() if k != "constants"} for row in result["paged_attention_variants"]])
 
 
 if __name__ == "__main__":
