@@ -11,6 +11,10 @@ engine per process is built and the same replay is timed at checkpoints, each af
 - ``full-bisect``: as ``full-nowarm``, then the warm-up's launches one at a time (``paged_attention_variants``);
   ``full-bisect-reverse`` in reverse order.
 
+- ``m4-modules``: M4's decode-only graphs, then kernel code loaded in batches: bf16 matmuls of 16 new shapes each
+  (cuBLAS loads each kernel on first use), then 8 new variants each of a Triton kernel with a long unrolled body;
+  the replay timed after each batch: does loading code alone flip a fast engine?
+
 Each checkpoint also records the context's stack limit (``cuCtxGetLimit``): a kernel needing more local memory per
 thread than any loaded before makes the driver raise it. ``full-bisect`` then sets the limit back to its value at
 ``ready`` and times the replay again. The JSON lists every compiled variant of the paged-attention kernel with its
@@ -86,6 +90,29 @@ def compiled_variants(fn) -> list[dict]:
     return rows
 
 
+@triton.jit
+def _long_kernel(X, SEED: tl.constexpr, LENGTH: tl.constexpr):
+    x = tl.load(X + tl.arange(0, 128))
+    for i in tl.static_range(LENGTH):
+        x = x * (1.0 + SEED * 1e-3) + i
+    tl.store(X + tl.arange(0, 128), x)
+
+
+def load_code(runner: CUDAGraphRunner, times: dict[str, float]) -> None:
+    """cuBLAS kernels for 64 matmul shapes, then 32 Triton variants of ~2,000 instructions each, in batches."""
+    for batch in range(4):
+        for m in range(1 + 16 * batch, 17 + 16 * batch):
+            a = torch.ones(m * 37, 4096 + 64 * m, device="cuda", dtype=torch.bfloat16)
+            b = torch.ones(4096 + 64 * m, 96 * m, device="cuda", dtype=torch.bfloat16)
+            a @ b
+        times[f"after_cublas_shapes_{16 * (batch + 1)}"] = replay_ms(runner)
+    x = torch.ones(128, device="cuda")
+    for batch in range(4):
+        for seed in range(8 * batch, 8 * batch + 8):
+            _long_kernel[(1,)](x, SEED=seed, LENGTH=2000)
+        times[f"after_triton_variants_{8 * (batch + 1)}"] = replay_ms(runner)
+
+
 def replay_ms(runner: CUDAGraphRunner) -> float:
     size = runner.sizes[0]
     runner.replay(size)
@@ -144,6 +171,8 @@ def main(mode: str, out: str) -> None:
     times["ready"] = replay_ms(runner)
     stacks["ready"] = stack_limit()
     times["ready_again"] = replay_ms(runner)
+    if mode == "m4-modules":
+        load_code(runner, times)
     if mode.startswith("full-bisect"):
         r = holder["runner"]
         variants = paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device)

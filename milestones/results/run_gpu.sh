@@ -687,6 +687,11 @@ else:
     # Triton kernel, a large-shared-memory one, a 1 GiB allocation, the warm-up and empty_cache. About 4 minutes.
     for mode in ${GAP_MODES:-full-nowarm full-warmfirst m4}; do
       timeout 150 python3 milestones/results/gap_cause_probe.py $mode "$OUT/M7-gap-actions-$mode-$gpu.json"
+    done
+    # every module's kernels loaded at start instead of on first use
+    for mode in ${GAP_EAGER_MODES:-}; do
+      CUDA_MODULE_LOADING=EAGER timeout 200 python3 milestones/results/gap_cause_probe.py $mode \
+        "$OUT/M7-gap-actions-$mode-eager-loading-$gpu.json"
     done ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
