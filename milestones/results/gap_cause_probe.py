@@ -15,6 +15,10 @@ engine per process is built and the same replay is timed at checkpoints, each af
   (cuBLAS loads each kernel on first use), then 8 new variants each of a Triton kernel with a long unrolled body;
   the replay timed after each batch: does loading code alone flip a fast engine?
 
+- ``full-serve`` (bf16, M5's graph mode) and ``m7-serve`` (GPTQ on M7's preset): the engine as built (its warm-up
+  compiles the attention variants and launches none, since the twenty-first session), 40 batch-1 decode steps timed, then the
+  variants launched as the warm-up used to, and 40 steps again: the step time the launches cost, in one process.
+
 Each checkpoint also records the context's stack limit (``cuCtxGetLimit``): a kernel needing more local memory per
 thread than any loaded before makes the driver raise it. ``full-bisect`` then sets the limit back to its value at
 ``ready`` and times the replay again. The JSON lists every compiled variant of the paged-attention kernel with its
@@ -35,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from folovllm import LLM
+from folovllm import LLM, SamplingParams
 from folovllm.attention.ops import paged_attn
 from folovllm.benchmarks.common import provenance
 from folovllm.worker import model_runner
@@ -113,6 +117,32 @@ def load_code(runner: CUDAGraphRunner, times: dict[str, float]) -> None:
         times[f"after_triton_variants_{8 * (batch + 1)}"] = replay_ms(runner)
 
 
+def decode_step_ms(llm: LLM, steps: int = 40) -> float:
+    """Wall time per engine step of one 128-token request's decode (after its prefill and 8 warm steps)."""
+    engine = llm.llm_engine
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request("probe", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=steps + 16, ignore_eos=True))
+    for _ in range(9):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3 / steps
+    engine.abort_request(["probe"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return elapsed
+
+
+def launch_variants() -> None:
+    """The attention variants launched on block 0, as the warm-up did before it only compiled them."""
+    r = HOLDER["runner"]
+    for plan, q_len in paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device):
+        paged_attn.launch_on_block_zero(r.kv_caches[0], r.attn_spec, r.max_blocks_per_req, plan, q_len)
+
+
 def replay_ms(runner: CUDAGraphRunner) -> float:
     size = runner.sizes[0]
     runner.replay(size)
@@ -135,19 +165,18 @@ def new_large_smem_kernel() -> None:
     _tile_kernel[(1,)](a, a, c, BLOCK=128, num_warps=8)
 
 
+HOLDER: dict[str, object] = {}  # the engine's model runner, kept as it initializes its KV cache
+
+
 def main(mode: str, out: str) -> None:
     times: dict[str, float] = {}
-    holder: dict[str, object] = {}
-    real_warm_up, real_capture, real_init = (
-        paged_attn.warm_up_paged_attention, model_runner.capture_in_one_pool, model_runner.ModelRunner.initialize_kv_cache
-    )  # fmt: skip
+    real_capture, real_init = model_runner.capture_in_one_pool, model_runner.ModelRunner.initialize_kv_cache
 
-    def warm_up(runner=None) -> None:
-        runner = runner or holder["runner"]
-        real_warm_up(runner.kv_caches[0], runner.attn_spec, runner.max_blocks_per_req)
+    def warm_up() -> None:  # launched, as the engine's warm-up did before the twenty-first session
+        launch_variants()
 
     def init(self, num_blocks: int) -> None:
-        holder["runner"] = self
+        HOLDER["runner"] = self
         real_init(self, num_blocks)
 
     def warm_first_capture(runners, largest_only: bool = False) -> None:
@@ -160,10 +189,14 @@ def main(mode: str, out: str) -> None:
         patches.append(mock.patch.object(paged_attn, "warm_up_paged_attention", lambda *a, **k: 0))
     if mode == "full-warmfirst":
         patches.append(mock.patch.object(model_runner, "capture_in_one_pool", warm_first_capture))
-    graph_mode = {} if mode == "m4" else {"cudagraph_mode": "FULL"}
+    preset = {"milestone": "M4", "cudagraph_mode": "FULL"}
+    if mode.startswith("m4"):
+        preset = {"milestone": "M4"}
+    if mode == "m7-serve":
+        preset = {"milestone": "M7", "quantization": "gptq"}
     for p in patches:
         p.start()
-    llm = LLM(MODEL, milestone="M4", **graph_mode, **ENGINE)
+    llm = LLM(MODEL, **preset, **ENGINE)
     for p in patches:
         p.stop()
     runner = llm.llm_engine.model_runner.cuda_graphs
@@ -171,10 +204,17 @@ def main(mode: str, out: str) -> None:
     times["ready"] = replay_ms(runner)
     stacks["ready"] = stack_limit()
     times["ready_again"] = replay_ms(runner)
+    steps: dict[str, float] = {}
+    if mode.endswith("-serve"):
+        steps["as_built"] = decode_step_ms(llm)
+        times["after_serving"] = replay_ms(runner)
+        launch_variants()
+        times["after_launched_variants"] = replay_ms(runner)
+        steps["after_launched_variants"] = decode_step_ms(llm)
     if mode == "m4-modules":
         load_code(runner, times)
     if mode.startswith("full-bisect"):
-        r = holder["runner"]
+        r = HOLDER["runner"]
         variants = paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device)
         for plan, q_len in variants[::-1] if mode.endswith("reverse") else variants:
             paged_attn.launch_on_block_zero(r.kv_caches[0], r.attn_spec, r.max_blocks_per_req, plan, q_len)
@@ -199,11 +239,12 @@ def main(mode: str, out: str) -> None:
     times["after_empty_cache"] = replay_ms(runner)
     stacks["end"] = stack_limit()
     result = {"probe": "gap_cause_probe", "mode": mode, **provenance(torch.device("cuda"), MODEL, torch.bfloat16),
-              "engine": ENGINE, "replays": REPLAYS, "decode_graph_replay_ms": times, "stack_limit": stacks,
+              "engine": ENGINE, "replays": REPLAYS, "decode_graph_replay_ms": times, "decode_step_ms": steps,
+              "stack_limit": stacks,
               "paged_attention_variants": compiled_variants(paged_attn._paged_attention_kernel)}  # fmt: skip
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(mode, {k: round(v, 4) for k, v in times.items()}, stacks)
+    print(mode, {k: round(v, 4) for k, v in times.items()}, stacks, steps)
     print([{k: v for k, v in row.items() if k != "constants"} for row in result["paged_attention_variants"]])
 
 

@@ -693,6 +693,15 @@ else:
       CUDA_MODULE_LOADING=EAGER timeout 200 python3 milestones/results/gap_cause_probe.py $mode \
         "$OUT/M7-gap-actions-$mode-eager-loading-$gpu.json"
     done ;;
+  gapfix)
+    # #15, twenty-first session, after gapactions: the engine's attention warm-up compiles its variants instead of
+    # launching them. In one process each, bf16 with M5's graph mode and GPTQ on M7's preset: 40 batch-1 decode steps
+    # as built, then with the variants launched as before. Then batch-1 TPOT (bench gptq --m 1). About 6 minutes.
+    for mode in full-serve m7-serve; do
+      timeout 150 python3 milestones/results/gap_cause_probe.py $mode "$OUT/M7-gap-fix-$mode-$gpu.json"
+    done
+    timeout 300 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-tpot-warmfix-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
