@@ -19,6 +19,9 @@ engine per process is built and the same replay is timed at checkpoints, each af
   compiles the attention variants and launches none, since the twenty-first session), 40 batch-1 decode steps timed, then the
   variants launched as the warm-up used to, and 40 steps again: the step time the launches cost, in one process.
 
+- ``m7-servebisect``: GPTQ on M7's preset; the decode replay timed after one replay of the smallest mixed-step graph,
+  then after each of a request's first engine steps; ``m4-serve``: ``full-serve`` on M4's decode-only graphs.
+
 Each checkpoint also records the context's stack limit (``cuCtxGetLimit``): a kernel needing more local memory per
 thread than any loaded before makes the driver raise it. ``full-bisect`` then sets the limit back to its value at
 ``ready`` and times the replay again. The JSON lists every compiled variant of the paged-attention kernel with its
@@ -136,6 +139,24 @@ def decode_step_ms(llm: LLM, steps: int = 40) -> float:
     return elapsed
 
 
+def serve_bisect(llm: LLM, runner: CUDAGraphRunner, times: dict[str, float]) -> None:
+    """The decode replay after a mixed-step graph's replay, then after each engine step of a request's start."""
+    mixed = llm.llm_engine.model_runner.mixed_graphs
+    mixed.replay(mixed.sizes[0])
+    times["after_one_mixed_replay"] = replay_ms(runner)
+    engine = llm.llm_engine
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request("bisect", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=32, ignore_eos=True))
+    times["after_add_request"] = replay_ms(runner)
+    for i in range(1, 6):
+        engine.step()
+        torch.cuda.synchronize()
+        times[f"after_step{i}"] = replay_ms(runner)
+    engine.abort_request(["bisect"])
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def launch_variants() -> None:
     """The attention variants launched on block 0, as the warm-up did before it only compiled them."""
     r = HOLDER["runner"]
@@ -192,7 +213,7 @@ def main(mode: str, out: str) -> None:
     preset = {"milestone": "M4", "cudagraph_mode": "FULL"}
     if mode.startswith("m4"):
         preset = {"milestone": "M4"}
-    if mode == "m7-serve":
+    if mode in ("m7-serve", "m7-servebisect"):
         preset = {"milestone": "M7", "quantization": "gptq"}
     for p in patches:
         p.start()
@@ -213,6 +234,8 @@ def main(mode: str, out: str) -> None:
         steps["after_launched_variants"] = decode_step_ms(llm)
     if mode == "m4-modules":
         load_code(runner, times)
+    if mode == "m7-servebisect":
+        serve_bisect(llm, runner, times)
     if mode.startswith("full-bisect"):
         r = HOLDER["runner"]
         variants = paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device)
