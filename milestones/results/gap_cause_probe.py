@@ -5,22 +5,22 @@ after its capture and 4.27 ms once the engine was ready; the attention warm-up i
 engine per process is built and the same replay is timed at checkpoints, each after one action:
 
 - ``full-nowarm``: M5's graph mode, the warm-up skipped at build; then a new small Triton kernel, a new Triton kernel
-  with a large shared-memory tile, a 1 GiB allocation, the warm-up itself (twice), and ``empty_cache``.
+  with a large shared-memory tile, a 1 GiB allocation, the warm-up's launches (twice), and ``empty_cache``.
 - ``full-warmfirst``: M5's graph mode with the warm-up run before the graphs are captured (and again after, as usual).
 - ``m4``: M4's decode-only graphs, as built; then the new kernels and the warm-up.
 - ``full-bisect``: as ``full-nowarm``, then the warm-up's launches one at a time (``paged_attention_variants``);
   ``full-bisect-reverse`` in reverse order.
-
 - ``m4-modules``: M4's decode-only graphs, then kernel code loaded in batches: bf16 matmuls of 16 new shapes each
   (cuBLAS loads each kernel on first use), then 8 new variants each of a Triton kernel with a long unrolled body;
   the replay timed after each batch: does loading code alone flip a fast engine?
-
-- ``full-serve`` (bf16, M5's graph mode) and ``m7-serve`` (GPTQ on M7's preset): the engine as built (its warm-up
-  compiles the attention variants and launches none, since the twenty-first session), 40 batch-1 decode steps timed, then the
-  variants launched as the warm-up used to, and 40 steps again: the step time the launches cost, in one process.
-
+- ``full-serve`` (bf16, M5's graph mode), ``m7-serve`` (GPTQ on M7's preset) and ``m4-serve`` (M4): the engine as
+  built, 40 batch-1 decode steps of a 128-token prompt timed, then the warm-up's variants launched, and 40 steps
+  again. (Stage ``gapfix`` ran these at 03df784, whose warm-up compiled the variants without launching them.)
 - ``m7-servebisect``: GPTQ on M7's preset; the decode replay timed after one replay of the smallest mixed-step graph,
-  then after each of a request's first engine steps; ``m4-serve``: ``full-serve`` on M4's decode-only graphs.
+  then after each of a request's first engine steps.
+
+The replay reads whatever the persistent input buffers hold: padding (no context) after the captures, the last
+real step's sequence after serving. A replay after serving therefore also attends over a real context.
 
 Each checkpoint also records the context's stack limit (``cuCtxGetLimit``): a kernel needing more local memory per
 thread than any loaded before makes the driver raise it. ``full-bisect`` then sets the limit back to its value at
@@ -193,7 +193,7 @@ def main(mode: str, out: str) -> None:
     times: dict[str, float] = {}
     real_capture, real_init = model_runner.capture_in_one_pool, model_runner.ModelRunner.initialize_kv_cache
 
-    def warm_up() -> None:  # launched, as the engine's warm-up did before the twenty-first session
+    def warm_up() -> None:
         launch_variants()
 
     def init(self, num_blocks: int) -> None:

@@ -132,10 +132,6 @@ class _Interpreted:
 
         return launch
 
-    def warmup(self, *args, grid: tuple[int, ...], **kwargs) -> None:
-        """Compile without launching: the interpreter has nothing to compile, so nothing runs."""
-        self.fn.warmup(*args, grid=grid, **kwargs)
-
 
 def for_device(kernel: Kernel, device: torch.device) -> Kernel | _Interpreted:
     """The kernel as compiled for CUDA tensors; Triton's interpreter for CPU tensors."""

@@ -9,7 +9,7 @@ and no host arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 
 import torch
 import triton
@@ -199,18 +199,15 @@ class SplitScratch:
 def launch_paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, plan: PagedAttentionPlan, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float, scratch: SplitScratch | None,
-    out: torch.Tensor | None = None, compile_only: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The attention kernel (split merge included), unchecked. Reads every length from device memory.
-    ``compile_only``: compile the variant these arguments select (Triton's ``warmup``), launch nothing."""
+    """The attention kernel (split merge included), unchecked. Reads every length from device memory."""
     num_tokens, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     parts = (scratch.acc, scratch.m, scratch.l) if scratch is not None else (out, out, out)  # unused when 1 split
     counters = tile_counters(q.device, plan.grid[0] * plan.grid[1]) if plan.num_splits > 1 else seq_lens
-    kernel = for_device(_paged_attention_kernel, q.device)
-    launch = partial(kernel.warmup, grid=plan.grid) if compile_only else kernel[plan.grid]
-    launch(
+    for_device(_paged_attention_kernel, q.device)[plan.grid](
         q, kv_cache, out, *parts, counters, block_table, seq_lens, query_start_loc,
         scale * _LOG2E, len(seq_lens), plan.min_split, kv_cache.stride(0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
@@ -236,10 +233,9 @@ def paged_attention_variants(
 
 
 def launch_on_block_zero(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int, plan: PagedAttentionPlan,
-                         q_len: int, compile_only: bool = False) -> None:  # fmt: skip
-    """One launch of ``plan`` (or its compilation alone) for a query of ``q_len`` zeros whose every row reads block 0
-    of ``kv_cache``; the block table has the engine's row stride (so the launch specializes as real ones do) and room
-    for the query's blocks."""
+                         q_len: int) -> None:  # fmt: skip
+    """One launch of ``plan`` for a query of ``q_len`` zeros whose every row reads block 0 of ``kv_cache``; the block
+    table has the engine's row stride (so the launch specializes as real ones do) and room for the query's blocks."""
     device = kv_cache.device
     table = torch.zeros(max(block_table_width, cdiv(q_len, kv_cache.shape[2])), dtype=torch.int32, device=device)
     block_table = table.as_strided((1, block_table_width), (block_table_width, 1))
@@ -247,23 +243,21 @@ def launch_on_block_zero(kv_cache: torch.Tensor, spec: AttentionSpec, block_tabl
     starts = torch.tensor([0, q_len], dtype=torch.int32, device=device)
     q = torch.zeros(q_len, spec.num_heads, spec.head_dim, dtype=kv_cache.dtype, device=device)
     scratch = SplitScratch.allocate(plan, q_len, spec.num_heads, device)
-    launch_paged_attention(q, kv_cache, plan, starts, lens, block_table, 1.0, scratch, compile_only=compile_only)
+    launch_paged_attention(q, kv_cache, plan, starts, lens, block_table, 1.0, scratch)
 
 
 def warm_up_paged_attention(kv_cache: torch.Tensor, spec: AttentionSpec, block_table_width: int) -> int:
-    """Compile every variant of the kernel that a step can reach (``paged_attention_variants``); launch none.
+    """Launch every variant of the kernel that a step can reach (``paged_attention_variants``), once, on one block
+    of ``kv_cache``.
 
     Each variant is a Triton compilation of hundreds of milliseconds, paid by the
     first step that needs it: a stall for every running request, in the middle of
-    serving. An engine calls this at start-up. Compiling is all it needs: launching the
-    variants on a real cache, as this did until the twenty-first session, made the decode
-    graph of an engine with mixed-step graphs replay about 4% slower for the rest of the
-    process on the H200 (``milestones/results/gap_cause_probe.py``). Returns how many
-    variants were compiled.
+    serving. An engine calls this at start-up, after capturing its graphs. Returns
+    how many variants were launched.
     """
     variants = paged_attention_variants(spec, kv_cache.shape[2], kv_cache.device)
     for plan, q_len in variants:
-        launch_on_block_zero(kv_cache, spec, block_table_width, plan, q_len, compile_only=True)
+        launch_on_block_zero(kv_cache, spec, block_table_width, plan, q_len)
     return len(variants)
 
 
