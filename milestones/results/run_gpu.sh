@@ -702,6 +702,10 @@ else:
     done
     timeout 300 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-tpot-warmfix-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
+  readfloor)
+    # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
+    # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
+    timeout 200 python3 milestones/results/m7_read_floor.py "$OUT/M7-read-floor-$gpu.json" ;;
   gapswitches)
     # #15, nineteenth session, after gaps: which of M5's and M6's changes brings the 0.4-0.5 us gaps before each
     # kernel of a decode graph (bf16, M4 with each change alone, then M5 and M6). About 2 device-minutes.
