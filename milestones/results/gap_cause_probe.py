@@ -41,6 +41,7 @@ from unittest import mock
 import torch
 import triton
 import triton.language as tl
+from gap_capture_probe import REPLAYS, replay_ms  # the same replay timing (this script's folder is on sys.path)
 
 from folovllm import LLM, SamplingParams
 from folovllm.attention.ops import paged_attn
@@ -48,7 +49,7 @@ from folovllm.benchmarks.common import provenance
 from folovllm.worker import model_runner
 from folovllm.worker.cuda_graph import CUDAGraphRunner
 
-MODEL, REPLAYS = "random:qwen3-8b", 100
+MODEL = "random:qwen3-8b"
 ENGINE = dict(max_num_seqs=1, max_model_len=512, kv_cache_memory=2**30)
 
 
@@ -162,17 +163,6 @@ def launch_variants() -> None:
     r = HOLDER["runner"]
     for plan, q_len in paged_attn.paged_attention_variants(r.attn_spec, r.block_size, r.device):
         paged_attn.launch_on_block_zero(r.kv_caches[0], r.attn_spec, r.max_blocks_per_req, plan, q_len)
-
-
-def replay_ms(runner: CUDAGraphRunner) -> float:
-    size = runner.sizes[0]
-    runner.replay(size)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(REPLAYS):
-        runner.replay(size)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / REPLAYS
 
 
 def new_small_kernel() -> None:
