@@ -35,13 +35,13 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
-import time
 from unittest import mock
 
 import torch
 import triton
 import triton.language as tl
 from gap_capture_probe import REPLAYS, replay_ms  # the same replay timing (this script's folder is on sys.path)
+from m7_gaps import timed_decode_steps
 
 from folovllm import LLM, SamplingParams
 from folovllm.attention.ops import paged_attn
@@ -124,16 +124,7 @@ def load_code(runner: CUDAGraphRunner, times: dict[str, float]) -> None:
 def decode_step_ms(llm: LLM, steps: int = 40) -> float:
     """Wall time per engine step of one 128-token request's decode (after its prefill and 8 warm steps)."""
     engine = llm.llm_engine
-    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    engine.add_request("probe", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=steps + 16, ignore_eos=True))
-    for _ in range(9):
-        engine.step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) * 1e3 / steps
+    elapsed = timed_decode_steps(engine, "probe", max_tokens=steps + 16, warm_steps=9, steps=steps)
     engine.abort_request(["probe"])
     while engine.has_unfinished_requests():
         engine.step()
@@ -183,16 +174,13 @@ def main(mode: str, out: str) -> None:
     times: dict[str, float] = {}
     real_capture, real_init = model_runner.capture_in_one_pool, model_runner.ModelRunner.initialize_kv_cache
 
-    def warm_up() -> None:
-        launch_variants()
-
     def init(self, num_blocks: int) -> None:
         HOLDER["runner"] = self
         real_init(self, num_blocks)
 
     def warm_first_capture(runners, largest_only: bool = False) -> None:
         if not largest_only:
-            warm_up()
+            launch_variants()
         real_capture(runners, largest_only)
 
     patches = [mock.patch.object(model_runner.ModelRunner, "initialize_kv_cache", init)]
@@ -244,9 +232,9 @@ def main(mode: str, out: str) -> None:
     block = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     times["after_alloc_1g"] = replay_ms(runner)
     del block
-    warm_up()
+    launch_variants()
     times["after_warm_up"] = replay_ms(runner)
-    warm_up()
+    launch_variants()
     times["after_warm_up_again"] = replay_ms(runner)
     torch.cuda.empty_cache()
     times["after_empty_cache"] = replay_ms(runner)

@@ -43,18 +43,25 @@ from folovllm.worker import model_runner
 MODEL, PROMPT_LEN, STEPS, UNPROFILED = "random:qwen3-8b", 128, 5, 40
 
 
+def timed_decode_steps(engine, request_id: str, max_tokens: int, warm_steps: int, steps: int) -> float:
+    """Add a seeded ``PROMPT_LEN``-token request, run ``warm_steps`` engine steps (its prefill, then decodes), then
+    return the wall time per step of the next ``steps``, unprofiled; the request is left running."""
+    prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request(request_id, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    for _ in range(warm_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def gaps(llm: LLM) -> dict:
     engine = llm.llm_engine
-    prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
-    engine.add_request("gaps", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=128, ignore_eos=True))
-    for _ in range(8):  # the prefill, then warm decode steps
-        engine.step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()  # the same steps unprofiled: what the profiler's view costs in wall time
-    for _ in range(UNPROFILED):
-        engine.step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) * 1e3 / UNPROFILED
+    # the same steps unprofiled first: what the profiler's view costs in wall time
+    wall_ms = timed_decode_steps(engine, "gaps", max_tokens=128, warm_steps=8, steps=UNPROFILED)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
             engine.step()

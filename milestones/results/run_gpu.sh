@@ -694,9 +694,10 @@ else:
         "$OUT/M7-gap-actions-$mode-eager-loading-$gpu.json"
     done ;;
   gapfix)
-    # #15, twenty-first session, after gapactions: the engine's attention warm-up compiles its variants instead of
-    # launching them. In one process each, bf16 with M5's graph mode and GPTQ on M7's preset: 40 batch-1 decode steps
-    # as built, then with the variants launched as before. Then batch-1 TPOT (bench gptq --m 1). About 6 minutes.
+    # #15, twenty-first session, after gapactions; run at 03df784, whose attention warm-up compiled its variants
+    # without launching them (reverted at 96d08ad: from there the engine launches them again). In one process each,
+    # bf16 with M5's graph mode and GPTQ on M7's preset: 40 batch-1 decode steps as built, then with the variants
+    # launched. Then batch-1 TPOT (bench gptq --m 1). About 6 minutes.
     for mode in full-serve m7-serve; do
       timeout 150 python3 milestones/results/gap_cause_probe.py $mode "$OUT/M7-gap-fix-$mode-$gpu.json"
     done
