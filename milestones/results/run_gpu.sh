@@ -703,6 +703,10 @@ else:
     done
     timeout 300 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-tpot-warmfix-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
+  release)
+    # #15, twenty-second session: the Gluon decode kernel freeing each word stage once its words sit in registers,
+    # against the tuned plans freeing it after the products; the splits-apart and products-alone twins; a sweep.
+    timeout 480 python3 milestones/results/m7_ws_release.py "$OUT/M7-release-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
