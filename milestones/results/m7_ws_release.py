@@ -144,7 +144,7 @@ def measure(out: str) -> None:
                                                      dataclasses.replace(after, stages=6),
                                                      dataclasses.replace(after, stages=2))]}  # fmt: skip
             if before.split_k > 1:
-                row["splits_apart"] = {e: timed(partial(splits_apart, plan=dataclasses.replace(before, early_release=e)),
+                row["splits_apart"] = {e: timed(partial(splits_apart, x, plan=dataclasses.replace(before, early_release=e)),
                                                 check=False)["us"] for e in (False, True)}  # fmt: skip
             if m == 1:
                 row["products_alone"] = {e: timed(partial(products, x, plan=dataclasses.replace(before, early_release=e)),
