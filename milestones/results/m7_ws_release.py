@@ -12,8 +12,13 @@ result is wrong and not checked) and the same launch with a loader that copies n
 only signals each stage ready, so the compute warps work on whatever shared memory holds: the products alone). Then
 a sweep of plans with early release, in the format ``m7_ws_decode.py --tune`` reads.
 
+The first run (stage ``release``) found early release 1-4% slower at the tuned plans' four stages but faster at two;
+``--stages`` (stage ``release2``) times each tuned geometry at 2, 3 and 4 word stages with and without early release
+at M = 1, 4, 16 and 64, and sweeps the geometry at two stages with early release (not at 64 rows).
+
 Run from the repository root:
     PYTHONPATH=src python3 milestones/results/m7_ws_release.py OUT.json   # H200
+    PYTHONPATH=src python3 milestones/results/m7_ws_release.py --stages OUT.json   # H200
     PYTHONPATH=src python3 milestones/results/m7_ws_decode.py --tune OUT.json
 """
 
@@ -161,5 +166,47 @@ def measure(out: str) -> None:
                       | {"benchmark": "m7_ws_release", "checks": check_rows, "rows": rows})  # fmt: skip
 
 
+def stages(out: str) -> None:
+    from folovllm.benchmarks.common import provenance, save_json
+    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+    from folovllm.benchmarks.hardware import graph_time_s
+
+    dev = torch.device("cuda")
+    rows = []
+    for name, (k, n) in QWEN3_8B_SHAPES.items():
+        layers, dense = weight_copies(k, n, dev)
+        for m in (1, 4, 16, 64):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            ref = reference(x, layers[0])
+            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
+            base = dataclasses.replace(ops.as_ws_plan(tuned, m), early_release=False)
+
+            def attempt(plan) -> dict:
+                def run(layer):
+                    return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
+
+                try:
+                    err = rel_err(run(layers[0]), ref)
+                    return dataclasses.asdict(plan) | {"us": graph_time_s([partial(run, L) for L in layers], dev) * 1e6,
+                                                       "err": err}  # fmt: skip
+                except Exception as exc:  # a plan that does not compile or launch is recorded, not fatal
+                    return dataclasses.asdict(plan) | {"error": repr(exc)[:300]}
+
+            row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
+                   "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6, "tuned": attempt(base),
+                   "depths": [attempt(dataclasses.replace(base, stages=d, early_release=e))
+                              for d in (2, 3, 4) for e in (False, True)]}  # fmt: skip
+            row["ws"] = [] if m == 64 else [attempt(dataclasses.replace(p, stages=2)) for p in plans(k, m)
+                                            if p.m_tile == (8 if m <= 8 else 16) and p.maxnreg != 48]  # fmt: skip
+            good = [r for r in row["ws"] + row["depths"] if "us" in r and r["err"] < 0.02]
+            row["best_ws"] = min(good, key=lambda r: r["us"], default=None)
+            depths = {(r["stages"], r["early_release"]): round(r.get("us", float("nan")), 2) for r in row["depths"]}
+            print(f"{name} m={m}: bf16 {row['bf16_us']:.1f}, tuned {row['tuned'].get('us', float('nan')):.2f}, "
+                  f"depths {depths}, best {row['best_ws']}", flush=True)  # fmt: skip
+            rows.append(row)
+            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+                      | {"benchmark": "m7_ws_release --stages", "rows": rows})  # fmt: skip
+
+
 if __name__ == "__main__":
-    measure(sys.argv[1])
+    stages(sys.argv[2]) if sys.argv[1] == "--stages" else measure(sys.argv[1])

@@ -707,6 +707,10 @@ else:
     # #15, twenty-second session: the Gluon decode kernel freeing each word stage once its words sit in registers,
     # against the tuned plans freeing it after the products; the splits-apart and products-alone twins; a sweep.
     timeout 480 python3 milestones/results/m7_ws_release.py "$OUT/M7-release-$gpu.json" ;;
+  release2)
+    # #15, after release: ring depths 2-4 with and without early release on each tuned geometry, M = 1, 4, 16, 64;
+    # a geometry sweep at two stages. Then `m7_ws_decode.py --tune` on its JSON.
+    timeout 480 python3 milestones/results/m7_ws_release.py --stages "$OUT/M7-release2-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
