@@ -36,12 +36,11 @@ from folovllm.triton_utils.offline_compile import ptxas_report  # noqa: E402
 
 
 @gluon.jit
-def _drain_partition(ready, w_empty, x_empty, count, STAGES: gl.constexpr):
+def _drain_partition(ready, empty, count, STAGES: gl.constexpr):
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        mbarrier.arrive(w_empty.index(s), count=1)
-        mbarrier.arrive(x_empty.index(s), count=1)
+        mbarrier.arrive(empty.index(s), count=1)
 
 
 @gluon.jit
@@ -51,13 +50,12 @@ def _stream_kernel(w_desc, x_desc, K, blocks_per_split, BLOCK_N: gl.constexpr, S
     total = gl.cdiv(K, 16 * PACK)
     first = gl.program_id(1) * blocks_per_split
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
-    w_bufs, x_bufs, ready, w_empty, x_empty = ws.ring(w_desc, x_desc, STAGES, STAGES, PACK)
+    w_bufs, x_bufs, ready, empty = ws.ring(w_desc, x_desc, STAGES, PACK)
     off_n = gl.program_id(0) * BLOCK_N
     # fmt: off
     gl.warp_specialize([
-        (_drain_partition, (ready, w_empty, x_empty, count, STAGES)),
-        (ws._load_partition, (w_desc, x_desc, ready, w_empty, x_empty, w_bufs, x_bufs, first, count, off_n, STAGES,
-                              STAGES, PACK)),
+        (_drain_partition, (ready, empty, count, STAGES)),
+        (ws._load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
 

@@ -704,13 +704,21 @@ else:
     timeout 300 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-tpot-warmfix-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
   release)
-    # #15, twenty-second session: the Gluon decode kernel freeing each word stage once its words sit in registers,
-    # against the tuned plans freeing it after the products; the splits-apart and products-alone twins; a sweep.
+    # #15, twenty-second session, run at 912addb: milestones/results/m7_ws_release.py (removed later; check that
+    # commit out) timed the Gluon kernel freeing each word stage once its words sat in registers (early release,
+    # reverted: 1-4% slower at the tuned plans) with splits-apart and products-alone twins.
     timeout 480 python3 milestones/results/m7_ws_release.py "$OUT/M7-release-$gpu.json" ;;
   release2)
-    # #15, after release: ring depths 2-4 with and without early release on each tuned geometry, M = 1, 4, 16, 64;
-    # a geometry sweep at two stages. Then `m7_ws_decode.py --tune` on its JSON.
+    # #15, after release, run at 0be1149: ring depths 2-4 with and without early release, M = 1, 4, 16, 64.
     timeout 480 python3 milestones/results/m7_ws_release.py --stages "$OUT/M7-release2-$gpu.json" ;;
+  depths)
+    # #15, after release2: m7_ws_anatomy.py (ring depths 1-4 of each tuned plan, splits apart, products alone),
+    # --pick writes the faster depths into the tuned table (copied to $OUT), then bench gptq with that table.
+    timeout 200 python3 milestones/results/m7_ws_anatomy.py "$OUT/M7-anatomy-$gpu.json"
+    python3 milestones/results/m7_ws_anatomy.py --pick "$OUT/M7-anatomy-$gpu.json"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    timeout 300 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-depths-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

@@ -64,51 +64,43 @@ def _byte_perm_asm(bits: int, q: int) -> str:
 
 
 @gluon.jit
-def ring(w_desc, x_desc, STAGES: gl.constexpr, X_STAGES: gl.constexpr, PACK: gl.constexpr):
-    """The shared-memory rings: ``STAGES`` blocks of words, ``X_STAGES`` blocks' PACK slices of X, a ``ready`` barrier
-    per word stage (the loader's copies of a block, words and X, landed) and an ``empty`` barrier per stage of each
-    ring (the compute warps are done with it: with the words once they sit in registers, with X after the products)."""
+def ring(w_desc, x_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
+    """The shared-memory ring: per stage a block's words and its PACK slices of X, and two barriers, ``ready`` (the
+    loader's copies landed) and ``empty`` (the compute warps are done with the stage)."""
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [X_STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [X_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(w_empty.index(s), count=1)
-    for s in gl.static_range(X_STAGES):
-        mbarrier.init(x_empty.index(s), count=1)
-    return w_bufs, x_bufs, ready, w_empty, x_empty
+        mbarrier.init(empty.index(s), count=1)
+    return w_bufs, x_bufs, ready, empty
 
 
 @gluon.jit
-def _load_partition(w_desc, x_desc, ready, w_empty, x_empty, w_bufs, x_bufs, first, count, off_n,
-                    STAGES: gl.constexpr, X_STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
-    """The loader warp: for each K block, wait for a free stage in each ring, then TMA the block's words and its PACK
-    16-column slices of X into them; the word stage's ``ready`` barrier completes when all the bytes have landed."""
+def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n,
+                    STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
+    """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words and its PACK
+    16-column slices of X into it; the stage's ``ready`` barrier completes when all the bytes have landed."""
     nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
     for i in range(count):
         s = i % STAGES
-        xs = i % X_STAGES
-        mbarrier.wait(w_empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.wait(x_empty.index(xs), ((i // X_STAGES) & 1) ^ 1)
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         blk = first + i
         bar = ready.index(s)
         mbarrier.expect(bar, nbytes)
         tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
         for j in gl.static_range(PACK):
-            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(xs * PACK + j))
+            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
 
 
 @gluon.jit
-def _compute_partition(ready, w_empty, x_empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
+def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
                        BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       X_STAGES: gl.constexpr, ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
-                       BYTE_PERM: gl.constexpr, EARLY: gl.constexpr):  # fmt: skip
-    """The compute warpgroup: per K block, the words into registers (with ``EARLY``, their stage is freed right
-    then, so the loader refills it while this block converts and multiplies), codes to bf16 ``q - z`` two per word
-    operation (fields ``j`` and ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the
-    block's sum."""
+                       ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
+                       BYTE_PERM: gl.constexpr):  # fmt: skip
+    """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
+    ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
     PACK: gl.constexpr = 32 // BITS
     HALF: gl.constexpr = PACK // 2
     MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
@@ -130,11 +122,8 @@ def _compute_partition(ready, w_empty, x_empty, w_bufs, x_bufs, Scales, Zeros, N
         s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
         off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
         s = i % STAGES
-        xs = i % X_STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         words = w_bufs.index(s).permute((1, 0)).load(a_layout)
-        if EARLY:
-            mbarrier.arrive(w_empty.index(s), count=1)
         part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
         if BYTE_PERM:
             offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
@@ -149,20 +138,18 @@ def _compute_partition(ready, w_empty, x_empty, w_bufs, x_bufs, Scales, Zeros, N
                 )
                 for i in gl.static_range(PER_ASM):
                     part = warpgroup_mma(
-                        codes[i], x_bufs.index(xs * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
+                        codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
                     )
         else:
             for j in gl.static_range(HALF):
                 pair = ((words >> (j * BITS)) & MASK) | 0x43004300
                 lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
                 hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
-                part = warpgroup_mma(lo, x_bufs.index(xs * PACK + j).permute((1, 0)), part, is_async=ASYNC)
-                part = warpgroup_mma(hi, x_bufs.index(xs * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
+                part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
+                part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
         if ASYNC:
             part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-        if not EARLY:
-            mbarrier.arrive(w_empty.index(s), count=1)
-        mbarrier.arrive(x_empty.index(xs), count=1)
+        mbarrier.arrive(empty.index(s), count=1)
         acc += part * sc.to(gl.float32)[:, None]
     return (acc,)
 
@@ -171,8 +158,7 @@ def _compute_partition(ready, w_empty, x_empty, w_bufs, x_bufs, Scales, Zeros, N
 def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          X_STAGES: gl.constexpr, ASYNC: gl.constexpr, WARPS: gl.constexpr,
-                          BYTE_PERM: gl.constexpr, EARLY: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
     as ``split_k.store_tile`` does."""
@@ -186,15 +172,13 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
     last_group = (K - 1) // GROUP_SIZE
 
-    w_bufs, x_bufs, ready, w_empty, x_empty = ring(w_desc, x_desc, STAGES, X_STAGES, PACK)
+    w_bufs, x_bufs, ready, empty = ring(w_desc, x_desc, STAGES, PACK)
 
     # fmt: off
     results = gl.warp_specialize([
-        (_compute_partition, (ready, w_empty, x_empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n,
-                              last_group, BITS, GROUP_SIZE, BLOCK_N, STAGES, X_STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM,
-                              EARLY)),
-        (_load_partition, (w_desc, x_desc, ready, w_empty, x_empty, w_bufs, x_bufs, first, count, off_n, STAGES,
-                           X_STAGES, PACK)),
+        (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
+                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM)),
+        (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
     acc = results[0]
@@ -237,13 +221,6 @@ class WsPlan:
     num_warps: int = 4
     m_tile: int = 16
     byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
-    early_release: bool = True  # free a word stage once its words are in registers (else after the block's products)
-
-    @property
-    def x_stages(self) -> int:
-        """X's ring depth: with early release, twice the words' (X slices of up to 16 rows are 2-4 KiB a block, and
-        the loader must not wait on X, which is freed only after the products), else the same."""
-        return 2 * self.stages if self.early_release and self.m_tile <= 16 else self.stages
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -272,9 +249,8 @@ def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASha
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
-                BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, X_STAGES=plan.x_stages,
-                ASYNC=plan.async_mma, WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm,
-                EARLY=plan.early_release)  # fmt: skip
+                BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
