@@ -719,6 +719,20 @@ else:
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
     timeout 300 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-depths-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -3 "$OUT/gptq.log" ;;
+  reduce)
+    # #15, after depths: the Gluon kernel's split-K reduction reads the other splits' partial sums with all loads in
+    # flight (gl.static_range, as split_k.store_tile does; it was a loop of dependent round trips). GPU tests, the
+    # anatomy again (--pick keeps or changes the depths), bench gptq with that table, then W's fair pair
+    # (M7 preset, bf16 and GPTQ twice each, interleaved). About 8 device-minutes.
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 150 python3 milestones/results/m7_ws_anatomy.py "$OUT/M7-anatomy-reduce-$gpu.json" > "$OUT/anatomy.log" 2>&1
+    echo "anatomy: exit $?"; python3 milestones/results/m7_ws_anatomy.py --pick "$OUT/M7-anatomy-reduce-$gpu.json"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    timeout 150 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-reduce-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"
+    timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
+      --out "$OUT/M7-throughput-reduce-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

@@ -195,7 +195,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
         arrived = gl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
-            for other in range(SPLIT_K):
+            for other in gl.static_range(SPLIT_K):
                 acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
             gl.atomic_xchg(Counters + pid_n, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
