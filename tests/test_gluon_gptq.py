@@ -53,6 +53,23 @@ def test_byte_perm_takes_a_quarter_of_the_compute_loops_machine_instructions():
     assert ops_new["LOP3"] <= ops_old["LOP3"] // 2 + 2 and ops_new["PRMT"] < ops_old["PRMT"] // 2
 
 
+def test_split_k_reduction_loads_every_partial_sum_before_adding():
+    """Compiled down to SASS: the last split of a one-row tile (eight splits) issues its loads of all eight partial
+    sums before the first add, so they cost one round trip to L2, not eight in a row (the loop the reduction was
+    before); a 64-row tile, whose sums would not fit the register cap at once, still loads split by split."""
+    from folovllm.triton_utils.offline_compile import sass
+
+    def after_atomic(plan: ws.WsPlan) -> list[str]:
+        code = [text.split()[text.startswith("@")] for _, text in sass(ws.compile_ws_plan(plan)["ptx"])]
+        tail = code[next(i for i, op in enumerate(code) if op.startswith("ATOMG")) :]
+        return [op.split(".")[0] for op in tail if op.startswith(("LDG", "FADD"))]
+
+    one_row = after_atomic(ws.WsPlan(128, 8, 2, False, 80, 4, 8))
+    assert one_row.index("FADD") == one_row.count("LDG") == 64  # 8 sums a thread, 8 splits
+    wide = after_atomic(ws.WsPlan(64, 4, 3, False, 96, 4, 64))
+    assert wide.index("FADD") == wide.count("LDG") == 64 * 64 // 128  # one split's 32 sums a thread, in a loop
+
+
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     """The four PTX instructions ``_byte_perm_asm`` uses, on Python integers (32-bit registers)."""
     for line in asm.strip("{}\n").splitlines():

@@ -91,18 +91,24 @@ def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict[str, int]:
     return {"registers": int(registers.group(1)), "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
-def sass_loop(ptx: str, marker: str = "HGMMA", arch: str = "sm_90a") -> list[str]:
-    """The machine instructions (SASS: ptxas, then cuobjdump, both shipped with Triton) of the loop that holds
-    ``marker``: from the target of the first backward branch after the marker's last use to that branch. ptxas
-    fuses and reorders what the PTX lists (an AND then an OR become one LOP3), so this is what the SM issues."""
+def sass(ptx: str, arch: str = "sm_90a") -> list[tuple[int, str]]:
+    """The machine instructions (SASS: ptxas, then cuobjdump, both shipped with Triton) of ``ptx``, as (address,
+    text). ptxas fuses and reorders what the PTX lists (an AND then an OR become one LOP3), so this is what the SM
+    issues."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx_path, "w") as f:
             f.write(ptx)
         subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", ptx_path, "-o", cubin], check=True)
-        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+        text = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
-    code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    return [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def sass_loop(ptx: str, marker: str = "HGMMA", arch: str = "sm_90a") -> list[str]:
+    """The SASS of the loop that holds ``marker``: from the target of the first backward branch after the marker's
+    last use to that branch."""
+    code = sass(ptx, arch)
     last = max(i for i, (_, text) in enumerate(code) if marker in text)
     for end in range(last, len(code)):
         target = re.search(r"BRA\s.*?0x([0-9a-f]+)", code[end][1])

@@ -195,8 +195,12 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
         arrived = gl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
-            for other in gl.static_range(SPLIT_K):
-                acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+            if BLOCK_N * M_TILE <= 16 * 32 * WARPS:  # up to 16 sums a thread: every split's loads in flight at once
+                for other in gl.static_range(SPLIT_K):
+                    acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+            else:  # larger tiles one split at a time (all at once would spill at the register caps offered)
+                for other in range(SPLIT_K):
+                    acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
             gl.atomic_xchg(Counters + pid_n, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
     if HAS_BIAS:
