@@ -11,9 +11,15 @@
 ``--pick`` then writes into the tuned table, for each (projection, M), the ring depth that beat the tuned plan's by
 2% or more in that run.
 
+``--codes no-sub`` bounds what folding the zero point out of the compute loop could save: it times each tuned plan and
+its products-alone twin at M = 1 and 16 with ``_byte_perm_asm``'s ``sub.bf16x2`` replaced by a move (the codes stay
+bf16 ``128 + q``; wrong values, timing only), ``--codes plain`` the same unchanged. A fold would still need the sums
+of X per block, so it would save less than this. Run each in its own process with its own ``TRITON_CACHE_DIR``.
+
 Run from the repository root:
     PYTHONPATH=src python3 milestones/results/m7_ws_anatomy.py OUT.json          # H200
     PYTHONPATH=src python3 milestones/results/m7_ws_anatomy.py --pick OUT.json   # then: the tuned table
+    PYTHONPATH=src TRITON_CACHE_DIR=$(mktemp -d) python3 milestones/results/m7_ws_anatomy.py --codes no-sub OUT.json
 """
 
 from __future__ import annotations
@@ -72,6 +78,21 @@ def _products_kernel(w_desc, x_desc, Scales, Zeros, Out, N, K, blocks_per_split,
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     gl.store(Out + rm[None, :] * N + rn[:, None], results[0].to(gl.bfloat16), mask=(rn < N)[:, None] & (rm < 1)[None, :])
+
+
+def _no_sub(text: str) -> str:
+    return "\n".join(f"mov.b32 {ln.split()[1]} u;" if ln.startswith("sub.bf16x2") else ln for ln in text.splitlines())
+
+
+# 4-bit codes: ``_byte_perm_asm``'s two blocks per word pair, each ``sub.bf16x2`` a move (made here, outside the
+# JIT: a constexpr function may not call a plain one)
+_NO_SUB_4BIT = tuple(_no_sub(ws._byte_perm_asm.fn(4, q)) for q in range(8 // ws._PER_ASM))
+
+
+@gluon.constexpr_function
+def _byte_perm_no_sub(bits: int, q: int) -> str:
+    """``_byte_perm_asm`` with each ``sub.bf16x2`` a move: the products see ``128 + q`` (4-bit; timing only)."""
+    return _NO_SUB_4BIT[q]
 
 
 def _descriptors(x: torch.Tensor, qweight: torch.Tensor, plan: ws.WsPlan):
@@ -166,5 +187,39 @@ def pick(path: str) -> None:
     print(ops.write_tuned_plans(result["gpu"], plans, source, merge=True))
 
 
+def codes(variant: str, out: str) -> None:
+    """The tuned plan and its products-alone twin at M = 1 and 16, with the codes made as ``variant`` says."""
+    from folovllm.benchmarks.common import provenance, save_json
+    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+    from folovllm.benchmarks.hardware import graph_time_s
+
+    if variant == "no-sub":
+        ws._byte_perm_asm = _byte_perm_no_sub  # the compute partition reads this global when it is compiled
+    dev = torch.device("cuda")
+    rows = []
+    for name, (k, n) in QWEN3_8B_SHAPES.items():
+        layers, _ = weight_copies(k, n, dev)
+        for m in (1, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            plan = ops.as_ws_plan(ops.plan_gptq_gemm(m, n, k, 4, dev, 2), m)
+
+            def kernel(layer):
+                return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
+
+            row = {"layer": name, "m": m, "plan": dataclasses.asdict(plan),
+                   "kernel_us": graph_time_s([partial(kernel, L) for L in layers], dev) * 1e6}  # fmt: skip
+            if m == 1:
+                row["products_alone_us"] = graph_time_s([partial(products, x, L, plan) for L in layers], dev) * 1e6
+            print(variant, row, flush=True)
+            rows.append(row)
+    save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+              | {"benchmark": f"m7_ws_anatomy --codes {variant}", "rows": rows})  # fmt: skip
+
+
 if __name__ == "__main__":
-    pick(sys.argv[2]) if sys.argv[1] == "--pick" else measure(sys.argv[1])
+    if sys.argv[1] == "--pick":
+        pick(sys.argv[2])
+    elif sys.argv[1] == "--codes":
+        codes(sys.argv[2], sys.argv[3])
+    else:
+        measure(sys.argv[1])

@@ -733,6 +733,14 @@ else:
     timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
       --out "$OUT/M7-throughput-reduce-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log" ;;
+  nosub)
+    # #15, after reduce: what folding the zero point out of the compute loop could save at most. Each tuned plan
+    # and its products-alone twin at M = 1 and 16, with the codes' sub.bf16x2 as it is and as a move (wrong values;
+    # its loop is 267 machine instructions a block instead of 362). Each in its own process and Triton cache.
+    for codes in plain no-sub; do
+      TRITON_CACHE_DIR=$(mktemp -d) timeout 150 python3 milestones/results/m7_ws_anatomy.py --codes $codes \
+        "$OUT/M7-codes-$codes-$gpu.json" > "$OUT/codes-$codes.log" 2>&1; echo "$codes: exit $?"
+    done ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
