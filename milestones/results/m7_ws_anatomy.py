@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,16 +94,15 @@ def _byte_perm_no_sub(bits: int, q: int) -> str:
     return _NO_SUB_4BIT[q]
 
 
-def _descriptors(x: torch.Tensor, qweight: torch.Tensor, plan: ws.WsPlan):
-    w_layout, x_layout = ws._descriptor_layouts(plan)
-    return (TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout),
-            TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout))  # fmt: skip
+def kernel(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
+    """The production kernel on one layer (``launch_gptq_decode_ws``), 4-bit codes in groups of 128."""
+    return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
 
 
 def products(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
     k, n = x.shape[1], layer["pairs"].shape[1]
     out = torch.empty(1, n, dtype=torch.bfloat16, device=x.device)
-    w_desc, x_desc = _descriptors(x, layer["pairs"], plan)
+    w_desc, x_desc = ws.descriptors(x, layer["pairs"], plan)
     _products_kernel[(ops.cdiv(n, plan.block_n), plan.split_k)](
         w_desc, x_desc, layer["scales"], layer["zeros"], out, n, k, ops.cdiv(ops.cdiv(k, 128), plan.split_k),
         BLOCK_N=plan.block_n, STAGES=plan.stages, WARPS=plan.num_warps, num_warps=plan.num_warps, maxnreg=plan.maxnreg,
@@ -117,7 +115,7 @@ def splits_apart(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
     m, k = x.shape
     n = layer["pairs"].shape[1]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    w_desc, x_desc = _descriptors(x, layer["pairs"], plan)
+    w_desc, x_desc = ws.descriptors(x, layer["pairs"], plan)
     constexprs = ws._constexprs(plan, 4, 128, False) | {"SPLIT_K": 1}
     ws.gptq_decode_ws_kernel[(ops.cdiv(n, plan.block_n), plan.split_k)](
         w_desc, x_desc, layer["scales"], layer["zeros"], out, out, out, out, m, n, k,
@@ -145,12 +143,9 @@ def measure(out: str) -> None:
                 err = rel_err(fn(layers[0]), ref) if check else None
                 return {"us": graph_time_s([partial(fn, layer) for layer in layers], dev) * 1e6, "err": err}
 
-            def kernel(layer, plan):
-                return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
-
             row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
                    "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
-                   "depths": {d: timed(partial(kernel, plan=dataclasses.replace(base, stages=d)))
+                   "depths": {d: timed(partial(kernel, x, plan=dataclasses.replace(base, stages=d)))
                               for d in DEPTHS}}  # fmt: skip
             if base.split_k > 1:
                 row["splits_apart"] = {d: timed(partial(splits_apart, x, plan=dataclasses.replace(base, stages=d)),
@@ -203,11 +198,8 @@ def codes(variant: str, out: str) -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             plan = ops.as_ws_plan(ops.plan_gptq_gemm(m, n, k, 4, dev, 2), m)
 
-            def kernel(layer):
-                return ws.launch_gptq_decode_ws(x, layer["pairs"], layer["scales"], layer["zeros"], None, 4, 128, plan)
-
             row = {"layer": name, "m": m, "plan": dataclasses.asdict(plan),
-                   "kernel_us": graph_time_s([partial(kernel, L) for L in layers], dev) * 1e6}  # fmt: skip
+                   "kernel_us": graph_time_s([partial(kernel, x, L, plan) for L in layers], dev) * 1e6}  # fmt: skip
             if m == 1:
                 row["products_alone_us"] = graph_time_s([partial(products, x, L, plan) for L in layers], dev) * 1e6
             print(variant, row, flush=True)

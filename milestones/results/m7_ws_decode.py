@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,9 +61,7 @@ def _stream_kernel(w_desc, x_desc, K, blocks_per_split, BLOCK_N: gl.constexpr, S
 
 def stream(x: torch.Tensor, qweight: torch.Tensor, plan: ws.WsPlan) -> None:
     k, n = x.shape[1], qweight.shape[1]
-    w_layout, x_layout = ws._descriptor_layouts(plan)
-    w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
-    x_desc = TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout)
+    w_desc, x_desc = ws.descriptors(x, qweight, plan)
     per_split = ops.cdiv(ops.cdiv(k, 128), plan.split_k)
     grid = (ops.cdiv(n, plan.block_n), plan.split_k)
     _stream_kernel[grid](w_desc, x_desc, k, per_split, BLOCK_N=plan.block_n, STAGES=plan.stages, num_warps=4,

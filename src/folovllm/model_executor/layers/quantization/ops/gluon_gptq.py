@@ -250,6 +250,13 @@ def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASha
             gl.NVMMASharedLayout.get_default_for([plan.m_tile, 16], gl.bfloat16))  # fmt: skip
 
 
+def descriptors(x: torch.Tensor, qweight: torch.Tensor, plan: WsPlan) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """The TMA descriptors of one launch: a block of words ``[16, block_n]`` and one X slice ``[m_tile, 16]``."""
+    w_layout, x_layout = _descriptor_layouts(plan)
+    return (TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout),
+            TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout))  # fmt: skip
+
+
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
@@ -287,9 +294,7 @@ def launch_gptq_decode_ws(
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
     per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
-    w_layout, x_layout = _descriptor_layouts(plan)
-    w_desc = TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout)
-    x_desc = TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout)
+    w_desc, x_desc = descriptors(x, qweight, plan)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = cdiv(n, plan.block_n)
     partials = counters = out
