@@ -741,6 +741,12 @@ else:
       TRITON_CACHE_DIR=$(mktemp -d) timeout 150 python3 milestones/results/m7_ws_anatomy.py --codes $codes \
         "$OUT/M7-codes-$codes-$gpu.json" > "$OUT/codes-$codes.log" 2>&1; echo "$codes: exit $?"
     done ;;
+  scales)
+    # #15, twenty-third session: the zero points and scales through the ring (the loader TMAs them with each block's
+    # words) against the compute warps loading them one block ahead, as tuned; then the GPU tests.
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 300 python3 milestones/results/m7_ws_anatomy.py --scales "$OUT/M7-scales-$gpu.json" > "$OUT/scales.log" 2>&1
+    echo "scales: exit $?"; cat "$OUT/scales.log" | cut -c1-400 ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

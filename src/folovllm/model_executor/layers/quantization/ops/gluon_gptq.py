@@ -64,25 +64,30 @@ def _byte_perm_asm(bits: int, q: int) -> str:
 
 
 @gluon.jit
-def ring(w_desc, x_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
-    """The shared-memory ring: per stage a block's words and its PACK slices of X, and two barriers, ``ready`` (the
-    loader's copies landed) and ``empty`` (the compute warps are done with the stage)."""
+def ring(w_desc, x_desc, z_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
+    """The shared-memory ring: per stage a block's words, its PACK slices of X, its group's zero points and scales,
+    and two barriers, ``ready`` (the loader's copies landed) and ``empty`` (the compute warps are done with it)."""
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PACK] + x_desc.block_type.shape, x_desc.layout)
+    z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
+    s_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    return w_bufs, x_bufs, ready, empty
+    return w_bufs, x_bufs, z_bufs, s_bufs, ready, empty
 
 
 @gluon.jit
-def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n,
-                    STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
-    """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words and its PACK
-    16-column slices of X into it; the stage's ``ready`` barrier completes when all the bytes have landed."""
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
+def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
+                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
+                    RING_SCALES: gl.constexpr):  # fmt: skip
+    """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words, its PACK
+    16-column slices of X and (``RING_SCALES``) its group's zero points and scales into it; the stage's ``ready``
+    barrier completes when all the bytes have landed."""
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
+                            + RING_SCALES * 2 * z_desc.block_type.nbytes)  # fmt: skip
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
@@ -92,13 +97,17 @@ def _load_partition(w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, 
         tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
         for j in gl.static_range(PACK):
             tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
+        if RING_SCALES:
+            g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
+            tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
+            tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
 
 
 @gluon.jit
-def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
+def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zeros, N, first, count, off_n, last_group,
                        BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
-                       BYTE_PERM: gl.constexpr):  # fmt: skip
+                       BYTE_PERM: gl.constexpr, RING_SCALES: gl.constexpr):  # fmt: skip
     """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
     ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
     PACK: gl.constexpr = 32 // BITS
@@ -111,18 +120,24 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
     ok_a = rn_a < N
     ok_c = rn_c < N
     acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
-    g = gl.minimum(first * ROWS * PACK // GROUP_SIZE, last_group)
-    z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
-    s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
-    for i in range(count):
-        z = z_next
-        sc = s_next
-        g = gl.minimum((first + i + 1) * ROWS * PACK // GROUP_SIZE, last_group)
+    if not RING_SCALES:
+        g = gl.minimum(first * ROWS * PACK // GROUP_SIZE, last_group)
         z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
         s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
-        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
+    for i in range(count):
         s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        if RING_SCALES:
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
+            sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))
+        else:
+            z = z_next
+            sc = s_next
+            g = gl.minimum((first + i + 1) * ROWS * PACK // GROUP_SIZE, last_group)
+            z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
+            s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
         words = w_bufs.index(s).permute((1, 0)).load(a_layout)
         part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
         if BYTE_PERM:
@@ -155,10 +170,11 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, co
 
 
 @gluon.jit
-def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
+def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
+                          RING_SCALES: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
     as ``split_k.store_tile`` does."""
@@ -172,13 +188,15 @@ def gptq_decode_ws_kernel(w_desc, x_desc, Scales, Zeros, Bias, Out, Partials, Co
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
     last_group = (K - 1) // GROUP_SIZE
 
-    w_bufs, x_bufs, ready, empty = ring(w_desc, x_desc, STAGES, PACK)
+    w_bufs, x_bufs, z_bufs, s_bufs, ready, empty = ring(w_desc, x_desc, z_desc, STAGES, PACK)
 
     # fmt: off
     results = gl.warp_specialize([
-        (_compute_partition, (ready, empty, w_bufs, x_bufs, Scales, Zeros, N, first, count, off_n, last_group,
-                              BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM)),
-        (_load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
+        (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zeros, N, first, count, off_n,
+                              last_group, BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM,
+                              RING_SCALES)),
+        (_load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count,
+                           off_n, last_group, GROUP_SIZE, STAGES, PACK, RING_SCALES)),
     ], [1], [24])
     # fmt: on
     acc = results[0]
@@ -225,11 +243,13 @@ class WsPlan:
     num_warps: int = 4
     m_tile: int = 16
     byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
+    ring_scales: bool = False  # each block's zero points and scales come through the ring (else loaded by compute)
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
-    """Where the kernel applies: a Hopper GPU, bf16 X of at most ``WS_MAX_M`` rows with 16-byte aligned rows (TMA), 2- or
-    4-bit codes, one scale per K block or per channel, no act-order permutation."""
+    """Where the kernel applies: a Hopper GPU, bf16 X of at most ``WS_MAX_M`` rows with 16-byte aligned rows (TMA), a
+    multiple of 8 columns (16-byte rows of fp16 scales), 2- or 4-bit codes, one scale per K block or per channel, no
+    act-order permutation."""
     return (
         x.is_cuda
         and torch.cuda.get_device_capability(x.device)[0] == 9
@@ -238,39 +258,48 @@ def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | No
         and x.stride(1) == 1
         and (x.stride(0) * 2) % 16 == 0
         and x.data_ptr() % 16 == 0
+        and qweight.shape[1] % 8 == 0
         and bits in (2, 4)
         and (group_size == -1 or group_size % block_rows(bits) == 0)
         and perm is None
     )
 
 
-def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASharedLayout]:
-    """Shared-memory layouts of a stage's words ``[16, block_n]`` and of one X slice ``[m_tile, 16]``."""
+def _descriptor_layouts(plan: WsPlan) -> tuple[gl.NVMMASharedLayout, gl.NVMMASharedLayout, gl.NVMMASharedLayout]:
+    """Shared-memory layouts of a stage's words ``[16, block_n]``, of one X slice ``[m_tile, 16]`` and of a group's
+    zero points (or scales) ``[1, block_n]``."""
     return (gl.NVMMASharedLayout.get_default_for([16, plan.block_n], gl.int32),
-            gl.NVMMASharedLayout.get_default_for([plan.m_tile, 16], gl.bfloat16))  # fmt: skip
+            gl.NVMMASharedLayout.get_default_for([plan.m_tile, 16], gl.bfloat16),
+            gl.NVMMASharedLayout.get_default_for([1, plan.block_n], gl.float16))  # fmt: skip
 
 
-def descriptors(x: torch.Tensor, qweight: torch.Tensor, plan: WsPlan) -> tuple[TensorDescriptor, TensorDescriptor]:
-    """The TMA descriptors of one launch: a block of words ``[16, block_n]`` and one X slice ``[m_tile, 16]``."""
-    w_layout, x_layout = _descriptor_layouts(plan)
+def descriptors(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, plan: WsPlan
+) -> tuple[TensorDescriptor, ...]:
+    """The TMA descriptors of one launch: a block of words ``[16, block_n]``, one X slice ``[m_tile, 16]``, and a
+    group's zero points and scales ``[1, block_n]``."""
+    w_layout, x_layout, z_layout = _descriptor_layouts(plan)
     return (TensorDescriptor.from_tensor(qweight, [16, plan.block_n], w_layout),
-            TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout))  # fmt: skip
+            TensorDescriptor.from_tensor(x, [plan.m_tile, 16], x_layout),
+            TensorDescriptor.from_tensor(zeros, [1, plan.block_n], z_layout),
+            TensorDescriptor.from_tensor(scales, [1, plan.block_n], z_layout))  # fmt: skip
 
 
 def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, RING_SCALES=plan.ring_scales)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
     """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``)."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
-    w_layout, x_layout = _descriptor_layouts(plan)
+    w_layout, x_layout, z_layout = _descriptor_layouts(plan)
+    z_type = f"tensordesc<fp16[1, {plan.block_n}],{z_layout!r}>"
     types = dict(w_desc=f"tensordesc<i32[16, {plan.block_n}],{w_layout!r}>",
-                 x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", Scales="*fp16", Zeros="*fp16", Bias="*bf16",
+                 x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", z_desc=z_type, s_desc=z_type, Scales="*fp16", Zeros="*fp16", Bias="*bf16",
                  Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
                  blocks_per_split="i32")  # fmt: skip
     return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False), ("N", "K"),
@@ -294,7 +323,7 @@ def launch_gptq_decode_ws(
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
     per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
-    w_desc, x_desc = descriptors(x, qweight, plan)
+    w_desc, x_desc, z_desc, s_desc = descriptors(x, qweight, scales, zeros, plan)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = cdiv(n, plan.block_n)
     partials = counters = out
@@ -302,7 +331,7 @@ def launch_gptq_decode_ws(
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, tiles)
     gptq_decode_ws_kernel[(tiles, plan.split_k)](
-        w_desc, x_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
+        w_desc, x_desc, z_desc, s_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
         **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
