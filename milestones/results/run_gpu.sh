@@ -747,6 +747,10 @@ else:
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
     timeout 300 python3 milestones/results/m7_ws_anatomy.py --scales "$OUT/M7-scales-$gpu.json" > "$OUT/scales.log" 2>&1
     echo "scales: exit $?"; cat "$OUT/scales.log" | cut -c1-400 ;;
+  mmadecode)
+    # #15, twenty-third session: the mma.sync prototype (ops/gluon_gemv.py: warps split K inside a program, loads
+    # straight from global memory one block ahead) beside the tuned Gluon plans and bf16 at M = 1, 4, 16.
+    timeout 420 python3 milestones/results/m7_mma_decode.py "$OUT/M7-mma-decode-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
