@@ -7,6 +7,8 @@
   sum into the output (the split-K reduction's store, atomic and reads are gone; the result is wrong, not checked);
 - *products alone* (M = 1): the compute warps fed by a loader that copies nothing (``_idle_load_partition`` only
   marks each stage ready), so they convert and multiply whatever shared memory holds: the kernel without its loads.
+  Since the twenty-third session the zero points and scales come through the ring too, so this twin loads nothing;
+  before, its compute warps still loaded them from global memory (stage ``scales`` at 01a5a91 timed both).
 
 ``--pick`` then writes into the tuned table, for each (projection, M), the ring depth that beat the tuned plan's by
 2% or more in that run.
@@ -56,8 +58,8 @@ def _idle_load_partition(ready, empty, count, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _products_kernel(w_desc, x_desc, z_desc, Scales, Zeros, Out, N, K, blocks_per_split, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr, WARPS: gl.constexpr, RING_SCALES: gl.constexpr):  # fmt: skip
+def _products_kernel(w_desc, x_desc, z_desc, Out, N, K, blocks_per_split, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
     """The decode kernel's compute warps fed by ``_idle_load_partition``; each split stores its partial sum."""
     PACK: gl.constexpr = 8
     M_TILE: gl.constexpr = x_desc.block_type.shape[0]
@@ -68,8 +70,8 @@ def _products_kernel(w_desc, x_desc, z_desc, Scales, Zeros, Out, N, K, blocks_pe
     w_bufs, x_bufs, z_bufs, s_bufs, ready, empty = ws.ring(w_desc, x_desc, z_desc, STAGES, PACK)
     # fmt: off
     results = gl.warp_specialize([
-        (ws._compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zeros, N, first, count, off_n,
-                                 (K - 1) // 128, 4, 128, BLOCK_N, STAGES, False, M_TILE, WARPS, True, RING_SCALES)),
+        (ws._compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count, 4, BLOCK_N, STAGES, False,
+                                 M_TILE, WARPS, True)),
         (_idle_load_partition, (ready, empty, count, STAGES)),
     ], [1], [24])
     # fmt: on
@@ -104,9 +106,8 @@ def products(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
     out = torch.empty(1, n, dtype=torch.bfloat16, device=x.device)
     w_desc, x_desc, z_desc, _ = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
     _products_kernel[(ops.cdiv(n, plan.block_n), plan.split_k)](
-        w_desc, x_desc, z_desc, layer["scales"], layer["zeros"], out, n, k, ops.cdiv(ops.cdiv(k, 128), plan.split_k),
-        BLOCK_N=plan.block_n, STAGES=plan.stages, WARPS=plan.num_warps, RING_SCALES=plan.ring_scales,
-        num_warps=plan.num_warps, maxnreg=plan.maxnreg,
+        w_desc, x_desc, z_desc, out, n, k, ops.cdiv(ops.cdiv(k, 128), plan.split_k),
+        BLOCK_N=plan.block_n, STAGES=plan.stages, WARPS=plan.num_warps, num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
 
@@ -119,7 +120,7 @@ def splits_apart(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
     descs = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
     constexprs = ws._constexprs(plan, 4, 128, False) | {"SPLIT_K": 1}
     ws.gptq_decode_ws_kernel[(ops.cdiv(n, plan.block_n), plan.split_k)](
-        *descs, layer["scales"], layer["zeros"], out, out, out, out, m, n, k,
+        *descs, out, out, out, out, m, n, k,
         ops.cdiv(ops.cdiv(k, 128), plan.split_k), **constexprs, num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
@@ -209,49 +210,8 @@ def codes(variant: str, out: str) -> None:
               | {"benchmark": f"m7_ws_anatomy --codes {variant}", "rows": rows})  # fmt: skip
 
 
-def scales(out: str) -> None:
-    """Stage ``scales``: each tuned plan with its zero points and scales loaded by the compute warps one block ahead
-    (as tuned) and through the ring by the loader (``ring_scales``) at 2, 3 and 4 stages; at M = 1 both products-alone
-    twins too (the ring twin loads no scales at all, the other still does)."""
-    from folovllm.benchmarks.common import provenance, save_json
-    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import graph_time_s
-
-    dev = torch.device("cuda")
-    rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layers, dense = weight_copies(k, n, dev)
-        for m in (1, 4, 16, 64):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-            ref = reference(x, layers[0])
-            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
-            base = ops.as_ws_plan(tuned, m)
-
-            def timed(fn, check: bool = True) -> dict:
-                err = rel_err(fn(layers[0]), ref) if check else None
-                return {"us": graph_time_s([partial(fn, layer) for layer in layers], dev) * 1e6, "err": err}
-
-            row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
-                   "bf16_us": graph_time_s([partial(F.linear, x, w) for w in dense], dev) * 1e6,
-                   "tuned": timed(partial(kernel, x, plan=base)),
-                   "ring": {d: timed(partial(kernel, x, plan=dataclasses.replace(base, stages=d, ring_scales=True)))
-                            for d in (2, 3, 4)}}  # fmt: skip
-            if m == 1:
-                row["products_alone"] = {
-                    str(rs): timed(partial(products, x, plan=dataclasses.replace(base, ring_scales=rs)), check=False)
-                    for rs in (False, True)
-                }
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.1f}, tuned {row['tuned']}, ring {row['ring']}, "
-                  f"products {row.get('products_alone')}", flush=True)  # fmt: skip
-            rows.append(row)
-            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
-                      | {"benchmark": "m7_ws_anatomy --scales", "rows": rows})  # fmt: skip
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "--scales":
-        scales(sys.argv[2])
-    elif sys.argv[1] == "--pick":
+    if sys.argv[1] == "--pick":
         pick(sys.argv[2])
     elif sys.argv[1] == "--codes":
         codes(sys.argv[2], sys.argv[3])

@@ -1,7 +1,8 @@
 """#15: the warp-specialized W4A16 decode kernel (``ops/gluon_gptq.py``) against the engine's tuned plans and bf16
 cuBLAS, in one run on Qwen3-8B's projections at M = 1, 4, 16; every variant checked against the reference. Where the
 tuned plan is a Gluon plan, ``tuned_shift`` times it with the codes made the earlier way (``byte_perm=False``).
-Beside it, the kernel's loader alone (``_stream_kernel``: the compute warps only wait for each stage and free it):
+Beside it, the kernel's loader alone (``_stream_kernel``: the compute warps only wait for each stage and free it;
+since the twenty-third session it brings each block's zero points and scales too):
 the time this structure needs to bring the words and X into shared memory, with no conversion and no product.
 
 Run from the repository root:
@@ -43,28 +44,29 @@ def _drain_partition(ready, empty, count, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _stream_kernel(w_desc, x_desc, K, blocks_per_split, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _stream_kernel(w_desc, x_desc, z_desc, s_desc, K, blocks_per_split, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The decode kernel's loader with compute warps that only free each stage once it has landed."""
     PACK: gl.constexpr = 8
     total = gl.cdiv(K, 16 * PACK)
     first = gl.program_id(1) * blocks_per_split
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
-    w_bufs, x_bufs, ready, empty = ws.ring(w_desc, x_desc, STAGES, PACK)
+    w_bufs, x_bufs, z_bufs, s_bufs, ready, empty = ws.ring(w_desc, x_desc, z_desc, STAGES, PACK)
     off_n = gl.program_id(0) * BLOCK_N
     # fmt: off
     gl.warp_specialize([
         (_drain_partition, (ready, empty, count, STAGES)),
-        (ws._load_partition, (w_desc, x_desc, ready, empty, w_bufs, x_bufs, first, count, off_n, STAGES, PACK)),
+        (ws._load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first,
+                              count, off_n, (K - 1) // 128, 128, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
 
 
-def stream(x: torch.Tensor, qweight: torch.Tensor, plan: ws.WsPlan) -> None:
-    k, n = x.shape[1], qweight.shape[1]
-    w_desc, x_desc = ws.descriptors(x, qweight, plan)
+def stream(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> None:
+    k, n = x.shape[1], layer["pairs"].shape[1]
+    descs = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
     per_split = ops.cdiv(ops.cdiv(k, 128), plan.split_k)
     grid = (ops.cdiv(n, plan.block_n), plan.split_k)
-    _stream_kernel[grid](w_desc, x_desc, k, per_split, BLOCK_N=plan.block_n, STAGES=plan.stages, num_warps=4,
+    _stream_kernel[grid](*descs, k, per_split, BLOCK_N=plan.block_n, STAGES=plan.stages, num_warps=4,
                          maxnreg=plan.maxnreg)  # fmt: skip
 
 
@@ -152,7 +154,7 @@ def measure(out: str) -> None:
                 for split, maxnreg in itertools.product((1, 2, 4, 8, 16), (80, 64, 48)):
                     if ops.cdiv(ops.cdiv(k, 128), split) >= 2:
                         plan = ws.WsPlan(128, split, 4, False, maxnreg, 4, 8)
-                        us = graph_time_s([partial(stream, x, L["pairs"], plan) for L in layers], dev) * 1e6
+                        us = graph_time_s([partial(stream, x, L, plan) for L in layers], dev) * 1e6
                         row["stream"].append({"split_k": split, "maxnreg": maxnreg, "us": us})
                 row["best_stream_us"] = min(r["us"] for r in row["stream"])
             print(f"{name} m={m}: bf16 {row['bf16_us']:.1f} us, tuned {row['tuned']['us']:.1f} (shift "

@@ -742,13 +742,28 @@ else:
         "$OUT/M7-codes-$codes-$gpu.json" > "$OUT/codes-$codes.log" 2>&1; echo "$codes: exit $?"
     done ;;
   scales)
-    # #15, twenty-third session: the zero points and scales through the ring (the loader TMAs them with each block's
-    # words) against the compute warps loading them one block ahead, as tuned; then the GPU tests.
+    # #15, twenty-third session, run at 01a5a91 (check that commit out to run it again; m7_ws_anatomy.py lost its
+    # --scales mode when the ring became the only way): zero points and scales through the ring (the loader TMAs
+    # them with each block's words) against the compute warps loading them one block ahead; then the GPU tests.
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
     timeout 300 python3 milestones/results/m7_ws_anatomy.py --scales "$OUT/M7-scales-$gpu.json" > "$OUT/scales.log" 2>&1
     echo "scales: exit $?"; cat "$OUT/scales.log" | cut -c1-400 ;;
+  ringscales)
+    # #15, after scales: the ring brings the zero points and scales (the only way now). GPU tests, the anatomy
+    # (--pick writes the faster depths), bench gptq with that table, W's fair pair, then the mma.sync prototype's
+    # second sweep (prefetch depth, X ahead or not). About 9 device-minutes.
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_quantization.py -k "gluon or ws or on_gpu" 2>&1 | tail -2
+    timeout 150 python3 milestones/results/m7_ws_anatomy.py "$OUT/M7-anatomy-ring-$gpu.json" > "$OUT/anatomy.log" 2>&1
+    echo "anatomy: exit $?"; python3 milestones/results/m7_ws_anatomy.py --pick "$OUT/M7-anatomy-ring-$gpu.json"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/"
+    timeout 150 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-ring-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"
+    timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
+      --out "$OUT/M7-throughput-ring-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log"
+    timeout 200 python3 milestones/results/m7_mma_decode.py --sweep2 "$OUT/M7-mma-decode2-$gpu.json" ;;
   mmadecode)
-    # #15, twenty-third session: the mma.sync prototype (ops/gluon_gemv.py: warps split K inside a program, loads
+    # #15, twenty-third session: the mma.sync prototype (m7_mma_decode.py: warps split K inside a program, loads
     # straight from global memory one block ahead) beside the tuned Gluon plans and bf16 at M = 1, 4, 16.
     timeout 420 python3 milestones/results/m7_mma_decode.py "$OUT/M7-mma-decode-$gpu.json" ;;
   readfloor)

@@ -3,7 +3,8 @@
 The Triton decode kernels (``triton_gptq.py``) issue loads, convert codes, wait for products and wait for loads in
 the same four warps, and on the H200 that structure, not the instruction count, kept them at 1.3-1.8x bf16 at one
 row (``milestones/results/m7_decode_limits.py``). Here a loader warp streams each K block's words and X slices into
-a ring of shared-memory stages with TMA and signals an mbarrier per stage; the compute warpgroup waits on it, makes
+a ring of shared-memory stages with TMA (with the block's zero points and scales: the compute warps never wait on
+global memory) and signals an mbarrier per stage; the compute warpgroup waits on it, makes
 the codes bf16 ``q - z`` two per word operation, as ``_gptq_gemm_pairs_kernel`` does, and multiplies them from
 registers (``wgmma`` with A in registers: the weight tile is the first operand, ``W^T X^T``), then frees the stage.
 Loads for later stages are in flight all the while, whatever the compute warps are doing.
@@ -81,13 +82,11 @@ def ring(w_desc, x_desc, z_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
 
 @gluon.jit
 def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
-                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
-                    RING_SCALES: gl.constexpr):  # fmt: skip
+                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
     """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words, its PACK
-    16-column slices of X and (``RING_SCALES``) its group's zero points and scales into it; the stage's ``ready``
-    barrier completes when all the bytes have landed."""
-    nbytes: gl.constexpr = (w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes
-                            + RING_SCALES * 2 * z_desc.block_type.nbytes)  # fmt: skip
+    16-column slices of X and its group's zero points and scales into it; the stage's ``ready`` barrier completes
+    when all the bytes have landed."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
@@ -97,46 +96,29 @@ def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs
         tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
         for j in gl.static_range(PACK):
             tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
-        if RING_SCALES:
-            g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
-            tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
-            tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+        g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
+        tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
+        tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
 
 
 @gluon.jit
-def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zeros, N, first, count, off_n, last_group,
-                       BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count,
+                       BITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
-                       BYTE_PERM: gl.constexpr, RING_SCALES: gl.constexpr):  # fmt: skip
+                       BYTE_PERM: gl.constexpr):  # fmt: skip
     """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
-    ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum."""
+    ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum. It reads
+    shared memory only: the loader brings the zero points and scales with the words."""
     PACK: gl.constexpr = 32 // BITS
     HALF: gl.constexpr = PACK // 2
     MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    rn_a = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
-    rn_c = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    ok_a = rn_a < N
-    ok_c = rn_c < N
     acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
-    if not RING_SCALES:
-        g = gl.minimum(first * ROWS * PACK // GROUP_SIZE, last_group)
-        z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
-        s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
     for i in range(count):
         s = i % STAGES
-        if RING_SCALES:
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
-            sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))
-        else:
-            z = z_next
-            sc = s_next
-            g = gl.minimum((first + i + 1) * ROWS * PACK // GROUP_SIZE, last_group)
-            z_next = gl.load(Zeros + g * N + rn_a, mask=ok_a, other=0.0)
-            s_next = gl.load(Scales + g * N + rn_c, mask=ok_c, other=0.0)
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
         off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
         words = w_bufs.index(s).permute((1, 0)).load(a_layout)
         part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
@@ -164,17 +146,17 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zer
                 part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
         if ASYNC:
             part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+        sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))  # read last: fewer live registers
         mbarrier.arrive(empty.index(s), count=1)
         acc += part * sc.to(gl.float32)[:, None]
     return (acc,)
 
 
 @gluon.jit
-def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Scales, Zeros, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
+def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
-                          RING_SCALES: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
     as ``split_k.store_tile`` does."""
@@ -192,11 +174,10 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Scales, Zeros, Bias, O
 
     # fmt: off
     results = gl.warp_specialize([
-        (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Scales, Zeros, N, first, count, off_n,
-                              last_group, BITS, GROUP_SIZE, BLOCK_N, STAGES, ASYNC, M_TILE, WARPS, BYTE_PERM,
-                              RING_SCALES)),
+        (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count, BITS, BLOCK_N, STAGES, ASYNC,
+                              M_TILE, WARPS, BYTE_PERM)),
         (_load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count,
-                           off_n, last_group, GROUP_SIZE, STAGES, PACK, RING_SCALES)),
+                           off_n, last_group, GROUP_SIZE, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
     acc = results[0]
@@ -243,7 +224,6 @@ class WsPlan:
     num_warps: int = 4
     m_tile: int = 16
     byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
-    ring_scales: bool = False  # each block's zero points and scales come through the ring (else loaded by compute)
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -289,7 +269,7 @@ def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dic
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, RING_SCALES=plan.ring_scales)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
 
 
 def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
@@ -299,8 +279,8 @@ def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capabili
     w_layout, x_layout, z_layout = _descriptor_layouts(plan)
     z_type = f"tensordesc<fp16[1, {plan.block_n}],{z_layout!r}>"
     types = dict(w_desc=f"tensordesc<i32[16, {plan.block_n}],{w_layout!r}>",
-                 x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", z_desc=z_type, s_desc=z_type, Scales="*fp16", Zeros="*fp16", Bias="*bf16",
-                 Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
+                 x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", z_desc=z_type, s_desc=z_type,
+                 Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
                  blocks_per_split="i32")  # fmt: skip
     return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False), ("N", "K"),
                            capability, plan.num_warps, 1, plan.maxnreg)  # fmt: skip
@@ -331,7 +311,7 @@ def launch_gptq_decode_ws(
         partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
         counters = tile_counters(x.device, tiles)
     gptq_decode_ws_kernel[(tiles, plan.split_k)](
-        w_desc, x_desc, z_desc, s_desc, scales, zeros, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
+        w_desc, x_desc, z_desc, s_desc, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
         **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
     return out
