@@ -766,6 +766,11 @@ else:
     # #15, twenty-third session: the mma.sync prototype (m7_mma_decode.py: warps split K inside a program, loads
     # straight from global memory one block ahead) beside the tuned Gluon plans and bf16 at M = 1, 4, 16.
     timeout 420 python3 milestones/results/m7_mma_decode.py "$OUT/M7-mma-decode-$gpu.json" ;;
+  streamk)
+    # #15, twenty-third session, after ringscales: the Gluon kernel as a persistent stream-K launch (m7_streamk.py:
+    # P programs, a multiple of the SM count, each one contiguous run of tile-major work items through one ring)
+    # beside the tuned plans and bf16 at M = 1, 4, 16. About 2 device-minutes.
+    timeout 300 python3 milestones/results/m7_streamk.py "$OUT/M7-streamk-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

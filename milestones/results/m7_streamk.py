@@ -1,0 +1,235 @@
+"""#15, twenty-third session: the Gluon decode kernel as a persistent, stream-K launch (an experiment, not the engine's).
+
+The twins of ``m7_ws_anatomy.py`` showed that on the small projections the tuned plans' loads and products hardly
+overlap: each of ``qkv_proj``'s 384 programs runs four blocks through its ring, all start together, and the ring never
+reaches a steady state. Here ``P`` programs (a multiple of the SM count) each take one contiguous run of the
+``tiles x blocks`` work items, tile-major, through one ring: a run crosses tiles, a tile it covers whole is stored at
+once, and the (at most two) tiles it covers in part meet the other programs' parts as split-K does. The loader and
+the compute loop are the engine's (same ring, same codes, same products), only walking items instead of one tile's
+blocks. Each configuration (programs per SM, ring depth, columns per tile) is checked against the reference.
+
+    PYTHONPATH=src python3 milestones/results/m7_streamk.py --compile     # CPU: compile for sm_90, registers
+    PYTHONPATH=src python3 milestones/results/m7_streamk.py OUT.json      # H200
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
+
+from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
+from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
+from folovllm.triton_utils.counters import tile_counters  # noqa: E402
+from folovllm.utils import cdiv  # noqa: E402
+
+ROWS = ws.ROWS
+PER_ASM = ws.PER_ASM
+_CONSTRAINTS = ws._CONSTRAINTS
+
+
+@gluon.jit
+def _load_items(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, start, count, B,
+                last_group, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                PACK: gl.constexpr):  # fmt: skip
+    """The engine's loader walking work items: item ``start + i`` is block ``% B`` of tile ``// B``."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
+    for i in range(count):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+        item = start + i
+        blk = item % B
+        off_n = (item // B) * BLOCK_N
+        bar = ready.index(s)
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
+        for j in gl.static_range(PACK):
+            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
+        g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
+        tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
+        tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+
+
+@gluon.jit
+def _compute_items(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Out, M, N, start, count, B,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    """The engine's compute loop walking work items. A tile this run covers whole is stored here; the partial sums of
+    its first and last tiles (when covered in part) are returned for the epilogue to meet the other programs'."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    rn0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
+    first_tile = start // B
+    acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+    acc_first = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+    for i in range(count):
+        s = i % STAGES
+        item = start + i
+        blk = item % B
+        tile = item // B
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
+        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
+        words = w_bufs.index(s).permute((1, 0)).load(a_layout)
+        part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+        offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
+        for q in gl.static_range(8 // PER_ASM):
+            codes = gl.inline_asm_elementwise(ws._byte_perm_asm(4, q), _CONSTRAINTS, [words, offs],
+                                              dtype=(gl.bfloat16,) * PER_ASM, is_pure=True, pack=2)  # fmt: skip
+            for c in gl.static_range(PER_ASM):
+                part = warpgroup_mma(codes[c], x_bufs.index(s * 8 + q * PER_ASM + c).permute((1, 0)), part)
+        sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))
+        mbarrier.arrive(empty.index(s), count=1)
+        acc += part * sc.to(gl.float32)[:, None]
+        if (blk == B - 1) | (i == count - 1):  # the end of this run's part of a tile
+            whole = (blk == B - 1) & (gl.maximum(start, tile * B) == tile * B)
+            if whole:
+                rn = tile * BLOCK_N + rn0
+                mask = (rn < N)[:, None] & (rm < M)[None, :]
+                gl.store(Out + rm[None, :] * N + rn[:, None], acc.to(Out.dtype.element_ty), mask=mask)
+            elif tile == first_tile:
+                acc_first = acc
+            if i < count - 1:
+                acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+    return acc_first, acc
+
+
+@gluon.jit
+def _meet(acc, tile, which, Out, Partials, Counters, M, N, P, L, B,
+          BLOCK_N: gl.constexpr, M_TILE: gl.constexpr, mma: gl.constexpr):  # fmt: skip
+    """This program's partial sums of ``tile`` (its first tile: ``which`` 0, its last: 1) meet the others': the last
+    program to arrive adds them all and stores the tile."""
+    rn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
+    offs = rn[:, None] * M_TILE + rm[None, :]
+    me = gl.program_id(0)
+    gl.store(Partials + (me * 2 + which) * BLOCK_N * M_TILE + offs, acc)
+    gl.thread_barrier()
+    q0 = tile * B // L
+    q1 = gl.minimum(((tile + 1) * B - 1) // L, P - 1)
+    arrived = gl.atomic_add(Counters + tile, 1, sem="acq_rel")
+    if arrived == q1 - q0:
+        total = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+        for q in range(q0, q1 + 1):
+            w = ((q * L) // B != tile).to(gl.int32)  # tile is q's first tile (0) or its last (1)
+            total += gl.load(Partials + (q * 2 + w) * BLOCK_N * M_TILE + offs)
+        gl.atomic_xchg(Counters + tile, 0)
+        col = tile * BLOCK_N + rn
+        mask = (col < N)[:, None] & (rm < M)[None, :]
+        gl.store(Out + rm[None, :] * N + col[:, None], total.to(Out.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def streamk_kernel(w_desc, x_desc, z_desc, s_desc, Out, Partials, Counters, M, N, K, P, L,
+                   GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   WARPS: gl.constexpr):  # fmt: skip
+    PACK: gl.constexpr = 8
+    M_TILE: gl.constexpr = x_desc.block_type.shape[0]
+    B = gl.cdiv(K, ROWS * PACK)
+    T = gl.cdiv(N, BLOCK_N) * B
+    start = gl.program_id(0) * L
+    count = gl.maximum(gl.minimum(start + L, T) - start, 0)
+    last_group = (K - 1) // GROUP_SIZE
+    w_bufs, x_bufs, z_bufs, s_bufs, ready, empty = ws.ring(w_desc, x_desc, z_desc, STAGES, PACK)
+    # fmt: off
+    results = gl.warp_specialize([
+        (_compute_items, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Out, M, N, start, count, B, BLOCK_N, STAGES,
+                          M_TILE, WARPS)),
+        (_load_items, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, start, count, B,
+                       last_group, GROUP_SIZE, BLOCK_N, STAGES, PACK)),
+    ], [1], [24])
+    # fmt: on
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    if count > 0:
+        t0 = start // B
+        t1 = (start + count - 1) // B
+        end = start + count
+        first_whole = (start % B == 0) & ((t0 < t1) | (end % B == 0) | (end == T))
+        if not first_whole:
+            _meet(results[0], t0, 0, Out, Partials, Counters, M, N, P, L, B, BLOCK_N, M_TILE, mma)
+        if (t1 > t0) & (end % B != 0):
+            _meet(results[1], t1, 1, Out, Partials, Counters, M, N, P, L, B, BLOCK_N, M_TILE, mma)
+
+
+def launch(x: torch.Tensor, layer: dict, per_sm: int, stages: int, block_n: int, maxnreg: int = 80) -> torch.Tensor:
+    m, k = x.shape
+    n = layer["pairs"].shape[1]
+    plan = ws.WsPlan(block_n, 1, stages, False, maxnreg, 4, next(t for t in ws.M_TILES if t >= m))
+    descs = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
+    tiles, blocks = cdiv(n, block_n), cdiv(k, 128)
+    p = min(per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count, tiles * blocks)
+    length = cdiv(tiles * blocks, p)
+    p = cdiv(tiles * blocks, length)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    partials = torch.empty(p * 2 * block_n * plan.m_tile, dtype=torch.float32, device=x.device)
+    streamk_kernel[(p,)](*descs, out, partials, tile_counters(x.device, tiles), m, n, k, p, length, GROUP_SIZE=128,
+                         BLOCK_N=block_n, STAGES=stages, WARPS=4, num_warps=4, maxnreg=maxnreg)  # fmt: skip
+    return out
+
+
+def compile_check() -> None:
+    from folovllm.triton_utils.offline_compile import compile_for_gpu, ptxas_report
+
+    for block_n, m_tile, maxnreg in ((128, 8, 80), (128, 16, 80), (64, 16, 64)):
+        plan = ws.WsPlan(block_n, 1, 2, False, maxnreg, 4, m_tile)
+        w_l, x_l, z_l = ws._descriptor_layouts(plan)
+        z_t = f"tensordesc<fp16[1, {block_n}],{z_l!r}>"
+        types = dict(w_desc=f"tensordesc<i32[16, {block_n}],{w_l!r}>", x_desc=f"tensordesc<bf16[{m_tile}, 16],{x_l!r}>",
+                     z_desc=z_t, s_desc=z_t, Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32",
+                     K="i32", P="i32", L="i32")  # fmt: skip
+        asm = compile_for_gpu(streamk_kernel, types, dict(GROUP_SIZE=128, BLOCK_N=block_n, STAGES=2, WARPS=4),
+                              ("N", "K"), 90, 4, 1, maxnreg)  # fmt: skip
+        print(block_n, m_tile, maxnreg, ptxas_report(asm["ptx"]), asm["shared"])
+
+
+def main(out: str) -> None:
+    from folovllm.benchmarks.common import provenance, save_json
+    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+    from folovllm.benchmarks.hardware import graph_time_s
+
+    dev = torch.device("cuda")
+    rows = []
+    for name, (k, n) in QWEN3_8B_SHAPES.items():
+        layers, dense = weight_copies(k, n, dev)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            ref = reference(x, layers[0])
+            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
+            t = lambda fns: graph_time_s(fns, dev) * 1e6  # noqa: E731
+            row = {"layer": name, "m": m, "k": k, "n": n,
+                   "bf16_us": t([partial(F.linear, x, w) for w in dense]),
+                   "tuned_us": t([partial(ops.launch_gptq_gemm, x, L["pairs"], L["scales"], L["zeros"], None, None, 4,
+                                          128, tuned) for L in layers]), "streamk": []}  # fmt: skip
+            for per_sm, stages, block_n in itertools.product((1, 2, 3), (2, 4), (64, 128)):
+                cfg = {"per_sm": per_sm, "stages": stages, "block_n": block_n}
+                fn = partial(launch, per_sm=per_sm, stages=stages, block_n=block_n)
+                try:
+                    err = rel_err(fn(x, layers[0]), ref)
+                    us = t([partial(fn, x, L) for L in layers])
+                except Exception as e:  # reported, not fatal
+                    row["streamk"].append(cfg | {"error": str(e)[:200]})
+                    continue
+                row["streamk"].append(cfg | {"us": us, "err": err})
+            best = min((r for r in row["streamk"] if "us" in r and r["err"] < 0.02), key=lambda r: r["us"], default=None)
+            print(f"{name} m={m}: bf16 {row['bf16_us']:.2f} tuned {row['tuned_us']:.2f} best stream-K {best}", flush=True)
+            rows.append(row)
+            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+                      | {"benchmark": "m7_streamk", "rows": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--compile":
+        compile_check()
+    else:
+        main(sys.argv[1])
