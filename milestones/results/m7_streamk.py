@@ -113,8 +113,9 @@ def _meet(acc, tile, which, Out, Partials, Counters, M, N, P, L, B,
     rn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     offs = rn[:, None] * M_TILE + rm[None, :]
+    rows = (rm < M)[None, :] & (rn < BLOCK_N)[:, None]  # only X's rows: at M = 1 an eighth of the tile
     me = gl.program_id(0)
-    gl.store(Partials + (me * 2 + which) * BLOCK_N * M_TILE + offs, acc)
+    gl.store(Partials + (me * 2 + which) * BLOCK_N * M_TILE + offs, acc, mask=rows)
     gl.thread_barrier()
     q0 = tile * B // L
     q1 = gl.minimum(((tile + 1) * B - 1) // L, P - 1)
@@ -123,7 +124,7 @@ def _meet(acc, tile, which, Out, Partials, Counters, M, N, P, L, B,
         total = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
         for q in range(q0, q1 + 1):
             w = ((q * L) // B != tile).to(gl.int32)  # tile is q's first tile (0) or its last (1)
-            total += gl.load(Partials + (q * 2 + w) * BLOCK_N * M_TILE + offs)
+            total += gl.load(Partials + (q * 2 + w) * BLOCK_N * M_TILE + offs, mask=rows, other=0.0)
         gl.atomic_xchg(Counters + tile, 0)
         col = tile * BLOCK_N + rn
         mask = (col < N)[:, None] & (rm < M)[None, :]

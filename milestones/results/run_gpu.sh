@@ -771,6 +771,10 @@ else:
     # P programs, a multiple of the SM count, each one contiguous run of tile-major work items through one ring)
     # beside the tuned plans and bf16 at M = 1, 4, 16. About 2 device-minutes.
     timeout 300 python3 milestones/results/m7_streamk.py "$OUT/M7-streamk-$gpu.json" ;;
+  streamk2)
+    # #15, after streamk (0246d58 wrote every partial sum in full, M_TILE rows, where the tuned plans write X's rows
+    # only): the same sweep with the partial sums masked to X's rows.
+    timeout 300 python3 milestones/results/m7_streamk.py "$OUT/M7-streamk2-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
