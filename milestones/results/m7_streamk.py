@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +35,6 @@ from folovllm.triton_utils.counters import tile_counters  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
 ROWS = ws.ROWS
-PER_ASM = ws.PER_ASM
-_CONSTRAINTS = ws._CONSTRAINTS
 
 
 @gluon.jit
@@ -44,21 +42,12 @@ def _load_items(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_
                 last_group, GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                 PACK: gl.constexpr):  # fmt: skip
     """The engine's loader walking work items: item ``start + i`` is block ``% B`` of tile ``// B``."""
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         item = start + i
-        blk = item % B
-        off_n = (item // B) * BLOCK_N
-        bar = ready.index(s)
-        mbarrier.expect(bar, nbytes)
-        tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
-        for j in gl.static_range(PACK):
-            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
-        g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
-        tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
-        tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+        ws.load_block(w_desc, x_desc, z_desc, s_desc, ready.index(s), w_bufs, x_bufs, z_bufs, s_bufs, s, item % B,
+                      (item // B) * BLOCK_N, last_group, GROUP_SIZE, PACK)  # fmt: skip
 
 
 @gluon.jit
@@ -67,7 +56,6 @@ def _compute_items(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Out, M, N, star
     """The engine's compute loop walking work items. A tile this run covers whole is stored here; the partial sums of
     its first and last tiles (when covered in part) are returned for the epilogue to meet the other programs'."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rn0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     first_tile = start // B
@@ -79,19 +67,7 @@ def _compute_items(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, Out, M, N, star
         blk = item % B
         tile = item // B
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
-        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
-        words = w_bufs.index(s).permute((1, 0)).load(a_layout)
-        part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
-        offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
-        for q in gl.static_range(8 // PER_ASM):
-            codes = gl.inline_asm_elementwise(ws._byte_perm_asm(4, q), _CONSTRAINTS, [words, offs],
-                                              dtype=(gl.bfloat16,) * PER_ASM, is_pure=True, pack=2)  # fmt: skip
-            for c in gl.static_range(PER_ASM):
-                part = warpgroup_mma(codes[c], x_bufs.index(s * 8 + q * PER_ASM + c).permute((1, 0)), part)
-        sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))
-        mbarrier.arrive(empty.index(s), count=1)
-        acc += part * sc.to(gl.float32)[:, None]
+        acc += ws.block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, 4, BLOCK_N, False, M_TILE, WARPS, True)
         if (blk == B - 1) | (i == count - 1):  # the end of this run's part of a tile
             whole = (blk == B - 1) & (gl.maximum(start, tile * B) == tile * B)
             if whole:

@@ -775,6 +775,12 @@ else:
     # #15, after streamk (0246d58 wrote every partial sum in full, M_TILE rows, where the tuned plans write X's rows
     # only): the same sweep with the partial sums masked to X's rows.
     timeout 300 python3 milestones/results/m7_streamk.py "$OUT/M7-streamk2-$gpu.json" ;;
+  refactor)
+    # #15, after streamk2: load_block and block_product taken out of the Gluon kernel's partitions (the stream-K probe
+    # uses them too; its loops compile to the same machine code). GPU tests, then the kernel table at M = 1 and 16.
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_quantization.py -k "gluon or ws or on_gpu" 2>&1 | tail -2
+    timeout 200 python3 -m folovllm bench gptq --kernels-only --m 1 16 --out "$OUT/M7-refactor-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -12 "$OUT/gptq.log" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

@@ -81,24 +81,73 @@ def ring(w_desc, x_desc, z_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
 
 
 @gluon.jit
+def load_block(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, x_bufs, z_bufs, s_bufs, s, blk, off_n, last_group,
+               GROUP_SIZE: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
+    """TMA K block ``blk`` of the columns from ``off_n`` into stage ``s``: its words, its PACK 16-column slices of X and
+    its group's zero points and scales; ``bar`` completes when all the bytes have landed."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
+    mbarrier.expect(bar, nbytes)
+    tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
+    for j in gl.static_range(PACK):
+        tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
+    g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
+    tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
+    tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+
+
+@gluon.jit
 def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
                     last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
-    """The loader warp: for each K block, wait for its stage to be free, then TMA the block's words, its PACK
-    16-column slices of X and its group's zero points and scales into it; the stage's ``ready`` barrier completes
-    when all the bytes have landed."""
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
+    """The loader warp: for each K block, wait for its stage to be free, then load the block into it."""
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        blk = first + i
-        bar = ready.index(s)
-        mbarrier.expect(bar, nbytes)
-        tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
-        for j in gl.static_range(PACK):
-            tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
-        g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
-        tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
-        tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+        load_block(w_desc, x_desc, z_desc, s_desc, ready.index(s), w_bufs, x_bufs, z_bufs, s_bufs, s, first + i, off_n,
+                   last_group, GROUP_SIZE, PACK)  # fmt: skip
+
+
+@gluon.jit
+def block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
+    """The scaled product of the K block in stage ``s`` (landed): codes to bf16 ``q - z`` two per word operation
+    (fields ``j`` and ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum.
+    Frees the stage once it has read it."""
+    PACK: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = PACK // 2
+    MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
+    off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
+    words = w_bufs.index(s).permute((1, 0)).load(a_layout)
+    part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
+    if BYTE_PERM:
+        offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
+        for q in gl.static_range(PACK // PER_ASM):
+            codes = gl.inline_asm_elementwise(
+                _byte_perm_asm(BITS, q),
+                _CONSTRAINTS,
+                [words, offs],
+                dtype=(gl.bfloat16,) * PER_ASM,
+                is_pure=True,
+                pack=2,
+            )
+            for i in gl.static_range(PER_ASM):
+                part = warpgroup_mma(
+                    codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
+                )
+    else:
+        for j in gl.static_range(HALF):
+            pair = ((words >> (j * BITS)) & MASK) | 0x43004300
+            lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+            hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
+            part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
+            part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
+    if ASYNC:
+        part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
+    sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))  # read last: fewer live registers
+    mbarrier.arrive(empty.index(s), count=1)
+    return part * sc.to(gl.float32)[:, None]
 
 
 @gluon.jit
@@ -106,49 +155,14 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count,
                        BITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
                        BYTE_PERM: gl.constexpr):  # fmt: skip
-    """The compute warpgroup: per K block, codes to bf16 ``q - z`` two per word operation (fields ``j`` and
-    ``j + PACK/2`` of a word), one product per 16-row slice, the group's scale on the block's sum. It reads
-    shared memory only: the loader brings the zero points and scales with the words."""
-    PACK: gl.constexpr = 32 // BITS
-    HALF: gl.constexpr = PACK // 2
-    MASK: gl.constexpr = ((1 << BITS) - 1) * 0x10001
+    """The compute warpgroup: each K block's scaled product as its stage lands, summed. It reads shared memory only:
+    the loader brings the zero points and scales with the words."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        z = z_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, a_layout))
-        off = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None]
-        words = w_bufs.index(s).permute((1, 0)).load(a_layout)
-        part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
-        if BYTE_PERM:
-            offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
-            for q in gl.static_range(PACK // PER_ASM):
-                codes = gl.inline_asm_elementwise(
-                    _byte_perm_asm(BITS, q),
-                    _CONSTRAINTS,
-                    [words, offs],
-                    dtype=(gl.bfloat16,) * PER_ASM,
-                    is_pure=True,
-                    pack=2,
-                )
-                for i in gl.static_range(PER_ASM):
-                    part = warpgroup_mma(
-                        codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
-                    )
-        else:
-            for j in gl.static_range(HALF):
-                pair = ((words >> (j * BITS)) & MASK) | 0x43004300
-                lo = pair.to(gl.int16).to(gl.bfloat16, bitcast=True) - off
-                hi = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True) - off
-                part = warpgroup_mma(lo, x_bufs.index(s * PACK + j).permute((1, 0)), part, is_async=ASYNC)
-                part = warpgroup_mma(hi, x_bufs.index(s * PACK + j + HALF).permute((1, 0)), part, is_async=ASYNC)
-        if ASYNC:
-            part = warpgroup_mma_wait(num_outstanding=0, deps=[part])
-        sc = s_bufs.index(s).reshape([BLOCK_N]).load(gl.SliceLayout(1, mma))  # read last: fewer live registers
-        mbarrier.arrive(empty.index(s), count=1)
-        acc += part * sc.to(gl.float32)[:, None]
+        acc += block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS, BLOCK_N, ASYNC, M_TILE, WARPS, BYTE_PERM)
     return (acc,)
 
 
