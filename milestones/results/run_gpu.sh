@@ -781,6 +781,12 @@ else:
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_quantization.py -k "gluon or ws or on_gpu" 2>&1 | tail -2
     timeout 200 python3 -m folovllm bench gptq --kernels-only --m 1 16 --out "$OUT/M7-refactor-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -12 "$OUT/gptq.log" ;;
+  pingpong)
+    # #15, after refactor: two compute warpgroups per loader (m7_pingpong.py: the second takes every other K block of
+    # the same ring and hands its sum over through shared memory) beside the tuned plans at M = 1, 4, 16; GPU tests
+    # first (store_tile taken out of the kernel: its machine code is the same).
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 300 python3 milestones/results/m7_pingpong.py "$OUT/M7-pingpong-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.

@@ -194,10 +194,18 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
                            off_n, last_group, GROUP_SIZE, STAGES, PACK)),
     ], [1], [24])
     # fmt: on
-    acc = results[0]
+    store_tile(results[0], Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS, BLOCK_N, SPLIT_K, WARPS)
 
+
+@gluon.jit
+def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+               SPLIT_K: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    """Column tile ``pid_n``'s sums of K split ``split`` into ``Out`` (plus the bias): with ``SPLIT_K > 1`` each split
+    stores its partial sums and counts its arrival, and the last to arrive adds them all, as ``split_k.store_tile``
+    does."""
+    M_TILE: gl.constexpr = acc.type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
-    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
     rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     offs = rm[None, :] * N + rn[:, None]
