@@ -787,6 +787,10 @@ else:
     # first (store_tile taken out of the kernel: its machine code is the same).
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
     timeout 300 python3 milestones/results/m7_pingpong.py "$OUT/M7-pingpong-$gpu.json" ;;
+  timeline)
+    # #15, after pingpong: the tuned plans at M = 1 with the SM's cycle counter read inside each program (start, each
+    # stage landed, last product, epilogue end; m7_ws_timeline.py). About 1 device-minute.
+    timeout 200 python3 milestones/results/m7_ws_timeline.py "$OUT/M7-timeline-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
