@@ -9,10 +9,12 @@ beside the engine's launch and checked against the reference.
 
     PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py --compile   # CPU: compile for sm_90
     PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py OUT.json    # H200
+    PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py --stages OUT.json   # each plan at 1, 2 and 4 stages
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -139,13 +141,14 @@ def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
         by_sm.setdefault(int(sm), []).append(s0)
     spread = [(max(v) - min(v)) * us for v in by_sm.values() if len(v) > 1]
     med = statistics.median
-    return {"programs": t.shape[0], "programs_per_sm": med([len(v) for v in by_sm.values()]),
+    landed = [med(((blocks[:, i] - start) * us).tolist()) for i in range(count)]
+    return {"programs": t.shape[0], "programs_per_sm": med([len(v) for v in by_sm.values()]), "landed_us": landed,
             "first_wait_us": med(first_wait), "block_gap_us": med(gaps) if gaps else None, "last_product_us": med(last),
             "epilogue_us": med(epilogue), "program_us": med(total), "program_us_max": max(total),
             "start_spread_on_sm_us": med(spread) if spread else None}  # fmt: skip
 
 
-def main(out: str) -> None:
+def main(out: str, stage_list: tuple[int, ...] = ()) -> None:
     from folovllm.benchmarks.common import provenance, save_json
     from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
     from folovllm.benchmarks.hardware import graph_time_s
@@ -158,22 +161,24 @@ def main(out: str) -> None:
         layers, _ = weight_copies(k, n, dev)
         x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
         ref = reference(x, layers[0])
-        plan = ops.as_ws_plan(ops.plan_gptq_gemm(1, n, k, 4, dev, 2), 1)
-        programs = cdiv(n, plan.block_n) * plan.split_k
-        count = cdiv(cdiv(k, 128), plan.split_k)
-        times = torch.zeros(programs, _SLOTS, dtype=torch.int64, device=dev)
-        err = rel_err(launch(x, layers[0], plan, times), ref)
-        engine_us = graph_time_s(
-            [partial(ws.launch_gptq_decode_ws, x, L["pairs"], L["scales"], L["zeros"], None, 4, 128, plan) for L in layers],
-            dev,
-        ) * 1e6  # fmt: skip
-        timed_us = graph_time_s([partial(launch, x, L, plan, times) for L in layers], dev) * 1e6
-        launch(x, layers[0], plan, times)  # weights not in L2 (the replays read every other copy after it)
-        torch.cuda.synchronize()
-        row = {"layer": name, "k": k, "n": n, "plan": plan.__dict__, "blocks_per_program": count, "err": err,
-               "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate} | summarize(times, count, rate)  # fmt: skip
-        print(row, flush=True)
-        rows.append(row)
+        tuned = ops.as_ws_plan(ops.plan_gptq_gemm(1, n, k, 4, dev, 2), 1)
+        for stages in stage_list or (tuned.stages,):
+            plan = dataclasses.replace(tuned, stages=stages)
+            programs = cdiv(n, plan.block_n) * plan.split_k
+            count = cdiv(cdiv(k, 128), plan.split_k)
+            times = torch.zeros(programs, _SLOTS, dtype=torch.int64, device=dev)
+            err = rel_err(launch(x, layers[0], plan, times), ref)
+            engine_us = graph_time_s(
+                [partial(ws.launch_gptq_decode_ws, x, L["pairs"], L["scales"], L["zeros"], None, 4, 128, plan)
+                 for L in layers], dev,
+            ) * 1e6  # fmt: skip
+            timed_us = graph_time_s([partial(launch, x, L, plan, times) for L in layers], dev) * 1e6
+            launch(x, layers[0], plan, times)  # weights not in L2 (the replays read every other copy after it)
+            torch.cuda.synchronize()
+            row = {"layer": name, "k": k, "n": n, "plan": plan.__dict__, "blocks_per_program": count, "err": err,
+                   "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate} | summarize(times, count, rate)  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
         save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
                   | {"benchmark": "m7_ws_timeline", "rows": rows})  # fmt: skip
 
@@ -181,5 +186,7 @@ def main(out: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--compile":
         compile_check()
+    elif sys.argv[1] == "--stages":
+        main(sys.argv[2], (1, 2, 4))
     else:
         main(sys.argv[1])

@@ -791,6 +791,9 @@ else:
     # #15, after pingpong: the tuned plans at M = 1 with the SM's cycle counter read inside each program (start, each
     # stage landed, last product, epilogue end; m7_ws_timeline.py). About 1 device-minute.
     timeout 200 python3 milestones/results/m7_ws_timeline.py "$OUT/M7-timeline-$gpu.json" ;;
+  timelinestages)
+    # #15, after timeline: the same clocks with each tuned plan at 1, 2 and 4 ring stages.
+    timeout 250 python3 milestones/results/m7_ws_timeline.py --stages "$OUT/M7-timeline-stages-$gpu.json" ;;
   readfloor)
     # #15, twenty-first session: the fastest any W4A16 kernel could be on Qwen3-8B's projections, timed as bench gptq
     # times ours: an empty launch and pure reads of each layer's GPTQ bytes, beside bf16 and our kernel at M = 1, 16.
