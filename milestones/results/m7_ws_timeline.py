@@ -176,7 +176,8 @@ def main(out: str, stage_list: tuple[int, ...] = ()) -> None:
             launch(x, layers[0], plan, times)  # weights not in L2 (the replays read every other copy after it)
             torch.cuda.synchronize()
             row = {"layer": name, "k": k, "n": n, "plan": plan.__dict__, "blocks_per_program": count, "err": err,
-                   "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate} | summarize(times, count, rate)  # fmt: skip
+                   "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate}  # fmt: skip
+            row |= summarize(times, count, rate)
             print(row, flush=True)
             rows.append(row)
         save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
