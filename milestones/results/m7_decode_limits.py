@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -155,6 +156,51 @@ def reference(x: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def sweep_variants(
+    out: str,
+    benchmark: str,
+    key: str,
+    ms: tuple[int, ...],
+    configs: Callable[[ops.GemmPlan, int], list[dict]],
+    variant: Callable[[torch.Tensor, dict, ops.GemmPlan, dict], torch.Tensor],
+) -> None:
+    """An experiment against the engine on Qwen3-8B's projections (the probes ``m7_mma_decode.py``, ``m7_streamk.py``
+    and ``m7_pingpong.py``): per projection and row count in ``ms``, bf16 and the tuned plan, then
+    ``variant(x, layer, tuned, cfg)`` for each ``cfg`` of ``configs(tuned, m)``, checked against the reference and
+    timed over the weight copies. A configuration that does not compile or launch is reported, not fatal. Each row
+    lists its configurations under ``key``; ``out`` is saved after every row."""
+    from folovllm.benchmarks.common import provenance, save_json
+    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
+    from folovllm.benchmarks.hardware import graph_time_s
+
+    dev = torch.device("cuda")
+    rows = []
+    for name, (k, n) in QWEN3_8B_SHAPES.items():
+        layers, dense = weight_copies(k, n, dev)
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            ref = reference(x, layers[0])
+            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
+            t = lambda fns: graph_time_s(fns, dev) * 1e6  # noqa: E731
+            row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
+                   "bf16_us": t([partial(F.linear, x, w) for w in dense]),
+                   "tuned_us": t([partial(ops.launch_gptq_gemm, x, L["pairs"], L["scales"], L["zeros"], None, None, 4,
+                                          128, tuned) for L in layers]), key: []}  # fmt: skip
+            for cfg in configs(tuned, m):
+                try:
+                    err = rel_err(variant(x, layers[0], tuned, cfg), ref)
+                    us = t([partial(variant, x, L, tuned, cfg) for L in layers])
+                except Exception as e:
+                    row[key].append(cfg | {"error": str(e)[:200]})
+                    continue
+                row[key].append(cfg | {"us": us, "err": err})
+            best = min((r for r in row[key] if "us" in r and r["err"] < 0.02), key=lambda r: r["us"], default=None)
+            print(f"{name} m={m}: bf16 {row['bf16_us']:.2f} tuned {row['tuned_us']:.2f} best {key} {best}", flush=True)
+            rows.append(row)
+            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
+                      | {"benchmark": benchmark, "rows": rows})  # fmt: skip
 
 
 def check() -> None:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
+from m7_decode_limits import sweep_variants  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops.gluon_gptq import _CONSTRAINTS, PER_ASM, _byte_perm_asm  # noqa: E402
@@ -183,42 +181,17 @@ SWEEPS = {
 }
 
 
-def main(out: str, sweep: str) -> None:
-    from folovllm.benchmarks.common import provenance, save_json
-    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import graph_time_s
+def _variant(x: torch.Tensor, layer: dict, tuned: ops.GemmPlan, cfg: dict) -> torch.Tensor:
+    return launch_mma(x, layer["pairs"], layer["scales"], layer["zeros"], 128, block_n=cfg["block_n"], w=cfg["warps"],
+                      m_tile=8 if x.shape[0] <= 8 else 16, maxnreg=cfg["maxnreg"], depth=cfg["depth"],
+                      x_ahead=cfg["x_ahead"])  # fmt: skip
 
-    dev = torch.device("cuda")
-    rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layers, dense = weight_copies(k, n, dev)
-        for m in SWEEPS[sweep][1]:
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-            ref = reference(x, layers[0])
-            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
-            t = lambda fns: graph_time_s(fns, dev) * 1e6  # noqa: E731
-            row = {"layer": name, "m": m, "k": k, "n": n,
-                   "bf16_us": t([partial(F.linear, x, w) for w in dense]),
-                   "tuned_us": t([partial(ops.launch_gptq_gemm, x, L["pairs"], L["scales"], L["zeros"], None, None, 4,
-                                          128, tuned) for L in layers]), "mma": []}  # fmt: skip
-            for bn, w, reg, depth, ahead in SWEEPS[sweep][0]:
-                fn = partial(
-                    launch_mma, block_n=bn, w=w, m_tile=8 if m <= 8 else 16, maxnreg=reg, depth=depth, x_ahead=ahead
-                )
-                try:
-                    err = rel_err(fn(x, layers[0]["pairs"], layers[0]["scales"], layers[0]["zeros"], 128), ref)
-                    us = t([partial(fn, x, L["pairs"], L["scales"], L["zeros"], 128) for L in layers])
-                except Exception as e:  # a configuration that does not compile or launch is reported, not fatal
-                    row["mma"].append({"block_n": bn, "warps": w, "maxnreg": reg, "depth": depth, "x_ahead": ahead,
-                                       "error": str(e)[:200]})  # fmt: skip
-                    continue
-                row["mma"].append({"block_n": bn, "warps": w, "maxnreg": reg, "depth": depth, "x_ahead": ahead,
-                                   "us": us, "err": err})  # fmt: skip
-            best = min((r for r in row["mma"] if "us" in r and r["err"] < 0.02), key=lambda r: r["us"], default=None)
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.2f} tuned {row['tuned_us']:.2f} best mma {best}", flush=True)
-            rows.append(row)
-            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
-                      | {"benchmark": f"m7_mma_decode ({sweep} sweep)", "rows": rows})  # fmt: skip
+
+def main(out: str, sweep: str) -> None:
+    configs, ms = SWEEPS[sweep]
+    cfgs = [{"block_n": bn, "warps": w, "maxnreg": reg, "depth": depth, "x_ahead": ahead}
+            for bn, w, reg, depth, ahead in configs]  # fmt: skip
+    sweep_variants(out, f"m7_mma_decode ({sweep} sweep)", "mma", ms, lambda tuned, m: cfgs, _variant)
 
 
 if __name__ == "__main__":

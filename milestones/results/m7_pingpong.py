@@ -17,21 +17,18 @@ import dataclasses
 import itertools
 import os
 import sys
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
+from m7_decode_limits import sweep_variants  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
-from folovllm.triton_utils.counters import tile_counters  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
 
@@ -95,13 +92,8 @@ def launch(x: torch.Tensor, layer: dict, plan: ws.WsPlan) -> torch.Tensor:
     m, k = x.shape
     n = layer["pairs"].shape[1]
     descs = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
-    tiles = cdiv(n, plan.block_n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    partials = counters = out
-    if plan.split_k > 1:
-        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, tiles)
-    pingpong_kernel[(tiles, plan.split_k)](*descs, out, out, partials, counters, m, n, k,
+    out, partials, counters = ws.outputs(x, n, plan)
+    pingpong_kernel[(cdiv(n, plan.block_n), plan.split_k)](*descs, out, out, partials, counters, m, n, k,
                                            cdiv(cdiv(k, 128), plan.split_k), BLOCK_N=plan.block_n,
                                            SPLIT_K=plan.split_k, STAGES=plan.stages, REGS=plan.maxnreg,
                                            num_warps=4, maxnreg=plan.maxnreg)  # fmt: skip
@@ -124,42 +116,22 @@ def compile_check() -> None:
         print(block_n, m_tile, stages, maxnreg, ptxas_report(asm["ptx"]), "shared", asm["shared"], "warps", warps)
 
 
-def main(out: str) -> None:
-    from folovllm.benchmarks.common import provenance, save_json
-    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import graph_time_s
+def _configs(tuned: ops.GemmPlan, m: int) -> list[dict]:
+    """The tuned plan's ring depth, register cap and K split varied; none where it has two warpgroups of its own or more
+    than 16 rows per product."""
+    plan = ops.as_ws_plan(tuned, m)
+    if plan.num_warps != 4 or plan.m_tile > 16:
+        return []
+    return [{"stages": stages, "maxnreg": maxnreg, "split_k": split}
+            for stages, maxnreg, split in itertools.product((2, 4), (80, 64), (plan.split_k, 2 * plan.split_k))]  # fmt: skip
 
-    dev = torch.device("cuda")
-    rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layers, dense = weight_copies(k, n, dev)
-        for m in (1, 4, 16):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-            ref = reference(x, layers[0])
-            tuned = ops.as_ws_plan(ops.plan_gptq_gemm(m, n, k, 4, dev, 2), m)
-            t = lambda fns: graph_time_s(fns, dev) * 1e6  # noqa: E731
-            row = {"layer": name, "m": m, "k": k, "n": n, "tuned_plan": dataclasses.asdict(tuned),
-                   "bf16_us": t([partial(F.linear, x, w) for w in dense]),
-                   "tuned_us": t([partial(ws.launch_gptq_decode_ws, x, L["pairs"], L["scales"], L["zeros"], None, 4,
-                                          128, tuned) for L in layers]), "pingpong": []}  # fmt: skip
-            if tuned.num_warps != 4 or tuned.m_tile > 16:
-                rows.append(row)
-                continue
-            for stages, maxnreg, split in itertools.product((2, 4), (80, 64), (tuned.split_k, 2 * tuned.split_k)):
-                plan = dataclasses.replace(tuned, stages=stages, maxnreg=maxnreg, split_k=split)
-                cfg = {"stages": stages, "maxnreg": maxnreg, "split_k": split}
-                try:
-                    err = rel_err(launch(x, layers[0], plan), ref)
-                    us = t([partial(launch, x, L, plan) for L in layers])
-                except Exception as e:  # reported, not fatal
-                    row["pingpong"].append(cfg | {"error": str(e)[:200]})
-                    continue
-                row["pingpong"].append(cfg | {"us": us, "err": err})
-            best = min((r for r in row["pingpong"] if "us" in r and r["err"] < 0.02), key=lambda r: r["us"], default=None)
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.2f} tuned {row['tuned_us']:.2f} best ping-pong {best}", flush=True)
-            rows.append(row)
-            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
-                      | {"benchmark": "m7_pingpong", "rows": rows})  # fmt: skip
+
+def _variant(x: torch.Tensor, layer: dict, tuned: ops.GemmPlan, cfg: dict) -> torch.Tensor:
+    return launch(x, layer, dataclasses.replace(ops.as_ws_plan(tuned, x.shape[0]), **cfg))
+
+
+def main(out: str) -> None:
+    sweep_variants(out, "m7_pingpong", "pingpong", (1, 4, 16), _configs, _variant)
 
 
 if __name__ == "__main__":

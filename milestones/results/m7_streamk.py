@@ -17,20 +17,17 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
+from m7_decode_limits import sweep_variants  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
-from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
 from folovllm.triton_utils.counters import tile_counters  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
@@ -171,38 +168,10 @@ def compile_check() -> None:
 
 
 def main(out: str) -> None:
-    from folovllm.benchmarks.common import provenance, save_json
-    from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
-    from folovllm.benchmarks.hardware import graph_time_s
-
-    dev = torch.device("cuda")
-    rows = []
-    for name, (k, n) in QWEN3_8B_SHAPES.items():
-        layers, dense = weight_copies(k, n, dev)
-        for m in (1, 4, 16):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-            ref = reference(x, layers[0])
-            tuned = ops.plan_gptq_gemm(m, n, k, 4, dev, 2)
-            t = lambda fns: graph_time_s(fns, dev) * 1e6  # noqa: E731
-            row = {"layer": name, "m": m, "k": k, "n": n,
-                   "bf16_us": t([partial(F.linear, x, w) for w in dense]),
-                   "tuned_us": t([partial(ops.launch_gptq_gemm, x, L["pairs"], L["scales"], L["zeros"], None, None, 4,
-                                          128, tuned) for L in layers]), "streamk": []}  # fmt: skip
-            for per_sm, stages, block_n in itertools.product((1, 2, 3), (2, 4), (64, 128)):
-                cfg = {"per_sm": per_sm, "stages": stages, "block_n": block_n}
-                fn = partial(launch, per_sm=per_sm, stages=stages, block_n=block_n)
-                try:
-                    err = rel_err(fn(x, layers[0]), ref)
-                    us = t([partial(fn, x, L) for L in layers])
-                except Exception as e:  # reported, not fatal
-                    row["streamk"].append(cfg | {"error": str(e)[:200]})
-                    continue
-                row["streamk"].append(cfg | {"us": us, "err": err})
-            best = min((r for r in row["streamk"] if "us" in r and r["err"] < 0.02), key=lambda r: r["us"], default=None)
-            print(f"{name} m={m}: bf16 {row['bf16_us']:.2f} tuned {row['tuned_us']:.2f} best stream-K {best}", flush=True)
-            rows.append(row)
-            save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
-                      | {"benchmark": "m7_streamk", "rows": rows})  # fmt: skip
+    cfgs = [{"per_sm": per_sm, "stages": stages, "block_n": block_n}
+            for per_sm, stages, block_n in itertools.product((1, 2, 3), (2, 4), (64, 128))]  # fmt: skip
+    sweep_variants(out, "m7_streamk", "streamk", (1, 4, 16), lambda tuned, m: cfgs,
+                   lambda x, layer, tuned, cfg: launch(x, layer, **cfg))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
-from folovllm.triton_utils.counters import tile_counters  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
 _SLOTS = 40  # per program: its SM, the start, one per block (up to 36), after the products, after the epilogue
@@ -99,13 +98,8 @@ def launch(x: torch.Tensor, layer: dict, plan: ws.WsPlan, times: torch.Tensor) -
     m, k = x.shape
     n = layer["pairs"].shape[1]
     descs = ws.descriptors(x, layer["pairs"], layer["scales"], layer["zeros"], plan)
-    tiles = cdiv(n, plan.block_n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    partials = counters = out
-    if plan.split_k > 1:
-        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, tiles)
-    timeline_kernel[(tiles, plan.split_k)](*descs, out, partials, counters, times, m, n, k,
+    out, partials, counters = ws.outputs(x, n, plan)
+    timeline_kernel[(cdiv(n, plan.block_n), plan.split_k)](*descs, out, partials, counters, times, m, n, k,
                                            cdiv(cdiv(k, 128), plan.split_k), BLOCK_N=plan.block_n,
                                            SPLIT_K=plan.split_k, STAGES=plan.stages, num_warps=4,
                                            maxnreg=plan.maxnreg)  # fmt: skip

@@ -308,6 +308,17 @@ def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capabili
                            capability, plan.num_warps, 1, plan.maxnreg)  # fmt: skip
 
 
+def outputs(x: torch.Tensor, n: int, plan: WsPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A launch's output ``[M, N]`` in X's dtype, and with ``plan.split_k > 1`` its fp32 partial sums
+    ``[split_k, M, N]`` and the tiles' arrival counters (``store_tile``); without, the output stands in for both."""
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if plan.split_k == 1:
+        return out, out, out
+    partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
+    return out, partials, tile_counters(x.device, cdiv(n, plan.block_n))
+
+
 def launch_gptq_decode_ws(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -326,13 +337,8 @@ def launch_gptq_decode_ws(
     n = qweight.shape[1]
     per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
     w_desc, x_desc, z_desc, s_desc = descriptors(x, qweight, scales, zeros, plan)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tiles = cdiv(n, plan.block_n)
-    partials = counters = out
-    if plan.split_k > 1:
-        partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, tiles)
-    gptq_decode_ws_kernel[(tiles, plan.split_k)](
+    out, partials, counters = outputs(x, n, plan)
+    gptq_decode_ws_kernel[(cdiv(n, plan.block_n), plan.split_k)](
         w_desc, x_desc, z_desc, s_desc, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
         **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
     )  # fmt: skip
