@@ -74,6 +74,22 @@ def test_split_k_reduction_loads_every_partial_sum_before_adding():
     assert wide.index("FADD") == wide.count("LDG") == 64 * 64 // 128  # one split's 32 sums a thread, in a loop
 
 
+def test_pdl_streams_the_first_stages_weights_before_waiting_for_the_kernel_before():
+    """Under programmatic dependent launch the program lets the next kernel start, issues the TMA copies of its
+    first four blocks' words, zero points and scales (which no kernel writes), then ``griddepcontrol.wait``, then X
+    (which the kernel before writes); without PDL neither instruction is emitted."""
+    plain = ws.compile_ws_plan(ws.WsPlan(128, 8, 4))["ptx"]
+    assert "griddepcontrol" not in plain
+    per_block = plain.count("cp.async.bulk.tensor")  # the loop's one block: its words, 8 X slices, zeros, scales
+    ptx = ws.compile_ws_plan(ws.WsPlan(128, 8, 4), pdl=True)["ptx"]
+    assert ptx.count("griddepcontrol.wait") == 2  # the loader's, and the epilogue's before any store
+    before, after = ptx.split("griddepcontrol.wait", 1)
+    assert "griddepcontrol.launch_dependents" in before
+    assert before.count("cp.async.bulk.tensor") == 4 * (per_block - 8)  # 4 stages' weights, none of X
+    assert after.count("cp.async.bulk.tensor") == 4 * 8 + per_block  # their X slices, then the ring's loop
+    assert "st.global" not in before and "atom" not in before
+
+
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     """The four PTX instructions ``_byte_perm_asm`` uses, on Python integers (32-bit registers)."""
     for line in asm.strip("{}\n").splitlines():
@@ -227,3 +243,40 @@ def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
     got = ops.gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128, plan)
     ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("count", [2, 4, 12])
+def test_pdl_launch_after_a_norm_reads_the_norms_output_in_a_cuda_graph(count):
+    """RMSNorm (which lets the next kernel start at once) then the kernel launched with PDL, whose weights stream
+    before the norm has ended: captured in a CUDA graph and replayed on new inputs, the product is bit-identical
+    to the same kernels without PDL, for programs of fewer, as many and more K blocks than ring stages."""
+    from folovllm.model_executor.layers.ops.rms_norm import rms_norm
+    from folovllm.triton_utils.pdl import without_pdl
+
+    gen = torch.Generator(device="cuda").manual_seed(count)
+    k, n = count * 128 * 2, 512
+    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
+    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
+    qweight = pack_for_kernel(codes, 4)
+    weight = torch.rand(k, device="cuda", generator=gen).bfloat16()
+    x = torch.empty(1, k, device="cuda", dtype=torch.bfloat16)
+    plan = ws.WsPlan(128, 2, 4)
+
+    def step() -> torch.Tensor:
+        return ws.launch_gptq_decode_ws(rms_norm(x, weight, 1e-6), qweight, scales, zeros, None, 4, 128, plan)
+
+    x.copy_(torch.randn(1, k, device="cuda", generator=gen))
+    step()  # compile and allocate the split-K counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):
+        x.copy_(torch.randn(1, k, device="cuda", generator=gen) * 4)
+        graph.replay()
+        with without_pdl():
+            want = step()
+        assert torch.equal(out, want)
+        ref = gptq_gemm_reference(rms_norm(x, weight, 1e-6).float(), qweight, scales, zeros, None, None, 4, 128)
+        assert (out.float() - ref).abs().max() <= 0.01 * ref.abs().max()

@@ -362,6 +362,7 @@ def test_split_kernels_compile_for_an_h200_on_this_cpu():
     for search, block_m, stages in ((True, 64, 2), (False, 16, 3)):
         constexprs = dict(NUM_KV_HEADS=8, GROUP=2, GROUP_PAD=2, Q_TILE=block_m // 2, BLOCK_M=block_m, BLOCK_N=64,
                           BLOCK_D=128, HEAD_DIM=128, BLOCK_SIZE=16, NUM_SPLITS=2, DOT_PRECISION="tf32",
-                          SEARCH=search)  # fmt: skip
+                          SEARCH=search, PDL=search)  # fmt: skip
         asm = compile_for_gpu(_paged_attention_kernel, types, constexprs, num_warps=4, num_stages=stages)
         assert "atom.global" in asm["ptx"] and int(asm["shared"]) <= 228 * 1024
+        assert ("griddepcontrol.launch_dependents" in asm["ptx"]) == search  # o_proj's early start, Hopper only

@@ -18,6 +18,7 @@ from folovllm.attention.backends.abstract import AttentionMetadata, AttentionSpe
 from folovllm.attention.ops.triton_paged_attn import _paged_attention_kernel, _store_kv_kernel
 from folovllm.triton_utils import for_device
 from folovllm.triton_utils.counters import tile_counters
+from folovllm.triton_utils.pdl import pdl_supported
 from folovllm.utils import cdiv
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -214,7 +215,7 @@ def launch_paged_attention(
         NUM_KV_HEADS=plan.num_kv_heads, GROUP=plan.group, GROUP_PAD=plan.group_pad, Q_TILE=plan.q_tile,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d, HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, NUM_SPLITS=plan.num_splits, DOT_PRECISION=plan.dot_precision,
-        SEARCH=plan.search, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        SEARCH=plan.search, PDL=pdl_supported(q.device), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     return out
 

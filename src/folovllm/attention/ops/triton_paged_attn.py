@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from folovllm.triton_utils.pdl import launch_dependents
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -87,6 +89,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SEARCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Attention of ``Q_TILE`` query tokens x the ``GROUP`` query heads of one KV head.
 
@@ -101,6 +104,7 @@ def _paged_attention_kernel(
     positions; position ``n`` lives in page ``block_table[seq, n // BLOCK_SIZE]``
     of the contiguous cache, V ``kv_stride`` elements after K.
     """
+    launch_dependents(PDL)  # ``o_proj`` may start streaming its weights
     # region who am I
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from folovllm.triton_utils import for_device
+from folovllm.triton_utils.pdl import launch_dependents, pdl_supported
 
 
 @triton.jit
@@ -19,8 +20,9 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Grid ``(tokens, cdiv(INTER, BLOCK))``: one block of ``silu_mul`` per program."""
+    launch_dependents(PDL)  # ``down_proj`` may start streaming its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -37,6 +39,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
         for_device(_silu_and_mul_kernel, x.device)[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4
+            x2, out, x2.stride(0), out.stride(0), INTER=inter, BLOCK=block, PDL=pdl_supported(x.device), num_warps=4
         )
     return out.view(*x.shape[:-1], inter)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from folovllm.triton_utils import for_device
+from folovllm.triton_utils.pdl import launch_dependents, pdl_supported
 
 
 @triton.jit
@@ -48,8 +49,10 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per token: ``residual += x`` (in place), ``out = norm(residual) * weight``."""
+    launch_dependents(PDL)  # the projection after the norm may start streaming its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -92,6 +95,7 @@ def rms_norm(
             HIDDEN=hidden,
             BLOCK=triton.next_power_of_2(hidden),
             HAS_RESIDUAL=residual is not None,
+            PDL=pdl_supported(x.device),
             num_warps=4 if hidden <= 2048 else 8,
         )
     out = out.view(x.shape)

@@ -29,6 +29,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from folovllm.model_executor.layers.quantization.ops.triton_gptq import PER_CHANNEL, SLICE_ROWS, block_rows
 from folovllm.triton_utils.counters import tile_counters
+from folovllm.triton_utils.pdl import grid_launch_dependents, grid_wait, pdl_supported
 from folovllm.utils import cdiv
 
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
@@ -81,25 +82,54 @@ def ring(w_desc, x_desc, z_desc, STAGES: gl.constexpr, PACK: gl.constexpr):
 
 
 @gluon.jit
+def load_weights(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, z_bufs, s_bufs, s, blk, off_n, last_group,
+                 GROUP_SIZE: gl.constexpr, PACK: gl.constexpr, pred=True):  # fmt: skip
+    """TMA K block ``blk``'s words from column ``off_n`` into stage ``s``, with its group's zero points and scales
+    (only if ``pred``); ``bar`` expects the block's X slices too (``load_x``), so it completes when those have landed
+    as well."""
+    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
+    mbarrier.expect(bar, nbytes, pred=pred)
+    tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s), pred=pred)
+    g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
+    tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s), pred=pred)
+    tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s), pred=pred)
+
+
+@gluon.jit
+def load_x(x_desc, bar, x_bufs, s, blk, PACK: gl.constexpr, pred=True):
+    """TMA K block ``blk``'s PACK 16-column slices of X into stage ``s`` (only if ``pred``)."""
+    for j in gl.static_range(PACK):
+        tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j),
+                                        pred=pred)  # fmt: skip
+
+
+@gluon.jit
 def load_block(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, x_bufs, z_bufs, s_bufs, s, blk, off_n, last_group,
                GROUP_SIZE: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
-    """TMA K block ``blk`` of the columns from ``off_n`` into stage ``s``: its words, its PACK 16-column slices of X and
-    its group's zero points and scales; ``bar`` completes when all the bytes have landed."""
-    nbytes: gl.constexpr = w_desc.block_type.nbytes + PACK * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
-    mbarrier.expect(bar, nbytes)
-    tma.async_copy_global_to_shared(w_desc, [blk * ROWS, off_n], bar, w_bufs.index(s))
-    for j in gl.static_range(PACK):
-        tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j))
-    g = gl.minimum(blk * ROWS * PACK // GROUP_SIZE, last_group)
-    tma.async_copy_global_to_shared(z_desc, [g, off_n], bar, z_bufs.index(s))
-    tma.async_copy_global_to_shared(s_desc, [g, off_n], bar, s_bufs.index(s))
+    """TMA K block ``blk`` of the columns from ``off_n`` into stage ``s``: its words, its group's zero points and scales
+    and its PACK 16-column slices of X; ``bar`` completes when all the bytes have landed."""
+    load_weights(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, z_bufs, s_bufs, s, blk, off_n, last_group, GROUP_SIZE,
+                 PACK)  # fmt: skip
+    load_x(x_desc, bar, x_bufs, s, blk, PACK)
 
 
 @gluon.jit
 def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
-                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
-    """The loader warp: for each K block, wait for its stage to be free, then load the block into it."""
-    for i in range(count):
+                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
+                    PDL: gl.constexpr):  # fmt: skip
+    """The loader warp: for each K block, wait for its stage to be free, then load the block into it. Under ``PDL``
+    the first ``STAGES`` blocks' weights go out before ``grid_wait``, while the kernel before (which writes X) may
+    still run, and their X slices after it."""
+    start = 0
+    if PDL:  # straight-line code (predicated copies), so the wait is one instruction between the two halves
+        for i in gl.static_range(STAGES):
+            load_weights(w_desc, x_desc, z_desc, s_desc, ready.index(i), w_bufs, z_bufs, s_bufs, i, first + i, off_n,
+                         last_group, GROUP_SIZE, PACK, i < count)  # fmt: skip
+        grid_wait()
+        for i in gl.static_range(STAGES):
+            load_x(x_desc, ready.index(i), x_bufs, i, first + i, PACK, i < count)
+        start = STAGES
+    for i in range(start, count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         load_block(w_desc, x_desc, z_desc, s_desc, ready.index(s), w_bufs, x_bufs, z_bufs, s_bufs, s, first + i, off_n,
@@ -170,10 +200,14 @@ def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count,
 def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, Counters, M, N, K, blocks_per_split,
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
+                          ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
+                          PDL: gl.constexpr):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
     ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
-    as ``split_k.store_tile`` does."""
+    as ``split_k.store_tile`` does. Under ``PDL`` (``triton_utils.pdl``) the next kernel may be scheduled at once,
+    and this one streams its first weights before the kernel before it has ended, everything else after."""
+    if PDL:
+        grid_launch_dependents()
     PACK: gl.constexpr = 32 // BITS
     M_TILE: gl.constexpr = x_desc.block_type.shape[0]
     pid_n = gl.program_id(0)
@@ -191,9 +225,11 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
         (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count, BITS, BLOCK_N, STAGES, ASYNC,
                               M_TILE, WARPS, BYTE_PERM)),
         (_load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count,
-                           off_n, last_group, GROUP_SIZE, STAGES, PACK)),
+                           off_n, last_group, GROUP_SIZE, STAGES, PACK, PDL)),
     ], [1], [24])
     # fmt: on
+    if PDL:
+        grid_wait()  # returned in the loader already; here too, so that no write of this warpgroup can precede it
     store_tile(results[0], Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS, BLOCK_N, SPLIT_K, WARPS)
 
 
@@ -287,14 +323,16 @@ def descriptors(
             TensorDescriptor.from_tensor(scales, [1, plan.block_n], z_layout))  # fmt: skip
 
 
-def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool) -> dict:
+def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool, pdl: bool = False) -> dict:
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, PDL=pdl)  # fmt: skip
 
 
-def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90) -> dict[str, str]:
+def compile_ws_plan(
+    plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90, pdl: bool = False
+) -> dict[str, str]:
     """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``)."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
@@ -304,7 +342,7 @@ def compile_ws_plan(plan: WsPlan, bits: int = 4, group_size: int = 128, capabili
                  x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", z_desc=z_type, s_desc=z_type,
                  Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
                  blocks_per_split="i32")  # fmt: skip
-    return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False), ("N", "K"),
+    return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False, pdl), ("N", "K"),
                            capability, plan.num_warps, 1, plan.maxnreg)  # fmt: skip
 
 
@@ -330,7 +368,7 @@ def launch_gptq_decode_ws(
     plan: WsPlan,
 ) -> torch.Tensor:
     """``x [M <= m_tile, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
-    test ``ws_supported`` first."""
+    test ``ws_supported`` first. Launched with PDL where ``pdl_supported``."""
     m, k = x.shape
     if m > plan.m_tile:
         raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
@@ -338,8 +376,10 @@ def launch_gptq_decode_ws(
     per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
     w_desc, x_desc, z_desc, s_desc = descriptors(x, qweight, scales, zeros, plan)
     out, partials, counters = outputs(x, n, plan)
+    pdl = pdl_supported(x.device)
     gptq_decode_ws_kernel[(cdiv(n, plan.block_n), plan.split_k)](
         w_desc, x_desc, z_desc, s_desc, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
-        **_constexprs(plan, bits, group_size, bias is not None), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
+        **_constexprs(plan, bits, group_size, bias is not None, pdl), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out
