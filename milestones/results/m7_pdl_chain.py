@@ -13,9 +13,11 @@ without PDL in one process:
 3. the kernels of one replay of each chain under ``torch.profiler``: each kernel's start minus the end of the one
    before (negative: they overlapped).
 
-Outputs are checked against the chain without PDL, bit for bit.
+Outputs are checked against the chain without PDL, bit for bit. ``--tpot`` then adds batch-1 decode of
+``random:qwen3-8b``: bf16 (M4), GPTQ (M7) with PDL, without (engine built and run inside ``without_pdl``), and with
+again (the process's history moved decode graphs' gaps before: twentieth session).
 
-    PYTHONPATH=src python3 milestones/results/m7_pdl_chain.py OUT.json    # H200
+    PYTHONPATH=src python3 milestones/results/m7_pdl_chain.py OUT.json [--tpot]   # H200
 """
 
 from __future__ import annotations
@@ -169,7 +171,32 @@ def chains(dev: torch.device) -> dict:
     return result
 
 
-def main(out: str) -> None:
+def tpot() -> list[dict]:
+    """Batch-1 TPOT, 128 prompt and 128 output tokens: bf16 (M4), then GPTQ with PDL, without and with again."""
+    from contextlib import nullcontext
+
+    from folovllm.benchmarks.gptq import _free
+    from folovllm.benchmarks.latency import bench_latency
+
+    rows = []
+    for label, kwargs, context in (
+        ("bf16", {"milestone": "M4"}, nullcontext),
+        ("gptq", {"milestone": "M7", "quantization": "gptq"}, nullcontext),
+        ("gptq-no-pdl", {"milestone": "M7", "quantization": "gptq"}, without_pdl),
+        ("gptq-again", {"milestone": "M7", "quantization": "gptq"}, nullcontext),
+    ):
+        with context():
+            result = bench_latency("random:qwen3-8b", [128], 128, 1, with_hf=False, kv_cache_memory=4 * 2**30,
+                                   max_num_seqs=8, **kwargs)  # fmt: skip
+        rows.append({"config": label, **kwargs, "tpot_s": result["results"][0]["folovllm"]["tpot_s"]})
+        print(rows[-1], flush=True)
+        _free()
+    for row in rows:
+        row["tpot_speedup_vs_bf16"] = rows[0]["tpot_s"] / row["tpot_s"]
+    return rows
+
+
+def main(out: str, with_tpot: bool = False) -> None:
     dev = torch.device("cuda")
     result = provenance(dev, "random 4-bit layers, Qwen3-8B shapes, M = 1", torch.bfloat16) | {"benchmark": "m7_pdl_chain"}
     result["chain"] = chains(dev)
@@ -177,7 +204,10 @@ def main(out: str) -> None:
     torch.cuda.empty_cache()
     result["projections"] = projections(dev)
     save_json(out, result)
+    if with_tpot:
+        result["tpot"] = tpot()
+        save_json(out, result)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--tpot" in sys.argv[2:])

@@ -748,6 +748,12 @@ else:
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
     timeout 300 python3 milestones/results/m7_ws_anatomy.py --scales "$OUT/M7-scales-$gpu.json" > "$OUT/scales.log" 2>&1
     echo "scales: exit $?"; cat "$OUT/scales.log" | cut -c1-400 ;;
+  pdlchain)
+    # #15, twenty-fourth session: PDL again (de514ef), judged by overlaps this time. GPU tests, then
+    # m7_pdl_chain.py: each projection and a layer's chain with and without PDL (kernel overlaps from the
+    # profiler), then batch-1 TPOT with and without. About 5 device-minutes.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py -k "gluon or ws or pdl" 2>&1 | tail -2
+    timeout 400 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-chain-$gpu.json" --tpot 2>&1 | grep -v Warning ;;
   ringscales)
     # #15, after scales: the ring brings the zero points and scales (the only way now). GPU tests, the anatomy
     # (--pick writes the faster depths), bench gptq with that table, W's fair pair, then the mma.sync prototype's
