@@ -18,6 +18,7 @@ Outputs are checked against the chain without PDL, bit for bit. ``--tpot`` then 
 again (the process's history moved decode graphs' gaps before: twentieth session).
 
     PYTHONPATH=src python3 milestones/results/m7_pdl_chain.py OUT.json [--tpot]   # H200
+    PYTHONPATH=src python3 milestones/results/m7_pdl_chain.py OUT.json --tpot-only   # without PDL first
 """
 
 from __future__ import annotations
@@ -171,20 +172,19 @@ def chains(dev: torch.device) -> dict:
     return result
 
 
-def tpot() -> list[dict]:
-    """Batch-1 TPOT, 128 prompt and 128 output tokens: bf16 (M4), then GPTQ with PDL, without and with again."""
+def tpot(pdl_first: bool = True) -> list[dict]:
+    """Batch-1 TPOT, 128 prompt and 128 output tokens: bf16 (M4), then GPTQ with PDL, without and with again (or
+    without, with and without again)."""
     from contextlib import nullcontext
 
     from folovllm.benchmarks.gptq import _free
     from folovllm.benchmarks.latency import bench_latency
 
+    gptq = {"milestone": "M7", "quantization": "gptq"}
+    on, off = ("gptq", gptq, nullcontext), ("gptq-no-pdl", gptq, without_pdl)
+    first, second = (on, off) if pdl_first else (off, on)
     rows = []
-    for label, kwargs, context in (
-        ("bf16", {"milestone": "M4"}, nullcontext),
-        ("gptq", {"milestone": "M7", "quantization": "gptq"}, nullcontext),
-        ("gptq-no-pdl", {"milestone": "M7", "quantization": "gptq"}, without_pdl),
-        ("gptq-again", {"milestone": "M7", "quantization": "gptq"}, nullcontext),
-    ):
+    for label, kwargs, context in (("bf16", {"milestone": "M4"}, nullcontext), first, second, first):
         with context():
             result = bench_latency("random:qwen3-8b", [128], 128, 1, with_hf=False, kv_cache_memory=4 * 2**30,
                                    max_num_seqs=8, **kwargs)  # fmt: skip
@@ -210,4 +210,8 @@ def main(out: str, with_tpot: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--tpot" in sys.argv[2:])
+    if "--tpot-only" in sys.argv[2:]:  # TPOT alone, the engine without PDL first
+        save_json(sys.argv[1], provenance(torch.device("cuda"), "random:qwen3-8b", torch.bfloat16)
+                  | {"benchmark": "m7_pdl_chain --tpot-only", "tpot": tpot(pdl_first=False)})  # fmt: skip
+    else:
+        main(sys.argv[1], "--tpot" in sys.argv[2:])

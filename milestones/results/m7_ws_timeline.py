@@ -33,7 +33,8 @@ from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # 
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
-_SLOTS = 40  # per program: its SM, the start, one per block (up to 36), after the products, after the epilogue
+_SLOTS = 42  # per program: its SM, the start, one per block (up to 36), two global times, after products, after epilogue
+_GLOBAL = _SLOTS - 4  # the global timer (ns) at the start and at the end: the SM clock's rate while the kernel ran
 SLOTS = gl.constexpr(_SLOTS)
 
 
@@ -42,6 +43,14 @@ def _clock(layout: gl.constexpr):
     """The SM's cycle counter (one value, read by every thread of the partition)."""
     dummy = gl.full([1], 0, gl.int32, layout)
     return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [dummy], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _globaltimer(layout: gl.constexpr):
+    """The GPU's global timer in ns (one value, read by every thread of the partition)."""
+    dummy = gl.full([1], 0, gl.int32, layout)
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=gl.int64, is_pure=False,
+                                     pack=1)  # fmt: skip
 
 
 @gluon.jit
@@ -78,6 +87,7 @@ def timeline_kernel(w_desc, x_desc, z_desc, s_desc, Out, Partials, Counters, Tim
     split = gl.program_id(1)
     slot0 = (split * gl.num_programs(0) + pid_n) * SLOTS
     gl.store(Times + slot0 + zero, _smid(one).to(gl.int64))
+    gl.store(Times + slot0 + SLOTS - 4 + zero, _globaltimer(one))
     gl.store(Times + slot0 + 1 + zero, _clock(one))
     total = gl.cdiv(K, ws.ROWS * PACK)
     first = split * blocks_per_split
@@ -92,6 +102,7 @@ def timeline_kernel(w_desc, x_desc, z_desc, s_desc, Out, Partials, Counters, Tim
     # fmt: on
     ws.store_tile(results[0], Out, Out, Partials, Counters, M, N, pid_n, split, False, BLOCK_N, SPLIT_K, 4)
     gl.store(Times + slot0 + SLOTS - 1 + zero, _clock(one))
+    gl.store(Times + slot0 + SLOTS - 3 + zero, _globaltimer(one))
 
 
 def launch(x: torch.Tensor, layer: dict, plan: ws.WsPlan, times: torch.Tensor) -> torch.Tensor:
@@ -120,8 +131,9 @@ def compile_check() -> None:
 
 
 def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
-    """Per program (µs): first block's wait, each later block's gap, the last product to the end of the epilogue;
-    per SM: how far apart its programs started."""
+    """Per program (µs at ``rate_hz``): first block's wait, each later block's gap, the last product to the end of the
+    epilogue; per SM: how far apart its programs started. From the global timer: the SM clock's rate while the
+    programs ran (cycles per ns), the first program's start to the last one's end, and the spread of the starts."""
     t = times.cpu().to(torch.float64)
     us = 1e6 / rate_hz
     start, blocks, after, end = t[:, 1], t[:, 2 : 2 + count], t[:, _SLOTS - 2], t[:, _SLOTS - 1]
@@ -136,7 +148,12 @@ def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
     spread = [(max(v) - min(v)) * us for v in by_sm.values() if len(v) > 1]
     med = statistics.median
     landed = [med(((blocks[:, i] - start) * us).tolist()) for i in range(count)]
-    return {"programs": t.shape[0], "programs_per_sm": med([len(v) for v in by_sm.values()]), "landed_us": landed,
+    g0, g1 = t[:, _GLOBAL], t[:, _GLOBAL + 1]
+    ticks = [c / g for c, g in zip((end - start).tolist(), (g1 - g0).tolist()) if g > 0]
+    measured = {"clock_ghz_measured": med(ticks) if ticks else None, "global_span_us": (g1.max() - g0.min()).item() / 1e3,
+                "global_start_spread_us": (g0.max() - g0.min()).item() / 1e3,
+                "global_program_us": med(((g1 - g0) / 1e3).tolist())}  # fmt: skip
+    return measured | {"programs": t.shape[0], "programs_per_sm": med([len(v) for v in by_sm.values()]), "landed_us": landed,
             "first_wait_us": med(first_wait), "block_gap_us": med(gaps) if gaps else None, "last_product_us": med(last),
             "epilogue_us": med(epilogue), "program_us": med(total), "program_us_max": max(total),
             "start_spread_on_sm_us": med(spread) if spread else None}  # fmt: skip

@@ -754,6 +754,11 @@ else:
     # profiler), then batch-1 TPOT with and without. About 5 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py -k "gluon or ws or pdl" 2>&1 | tail -2
     timeout 400 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-chain-$gpu.json" --tpot 2>&1 | grep -v Warning ;;
+  pdlrepeat)
+    # #15, twenty-fourth session, after pdlchain: TPOT with and without PDL again in the other order, and the
+    # clocks probe with the global timer (the SM clock's real rate, each kernel's span). About 4 device-minutes.
+    timeout 300 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-tpot-h200.json" --tpot-only 2>&1 | grep -v Warn
+    timeout 150 python3 milestones/results/m7_ws_timeline.py "$OUT/M7-timeline-global-$gpu.json" 2>&1 | grep -v Warn ;;
   ringscales)
     # #15, after scales: the ring brings the zero points and scales (the only way now). GPU tests, the anatomy
     # (--pick writes the faster depths), bench gptq with that table, W's fair pair, then the mma.sync prototype's

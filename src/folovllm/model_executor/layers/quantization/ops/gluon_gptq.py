@@ -116,7 +116,7 @@ def load_block(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, x_bufs, z_bufs, s_bu
 @gluon.jit
 def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
                     last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
-                    PDL: gl.constexpr):  # fmt: skip
+                    PDL: gl.constexpr = False):  # fmt: skip
     """The loader warp: for each K block, wait for its stage to be free, then load the block into it. Under ``PDL``
     the first ``STAGES`` blocks' weights go out before ``grid_wait``, while the kernel before (which writes X) may
     still run, and their X slices after it."""
