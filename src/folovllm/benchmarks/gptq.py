@@ -37,6 +37,7 @@ from folovllm.model_executor.layers.quantization.ops.gptq_gemm import (
     tuned_key,
     write_tuned_plans,
 )
+from folovllm.triton_utils.pdl import without_pdl
 from folovllm.utils import cdiv
 
 # (K, N) of each decoder projection of Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288.
@@ -365,8 +366,8 @@ def bench_gptq(
     sweep_ms: list[int] | None = None,
     lm_head: bool = False,
 ) -> dict[str, Any]:
-    """Kernels (plain and act-order), weight memory and TPOT in one JSON; ``sweep`` adds every decode
-    plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill), or at ``sweep_ms`` only,
+    """Kernels (plain and act-order, launched without PDL), weight memory and TPOT in one JSON; ``sweep`` adds every
+    decode plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill), or at ``sweep_ms`` only,
     whose tuned plans then replace just their own entries of the table. ``lm_head`` puts ``lm_head``'s shape in
     place of the decoder projections in the kernel table and the sweep (no act-order table)."""
     shapes = LM_HEAD_SHAPE if lm_head else QWEN3_8B_SHAPES
@@ -388,15 +389,16 @@ def bench_gptq(
         },
         "copy_GBps": measure_copy_bandwidth(dev),
     }
-    if sweep:  # first, so that the kernel table below runs the plans it tunes
-        result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev, shapes=shapes)
-        source = {key: result[key] for key in ("commit", "date", "gpu")}
-        best = best_plans(result["sweep"])
-        path = write_tuned_plans(torch.cuda.get_device_name(dev), best, source, merge=sweep_ms is not None)
-        result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))
-    result["kernel"] = bench_gptq_kernel(ms, device=dev, shapes=shapes)
-    if not lm_head:
-        result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)
+    with without_pdl():  # kernels alone, as cuBLAS runs: PDL would overlap each launch with its own copy before it
+        if sweep:  # first, so that the kernel table below runs the plans it tunes
+            result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev, shapes=shapes)
+            source = {key: result[key] for key in ("commit", "date", "gpu")}
+            best = best_plans(result["sweep"])
+            path = write_tuned_plans(torch.cuda.get_device_name(dev), best, source, merge=sweep_ms is not None)
+            result["tuned_plans"] = str(path.relative_to(Path(__file__).parents[1]))
+        result["kernel"] = bench_gptq_kernel(ms, device=dev, shapes=shapes)
+        if not lm_head:
+            result["kernel_act_order"] = bench_gptq_kernel([1, 16, 256], act_order=True, device=dev)
     if not skip_model:
         result["memory"] = bench_weight_memory(model, dev)
         result["tpot"] = bench_gptq_tpot(model, input_len, output_len, device)

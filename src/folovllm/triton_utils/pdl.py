@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents
 
 _disabled = False
 
@@ -54,13 +54,6 @@ def launch_dependents(ENABLED: tl.constexpr):
     """Let a PDL-launched next kernel be scheduled now (a hint: it still waits for this one's writes)."""
     if ENABLED:
         gdc_launch_dependents()
-
-
-@triton.jit
-def wait_for_previous(ENABLED: tl.constexpr):
-    """Under PDL, wait until the kernel before has finished and its writes are visible (call before reading them)."""
-    if ENABLED:
-        gdc_wait()
 
 
 @gluon.jit

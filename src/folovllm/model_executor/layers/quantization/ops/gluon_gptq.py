@@ -7,7 +7,9 @@ a ring of shared-memory stages with TMA (with the block's zero points and scales
 global memory) and signals an mbarrier per stage; the compute warpgroup waits on it, makes
 the codes bf16 ``q - z`` two per word operation, as ``_gptq_gemm_pairs_kernel`` does, and multiplies them from
 registers (``wgmma`` with A in registers: the weight tile is the first operand, ``W^T X^T``), then frees the stage.
-Loads for later stages are in flight all the while, whatever the compute warps are doing.
+Loads for later stages are in flight all the while, whatever the compute warps are doing. On Hopper it is launched
+with programmatic dependent launch (``triton_utils.pdl``): its programs may start while the kernel before (a norm,
+attention, SiLU) still runs, and stream their first stages' weights before ``griddepcontrol.wait``.
 
 Measured on the H200 (``milestones/results/m7_ws_decode.py``): 1.00-1.16x the tuned Triton plans, 1.45-2.16x bf16 at
 one row. The split moved the limit rather than removing it: the compute warpgroup now bounds the large projections,
