@@ -754,6 +754,18 @@ else:
     # profiler), then batch-1 TPOT with and without. About 5 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py -k "gluon or ws or pdl" 2>&1 | tail -2
     timeout 400 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-chain-$gpu.json" --tpot 2>&1 | grep -v Warning ;;
+  pdlengine)
+    # #15, twenty-fourth session: PDL adopted (the Gluon kernel launched with it; norm, SiLU, attention let it start).
+    # GPU tests of the kernels it touches and of CUDA graphs, bench gptq (kernels alone, then TPOT with PDL), W's
+    # fair pair. About 9 device-minutes.
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py \
+      tests/test_triton_attention.py tests/test_cuda_graph.py tests/test_fused_ops.py tests/test_quantization.py \
+      -k "gluon or ws or on_gpu or pdl or cuda or gpu or graph or h200" 2>&1 | tail -2
+    timeout 170 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-pdl-engine-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -8 "$OUT/gptq.log"
+    timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
+      --out "$OUT/M7-throughput-pdl-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log" ;;
   pdlrepeat)
     # #15, twenty-fourth session, after pdlchain: TPOT with and without PDL again in the other order, and the
     # clocks probe with the global timer (the SM clock's real rate, each kernel's span). About 4 device-minutes.
