@@ -10,6 +10,7 @@ beside the engine's launch and checked against the reference.
     PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py --compile   # CPU: compile for sm_90
     PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py OUT.json    # H200
     PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py --stages OUT.json   # each plan at 1, 2 and 4 stages
+    PYTHONPATH=src python3 milestones/results/m7_ws_timeline.py --raw OUT.json   # and each program's SM, start, end
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from m7_decode_limits import reference, rel_err, weight_copies  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
 from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops  # noqa: E402
+from folovllm.triton_utils.pdl import without_pdl  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
 _SLOTS = 42  # per program: its SM, the start, one per block (up to 36), two global times, after products, after epilogue
@@ -159,7 +161,7 @@ def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
             "start_spread_on_sm_us": med(spread) if spread else None}  # fmt: skip
 
 
-def main(out: str, stage_list: tuple[int, ...] = ()) -> None:
+def main(out: str, stage_list: tuple[int, ...] = (), raw: bool = False) -> None:
     from folovllm.benchmarks.common import provenance, save_json
     from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES
     from folovllm.benchmarks.hardware import graph_time_s
@@ -179,16 +181,21 @@ def main(out: str, stage_list: tuple[int, ...] = ()) -> None:
             count = cdiv(cdiv(k, 128), plan.split_k)
             times = torch.zeros(programs, _SLOTS, dtype=torch.int64, device=dev)
             err = rel_err(launch(x, layers[0], plan, times), ref)
-            engine_us = graph_time_s(
-                [partial(ws.launch_gptq_decode_ws, x, L["pairs"], L["scales"], L["zeros"], None, 4, 128, plan)
-                 for L in layers], dev,
-            ) * 1e6  # fmt: skip
+            with without_pdl():  # the kernel alone, as bench gptq's table times it
+                engine_us = graph_time_s(
+                    [partial(ws.launch_gptq_decode_ws, x, L["pairs"], L["scales"], L["zeros"], None, 4, 128, plan)
+                     for L in layers], dev,
+                ) * 1e6  # fmt: skip
             timed_us = graph_time_s([partial(launch, x, L, plan, times) for L in layers], dev) * 1e6
             launch(x, layers[0], plan, times)  # weights not in L2 (the replays read every other copy after it)
             torch.cuda.synchronize()
             row = {"layer": name, "k": k, "n": n, "plan": plan.__dict__, "blocks_per_program": count, "err": err,
                    "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate}  # fmt: skip
             row |= summarize(times, count, rate)
+            if raw:  # per program: its SM, then global-timer start and end (ns after the first start)
+                t = times.cpu()
+                g0 = t[:, _GLOBAL].min()
+                row["programs_raw"] = [[int(p[0]), int(p[_GLOBAL] - g0), int(p[_GLOBAL + 1] - g0)] for p in t]
             if row["clock_ghz_measured"]:  # µs at the rate the SM ran (the twenty-third session assumed 1.98 GHz)
                 row |= summarize(times, count, row["clock_ghz_measured"] * 1e9)
                 row["clock_hz"] = row["clock_ghz_measured"] * 1e9
@@ -203,5 +210,7 @@ if __name__ == "__main__":
         compile_check()
     elif sys.argv[1] == "--stages":
         main(sys.argv[2], (1, 2, 4))
+    elif sys.argv[1] == "--raw":  # with every program's SM, start and end (grid order: column tile fastest)
+        main(sys.argv[2], raw=True)
     else:
         main(sys.argv[1])

@@ -754,6 +754,10 @@ else:
     # profiler), then batch-1 TPOT with and without. About 5 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py -k "gluon or ws or pdl" 2>&1 | tail -2
     timeout 400 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-chain-$gpu.json" --tpot 2>&1 | grep -v Warning ;;
+  timelineraw)
+    # #15, twenty-fourth session: the clocks probe with every program's SM, start and end (global timer), to see
+    # which programs make the tail (the slowest program sets the kernel's time). About 1 device-minute.
+    timeout 150 python3 milestones/results/m7_ws_timeline.py --raw "$OUT/M7-timeline-raw-$gpu.json" 2>&1 | grep -v Warn | cut -c1-300 ;;
   pdlengine)
     # #15, twenty-fourth session: PDL adopted (the Gluon kernel launched with it; norm, SiLU, attention let it start).
     # GPU tests of the kernels it touches and of CUDA graphs, bench gptq (kernels alone, then TPOT with PDL), W's
