@@ -754,6 +754,11 @@ else:
     # profiler), then batch-1 TPOT with and without. About 5 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py -k "gluon or ws or pdl" 2>&1 | tail -2
     timeout 400 python3 milestones/results/m7_pdl_chain.py "$OUT/M7-pdl-chain-$gpu.json" --tpot 2>&1 | grep -v Warning ;;
+  workqueue)
+    # #15, twenty-fourth session, after timelineraw: the Gluon kernel fed from an atomic work queue (resident
+    # programs take items until none is left, so fast SMs take more), beside bf16 and the tuned plan, at 1 and 16
+    # rows. About 2 device-minutes.
+    timeout 240 python3 milestones/results/m7_workqueue.py "$OUT/M7-workqueue-$gpu.json" 2>&1 | grep -v Warn ;;
   timelineraw)
     # #15, twenty-fourth session: the clocks probe with every program's SM, start and end (global timer), to see
     # which programs make the tail (the slowest program sets the kernel's time). About 1 device-minute.
