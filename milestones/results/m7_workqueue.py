@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from m7_decode_limits import sweep_variants  # noqa: E402
 
 from folovllm.model_executor.layers.quantization.ops import gluon_gptq as ws  # noqa: E402
-from folovllm.triton_utils.counters import tile_counters  # noqa: E402
 from folovllm.triton_utils.pdl import without_pdl  # noqa: E402
 from folovllm.utils import cdiv  # noqa: E402
 
