@@ -759,6 +759,10 @@ else:
     # programs take items until none is left, so fast SMs take more), beside bf16 and the tuned plan, at 1 and 16
     # rows. About 2 device-minutes.
     timeout 240 python3 milestones/results/m7_workqueue.py "$OUT/M7-workqueue-$gpu.json" 2>&1 | grep -v Warn ;;
+  workqueue2)
+    # #15, after workqueue (every config slower): each program's first item its own, the next ticket asked for as an
+    # item starts, and items down to one block. About 3 device-minutes.
+    timeout 300 python3 milestones/results/m7_workqueue.py "$OUT/M7-workqueue2-$gpu.json" 2>&1 | grep -v Warn ;;
   timelineraw)
     # #15, twenty-fourth session: the clocks probe with every program's SM, start and end (global timer), to see
     # which programs make the tail (the slowest program sets the kernel's time). About 1 device-minute.
