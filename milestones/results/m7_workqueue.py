@@ -160,8 +160,8 @@ def compile_check() -> None:
 
 def main(out: str) -> None:
     def configs(tuned, m: int) -> list[dict]:
-        return [{"per_sm": per_sm, "split_k": split_k}
-                for per_sm, split_k in itertools.product((2, 3), (tuned.split_k, 2 * tuned.split_k, 4 * tuned.split_k))]  # fmt: skip
+        splits = (tuned.split_k, 2 * tuned.split_k, 4 * tuned.split_k)
+        return [{"per_sm": per_sm, "split_k": split_k} for per_sm, split_k in itertools.product((2, 3), splits)]
 
     with without_pdl():
         sweep_variants(out, "m7_workqueue", "workqueue", (1, 16), configs,
