@@ -761,7 +761,8 @@ else:
     timeout 240 python3 milestones/results/m7_workqueue.py "$OUT/M7-workqueue-$gpu.json" 2>&1 | grep -v Warn ;;
   workqueue2)
     # #15, after workqueue (every config slower): each program's first item its own, the next ticket asked for as an
-    # item starts, and items down to one block. About 3 device-minutes.
+    # item starts, items down to a quarter of the tuned split's. It hung on the H200 (killed at 300 s, no row
+    # written) and was reverted: the code is m7_workqueue.py at 05fe386. About 5 device-minutes, all lost.
     timeout 300 python3 milestones/results/m7_workqueue.py "$OUT/M7-workqueue2-$gpu.json" 2>&1 | grep -v Warn ;;
   timelineraw)
     # #15, twenty-fourth session: the clocks probe with every program's SM, start and end (global timer), to see
