@@ -132,6 +132,14 @@ def compile_check() -> None:
     print(ptxas_report(asm["ptx"]), asm["ptx"].count("%clock64"), asm["ptx"].count("%smid"))
 
 
+def clock_ghz(times: torch.Tensor) -> float | None:
+    """The SM clock's rate while the programs ran: median ``%clock64`` cycles per global-timer ns over the programs."""
+    t = times.cpu().to(torch.float64)
+    cycles, ns = (t[:, _SLOTS - 1] - t[:, 1]).tolist(), (t[:, _GLOBAL + 1] - t[:, _GLOBAL]).tolist()
+    ticks = [c / g for c, g in zip(cycles, ns) if g > 0]
+    return statistics.median(ticks) if ticks else None
+
+
 def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
     """Per program (µs at ``rate_hz``): first block's wait, each later block's gap, the last product to the end of the
     epilogue; per SM: how far apart its programs started. From the global timer: the SM clock's rate while the
@@ -151,8 +159,7 @@ def summarize(times: torch.Tensor, count: int, rate_hz: float) -> dict:
     med = statistics.median
     landed = [med(((blocks[:, i] - start) * us).tolist()) for i in range(count)]
     g0, g1 = t[:, _GLOBAL], t[:, _GLOBAL + 1]
-    ticks = [c / g for c, g in zip((end - start).tolist(), (g1 - g0).tolist()) if g > 0]
-    measured = {"clock_ghz_measured": med(ticks) if ticks else None, "global_span_us": (g1.max() - g0.min()).item() / 1e3,
+    measured = {"clock_ghz_measured": clock_ghz(times), "global_span_us": (g1.max() - g0.min()).item() / 1e3,
                 "global_start_spread_us": (g0.max() - g0.min()).item() / 1e3,
                 "global_program_us": med(((g1 - g0) / 1e3).tolist())}  # fmt: skip
     return measured | {"programs": t.shape[0], "programs_per_sm": med([len(v) for v in by_sm.values()]), "landed_us": landed,
@@ -189,16 +196,15 @@ def main(out: str, stage_list: tuple[int, ...] = (), raw: bool = False) -> None:
             timed_us = graph_time_s([partial(launch, x, L, plan, times) for L in layers], dev) * 1e6
             launch(x, layers[0], plan, times)  # weights not in L2 (the replays read every other copy after it)
             torch.cuda.synchronize()
+            ghz = clock_ghz(times)  # µs at the rate the SM ran (the twenty-third session assumed the rated clock)
+            hz = ghz * 1e9 if ghz else rate
             row = {"layer": name, "k": k, "n": n, "plan": plan.__dict__, "blocks_per_program": count, "err": err,
-                   "engine_us": engine_us, "timed_us": timed_us, "clock_hz": rate}  # fmt: skip
-            row |= summarize(times, count, rate)
+                   "engine_us": engine_us, "timed_us": timed_us, "clock_hz": hz}  # fmt: skip
+            row |= summarize(times, count, hz)
             if raw:  # per program: its SM, then global-timer start and end (ns after the first start)
                 t = times.cpu()
                 g0 = t[:, _GLOBAL].min()
                 row["programs_raw"] = [[int(p[0]), int(p[_GLOBAL] - g0), int(p[_GLOBAL + 1] - g0)] for p in t]
-            if row["clock_ghz_measured"]:  # µs at the rate the SM ran (the twenty-third session assumed 1.98 GHz)
-                row |= summarize(times, count, row["clock_ghz_measured"] * 1e9)
-                row["clock_hz"] = row["clock_ghz_measured"] * 1e9
             print(row, flush=True)
             rows.append(row)
         save_json(out, provenance(dev, "random 4-bit layers, Qwen3-8B shapes", torch.bfloat16)
