@@ -44,6 +44,18 @@ def test_up_to_64_rows_share_each_block_of_words_in_one_product(m_tile, block_n,
     assert ptxas_report(asm["ptx"]) == {"registers": maxnreg, "spill_bytes": 0}
 
 
+@pytest.mark.parametrize(("block_n", "warps", "stages"), [(64, 4, 3), (128, 8, 2)])
+def test_prefill_tiles_of_128_rows_read_each_block_of_words_once_per_tile(block_n, warps, stages):
+    """Compiled for an H200 on this CPU: a prefill plan multiplies each block of codes it converts by 128 rows of X
+    (``wgmma`` m64n128k16), fits 128 registers a thread without spilling, and its ring (the block's words and 128
+    rows of X per stage) fits the 227 KiB of shared memory a Hopper SM has, twice for 64 columns."""
+    asm = ws.compile_ws_plan(ws.WsPlan(block_n, 1, stages, False, 128, warps, ws.PREFILL_M_TILE))
+    assert asm["ptx"].count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8 * block_n // (16 * warps)
+    assert ptxas_report(asm["ptx"]) == {"registers": 128, "spill_bytes": 0}
+    ring = stages * (16 * block_n * 4 + 8 * 128 * 16 * 2 + 2 * block_n * 2)
+    assert ring < int(asm["shared"]) < ring + 1024 and (block_n == 128 or 2 * int(asm["shared"]) <= 227 * 1024)
+
+
 def test_byte_perm_takes_a_quarter_of_the_compute_loops_machine_instructions():
     """Compiled down to SASS: the compute warps' loop per block (128 codes a thread) with ``_byte_perm_asm`` against
     the same plan with the codes made by Gluon integer operations; same 16 products, at least 20% fewer
@@ -153,6 +165,9 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 320, 4, 128, 24, True, ws.WsPlan(64, 2, 4, False, 80, 4, 32)),
         (2048, 256, 2, 256, 33, False, ws.WsPlan(64, 4, 3, False, 96, 4, 64)),
         (1024, 384, 4, -1, 64, False, ws.WsPlan(128, 2, 4, False, 128, 8, 64)),
+        (1024, 320, 4, 128, 200, True, ws.WsPlan(64, 1, 3, False, 128, 4, 128)),
+        (2048, 256, 4, 128, 300, False, ws.WsPlan(128, 1, 2, False, 128, 8, 128)),
+        (1024, 384, 4, 128, 129, False, ws.WsPlan(128, 2, 2, False, 128, 8, 128)),
     ],
 )
 def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
@@ -189,12 +204,17 @@ def test_ws_plan_runs_its_triton_twin_where_gluon_cannot():
     got = gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, plan)
     ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, group)
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
-    needs = "ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m 16 or 64"
+    prefill = GemmPlan(128, 64, False, 1, 4, 4, 3, swap_ab=True, pairs=True, ws=True, maxnreg=128)  # runs the block kernel
+    rows = torch.randn(130, k, generator=gen, device=device).bfloat16()
+    got = gptq_gemm(rows, qweight, scales, zeros, None, None, 4, group, prefill)
+    ref = gptq_gemm_reference(rows.float(), qweight, scales, zeros, None, None, 4, group)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    needs = r"ws is a plan with a Triton twin: it needs swap_ab, pairs and block_m in \(16, 64, 128\)"
     with pytest.raises(ValueError, match=needs):
         gptq_gemm(x, qweight, scales, zeros, None, None, 4, group, GemmPlan(16, 64, False, 2, 2, 4, 4, ws=True))
 
 
-def test_sweep_offers_gluon_plans_up_to_64_rows_only():
+def test_sweep_offers_gluon_plans_at_every_size():
     from folovllm.benchmarks.gptq import sweep_plans
 
     cpu = torch.device("cpu")
@@ -203,7 +223,11 @@ def test_sweep_offers_gluon_plans_up_to_64_rows_only():
     wide = [p for p in sweep_plans(64, 4096, 6144, 4, 132, cpu) if p.ws]
     assert wide and all(p.block_m == 64 and p.swap_ab and p.pairs for p in wide)
     assert {(p.block_n, p.num_warps, p.maxnreg) for p in wide} == {(64, 4, 96), (64, 4, 128), (128, 8, 128)}
-    assert not [p for p in sweep_plans(256, 4096, 6144, 4, 132, cpu) if p.ws]
+    prefill = [p for p in sweep_plans(256, 4096, 6144, 4, 132, cpu) if p.ws]
+    assert {(p.block_m, p.split_k, p.blocks_per_split, p.maxnreg) for p in prefill} == {(128, 1, 32, 128)}
+    assert {(p.block_n, p.num_warps, p.num_stages) for p in prefill} == {
+        (n, w, s) for n, w in ((64, 4), (128, 8)) for s in (2, 3, 4)
+    }
 
 
 def test_h200_table_holds_gluon_plans_with_register_caps():

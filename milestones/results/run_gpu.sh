@@ -768,6 +768,22 @@ else:
     # #15, twenty-fourth session: the clocks probe with every program's SM, start and end (global timer), to see
     # which programs make the tail (the slowest program sets the kernel's time). About 1 device-minute.
     timeout 150 python3 milestones/results/m7_ws_timeline.py --raw "$OUT/M7-timeline-raw-$gpu.json" 2>&1 | grep -v Warn | cut -c1-300 ;;
+  prefillws)
+    # #15, twenty-fifth session: the Gluon kernel in tiles of 128 rows of X for prefill (grid axis 2), against the
+    # Triton whole-block kernel. GPU tests of the kernel, the sweep at 256 rows (writes the tuned table's 256-row
+    # plans, copied to $OUT), then the kernel table at 64-4096 rows with it. About 8 device-minutes.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 330 python3 -m folovllm bench gptq --kernels-only --sweep --sweep-m 256 --m 64 256 1024 4096 \
+      --out "$OUT/M7-prefill-ws-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; tail -20 "$OUT/gptq.log"
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  prefillw)
+    # #15, after prefillws (its table committed): W's fair pair and TTFT/TPOT at one row.
+    timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
+      --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
+      --out "$OUT/M7-throughput-prefill-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log"
+    timeout 200 python3 -m folovllm bench gptq --m 1 --out "$OUT/M7-prefill-tpot-$gpu.json" > "$OUT/tpot.log" 2>&1
+    echo "tpot: exit $?"; tail -8 "$OUT/tpot.log" ;;
   pdlengine)
     # #15, twenty-fourth session: PDL adopted (the Gluon kernel launched with it; norm, SiLU, attention let it start).
     # GPU tests of the kernels it touches and of CUDA graphs, bench gptq (kernels alone, then TPOT with PDL), W's

@@ -35,8 +35,9 @@ from folovllm.triton_utils.pdl import grid_launch_dependents, grid_wait, pdl_sup
 from folovllm.utils import cdiv
 
 ROWS = gl.constexpr(SLICE_ROWS)  # word rows per K block (a block holds block_rows(BITS) input rows)
-M_TILES = (8, 16, 32, 64)  # rows of X per product (``wgmma``'s N): the weights are read once for up to 64 rows
+M_TILES = (8, 16, 32, 64)  # rows of X per product (``wgmma``'s N) in decode: one tile holds every row
 WS_MAX_M = M_TILES[-1]
+PREFILL_M_TILE = 128  # prefill: tiles of 128 rows of X along the grid's third axis, the weights read once per tile
 
 
 _PER_ASM = 4  # product operands one ``_byte_perm_asm`` block makes (its outputs $0..$3; its inputs follow)
@@ -98,26 +99,26 @@ def load_weights(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, z_bufs, s_bufs, s,
 
 
 @gluon.jit
-def load_x(x_desc, bar, x_bufs, s, blk, PACK: gl.constexpr, pred=True):
-    """TMA K block ``blk``'s PACK 16-column slices of X into stage ``s`` (only if ``pred``)."""
+def load_x(x_desc, bar, x_bufs, s, blk, off_m, PACK: gl.constexpr, pred=True):
+    """TMA K block ``blk``'s PACK 16-column slices of X's rows from ``off_m`` into stage ``s`` (only if ``pred``)."""
     for j in gl.static_range(PACK):
-        tma.async_copy_global_to_shared(x_desc, [0, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j),
+        tma.async_copy_global_to_shared(x_desc, [off_m, (blk * PACK + j) * ROWS], bar, x_bufs.index(s * PACK + j),
                                         pred=pred)  # fmt: skip
 
 
 @gluon.jit
-def load_block(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, x_bufs, z_bufs, s_bufs, s, blk, off_n, last_group,
+def load_block(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, x_bufs, z_bufs, s_bufs, s, blk, off_n, off_m, last_group,
                GROUP_SIZE: gl.constexpr, PACK: gl.constexpr):  # fmt: skip
     """TMA K block ``blk`` of the columns from ``off_n`` into stage ``s``: its words, its group's zero points and scales
-    and its PACK 16-column slices of X; ``bar`` completes when all the bytes have landed."""
+    and its PACK 16-column slices of X's rows from ``off_m``; ``bar`` completes when all the bytes have landed."""
     load_weights(w_desc, x_desc, z_desc, s_desc, bar, w_bufs, z_bufs, s_bufs, s, blk, off_n, last_group, GROUP_SIZE,
                  PACK)  # fmt: skip
-    load_x(x_desc, bar, x_bufs, s, blk, PACK)
+    load_x(x_desc, bar, x_bufs, s, blk, off_m, PACK)
 
 
 @gluon.jit
 def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count, off_n,
-                    last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
+                    off_m, last_group, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, PACK: gl.constexpr,
                     PDL: gl.constexpr = False):  # fmt: skip
     """The loader warp: for each K block, wait for its stage to be free, then load the block into it. Under ``PDL``
     the first ``STAGES`` blocks' weights go out before ``grid_wait``, while the kernel before (which writes X) may
@@ -129,13 +130,13 @@ def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs
                          last_group, GROUP_SIZE, PACK, i < count)  # fmt: skip
         grid_wait()
         for i in gl.static_range(STAGES):
-            load_x(x_desc, ready.index(i), x_bufs, i, first + i, PACK, i < count)
+            load_x(x_desc, ready.index(i), x_bufs, i, first + i, off_m, PACK, i < count)
         start = STAGES
     for i in range(start, count):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         load_block(w_desc, x_desc, z_desc, s_desc, ready.index(s), w_bufs, x_bufs, z_bufs, s_bufs, s, first + i, off_n,
-                   last_group, GROUP_SIZE, PACK)  # fmt: skip
+                   off_m, last_group, GROUP_SIZE, PACK)  # fmt: skip
 
 
 @gluon.jit
@@ -204,10 +205,11 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                           ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
                           PDL: gl.constexpr):  # fmt: skip
-    """``Out [M, N] = X [M, K] @ W`` for ``M <= M_TILE`` (8, 16, 32 or 64, the X descriptor's rows) on bf16 X: program
-    ``(n, split)`` owns ``BLOCK_N`` columns and ``blocks_per_split`` K blocks; with ``SPLIT_K > 1`` the splits meet
-    as ``split_k.store_tile`` does. Under ``PDL`` (``triton_utils.pdl``) the next kernel may be scheduled at once,
-    and this one streams its first weights before the kernel before it has ended, everything else after."""
+    """``Out [M, N] = X [M, K] @ W`` on bf16 X in tiles of ``M_TILE`` rows (8 to 128, the X descriptor's rows): program
+    ``(n, split, m)`` owns ``BLOCK_N`` columns of rows ``m * M_TILE ...`` and ``blocks_per_split`` K blocks; with
+    ``SPLIT_K > 1`` the splits meet as ``split_k.store_tile`` does. Under ``PDL`` (``triton_utils.pdl``) the next
+    kernel may be scheduled at once, and this one streams its first weights before the kernel before it has ended,
+    everything else after."""
     if PDL:
         grid_launch_dependents()
     PACK: gl.constexpr = 32 // BITS
@@ -215,6 +217,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
     pid_n = gl.program_id(0)
     split = gl.program_id(1)
     off_n = pid_n * BLOCK_N
+    off_m = gl.program_id(2) * M_TILE
     total = gl.cdiv(K, ROWS * PACK)
     first = split * blocks_per_split
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
@@ -227,31 +230,34 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
         (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count, BITS, BLOCK_N, STAGES, ASYNC,
                               M_TILE, WARPS, BYTE_PERM)),
         (_load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count,
-                           off_n, last_group, GROUP_SIZE, STAGES, PACK, PDL)),
+                           off_n, off_m, last_group, GROUP_SIZE, STAGES, PACK, PDL)),
     ], [1], [24])
     # fmt: on
     if PDL:
         grid_wait()  # returned in the loader already; here too, so that no write of this warpgroup can precede it
-    store_tile(results[0], Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS, BLOCK_N, SPLIT_K, WARPS)
+    store_tile(results[0], Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS, BLOCK_N, SPLIT_K, WARPS, off_m,
+               gl.program_id(2) * gl.num_programs(0) + pid_n)  # fmt: skip
 
 
 @gluon.jit
 def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
-               SPLIT_K: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
-    """Column tile ``pid_n``'s sums of K split ``split`` into ``Out`` (plus the bias): with ``SPLIT_K > 1`` each split
-    stores its partial sums and counts its arrival, and the last to arrive adds them all, as ``split_k.store_tile``
-    does."""
+               SPLIT_K: gl.constexpr, WARPS: gl.constexpr, off_m=0, tile=None):  # fmt: skip
+    """Column tile ``pid_n``'s sums (of X's rows from ``off_m``) of K split ``split`` into ``Out`` (plus the bias): with
+    ``SPLIT_K > 1`` each split stores its partial sums and counts its arrival on counter ``tile`` (default
+    ``pid_n``), and the last to arrive adds them all, as ``split_k.store_tile`` does."""
     M_TILE: gl.constexpr = acc.type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    if tile is None:
+        tile = pid_n
     rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    rm = gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
+    rm = off_m + gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     offs = rm[None, :] * N + rn[:, None]
     store_mask = mask
     if SPLIT_K > 1:
         gl.store(Partials + split * M * N + offs, acc, mask=mask)
         gl.thread_barrier()
-        arrived = gl.atomic_add(Counters + pid_n, 1, sem="acq_rel")
+        arrived = gl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
             if BLOCK_N * M_TILE <= 16 * 32 * WARPS:  # up to 16 sums a thread: every split's loads in flight at once
@@ -260,7 +266,7 @@ def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS:
             else:  # larger tiles one split at a time (all at once would spill at the register caps offered)
                 for other in range(SPLIT_K):
                     acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
-            gl.atomic_xchg(Counters + pid_n, 0)
+            gl.atomic_xchg(Counters + tile, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
     if HAS_BIAS:
         acc += gl.load(Bias + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
@@ -272,9 +278,10 @@ class WsPlan:
     """One launch of the warp-specialized kernel: columns per program, K split, ring depth, async products, the
     register cap per thread (``maxnreg``: a program of 4 compute warps and a loader is allocated 8 warps' registers,
     so 80 leaves room for three programs per SM, 64 for four), compute warps (4 or 8: one or two warpgroups, each
-    64 columns per product) and rows of X per product (``M_TILES``, at least the rows of X). A thread holds
-    ``block_n * m_tile / (32 * num_warps)`` accumulators twice (the sum and the block's product), so 64 rows want
-    64 columns per warpgroup and about 96 registers."""
+    64 columns per product) and rows of X per product (decode: ``M_TILES``, at least the rows of X; prefill:
+    ``PREFILL_M_TILE``, a tile of programs per 128 rows). A thread holds ``block_n * m_tile / (32 * num_warps)``
+    accumulators twice (the sum and the block's product), so 64 rows want 64 columns per warpgroup and about 96
+    registers, 128 rows about 168."""
 
     block_n: int = 128
     split_k: int = 4
@@ -287,14 +294,13 @@ class WsPlan:
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
-    """Where the kernel applies: a Hopper GPU, bf16 X of at most ``WS_MAX_M`` rows with 16-byte aligned rows (TMA), a
-    multiple of 8 columns (16-byte rows of fp16 scales), 2- or 4-bit codes, one scale per K block or per channel, no
-    act-order permutation."""
+    """Where the kernel applies: a Hopper GPU, bf16 X with 16-byte aligned rows (TMA), a multiple of 8 columns
+    (16-byte rows of fp16 scales), 2- or 4-bit codes, one scale per K block or per channel, no act-order
+    permutation."""
     return (
         x.is_cuda
         and torch.cuda.get_device_capability(x.device)[0] == 9
         and x.dtype == torch.bfloat16
-        and x.shape[0] <= WS_MAX_M
         and x.stride(1) == 1
         and (x.stride(0) * 2) % 16 == 0
         and x.data_ptr() % 16 == 0
@@ -350,13 +356,14 @@ def compile_ws_plan(
 
 def outputs(x: torch.Tensor, n: int, plan: WsPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A launch's output ``[M, N]`` in X's dtype, and with ``plan.split_k > 1`` its fp32 partial sums
-    ``[split_k, M, N]`` and the tiles' arrival counters (``store_tile``); without, the output stands in for both."""
+    ``[split_k, M, N]`` and the tiles' arrival counters (``store_tile``, one per column tile and tile of rows);
+    without, the output stands in for both."""
     m = x.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if plan.split_k == 1:
         return out, out, out
     partials = torch.empty(plan.split_k, m, n, dtype=torch.float32, device=x.device)
-    return out, partials, tile_counters(x.device, cdiv(n, plan.block_n))
+    return out, partials, tile_counters(x.device, cdiv(n, plan.block_n) * cdiv(m, plan.m_tile))
 
 
 def launch_gptq_decode_ws(
@@ -369,17 +376,15 @@ def launch_gptq_decode_ws(
     group_size: int,
     plan: WsPlan,
 ) -> torch.Tensor:
-    """``x [M <= m_tile, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16; unchecked: callers
-    test ``ws_supported`` first. Launched with PDL where ``pdl_supported``."""
+    """``x [M, K] @ W`` (kernel layout, ``gptq_gemm.pack_for_kernel``) -> ``[M, N]`` bf16, in tiles of ``plan.m_tile``
+    rows; unchecked: callers test ``ws_supported`` first. Launched with PDL where ``pdl_supported``."""
     m, k = x.shape
-    if m > plan.m_tile:
-        raise ValueError(f"x has {m} rows, more than the plan's m_tile={plan.m_tile}")
     n = qweight.shape[1]
     per_split = cdiv(cdiv(k, block_rows(bits)), plan.split_k)
     w_desc, x_desc, z_desc, s_desc = descriptors(x, qweight, scales, zeros, plan)
     out, partials, counters = outputs(x, n, plan)
     pdl = pdl_supported(x.device)
-    gptq_decode_ws_kernel[(cdiv(n, plan.block_n), plan.split_k)](
+    gptq_decode_ws_kernel[(cdiv(n, plan.block_n), plan.split_k, cdiv(m, plan.m_tile))](
         w_desc, x_desc, z_desc, s_desc, out if bias is None else bias, out, partials, counters, m, n, k, per_split,
         **_constexprs(plan, bits, group_size, bias is not None, pdl), num_warps=plan.num_warps, maxnreg=plan.maxnreg,
         launch_pdl=pdl,

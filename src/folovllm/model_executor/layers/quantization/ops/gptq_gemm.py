@@ -16,6 +16,7 @@ import torch
 
 from folovllm.model_executor.layers.quantization.ops.gluon_gptq import (
     M_TILES,
+    PREFILL_M_TILE,
     WS_MAX_M,
     WsPlan,
     launch_gptq_decode_ws,
@@ -196,8 +197,12 @@ def _kernel_for(plan: GemmPlan, act: torch.dtype, bits: int) -> tuple[object, di
 
 def as_ws_plan(plan: GemmPlan, m: int) -> WsPlan:
     """The Gluon launch a ``ws`` plan stands for at ``m`` rows: its tiles, split, ring depth and register cap, and the
-    fewest rows of X per product (8, 16, 32 or 64) that hold all ``m``."""
-    m_tile = next(t for t in M_TILES if t >= min(m, WS_MAX_M))
+    fewest rows of X per product (8, 16, 32 or 64) that hold all ``m``; a prefill plan (``block_m`` 128) tiles the
+    rows by 128."""
+    if plan.block_m == PREFILL_M_TILE:
+        m_tile = PREFILL_M_TILE
+    else:
+        m_tile = next(t for t in M_TILES if t >= min(m, WS_MAX_M))
     return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps, m_tile)
 
 
@@ -219,7 +224,8 @@ def launch_gptq_gemm(
     reads of all of X, which made act-order about 2x slower than the plain kernel at 16 rows and 6-7x
     slower at 256 on the H200 (0a8f201).
     One row keeps the in-kernel gather, which costs less than a launch there.
-    A ``ws`` plan runs the Gluon kernel where it applies (``ws_supported``) and its Triton pairs twin elsewhere."""
+    A ``ws`` plan runs the Gluon kernel where it applies (``ws_supported``) and its Triton twin elsewhere (the pairs
+    kernel; for a prefill plan the whole-block kernel)."""
     m, k = x.shape
     n = qweight.shape[1]
     if perm is not None and m > 1:
@@ -233,13 +239,14 @@ def launch_gptq_gemm(
         raise ValueError("pairs is a kind of swap_ab plan: it needs swap_ab=True")
     if plan.block_dot and not plan.dequant_tiles:
         raise ValueError("block_dot dequantizes whole blocks: it needs dequant_tiles=True")
-    if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m in (DECODE_MAX_M, WS_MAX_M)):
-        raise ValueError(
-            f"ws is a decode plan with a pairs twin: it needs swap_ab, pairs and block_m {DECODE_MAX_M} or {WS_MAX_M}"
-        )
+    ws_rows = (DECODE_MAX_M, WS_MAX_M, PREFILL_M_TILE)
+    if plan.ws and not (plan.swap_ab and plan.pairs and plan.block_m in ws_rows):
+        raise ValueError(f"ws is a plan with a Triton twin: it needs swap_ab, pairs and block_m in {ws_rows}")
     if plan.ws and ws_supported(x, qweight, perm, bits, group_size):
         return launch_gptq_decode_ws(x, qweight, scales, zeros, bias, bits, group_size, as_ws_plan(plan, m))
-    if plan.ws:  # the register cap was tuned for the Gluon kernel, not for its twin
+    if plan.ws and plan.block_m == PREFILL_M_TILE:  # a prefill plan's twin: the whole-block kernel
+        plan = _block_dot_plan(m, cdiv(k, block_rows(bits)), bits, x.element_size())
+    elif plan.ws:  # the register cap was tuned for the Gluon kernel, not for its twin
         plan = replace(plan, ws=False, maxnreg=None)
     kernel, extra = _kernel_for(plan, x.dtype, bits)
     return launch_plan(kernel, extra, x, qweight, scales, zeros, perm, bias, bits, group_size, plan)
