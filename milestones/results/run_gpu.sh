@@ -769,7 +769,8 @@ else:
     # which programs make the tail (the slowest program sets the kernel's time). About 1 device-minute.
     timeout 150 python3 milestones/results/m7_ws_timeline.py --raw "$OUT/M7-timeline-raw-$gpu.json" 2>&1 | grep -v Warn | cut -c1-300 ;;
   prefillws)
-    # #15, twenty-fifth session: the Gluon kernel in tiles of 128 rows of X for prefill (grid axis 2), against the
+    # #15, twenty-fifth session, run at 8ca2ced then at the commit after: the Gluon kernel in tiles of 128 rows of X for
+    # prefill (grid axis 2; from the second run the operands scaled in bf16, 128 or 256 columns), against the
     # Triton whole-block kernel. GPU tests of the kernel, the sweep at 256 rows (writes the tuned table's 256-row
     # plans, copied to $OUT), then the kernel table at 64-4096 rows with it. About 8 device-minutes.
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2

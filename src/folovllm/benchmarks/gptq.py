@@ -180,7 +180,8 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     also the warp-specialized Gluon kernel (its pairs twin where Gluon does not run) at 3-5 programs per SM
     (``maxnreg`` 80, 64, 48), about one wave of programs: the fastest grids of the seventeenth session's probe;
     from 17 to 64 rows the same kernel with 64 rows per product (``maxnreg`` 96 or 128, 1-3 programs per SM), and
-    above 64 rows in tiles of 128 rows (``PREFILL_M_TILE``: the weights read once per 128 rows)
+    above 64 rows in tiles of 128 rows (``PREFILL_M_TILE``: the weights read once per 128 rows, X once per 128 or 256
+    columns; one program per SM at 168 registers, two at 128 where shared memory allows).
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
@@ -205,10 +206,10 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                 split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, 2)
                 plans.append(GemmPlan(WS_MAX_M, block_n, False, split, per_split, warps, 4, swap_ab=True, pairs=True,
                                       ws=True, maxnreg=maxnreg))  # fmt: skip
-        else:  # Gluon in tiles of 128 rows (no spills at 128 registers, compiled for sm_90), one K range per program
-            for (block_n, warps), stages in itertools.product(((64, 4), (128, 8)), (2, 3, 4)):
-                plans.append(GemmPlan(PREFILL_M_TILE, block_n, False, 1, k_blocks, warps, stages, swap_ab=True,
-                                      pairs=True, ws=True, maxnreg=128))  # fmt: skip
+        else:  # Gluon in tiles of 128 rows, scaled operands (no spills at 128 registers, compiled for sm_90)
+            for block_n, stages, maxnreg, async_mma in itertools.product((128, 256), (2, 3, 4), (128, 168), (False, True)):
+                plans.append(GemmPlan(PREFILL_M_TILE, block_n, False, 1, k_blocks, 8, stages, swap_ab=True, pairs=True,
+                                      ws=True, maxnreg=maxnreg, async_mma=async_mma))  # fmt: skip
         return list(dict.fromkeys(plans))
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
         block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program

@@ -43,14 +43,16 @@ PREFILL_M_TILE = 128  # prefill: tiles of 128 rows of X along the grid's third a
 _PER_ASM = 4  # product operands one ``_byte_perm_asm`` block makes (its outputs $0..$3; its inputs follow)
 PER_ASM = gl.constexpr(_PER_ASM)
 _CONSTRAINTS = gl.constexpr(",".join(["=r"] * _PER_ASM + ["r"] * 3))
+_SCALED_CONSTRAINTS = gl.constexpr(",".join(["=r"] * _PER_ASM + ["r"] * 4))
 
 
 @gluon.constexpr_function
-def _byte_perm_asm(bits: int, q: int) -> str:
+def _byte_perm_asm(bits: int, q: int, scaled: bool = False) -> str:
     """PTX that makes product operands ``q * PER_ASM ...`` from two words of a row (``$4``, ``$5``: word rows ``c`` and
     ``c + 1``, the two K positions one register of ``wgmma``'s A holds): ``prmt`` puts the two words' bytes holding
     those fields side by side, one 16-bit half each; per field a shift and one ``lop3`` (``(t & mask) | 0x4300``)
-    make both halves bf16 ``128 + q``, and ``sub.bf16x2`` takes ``128 + z`` (``$6``) from both."""
+    make both halves bf16 ``128 + q``, and ``sub.bf16x2`` takes ``128 + z`` (``$6``) from both. ``scaled``: then
+    ``mul.rn.bf16x2`` by the scale (``$7``), so the operands are the weights themselves, rounded to bf16."""
     fields_per_half = 16 // bits
     first = q * _PER_ASM
     selector = "0x5410" if first < fields_per_half else "0x7632"
@@ -64,7 +66,10 @@ def _byte_perm_asm(bits: int, q: int) -> str:
             lines.append(f"shr.u32 u, t, {shift};")
             src = "u"
         lines.append(f"lop3.b32 u, {src}, {mask}, 0x43004300, 0xEA;")
-        lines.append(f"sub.bf16x2 ${i}, u, {off};")
+        if scaled:
+            lines += [f"sub.bf16x2 u, u, {off};", f"mul.rn.bf16x2 ${i}, u, ${_PER_ASM + 3};"]
+        else:
+            lines.append(f"sub.bf16x2 ${i}, u, {off};")
     return "\n".join(lines + ["}"])
 
 
@@ -184,18 +189,56 @@ def block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl.constexpr, 
 
 
 @gluon.jit
+def scaled_block_product(acc, w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl.constexpr, BLOCK_N: gl.constexpr,
+                         ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
+    """``acc`` plus the product of the K block in stage ``s`` (landed) with the weights themselves as operands: codes
+    made bf16 ``(q - z) * scale`` (``_byte_perm_asm``, scaled), so the products go straight into ``acc`` and no
+    block's product is held apart. Frees the stage once its products are done."""
+    PACK: gl.constexpr = 32 // BITS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    column: gl.constexpr = gl.SliceLayout(1, a_layout)
+    zero = gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
+    z = z_bufs.index(s).reshape([BLOCK_N]).load(column)
+    offs = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None] + zero
+    scales = s_bufs.index(s).reshape([BLOCK_N]).load(column).to(gl.bfloat16)[:, None] + zero
+    words = w_bufs.index(s).permute((1, 0)).load(a_layout)
+    for q in gl.static_range(PACK // PER_ASM):
+        codes = gl.inline_asm_elementwise(
+            _byte_perm_asm(BITS, q, True),
+            _SCALED_CONSTRAINTS,
+            [words, offs, scales],
+            dtype=(gl.bfloat16,) * PER_ASM,
+            is_pure=True,
+            pack=2,
+        )
+        for i in gl.static_range(PER_ASM):
+            acc = warpgroup_mma(codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), acc, is_async=ASYNC)
+    if ASYNC:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    mbarrier.arrive(empty.index(s), count=1)
+    return acc
+
+
+@gluon.jit
 def _compute_partition(ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count,
                        BITS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr,
-                       BYTE_PERM: gl.constexpr):  # fmt: skip
-    """The compute warpgroup: each K block's scaled product as its stage lands, summed. It reads shared memory only:
-    the loader brings the zero points and scales with the words."""
+                       BYTE_PERM: gl.constexpr, SCALED: gl.constexpr):  # fmt: skip
+    """The compute warpgroup: each K block's scaled product as its stage lands, summed (``SCALED``: the weights as
+    operands, accumulated in place). It reads shared memory only: the loader brings the zero points and scales with
+    the words."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
     acc = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
     for i in range(count):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        acc += block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS, BLOCK_N, ASYNC, M_TILE, WARPS, BYTE_PERM)
+        if SCALED:
+            acc = scaled_block_product(acc, w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS, BLOCK_N, ASYNC, M_TILE,
+                                       WARPS)  # fmt: skip
+        else:
+            acc += block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS, BLOCK_N, ASYNC, M_TILE, WARPS,
+                                 BYTE_PERM)  # fmt: skip
     return (acc,)
 
 
@@ -204,7 +247,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
                           BITS: gl.constexpr, GROUP_SIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
                           BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                           ASYNC: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr,
-                          PDL: gl.constexpr):  # fmt: skip
+                          PDL: gl.constexpr, SCALED: gl.constexpr = False):  # fmt: skip
     """``Out [M, N] = X [M, K] @ W`` on bf16 X in tiles of ``M_TILE`` rows (8 to 128, the X descriptor's rows): program
     ``(n, split, m)`` owns ``BLOCK_N`` columns of rows ``m * M_TILE ...`` and ``blocks_per_split`` K blocks; with
     ``SPLIT_K > 1`` the splits meet as ``split_k.store_tile`` does. Under ``PDL`` (``triton_utils.pdl``) the next
@@ -228,7 +271,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
     # fmt: off
     results = gl.warp_specialize([
         (_compute_partition, (ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, count, BITS, BLOCK_N, STAGES, ASYNC,
-                              M_TILE, WARPS, BYTE_PERM)),
+                              M_TILE, WARPS, BYTE_PERM, SCALED)),
         (_load_partition, (w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs, z_bufs, s_bufs, first, count,
                            off_n, off_m, last_group, GROUP_SIZE, STAGES, PACK, PDL)),
     ], [1], [24])
@@ -291,6 +334,7 @@ class WsPlan:
     num_warps: int = 4
     m_tile: int = 16
     byte_perm: bool = True  # codes made by ``_byte_perm_asm`` (else by Gluon integer operations, the Triton way)
+    scaled: bool = False  # operands (q - z) * scale in bf16, summed in place (``scaled_block_product``): prefill
 
 
 def ws_supported(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int) -> bool:
@@ -335,7 +379,7 @@ def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool, pdl: b
     """The kernel's compile-time arguments (per channel, ``group_size=-1``, as one group longer than any K)."""
     return dict(BITS=bits, GROUP_SIZE=PER_CHANNEL if group_size == -1 else group_size, HAS_BIAS=has_bias,
                 BLOCK_N=plan.block_n, SPLIT_K=plan.split_k, STAGES=plan.stages, ASYNC=plan.async_mma,
-                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, PDL=pdl)  # fmt: skip
+                WARPS=plan.num_warps, BYTE_PERM=plan.byte_perm, PDL=pdl, SCALED=plan.scaled)  # fmt: skip
 
 
 def compile_ws_plan(

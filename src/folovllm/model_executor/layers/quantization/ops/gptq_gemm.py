@@ -103,6 +103,7 @@ class GemmPlan:
     pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
     ws: bool = False  # the warp-specialized Gluon kernel (``gluon_gptq.py``); ``num_stages`` is its ring depth
     maxnreg: int | None = None  # registers per thread, a launch option (programs per SM); None: the compiler's choice
+    async_mma: bool = False  # ws: a block's products issued at once and waited for once, not one by one
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -198,12 +199,11 @@ def _kernel_for(plan: GemmPlan, act: torch.dtype, bits: int) -> tuple[object, di
 def as_ws_plan(plan: GemmPlan, m: int) -> WsPlan:
     """The Gluon launch a ``ws`` plan stands for at ``m`` rows: its tiles, split, ring depth and register cap, and the
     fewest rows of X per product (8, 16, 32 or 64) that hold all ``m``; a prefill plan (``block_m`` 128) tiles the
-    rows by 128."""
-    if plan.block_m == PREFILL_M_TILE:
-        m_tile = PREFILL_M_TILE
-    else:
-        m_tile = next(t for t in M_TILES if t >= min(m, WS_MAX_M))
-    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps, m_tile)
+    rows by 128 and multiplies by the weights themselves, scaled in bf16 (``WsPlan.scaled``)."""
+    prefill = plan.block_m == PREFILL_M_TILE
+    m_tile = PREFILL_M_TILE if prefill else next(t for t in M_TILES if t >= min(m, WS_MAX_M))
+    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, plan.async_mma, plan.maxnreg or 80, plan.num_warps, m_tile,
+                  scaled=prefill)  # fmt: skip
 
 
 def launch_gptq_gemm(
