@@ -44,18 +44,23 @@ def test_up_to_64_rows_share_each_block_of_words_in_one_product(m_tile, block_n,
     assert ptxas_report(asm["ptx"]) == {"registers": maxnreg, "spill_bytes": 0}
 
 
-@pytest.mark.parametrize(("block_n", "stages", "async_mma"), [(128, 2, False), (256, 4, True)])
-def test_prefill_tiles_multiply_128_rows_by_the_scaled_weights(block_n, stages, async_mma):
+@pytest.mark.parametrize(
+    ("block_n", "warps", "maxnreg", "stages", "async_mma", "compute_regs"),
+    [(128, 8, 128, 2, False, 176), (256, 8, 168, 4, True, 240), (128, 4, 128, 2, False, 232)],
+)
+def test_prefill_tiles_multiply_128_rows_by_the_scaled_weights(block_n, warps, maxnreg, stages, async_mma, compute_regs):
     """Compiled for an H200 on this CPU: a prefill plan multiplies each block of codes it converts by 128 rows of X
     (``wgmma`` m64n128k16), the codes made the weights themselves (one ``mul.rn.bf16x2`` by the scale per operand
-    register: 128 codes of a column a block, two per register, so ``block_n / 4`` a thread of two warpgroups), so
-    its only accumulator fits 168 registers without spilling even 256 columns wide, and its ring (the block's words
-    and 128 rows of X per stage) fits the 227 KiB of shared memory a Hopper SM has."""
-    asm = ws.compile_ws_plan(ws.WsPlan(block_n, 1, stages, async_mma, 168, 8, ws.PREFILL_M_TILE, scaled=True))
+    register, two codes of a column each: ``block_n * 128 / (2 * 32 * warps)`` a thread). The loader gives its
+    registers back and the compute warps raise theirs from the pool ``maxnreg`` sets (``setmaxnreg``), enough for
+    the one accumulator without spilling, even 256 columns wide; the ring (the block's words and 128 rows of X per
+    stage) fits the 227 KiB of shared memory a Hopper SM has."""
+    asm = ws.compile_ws_plan(ws.WsPlan(block_n, 1, stages, async_mma, maxnreg, warps, ws.PREFILL_M_TILE, scaled=True))
     ptx = asm["ptx"]
-    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8 * block_n // (16 * 8)
-    assert ptx.count("mul.rn.bf16x2") == block_n // 4
-    assert ptxas_report(ptx) == {"registers": 168, "spill_bytes": 0}
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16") == 8 * block_n // (16 * warps)
+    assert ptx.count("mul.rn.bf16x2") == block_n * 128 // (2 * 32 * warps)
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{compute_regs}" in ptx and "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
+    assert ptxas_report(ptx) == {"registers": maxnreg, "spill_bytes": 0}
     ring = stages * (16 * block_n * 4 + 8 * 128 * 16 * 2 + 2 * block_n * 2)
     assert ring < int(asm["shared"]) < min(ring + 1024, 227 * 1024)
 
@@ -172,7 +177,8 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 320, 4, 128, 200, True, ws.WsPlan(64, 1, 3, False, 128, 4, 128)),
         (2048, 256, 4, 128, 300, False, ws.WsPlan(128, 1, 2, False, 128, 8, 128, scaled=True)),
         (1024, 384, 4, 128, 129, False, ws.WsPlan(128, 2, 2, True, 168, 8, 128, scaled=True)),
-        (2048, 512, 2, 256, 257, True, ws.WsPlan(256, 1, 3, True, 168, 8, 128, scaled=True)),
+        (2048, 512, 2, 256, 257, True, ws.WsPlan(256, 1, 2, True, 168, 8, 128, scaled=True)),
+        (1024, 320, 4, 128, 333, True, ws.WsPlan(128, 1, 2, False, 128, 4, 128, scaled=True)),
         (1024, 320, 4, -1, 140, False, ws.WsPlan(256, 1, 4, False, 168, 8, 128, scaled=True)),
     ],
 )
@@ -230,8 +236,8 @@ def test_sweep_offers_gluon_plans_at_every_size():
     assert wide and all(p.block_m == 64 and p.swap_ab and p.pairs for p in wide)
     assert {(p.block_n, p.num_warps, p.maxnreg) for p in wide} == {(64, 4, 96), (64, 4, 128), (128, 8, 128)}
     prefill = [p for p in sweep_plans(256, 4096, 6144, 4, 132, cpu) if p.ws]
-    assert {(p.block_m, p.split_k, p.blocks_per_split, p.num_warps) for p in prefill} == {(128, 1, 32, 8)}
-    assert len(prefill) == 24 and {p.block_n for p in prefill} == {128, 256} and {p.maxnreg for p in prefill} == {128, 168}
+    assert {(p.block_m, p.split_k, p.blocks_per_split) for p in prefill} == {(128, 1, 32)}
+    assert len(prefill) == 15 and {(p.block_n, p.num_warps) for p in prefill} == {(128, 8), (256, 8), (128, 4)}
 
 
 def test_h200_table_holds_gluon_plans_with_register_caps():

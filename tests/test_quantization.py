@@ -666,12 +666,16 @@ def test_gptq_sweep_plans_cover_both_decode_kernels():
     assert {p.block_n for p in one_row} == {32, 64, 128, 256} and {p.num_warps for p in one_row} == {2, 4, 8}
     assert max(p.split_k for p in one_row) == 16 and min(p.blocks_per_split for p in one_row) == 2
     prefill = sweep_plans(256, 4096, 4096, 4, 132, torch.device("cpu"))
-    assert all(p.dequant_tiles and p.split_k == 1 for p in prefill) and {p.block_dot for p in prefill} == {True, False}
+    assert all(p.split_k == 1 and (p.dequant_tiles or p.ws) for p in prefill) and {p.block_dot for p in prefill} == {
+        True,
+        False,
+    }
     at_64 = sweep_plans(64, 4096, 4096, 4, 132, torch.device("cpu"))
     pairs_64 = [p for p in at_64 if p.pairs]  # up to 64 rows also the code pairs, every row in one tile
     assert pairs_64 and all(p.block_m == 64 and p.swap_ab for p in pairs_64) and max(p.split_k for p in pairs_64) > 1
     assert {p.block_dot for p in at_64 if p.dequant_tiles} == {True, False}
-    assert tuned_key(4, 17, 64, 8) == "bits=4,m=64,k=64,n=8" and tuned_key(4, 4096, 64, 8) == "bits=4,m=256,k=64,n=8"
+    assert tuned_key(4, 17, 64, 8) == "bits=4,m=64,k=64,n=8" and tuned_key(4, 1024, 64, 8) == "bits=4,m=256,k=64,n=8"
+    assert tuned_key(4, 1025, 64, 8) == tuned_key(4, 8192, 64, 8) == "bits=4,m=4096,k=64,n=8"
     at_sixteen = sweep_plans(16, 4096, 4096, 4, 132, torch.device("cpu"))
     assert not any(p.gemv for p in at_sixteen) and {p.swap_ab for p in at_sixteen} == {True, False}
     at_four = sweep_plans(4, 4096, 4096, 4, 132, torch.device("cpu"))

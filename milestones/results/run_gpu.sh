@@ -778,6 +778,15 @@ else:
       --out "$OUT/M7-prefill-ws-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; tail -20 "$OUT/gptq.log"
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  prefillws2)
+    # #15, after prefillws: prefill plans tuned at 256 rows (up to 1024) and at 4096 (more), with 128 or 256 columns
+    # and one or two programs per SM; GPU tests, the sweep at both sizes (writes the table, copied to $OUT), the kernel
+    # table at 64-4096 rows with it. About 9 device-minutes.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py 2>&1 | tail -2
+    timeout 420 python3 -m folovllm bench gptq --kernels-only --sweep --sweep-m 256 4096 --m 64 256 1024 2048 4096 \
+      --out "$OUT/M7-prefill-ws2-$gpu.json" > "$OUT/gptq.log" 2>&1
+    echo "gptq: exit $?"; grep -v '^ ' "$OUT/gptq.log" | tail -5
+    cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   prefillw)
     # #15, after prefillws (its table committed): W's fair pair and TTFT/TPOT at one row.
     timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     gq.add_argument("--input-len", type=int, default=128)
     gq.add_argument("--output-len", type=int, default=128)
     gq.add_argument("--kernels-only", action="store_true", help="skip the whole-model memory and TPOT runs")
-    gq.add_argument("--sweep", action="store_true", help="also time every launch plan at M = 1, 4, 16, 64, 256")
+    gq.add_argument("--sweep", action="store_true", help="also time every launch plan at M = 1, 4, 16, 64, 256, 4096")
     gq.add_argument(
         "--sweep-m", type=int, nargs="+", default=None, help="sweep these M only; the tuned table keeps its other plans"
     )

@@ -181,7 +181,8 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
     (``maxnreg`` 80, 64, 48), about one wave of programs: the fastest grids of the seventeenth session's probe;
     from 17 to 64 rows the same kernel with 64 rows per product (``maxnreg`` 96 or 128, 1-3 programs per SM), and
     above 64 rows in tiles of 128 rows (``PREFILL_M_TILE``: the weights read once per 128 rows, X once per 128 or 256
-    columns; one program per SM at 168 registers, two at 128 where shared memory allows).
+    columns; a program's compute warps raise their registers to 176-256 from the pool ``maxnreg`` sets, so one
+    program per SM with eight of them, two with four).
 
     At one row the FMA kernel's grid reaches further: the 640d064 sweep's fastest plans sat at the edge of
     the first grid (the narrowest tiles, the fewest warps, the most splits it allowed) on every shape."""
@@ -206,10 +207,12 @@ def sweep_plans(m: int, k: int, n: int, bits: int, num_sms: int, device: torch.d
                 split, per_split = split_k_for(cdiv(n, block_n), k_blocks, per_sm * num_sms, 2)
                 plans.append(GemmPlan(WS_MAX_M, block_n, False, split, per_split, warps, 4, swap_ab=True, pairs=True,
                                       ws=True, maxnreg=maxnreg))  # fmt: skip
-        else:  # Gluon in tiles of 128 rows, scaled operands (no spills at 128 registers, compiled for sm_90)
-            for block_n, stages, maxnreg, async_mma in itertools.product((128, 256), (2, 3, 4), (128, 168), (False, True)):
-                plans.append(GemmPlan(PREFILL_M_TILE, block_n, False, 1, k_blocks, 8, stages, swap_ab=True, pairs=True,
-                                      ws=True, maxnreg=maxnreg, async_mma=async_mma))  # fmt: skip
+        else:  # Gluon in tiles of 128 rows, scaled operands: (columns, warps, register pool) for one or two per SM
+            for (block_n, warps, maxnreg), stages in itertools.product(
+                ((128, 8, 128), (128, 8, 168), (256, 8, 128), (256, 8, 168), (128, 4, 128)), (2, 3, 4)
+            ):
+                plans.append(GemmPlan(PREFILL_M_TILE, block_n, False, 1, k_blocks, warps, stages, swap_ab=True,
+                                      pairs=True, ws=True, maxnreg=maxnreg))  # fmt: skip
         return list(dict.fromkeys(plans))
     for gemv in (True, False) if m <= GEMV_MAX_M else (False,):
         block_m = 1 if gemv else 16  # the FMA kernel runs one row of X per program
@@ -374,7 +377,7 @@ def bench_gptq(
     lm_head: bool = False,
 ) -> dict[str, Any]:
     """Kernels (plain and act-order, launched without PDL), weight memory and TPOT in one JSON; ``sweep`` adds every
-    decode plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256 (prefill), or at ``sweep_ms`` only,
+    decode plan of ``sweep_plans`` at M = 1, 4, 16 (decode) and 64, 256, 4096 (prefill), or at ``sweep_ms`` only,
     whose tuned plans then replace just their own entries of the table. ``lm_head`` puts ``lm_head``'s shape in
     place of the decoder projections in the kernel table and the sweep (no act-order table)."""
     shapes = LM_HEAD_SHAPE if lm_head else QWEN3_8B_SHAPES
@@ -398,7 +401,7 @@ def bench_gptq(
     }
     with without_pdl():  # kernels alone, as cuBLAS runs: PDL would overlap each launch with its own copy before it
         if sweep:  # first, so that the kernel table below runs the plans it tunes
-            result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256], device=dev, shapes=shapes)
+            result["sweep"] = bench_gptq_sweep(sweep_ms or [1, 4, 16, 64, 256, 4096], device=dev, shapes=shapes)
             source = {key: result[key] for key in ("commit", "date", "gpu")}
             best = best_plans(result["sweep"])
             path = write_tuned_plans(torch.cuda.get_device_name(dev), best, source, merge=sweep_ms is not None)

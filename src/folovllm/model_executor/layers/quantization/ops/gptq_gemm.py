@@ -40,6 +40,7 @@ from folovllm.utils import cdiv
 KERNEL_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word exactly
 DECODE_MAX_M = 16  # up to here one M tile holds every row: the split-K plan
 GEMV_MAX_M = 4  # the FMA kernel's most rows (a 16-row tl.dot would be mostly padding); tuned plans choose
+LONG_PREFILL_M = 1024  # above this many rows the tuned table's 4096-row plans (wider tiles) apply
 _MIN_BLOCKS_PER_SPLIT = 4  # shorter K ranges save less than their partial sums cost
 _MAX_SPLIT_K = 16
 _SHARED_BYTES = 200 * 1024  # a whole-block plan's estimated shared memory: Hopper allows 227 KiB per block
@@ -103,7 +104,6 @@ class GemmPlan:
     pairs: bool = False  # swap_ab with codes made bf16 two per word op (``_gptq_gemm_pairs_kernel``; bf16, bits < 8)
     ws: bool = False  # the warp-specialized Gluon kernel (``gluon_gptq.py``); ``num_stages`` is its ring depth
     maxnreg: int | None = None  # registers per thread, a launch option (programs per SM); None: the compiler's choice
-    async_mma: bool = False  # ws: a block's products issued at once and waited for once, not one by one
 
 
 # ``configs/gptq_decode_NVIDIA_H200.json``: plans measured per GPU model (``bench gptq --sweep``)
@@ -126,9 +126,10 @@ def split_k_for(tiles: int, k_blocks: int, target_programs: int, min_blocks: int
 
 
 def tuned_key(bits: int, m: int, k: int, n: int) -> str:
-    """A tuned plan covers ``m`` = 1, 2..4, 5..16, 17..64 or more rows of one ``K x N`` weight (the sweep times
-    1, 4, 16, 64 and 256)."""
+    """A tuned plan covers ``m`` = 1, 2..4, 5..16, 17..64, 65..1024 or more rows of one ``K x N`` weight (the sweep
+    times 1, 4, 16, 64, 256 and 4096): a long prompt's tiles fill the GPU many times over, a short one's do not."""
     rows = 1 if m == 1 else 4 if m <= GEMV_MAX_M else DECODE_MAX_M if m <= DECODE_MAX_M else 64 if m <= 64 else 256
+    rows = 4096 if m > LONG_PREFILL_M else rows
     return f"bits={bits},m={rows},k={k},n={n}"
 
 
@@ -202,7 +203,7 @@ def as_ws_plan(plan: GemmPlan, m: int) -> WsPlan:
     rows by 128 and multiplies by the weights themselves, scaled in bf16 (``WsPlan.scaled``)."""
     prefill = plan.block_m == PREFILL_M_TILE
     m_tile = PREFILL_M_TILE if prefill else next(t for t in M_TILES if t >= min(m, WS_MAX_M))
-    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, plan.async_mma, plan.maxnreg or 80, plan.num_warps, m_tile,
+    return WsPlan(plan.block_n, plan.split_k, plan.num_stages, False, plan.maxnreg or 80, plan.num_warps, m_tile,
                   scaled=prefill)  # fmt: skip
 
 
