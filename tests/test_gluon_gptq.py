@@ -249,10 +249,14 @@ def test_h200_table_holds_gluon_plans_with_register_caps():
     plans = TUNED.plans("NVIDIA H200")
     gluon = {key: plan for key, plan in plans.items() if plan.ws}
     assert tuned_key(4, 1, 4096, 24576) in gluon and gluon[tuned_key(4, 1, 4096, 24576)].maxnreg in (80, 64, 48)
-    assert all(plan.block_m in (16, 64) and plan.swap_ab and plan.pairs for plan in gluon.values())
+    assert all(plan.block_m in (16, 64, 128) and plan.swap_ab and plan.pairs for plan in gluon.values())
+    shapes = ((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096))
     # the twentieth session's sweep at 64 rows (M7-wide-sweep-h200.json): two warpgroups, every row in one product
-    wide = [tuned_key(4, 64, k, n) for k, n in ((4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096))]
-    assert all(gluon[key].block_m == 64 and gluon[key].num_warps == 8 for key in wide)
+    assert all(gluon[tuned_key(4, 64, k, n)].block_m == 64 and gluon[tuned_key(4, 64, k, n)].num_warps == 8
+               for k, n in shapes)  # fmt: skip
+    # the twenty-fifth session's (M7-prefill-ws2-h200.json): tiles of 128 rows above 64, 256 columns above 1024
+    assert all(gluon[tuned_key(4, m, k, n)].block_m == 128 for m in (256, 4096) for k, n in shapes)
+    assert all(gluon[tuned_key(4, 4096, k, n)].block_n == 256 for k, n in shapes)
 
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
