@@ -788,7 +788,10 @@ else:
     echo "gptq: exit $?"; grep -v '^ ' "$OUT/gptq.log" | tail -5
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
   prefillw)
-    # #15, after prefillws (its table committed): W's fair pair and TTFT/TPOT at one row.
+    # #15, after prefillws2 (its table committed): the GPU tests of quantized models and CUDA graphs, W's fair pair,
+    # and TTFT/TPOT at one row. About 8 device-minutes.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_quantization.py tests/test_cuda_graph.py \
+      -k "on_gpu or cuda or gpu or graph" 2>&1 | tail -2
     timeout 230 python3 -m folovllm bench throughput --model random:qwen3-8b --max-model-len 2048 \
       --kv-cache-memory 17179869184 --subset 64 --milestone M7 M7/gptq M7 M7/gptq \
       --out "$OUT/M7-throughput-prefill-$gpu.json" > "$OUT/w.log" 2>&1; echo "W: exit $?"; tail -4 "$OUT/w.log"
