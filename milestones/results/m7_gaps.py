@@ -58,6 +58,17 @@ def timed_decode_steps(engine, request_id: str, max_tokens: int, warm_steps: int
     return (time.perf_counter() - start) * 1e3 / steps
 
 
+def kernels_after_previous(prof: profile) -> list[tuple[object, float | None]]:
+    """The profiled CUDA kernels in start order, each with its start minus the latest end before it (µs; negative: it
+    started while a kernel before still ran; None for the first)."""
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    out, end = [], None
+    for e in events:
+        out.append((e, None if end is None else e.time_range.start - end))
+        end = e.time_range.end if end is None else max(end, e.time_range.end)
+    return out
+
+
 def gaps(llm: LLM) -> dict:
     engine = llm.llm_engine
     # the same steps unprofiled first: what the profiler's view costs in wall time
@@ -67,26 +78,25 @@ def gaps(llm: LLM) -> dict:
             engine.step()
         torch.cuda.synchronize()
     engine.abort_request(["gaps"])
-    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    kernels = kernels_after_previous(prof)
     by_name: dict[str, dict] = {}
-    end = events[0].time_range.start
     idle = []
-    for e in events:
-        gap = max(0.0, e.time_range.start - end)
-        end = max(end, e.time_range.end)
+    for e, after in kernels:
+        gap = max(0.0, after or 0.0)
         entry = by_name.setdefault(e.name[:60], {"count": 0, "busy_us": 0.0, "idle_before_us": 0.0})
         entry["count"] += 1
         entry["busy_us"] += e.time_range.elapsed_us()
         entry["idle_before_us"] += gap
         idle.append((gap, e.name[:60]))
-    span = (end - events[0].time_range.start) / STEPS
+    end = max(e.time_range.end for e, _ in kernels)
+    span = (end - kernels[0][0].time_range.start) / STEPS
     total_idle = sum(g for g, _ in idle) / STEPS
     per_step = {n: {k: (v / STEPS if k != "count" else v // STEPS) for k, v in d.items()} for n, d in by_name.items()}
     return {
         "unprofiled_ms_per_step": wall_ms,
         "span_us_per_step": span,
         "idle_us_per_step": total_idle,
-        "kernels_per_step": len(events) / STEPS,
+        "kernels_per_step": len(kernels) / STEPS,
         "by_name": dict(sorted(per_step.items(), key=lambda kv: -kv[1]["idle_before_us"])),
         "largest_gaps_us": [[round(g, 2), n] for g, n in sorted(idle, reverse=True)[:12]],
     }

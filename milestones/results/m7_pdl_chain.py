@@ -31,12 +31,12 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from m7_decode_limits import random_layer, reference, rel_err, weight_copies  # noqa: E402
+from m7_gaps import kernels_after_previous  # noqa: E402
 
 from folovllm.benchmarks.common import provenance, save_json  # noqa: E402
 from folovllm.benchmarks.gptq import QWEN3_8B_SHAPES  # noqa: E402
@@ -75,13 +75,8 @@ def kernel_overlaps(fn: Callable[[], object]) -> list[dict]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
-    rows, end = [], None
-    for e in events:
-        rows.append({"name": e.name[:40], "us": e.time_range.elapsed_us(),
-                     "after_previous_us": None if end is None else e.time_range.start - end})  # fmt: skip
-        end = e.time_range.end if end is None else max(end, e.time_range.end)
-    return rows
+    return [{"name": e.name[:40], "us": e.time_range.elapsed_us(), "after_previous_us": after}
+            for e, after in kernels_after_previous(prof)]  # fmt: skip
 
 
 def overlap_summary(rows: list[dict]) -> dict:
@@ -177,8 +172,7 @@ def tpot(pdl_first: bool = True) -> list[dict]:
     without, with and without again)."""
     from contextlib import nullcontext
 
-    from folovllm.benchmarks.gptq import _free
-    from folovllm.benchmarks.latency import bench_latency
+    from folovllm.benchmarks.gptq import tpot_row
 
     gptq = {"milestone": "M7", "quantization": "gptq"}
     on, off = ("gptq", gptq, nullcontext), ("gptq-no-pdl", gptq, without_pdl)
@@ -186,11 +180,8 @@ def tpot(pdl_first: bool = True) -> list[dict]:
     rows = []
     for label, kwargs, context in (("bf16", {"milestone": "M4"}, nullcontext), first, second, first):
         with context():
-            result = bench_latency("random:qwen3-8b", [128], 128, 1, with_hf=False, kv_cache_memory=4 * 2**30,
-                                   max_num_seqs=8, **kwargs)  # fmt: skip
-        rows.append({"config": label, **kwargs, "tpot_s": result["results"][0]["folovllm"]["tpot_s"]})
+            rows.append(tpot_row(label, "random:qwen3-8b", 128, 128, **kwargs))
         print(rows[-1], flush=True)
-        _free()
     for row in rows:
         row["tpot_speedup_vs_bf16"] = rows[0]["tpot_s"] / row["tpot_s"]
     return rows

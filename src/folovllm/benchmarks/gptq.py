@@ -323,42 +323,35 @@ def bench_weight_memory(model: str, device: torch.device, dtype: str = "bfloat16
     }
 
 
+def tpot_row(label: str, model: str, input_len: int, output_len: int, device: str | None = None,
+             kv_cache_memory: int = 4 * 2**30, **engine_kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """One batch-1 decode run of the whole model under ``engine_kwargs`` (a preset, ``quantization`` ...), as a row:
+    its label, settings, weight bytes, decode floor, TTFT and TPOT."""
+    from folovllm.benchmarks.latency import bench_latency
+
+    result = bench_latency(model, [input_len], output_len, 1, device=device, with_hf=False,
+                           kv_cache_memory=kv_cache_memory, max_num_seqs=8, **engine_kwargs)  # fmt: skip
+    row = {"config": label, **engine_kwargs, "weight_bytes": result["weight_bytes"],
+           "decode_floor_s": result["decode_floor_s"], **result["results"][0]["folovllm"]}  # fmt: skip
+    _free()
+    return row
+
+
 def bench_gptq_tpot(
     model: str, input_len: int, output_len: int, device: str | None = None, kv_cache_memory: int = 4 * 2**30
 ) -> list[dict[str, Any]]:
     """Batch-1 decode of the whole model: bf16 (M4, and M7's preset on bf16 weights) vs GPTQ (M7, CUDA graphs;
     with ``lm_head`` 4-bit too) vs GPTQ eager. Ratios are to the first row, M4's."""
-    from folovllm.benchmarks.latency import bench_latency
-
-    rows = []
-    for label, kwargs in (
-        ("bf16", {"milestone": "M4"}),
-        ("bf16-m7", {"milestone": "M7"}),  # M5's graph mode, chunked prefill and prefix caching, as GPTQ runs
-        ("gptq", {"milestone": "M7", "quantization": "gptq"}),
-        ("gptq-lm-head", {"milestone": "M7", "quantization": "gptq", "hf_overrides": LM_HEAD_OVERRIDES}),
-        ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
-    ):
-        result = bench_latency(
-            model,
-            [input_len],
-            output_len,
-            1,
-            device=device,
-            with_hf=False,
-            kv_cache_memory=kv_cache_memory,
-            max_num_seqs=8,
-            **kwargs,
+    rows = [
+        tpot_row(label, model, input_len, output_len, device, kv_cache_memory, **kwargs)
+        for label, kwargs in (
+            ("bf16", {"milestone": "M4"}),
+            ("bf16-m7", {"milestone": "M7"}),  # M5's graph mode, chunked prefill and prefix caching, as GPTQ runs
+            ("gptq", {"milestone": "M7", "quantization": "gptq"}),
+            ("gptq-lm-head", {"milestone": "M7", "quantization": "gptq", "hf_overrides": LM_HEAD_OVERRIDES}),
+            ("gptq-eager", {"milestone": "M7", "quantization": "gptq", "enforce_eager": True}),
         )
-        rows.append(
-            {
-                "config": label,
-                **kwargs,
-                "weight_bytes": result["weight_bytes"],
-                "decode_floor_s": result["decode_floor_s"],
-                **result["results"][0]["folovllm"],
-            }
-        )
-        _free()
+    ]
     base = rows[0]["tpot_s"]
     for row in rows:
         row["tpot_speedup_vs_bf16"] = base / row["tpot_s"]
