@@ -787,6 +787,15 @@ else:
       --out "$OUT/M7-prefill-ws2-$gpu.json" > "$OUT/gptq.log" 2>&1
     echo "gptq: exit $?"; grep -v '^ ' "$OUT/gptq.log" | tail -5
     cp src/folovllm/model_executor/layers/quantization/ops/configs/*.json "$OUT/" ;;
+  prefilll2)
+    # #15, after prefillw: Nsight Compute on the prefill kernel at 4096 rows (m7_prefill_l2.py): the tuned 256-column
+    # plan, the same at 128 columns and cuBLAS bf16 on qkv_proj and gate_up_proj; time, bytes through L2 and read
+    # from DRAM, speed-of-light and compute sections. About 3 device-minutes.
+    timeout 300 /usr/local/cuda/bin/ncu --kernel-name regex:'gptq|gemm|nvjet|xmma|cutlass' --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --metrics lts__t_bytes.sum,dram__bytes_read.sum --page raw --csv \
+      python3 milestones/results/m7_prefill_l2.py run > "$OUT/prefill-l2.csv" 2> "$OUT/ncu.err"
+    echo "ncu: exit $?"; tail -3 "$OUT/ncu.err"
+    python3 milestones/results/m7_prefill_l2.py collect "$OUT/prefill-l2.csv" "$OUT/M7-prefill-l2-$gpu.json" ;;
   prefillw)
     # #15, after prefillws2 (its table committed): the GPU tests of quantized models and CUDA graphs, W's fair pair,
     # and TTFT/TPOT at one row. About 8 device-minutes.
