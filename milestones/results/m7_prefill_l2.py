@@ -52,7 +52,7 @@ def run() -> None:
         torch.cuda.synchronize()
 
 
-UNITS = {"second": 1.0, "msecond": 1e-3, "usecond": 1e-6, "nsecond": 1e-9,
+UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "second": 1.0, "msecond": 1e-3, "usecond": 1e-6, "nsecond": 1e-9,
          "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}  # fmt: skip
 
 
@@ -67,8 +67,8 @@ def collect(path: str, out: str) -> None:
     text = open(path).read()
     rows = list(csv.reader(io.StringIO(text[text.index('"ID"') :])))
     header, units, kernels = rows[0], rows[1], rows[2:]
-    wanted = ("Kernel Name", "gpu__time_duration.sum", "dram__bytes_read.sum", "lts__t_bytes.sum", "throughput",
-              "pipe_tensor", "launch__grid_size", "launch__registers_per_thread")  # fmt: skip
+    wanted = ("Kernel Name", "gpu__time_duration.sum", "dram__bytes_read.sum", "lts__t_bytes.sum", "throughput.avg",
+              "pipe_tensor_op_gmma.avg", "launch__grid_size", "launch__registers_per_thread")  # fmt: skip
     keep = [i for i, h in enumerate(header) if any(w in h for w in wanted)]
     col = {h: i for i, h in enumerate(header)}
     names = [r[col["Kernel Name"]] for r in kernels]
