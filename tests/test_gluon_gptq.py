@@ -283,6 +283,41 @@ def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
     assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
 
 
+def test_untuned_prefill_on_hopper_defaults_to_the_gluon_kernel(monkeypatch):
+    """Shapes the table has no plan for: above 64 rows a Hopper GPU gets the Gluon kernel in 128-row tiles (128
+    columns up to 1024 rows, 256 above), what the H200 sweep chose on every tuned shape; other GPUs, and 17-64 rows,
+    keep whole blocks."""
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    for capability, m, want in ((9, 65, (True, 128)), (9, 4096, (True, 256)), (9, 40, (False, 128)), (8, 300, (False, 128))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: (c, 0))
+        ops.plan_gptq_gemm.cache_clear()
+        plan = ops.plan_gptq_gemm(m, 576, 2048, 4, torch.device("cuda"))
+        assert (plan.ws, plan.block_n) == want and plan.block_dot != plan.ws and plan.split_k == 1
+    ops.plan_gptq_gemm.cache_clear()
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("m", [65, 700, 1500])
+def test_untuned_prefill_runs_gluon_and_equals_the_reference(m, monkeypatch):
+    """A shape the table has no plan for (576 columns, 17 K blocks), above 64 rows: ``gptq_gemm`` reaches the Gluon
+    kernel by default (no Triton kernel is launched) and equals the reference."""
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    k, n = 17 * 128, 576
+    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
+    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
+    qweight = pack_for_kernel(codes, 4)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    monkeypatch.setattr(ops, "launch_plan", lambda *args, **kwargs: pytest.fail("a Triton kernel ran"))
+    got = ops.gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128)
+    ref = gptq_gemm_reference(x.float(), qweight, scales, zeros, None, None, 4, 128)
+    assert (got.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+
+
 @pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("count", [2, 4, 12])
 def test_pdl_launch_after_a_norm_reads_the_norms_output_in_a_cuda_graph(count):

@@ -146,13 +146,15 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device, item
     """Decode (``m <= 16``) is bound by the weight stream: split K until ~4 programs per SM stream
     weights, with scales applied to the product per group; one row runs the FMA kernel, more rows
     16-row ``tl.dot`` tiles. Prefill: whole dequantized blocks per ``tl.dot``, no split (enough
-    tiles; compute-bound). A GPU model with tuned plans (``bench gptq --sweep`` writes them) uses those
-    for the shapes it was tuned on."""
+    tiles; compute-bound); above 64 rows on Hopper the Gluon kernel in 128-row tiles instead (``_prefill_ws_plan``).
+    A GPU model with tuned plans (``bench gptq --sweep`` writes them) uses those for the shapes it was tuned on."""
     k_blocks = cdiv(k, block_rows(bits))
     if device.type == "cuda":
         tuned = TUNED.plans(torch.cuda.get_device_name(device)).get(tuned_key(bits, m, k, n))
         if tuned is not None:
             return tuned
+    if m > WS_MAX_M and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return _prefill_ws_plan(m, k_blocks)
     if m > DECODE_MAX_M:  # whole-block products: 1.33-1.72x the sliced tiles at M = 256 on the H200 (606708c)
         return _block_dot_plan(m, k_blocks, bits, itemsize)
     target = 4 * _num_sms(device) if device.type == "cuda" else 1
@@ -161,6 +163,16 @@ def plan_gptq_gemm(m: int, n: int, k: int, bits: int, device: torch.device, item
         return GemmPlan(1, 128, False, split, per_split, 4, 3, gemv=True)
     split, per_split = split_k_for(cdiv(n, 64), k_blocks, target)
     return GemmPlan(16, 64, False, split, per_split, 4, 4)
+
+
+def _prefill_ws_plan(m: int, k_blocks: int) -> GemmPlan:
+    """The Gluon kernel in 128-row tiles, as the H200 sweep tuned it on all of Qwen3-8B's projections
+    (``M7-prefill-ws2-h200.json``: 1.1-1.9x the whole-block kernel at 256 rows, 1.6-1.8x at 4096): 128 columns up
+    to ``LONG_PREFILL_M`` rows (more column tiles for fewer rows), 256 above (X read from L2 half as often). Where
+    Gluon does not run (act-order aside, other activations or bits) ``launch_gptq_gemm`` runs whole blocks instead."""
+    block_n, stages = (128, 4) if m <= LONG_PREFILL_M else (256, 2)
+    return GemmPlan(PREFILL_M_TILE, block_n, False, 1, k_blocks, 8, stages, swap_ab=True, pairs=True, ws=True,
+                    maxnreg=168)  # fmt: skip
 
 
 def _block_dot_plan(m: int, k_blocks: int, bits: int, itemsize: int) -> GemmPlan:
