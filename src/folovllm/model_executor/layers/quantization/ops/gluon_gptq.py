@@ -145,6 +145,24 @@ def _load_partition(w_desc, x_desc, z_desc, s_desc, ready, empty, w_bufs, x_bufs
 
 
 @gluon.jit
+def _byte_perm_products(acc, words, offs, scales, x_bufs, s, BITS: gl.constexpr, ASYNC: gl.constexpr):
+    """``acc`` plus the products of the K block in stage ``s`` with its codes made by ``_byte_perm_asm`` from
+    ``words`` and ``offs`` (``128 + z``), one per 16-row slice of X; with ``scales`` (not None) the codes are scaled
+    to the weights themselves."""
+    PACK: gl.constexpr = 32 // BITS
+    for q in gl.static_range(PACK // PER_ASM):
+        if scales is None:
+            codes = gl.inline_asm_elementwise(_byte_perm_asm(BITS, q), _CONSTRAINTS, [words, offs],
+                                              dtype=(gl.bfloat16,) * PER_ASM, is_pure=True, pack=2)  # fmt: skip
+        else:
+            codes = gl.inline_asm_elementwise(_byte_perm_asm(BITS, q, True), _SCALED_CONSTRAINTS, [words, offs, scales],
+                                              dtype=(gl.bfloat16,) * PER_ASM, is_pure=True, pack=2)  # fmt: skip
+        for i in gl.static_range(PER_ASM):
+            acc = warpgroup_mma(codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), acc, is_async=ASYNC)
+    return acc
+
+
+@gluon.jit
 def block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl.constexpr, BLOCK_N: gl.constexpr,
                   ASYNC: gl.constexpr, M_TILE: gl.constexpr, WARPS: gl.constexpr, BYTE_PERM: gl.constexpr):  # fmt: skip
     """The scaled product of the K block in stage ``s`` (landed): codes to bf16 ``q - z`` two per word operation
@@ -161,19 +179,7 @@ def block_product(w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl.constexpr, 
     part = gl.zeros([BLOCK_N, M_TILE], gl.float32, mma)
     if BYTE_PERM:
         offs = off + gl.zeros([BLOCK_N, 16], gl.bfloat16, a_layout)
-        for q in gl.static_range(PACK // PER_ASM):
-            codes = gl.inline_asm_elementwise(
-                _byte_perm_asm(BITS, q),
-                _CONSTRAINTS,
-                [words, offs],
-                dtype=(gl.bfloat16,) * PER_ASM,
-                is_pure=True,
-                pack=2,
-            )
-            for i in gl.static_range(PER_ASM):
-                part = warpgroup_mma(
-                    codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), part, is_async=ASYNC
-                )
+        part = _byte_perm_products(part, words, offs, None, x_bufs, s, BITS, ASYNC)
     else:
         for j in gl.static_range(HALF):
             pair = ((words >> (j * BITS)) & MASK) | 0x43004300
@@ -194,7 +200,6 @@ def scaled_block_product(acc, w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl
     """``acc`` plus the product of the K block in stage ``s`` (landed) with the weights themselves as operands: codes
     made bf16 ``(q - z) * scale`` (``_byte_perm_asm``, scaled), so the products go straight into ``acc`` and no
     block's product is held apart. Frees the stage once its products are done."""
-    PACK: gl.constexpr = 32 // BITS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     column: gl.constexpr = gl.SliceLayout(1, a_layout)
@@ -203,17 +208,7 @@ def scaled_block_product(acc, w_bufs, x_bufs, z_bufs, s_bufs, empty, s, BITS: gl
     offs = (128.0 + z.to(gl.float32)).to(gl.bfloat16)[:, None] + zero
     scales = s_bufs.index(s).reshape([BLOCK_N]).load(column).to(gl.bfloat16)[:, None] + zero
     words = w_bufs.index(s).permute((1, 0)).load(a_layout)
-    for q in gl.static_range(PACK // PER_ASM):
-        codes = gl.inline_asm_elementwise(
-            _byte_perm_asm(BITS, q, True),
-            _SCALED_CONSTRAINTS,
-            [words, offs, scales],
-            dtype=(gl.bfloat16,) * PER_ASM,
-            is_pure=True,
-            pack=2,
-        )
-        for i in gl.static_range(PER_ASM):
-            acc = warpgroup_mma(codes[i], x_bufs.index(s * PACK + q * PER_ASM + i).permute((1, 0)), acc, is_async=ASYNC)
+    acc = _byte_perm_products(acc, words, offs, scales, x_bufs, s, BITS, ASYNC)
     if ASYNC:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     mbarrier.arrive(empty.index(s), count=1)
