@@ -13,6 +13,15 @@ from folovllm.triton_utils.offline_compile import ptxas_report, sass_loop
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+def _cuda_layer(k: int, n: int, bits: int, group: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A random ``bits``-bit layer on the GPU in the kernel layout: ``qweight``, fp16 ``scales`` and ``zeros``."""
+    codes = torch.randint(0, 2**bits, (k, n), device="cuda", generator=gen)
+    groups = 1 if group == -1 else k // group
+    scales = (torch.rand(groups, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 2**bits, (groups, n), device="cuda", generator=gen).half()
+    return pack_for_kernel(codes, bits), scales, zeros
+
+
 def test_loader_warp_streams_with_tma_and_compute_warps_multiply_codes_from_registers():
     """Compiled for an H200 on this CPU: one loader warp with 24 registers issues TMA copies (per block the words,
     eight X slices, the zero points and the scales); the compute warpgroup runs ``wgmma`` m64n16k16 whose first
@@ -184,11 +193,7 @@ def test_ws_supported_names_what_the_kernel_serves():
 )
 def test_ws_kernel_equals_the_reference(k, n, bits, group, m, with_bias, plan):
     gen = torch.Generator(device="cuda").manual_seed(k + m)
-    codes = torch.randint(0, 2**bits, (k, n), device="cuda", generator=gen)
-    groups = 1 if group == -1 else k // group
-    scales = (torch.rand(groups, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 2**bits, (groups, n), device="cuda", generator=gen).half()
-    qweight = pack_for_kernel(codes, bits)
+    qweight, scales, zeros = _cuda_layer(k, n, bits, group, gen)
     bias = torch.randn(n, device="cuda", generator=gen).bfloat16() if with_bias else None
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     assert ws.ws_supported(x, qweight, None, bits, group)
@@ -268,10 +273,7 @@ def test_gptq_gemm_runs_a_ws_plan_on_gluon(m, monkeypatch):
 
     gen = torch.Generator(device="cuda").manual_seed(m)
     k, n = 1024, 256
-    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
-    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
-    qweight = pack_for_kernel(codes, 4)
+    qweight, scales, zeros = _cuda_layer(k, n, 4, 128, gen)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     monkeypatch.setattr(ops, "launch_plan", lambda *args, **kwargs: pytest.fail("the Triton twin ran"))
     plan = ops.GemmPlan(16, 128, False, 2, 4, 4, 4, swap_ab=True, pairs=True, ws=True, maxnreg=64)
@@ -307,10 +309,7 @@ def test_untuned_prefill_runs_gluon_and_equals_the_reference(m, monkeypatch):
 
     gen = torch.Generator(device="cuda").manual_seed(m)
     k, n = 17 * 128, 576
-    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
-    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
-    qweight = pack_for_kernel(codes, 4)
+    qweight, scales, zeros = _cuda_layer(k, n, 4, 128, gen)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     monkeypatch.setattr(ops, "launch_plan", lambda *args, **kwargs: pytest.fail("a Triton kernel ran"))
     got = ops.gptq_gemm(x, qweight, scales, zeros, None, None, 4, 128)
@@ -329,10 +328,7 @@ def test_pdl_launch_after_a_norm_reads_the_norms_output_in_a_cuda_graph(count):
 
     gen = torch.Generator(device="cuda").manual_seed(count)
     k, n = count * 128 * 2, 512
-    codes = torch.randint(0, 16, (k, n), device="cuda", generator=gen)
-    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).half()
-    qweight = pack_for_kernel(codes, 4)
+    qweight, scales, zeros = _cuda_layer(k, n, 4, 128, gen)
     weight = torch.rand(k, device="cuda", generator=gen).bfloat16()
     x = torch.empty(1, k, device="cuda", dtype=torch.bfloat16)
     plan = ws.WsPlan(128, 2, 4)
