@@ -255,7 +255,8 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
     pid_n = gl.program_id(0)
     split = gl.program_id(1)
     off_n = pid_n * BLOCK_N
-    off_m = gl.program_id(2) * M_TILE
+    pid_m = gl.program_id(2)
+    off_m = pid_m * M_TILE
     total = gl.cdiv(K, ROWS * PACK)
     first = split * blocks_per_split
     count = gl.maximum(gl.minimum(first + blocks_per_split, total) - first, 0)
@@ -274,7 +275,7 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
     if PDL:
         grid_wait()  # returned in the loader already; here too, so that no write of this warpgroup can precede it
     store_tile(results[0], Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS, BLOCK_N, SPLIT_K, WARPS, off_m,
-               gl.program_id(2) * gl.num_programs(0) + pid_n)  # fmt: skip
+               pid_m * gl.num_programs(0) + pid_n)  # fmt: skip
 
 
 @gluon.jit
