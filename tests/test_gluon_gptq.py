@@ -349,3 +349,40 @@ def test_pdl_launch_after_a_norm_reads_the_norms_output_in_a_cuda_graph(count):
         assert torch.equal(out, want)
         ref = gptq_gemm_reference(rms_norm(x, weight, 1e-6).float(), qweight, scales, zeros, None, None, 4, 128)
         assert (out.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon's warp-specialized kernel runs on Hopper GPUs only")
+def test_gptq_engine_on_the_gluon_kernels_generates_the_reference_tokens(monkeypatch):
+    """The whole M7 engine on the GPU: Qwen3-8B's layer shapes (two layers, random 4-bit codes), so the tuned table
+    applies. Prompts of 300, 150, 90 and 20 tokens prefill in chunked steps of more than 64 rows (the Gluon prefill
+    plans) and decode steps replay CUDA graphs of the Gluon decode plans (PDL on). The greedy tokens equal those of the
+    same engine with every projection run by the dequantize-then-matmul reference (fp32 weights and products)."""
+    import gc
+
+    from folovllm import LLM, SamplingParams
+    from folovllm.model_executor.layers.quantization import gptq as gptq_method
+    from folovllm.model_executor.layers.quantization.ops import gptq_gemm as ops
+
+    rows: list[int] = []
+    launch = ops.launch_gptq_decode_ws
+    monkeypatch.setattr(ops, "launch_gptq_decode_ws", lambda x, *args: rows.append(x.shape[0]) or launch(x, *args))
+    prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 5000 + 11 for j in range(length)]}
+               for i, length in enumerate((300, 150, 90, 20))]  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def generate() -> list[list[int]]:
+        llm = LLM("random:qwen3-8b", milestone="M7", quantization="gptq", hf_overrides={"num_hidden_layers": 2},
+                  max_model_len=512, kv_cache_memory=2**28, max_num_seqs=8, max_num_batched_tokens=256)  # fmt: skip
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        return tokens
+
+    kernels = generate()
+    assert any(m > ws.WS_MAX_M for m in rows) and any(m <= 16 for m in rows), sorted(set(rows))
+    monkeypatch.setattr(gptq_method, "launch_gptq_gemm", lambda x, *args: gptq_gemm_reference(x, *args))
+    rows.clear()
+    reference = generate()
+    assert not rows
+    assert kernels == reference

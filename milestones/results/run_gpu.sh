@@ -1051,6 +1051,13 @@ PY
     timeout 100 python3 -m folovllm bench throughput $w --milestone M4 --out "$OUT/M7-throughput-bf16-$gpu.json" >/dev/null
     timeout 100 python3 -m folovllm bench throughput $w --milestone M7 --quantization gptq \
       --out "$OUT/M7-throughput-gptq-$gpu.json" > /dev/null; echo "throughput: exit $?" ;;
+  gputests)
+    # #15, twenty-sixth session: every GPU test of M7's kernels, PDL, attention, CUDA graphs and quantized models at
+    # the session's commit (the twenty-fifth session's review commits had not run on a GPU), including the engine
+    # test whose prefill and decode steps run the Gluon kernels against the reference's tokens. About 4 device-minutes.
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py \
+      tests/test_triton_attention.py tests/test_cuda_graph.py tests/test_fused_ops.py tests/test_quantization.py \
+      -k "gluon or ws or on_gpu or pdl or cuda or gpu or graph or h200 or engine" -rs 2>&1 | tail -6 ;;
   final)
     # The last device minutes of the session, trimmed to fit: M7's kernels/memory/TPOT, M6's TTFT hit vs miss
     # and shared-prompt throughput, M5 vs M4 on the mixed workload (each bounded; JSONs land as they finish)
