@@ -104,6 +104,20 @@ def test_split_k_reduction_loads_every_partial_sum_before_adding():
     assert wide.index("FADD") == wide.count("LDG") == 64 * 64 // 128  # one split's 32 sums a thread, in a loop
 
 
+def test_split_k_reduction_of_16_row_tiles_loads_what_fits_the_registers():
+    """``down_proj``'s tuned plan at 16 rows (16 sums a thread, eight splits at 80 registers) spilled 208 bytes a thread
+    when all 128 loads were in flight at once; now it loads four splits at a time in a loop (64 loads, added in split
+    order) and spills nothing."""
+    from folovllm.triton_utils.offline_compile import sass
+
+    plan = ws.WsPlan(128, 8, 3, False, 80, 4, 16)
+    ptx = ws.compile_ws_plan(plan)["ptx"]
+    assert ptxas_report(ptx)["spill_bytes"] == 0
+    code = [text.split()[text.startswith("@")] for _, text in sass(ptx)]
+    tail = code[next(i for i, op in enumerate(code) if op.startswith("ATOMG")) :]
+    assert sum(op.startswith("LDG") for op in tail) == 4 * 16
+
+
 def test_pdl_streams_the_first_stages_weights_before_waiting_for_the_kernel_before():
     """Under programmatic dependent launch the program lets the next kernel start, issues the TMA copies of its
     first four blocks' words, zero points and scales (which no kernel writes), then ``griddepcontrol.wait``, then X

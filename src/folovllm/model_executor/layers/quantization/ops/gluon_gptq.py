@@ -278,6 +278,16 @@ def gptq_decode_ws_kernel(w_desc, x_desc, z_desc, s_desc, Bias, Out, Partials, C
                pid_m * gl.num_programs(0) + pid_n)  # fmt: skip
 
 
+_LOADS_IN_FLIGHT = 64  # partial sums a thread loads at once in the reduction: more spilled at the register caps offered
+
+
+@gluon.constexpr_function
+def _splits_in_flight(sums: int, split_k: int) -> int:
+    """How many splits' partial sums (``sums`` a thread each) the reduction loads at once: with up to 16 sums a thread
+    as many as fit ``_LOADS_IN_FLIGHT`` registers (all of them at one row), larger tiles one at a time."""
+    return min(split_k, _LOADS_IN_FLIGHT // sums) if sums <= 16 else 1
+
+
 @gluon.jit
 def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
                SPLIT_K: gl.constexpr, WARPS: gl.constexpr, off_m=0, tile=None):  # fmt: skip
@@ -299,12 +309,18 @@ def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS:
         arrived = gl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
-            if BLOCK_N * M_TILE <= 16 * 32 * WARPS:  # up to 16 sums a thread: every split's loads in flight at once
+            IN_FLIGHT: gl.constexpr = _splits_in_flight(BLOCK_N * M_TILE // (32 * WARPS), SPLIT_K)
+            if IN_FLIGHT == SPLIT_K:  # unrolled: every split's loads in flight at once
                 for other in gl.static_range(SPLIT_K):
                     acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
-            else:  # larger tiles one split at a time (all at once would spill at the register caps offered)
+            elif IN_FLIGHT == 1:  # large tiles one split at a time
                 for other in range(SPLIT_K):
                     acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+            else:  # a loop over groups of IN_FLIGHT splits, added in split order
+                for first in range(0, SPLIT_K, IN_FLIGHT):
+                    for j in gl.static_range(IN_FLIGHT):
+                        ok = mask if SPLIT_K % IN_FLIGHT == 0 else mask & (first + j < SPLIT_K)
+                        acc += gl.load(Partials + (first + j) * M * N + offs, mask=ok, other=0.0)
             gl.atomic_xchg(Counters + tile, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
     if HAS_BIAS:
