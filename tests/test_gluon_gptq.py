@@ -104,18 +104,21 @@ def test_split_k_reduction_loads_every_partial_sum_before_adding():
     assert wide.index("FADD") == wide.count("LDG") == 64 * 64 // 128  # one split's 32 sums a thread, in a loop
 
 
-def test_split_k_reduction_of_16_row_tiles_loads_what_fits_the_registers():
+def test_split_k_reduction_of_16_row_tiles_moves_whole_vectors_and_loads_what_fits_the_registers():
     """``down_proj``'s tuned plan at 16 rows (16 sums a thread, eight splits at 80 registers) spilled 208 bytes a thread
-    when all 128 loads were in flight at once; now it loads four splits at a time in a loop (64 loads, added in split
-    order) and spills nothing."""
+    when all 128 loads were in flight at once, each four bytes (``wgmma``'s accumulator gives a thread rows a column
+    apart). Now the partial sums go through a layout of their own, a thread's four rows in one 16-byte copy (16 rows
+    of X, as a launch with 16 rows is specialized), four splits at a time in a loop, added in split order: four
+    stores, 16 loads, no spill."""
     from folovllm.triton_utils.offline_compile import sass
 
     plan = ws.WsPlan(128, 8, 3, False, 80, 4, 16)
-    ptx = ws.compile_ws_plan(plan)["ptx"]
+    ptx = ws.compile_ws_plan(plan, rows_divisible=True)["ptx"]
     assert ptxas_report(ptx)["spill_bytes"] == 0
     code = [text.split()[text.startswith("@")] for _, text in sass(ptx)]
-    tail = code[next(i for i, op in enumerate(code) if op.startswith("ATOMG")) :]
-    assert sum(op.startswith("LDG") for op in tail) == 4 * 16
+    atomic = next(i for i, op in enumerate(code) if op.startswith("ATOMG"))
+    assert [op for op in code[:atomic] if op.startswith("STG")] == ["STG.E.128"] * 4
+    assert [op for op in code[atomic:] if op.startswith("LDG")] == ["LDG.E.128"] * (4 * 4)
 
 
 def test_pdl_streams_the_first_stages_weights_before_waiting_for_the_kernel_before():
@@ -194,6 +197,8 @@ def test_ws_supported_names_what_the_kernel_serves():
         (1024, 384, 4, 128, 7, True, ws.WsPlan(128, 16, 4, False, 64, 8, 8)),
         (1024, 320, 4, 128, 3, True, ws.WsPlan(64, 2, 4, False, byte_perm=False)),
         (2048, 256, 2, 256, 9, False, ws.WsPlan(128, 4, 2, False, byte_perm=False)),
+        (1024, 384, 4, 128, 16, True, ws.WsPlan(128, 8, 2, False, 80, 4, 16)),  # partial sums in 16-byte copies
+        (1024, 384, 4, 128, 12, False, ws.WsPlan(128, 2, 2, False, 80, 8, 16)),  # ... of rows not a multiple of 4
         (1024, 320, 4, 128, 24, True, ws.WsPlan(64, 2, 4, False, 80, 4, 32)),
         (2048, 256, 2, 256, 33, False, ws.WsPlan(64, 4, 3, False, 96, 4, 64)),
         (1024, 384, 4, -1, 64, False, ws.WsPlan(128, 2, 4, False, 128, 8, 64)),

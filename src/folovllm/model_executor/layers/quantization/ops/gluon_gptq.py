@@ -288,6 +288,13 @@ def _splits_in_flight(sums: int, split_k: int) -> int:
     return min(split_k, _LOADS_IN_FLIGHT // sums) if sums <= 16 else 1
 
 
+@gluon.constexpr_function
+def _vector_partials(m_tile: int, split_k: int) -> bool:
+    """Whether a split-K tile's partial sums go through a layout of their own (16-row tiles): ``wgmma``'s accumulator
+    gives each thread rows a column apart in ``Out``, so its sums would move four bytes at a time."""
+    return m_tile == 16 and split_k > 1
+
+
 @gluon.jit
 def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
                SPLIT_K: gl.constexpr, WARPS: gl.constexpr, off_m=0, tile=None):  # fmt: skip
@@ -296,15 +303,22 @@ def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS:
     ``pid_n``), and the last to arrive adds them all, as ``split_k.store_tile`` does."""
     M_TILE: gl.constexpr = acc.type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, M_TILE, 16])
+    VEC: gl.constexpr = _vector_partials(M_TILE, SPLIT_K)
+    lay: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [WARPS, 1], [1, 0]) if VEC else mma
+    acc = gl.convert_layout(acc, lay)
     if tile is None:
         tile = pid_n
-    rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    rm = off_m + gl.arange(0, M_TILE, layout=gl.SliceLayout(0, mma))
+    rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, lay))
+    rm = off_m + gl.arange(0, M_TILE, layout=gl.SliceLayout(0, lay))
     mask = (rn < N)[:, None] & (rm < M)[None, :]
     offs = rm[None, :] * N + rn[:, None]
     store_mask = mask
     if SPLIT_K > 1:
-        gl.store(Partials + split * M * N + offs, acc, mask=mask)
+        if VEC:  # partial sums stored column by column, a thread's four rows in one 16-byte copy
+            offs_p = rn[:, None] * M + rm[None, :]
+        else:
+            offs_p = offs
+        gl.store(Partials + split * M * N + offs_p, acc, mask=mask)
         gl.thread_barrier()
         arrived = gl.atomic_add(Counters + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
@@ -312,15 +326,15 @@ def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS:
             IN_FLIGHT: gl.constexpr = _splits_in_flight(BLOCK_N * M_TILE // (32 * WARPS), SPLIT_K)
             if IN_FLIGHT == SPLIT_K:  # unrolled: every split's loads in flight at once
                 for other in gl.static_range(SPLIT_K):
-                    acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+                    acc += gl.load(Partials + other * M * N + offs_p, mask=mask, other=0.0)
             elif IN_FLIGHT == 1:  # large tiles one split at a time
                 for other in range(SPLIT_K):
-                    acc += gl.load(Partials + other * M * N + offs, mask=mask, other=0.0)
+                    acc += gl.load(Partials + other * M * N + offs_p, mask=mask, other=0.0)
             else:  # a loop over groups of IN_FLIGHT splits, added in split order
                 for first in range(0, SPLIT_K, IN_FLIGHT):
                     for j in gl.static_range(IN_FLIGHT):
                         ok = mask if SPLIT_K % IN_FLIGHT == 0 else mask & (first + j < SPLIT_K)
-                        acc += gl.load(Partials + (first + j) * M * N + offs, mask=ok, other=0.0)
+                        acc += gl.load(Partials + (first + j) * M * N + offs_p, mask=ok, other=0.0)
             gl.atomic_xchg(Counters + tile, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
     if HAS_BIAS:
@@ -395,9 +409,15 @@ def _constexprs(plan: WsPlan, bits: int, group_size: int, has_bias: bool, pdl: b
 
 
 def compile_ws_plan(
-    plan: WsPlan, bits: int = 4, group_size: int = 128, capability: int = 90, pdl: bool = False
+    plan: WsPlan,
+    bits: int = 4,
+    group_size: int = 128,
+    capability: int = 90,
+    pdl: bool = False,
+    rows_divisible: bool = False,
 ) -> dict[str, str]:
-    """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``)."""
+    """The kernel for ``plan`` compiled for compute capability ``capability`` on any machine (``compile_for_gpu``);
+    ``rows_divisible``: as launched with a multiple of 16 rows of X, which Triton specializes on."""
     from folovllm.triton_utils.offline_compile import compile_for_gpu
 
     w_layout, x_layout, z_layout = _descriptor_layouts(plan)
@@ -406,7 +426,8 @@ def compile_ws_plan(
                  x_desc=f"tensordesc<bf16[{plan.m_tile}, 16],{x_layout!r}>", z_desc=z_type, s_desc=z_type,
                  Bias="*bf16", Out="*bf16", Partials="*fp32", Counters="*i32", M="i32", N="i32", K="i32",
                  blocks_per_split="i32")  # fmt: skip
-    return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False, pdl), ("N", "K"),
+    divisible = ("M", "N", "K") if rows_divisible else ("N", "K")
+    return compile_for_gpu(gptq_decode_ws_kernel, types, _constexprs(plan, bits, group_size, False, pdl), divisible,
                            capability, plan.num_warps, 1, plan.maxnreg)  # fmt: skip
 
 
