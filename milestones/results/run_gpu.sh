@@ -1058,6 +1058,24 @@ PY
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_gptq.py tests/test_pdl.py \
       tests/test_triton_attention.py tests/test_cuda_graph.py tests/test_fused_ops.py tests/test_quantization.py \
       -k "gluon or ws or on_gpu or pdl or cuda or gpu or graph or h200 or engine" -rs 2>&1 | tail -6 ;;
+  reduceab)
+    # #15, twenty-sixth session: an A/B of gluon_gptq.py's split-K reduction at 16 rows in one device call. OLD is the
+    # file as of the commit before (carried as .devcarry/old/gluon_gptq.py), NEW the checkout's; alternated twice.
+    # Stage `reducespill` (d0bd51a, OLD from ca1dc1e): the loads of a 16-row tile's partial sums bounded to 64
+    # registers; stage `reducevec` (46c527f, OLD from d0bd51a): the partial sums in 16-byte copies. ~2 device-minutes.
+    f=src/folovllm/model_executor/layers/quantization/ops/gluon_gptq.py
+    cp "$f" /tmp/new_gluon_gptq.py
+    for r in 1 2; do for v in old new; do
+      if [ "$v" = old ]; then cp .devcarry/old/gluon_gptq.py "$f"; else cp /tmp/new_gluon_gptq.py "$f"; fi
+      timeout 150 python3 -m folovllm bench gptq --m 16 --kernels-only --out "$OUT/ab-$v-$r.json" > "$OUT/ab-$v-$r.log" 2>&1
+      echo "$v $r: exit $?"
+    done; done
+    cp /tmp/new_gluon_gptq.py "$f" ;;
+  vecengine)
+    # #15, twenty-sixth session, after reducevec: the kernel table at 1-64 rows, weight memory and batch-1 TPOT at
+    # 46c527f. About 1 device-minute with warm caches.
+    timeout 260 python3 -m folovllm bench gptq --m 1 4 16 64 --out "$OUT/M7-vec-$gpu.json" > "$OUT/vec.log" 2>&1
+    echo "gptq: exit $?" ;;
   final)
     # The last device minutes of the session, trimmed to fit: M7's kernels/memory/TPOT, M6's TTFT hit vs miss
     # and shared-prompt throughput, M5 vs M4 on the mixed workload (each bounded; JSONs land as they finish)
