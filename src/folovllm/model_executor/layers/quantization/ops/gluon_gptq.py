@@ -326,17 +326,10 @@ def store_tile(acc, Bias, Out, Partials, Counters, M, N, pid_n, split, HAS_BIAS:
         if arrived == SPLIT_K - 1:
             acc = gl.zeros_like(acc)
             IN_FLIGHT: gl.constexpr = _splits_in_flight(BLOCK_N * M_TILE // (32 * WARPS), SPLIT_K)
-            if IN_FLIGHT == SPLIT_K:  # unrolled: every split's loads in flight at once
-                for other in gl.static_range(SPLIT_K):
-                    acc += gl.load(Partials + other * M * N + offs_p, mask=mask, other=0.0)
-            elif IN_FLIGHT == 1:  # large tiles one split at a time
-                for other in range(SPLIT_K):
-                    acc += gl.load(Partials + other * M * N + offs_p, mask=mask, other=0.0)
-            else:  # a loop over groups of IN_FLIGHT splits, added in split order
-                for first in range(0, SPLIT_K, IN_FLIGHT):
-                    for j in gl.static_range(IN_FLIGHT):
-                        ok = mask if SPLIT_K % IN_FLIGHT == 0 else mask & (first + j < SPLIT_K)
-                        acc += gl.load(Partials + (first + j) * M * N + offs_p, mask=ok, other=0.0)
+            for first in range(0, SPLIT_K, IN_FLIGHT):  # groups of IN_FLIGHT splits' loads at once, in split order
+                for j in gl.static_range(IN_FLIGHT):
+                    ok = mask if SPLIT_K % IN_FLIGHT == 0 else mask & (first + j < SPLIT_K)
+                    acc += gl.load(Partials + (first + j) * M * N + offs_p, mask=ok, other=0.0)
             gl.atomic_xchg(Counters + tile, 0)
         store_mask = mask & (arrived == SPLIT_K - 1)
     if HAS_BIAS:
