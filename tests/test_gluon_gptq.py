@@ -87,15 +87,22 @@ def test_byte_perm_takes_a_quarter_of_the_compute_loops_machine_instructions():
     assert ops_new["LOP3"] <= ops_old["LOP3"] // 2 + 2 and ops_new["PRMT"] < ops_old["PRMT"] // 2
 
 
+def _opcodes_around_atomic(ptx: str) -> tuple[list[str], list[str]]:
+    """The kernel's SASS opcodes (predicates dropped) before and from the split-K arrival's atomic."""
+    from folovllm.triton_utils.offline_compile import sass
+
+    code = [text.split()[text.startswith("@")] for _, text in sass(ptx)]
+    atomic = next(i for i, op in enumerate(code) if op.startswith("ATOMG"))
+    return code[:atomic], code[atomic:]
+
+
 def test_split_k_reduction_loads_every_partial_sum_before_adding():
     """Compiled down to SASS: the last split of a one-row tile (eight splits) issues its loads of all eight partial
     sums before the first add, so they cost one round trip to L2, not eight in a row (the loop the reduction was
     before); a 64-row tile, whose sums would not fit the register cap at once, still loads split by split."""
-    from folovllm.triton_utils.offline_compile import sass
 
     def after_atomic(plan: ws.WsPlan) -> list[str]:
-        code = [text.split()[text.startswith("@")] for _, text in sass(ws.compile_ws_plan(plan)["ptx"])]
-        tail = code[next(i for i, op in enumerate(code) if op.startswith("ATOMG")) :]
+        tail = _opcodes_around_atomic(ws.compile_ws_plan(plan)["ptx"])[1]
         return [op.split(".")[0] for op in tail if op.startswith(("LDG", "FADD"))]
 
     one_row = after_atomic(ws.WsPlan(128, 8, 2, False, 80, 4, 8))
@@ -110,15 +117,12 @@ def test_split_k_reduction_of_16_row_tiles_moves_whole_vectors_and_loads_what_fi
     apart). Now the partial sums go through a layout of their own, a thread's four rows in one 16-byte copy (16 rows
     of X, as a launch with 16 rows is specialized), four splits at a time in a loop, added in split order: four
     stores, 16 loads, no spill."""
-    from folovllm.triton_utils.offline_compile import sass
-
     plan = ws.WsPlan(128, 8, 3, False, 80, 4, 16)
     ptx = ws.compile_ws_plan(plan, rows_divisible=True)["ptx"]
     assert ptxas_report(ptx)["spill_bytes"] == 0
-    code = [text.split()[text.startswith("@")] for _, text in sass(ptx)]
-    atomic = next(i for i, op in enumerate(code) if op.startswith("ATOMG"))
-    assert [op for op in code[:atomic] if op.startswith("STG")] == ["STG.E.128"] * 4
-    assert [op for op in code[atomic:] if op.startswith("LDG")] == ["LDG.E.128"] * (4 * 4)
+    before, after = _opcodes_around_atomic(ptx)
+    assert [op for op in before if op.startswith("STG")] == ["STG.E.128"] * 4
+    assert [op for op in after if op.startswith("LDG")] == ["LDG.E.128"] * (4 * 4)
 
 
 def test_pdl_streams_the_first_stages_weights_before_waiting_for_the_kernel_before():
